@@ -1,0 +1,62 @@
+# Two commands for a newcomer: `make demo` and `make test`.
+# Each creates .venv on a fresh machine, installs torch ($(TORCH_SPEC)), builds
+# and installs dip_fast with its test extras, then does its job. Set-up is
+# skipped when nothing changed; the stamp's name encodes TORCH_SPEC, FORCE_CUDA,
+# FORCE_CPU and TORCH_CUDA_ARCH_LIST so that changing one rebuilds.
+
+PYTHON      ?= python3
+TORCH_SPEC  ?= torch
+FORCE_CUDA  ?=
+FORCE_CPU   ?=
+TORCH_CUDA_ARCH_LIST ?=
+MAX_JOBS    ?= 2
+PYTEST_ARGS ?=
+
+VENV    := .venv
+PY      := $(VENV)/bin/python
+SETTING := $(shell echo '$(TORCH_SPEC)|$(FORCE_CUDA)|$(FORCE_CPU)|$(TORCH_CUDA_ARCH_LIST)' | md5sum | cut -c1-10)
+DEPS_STAMP  := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC)' | md5sum | cut -c1-10)
+BUILD_STAMP := $(VENV)/.build-$(SETTING)
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+export FORCE_CUDA FORCE_CPU TORCH_CUDA_ARCH_LIST MAX_JOBS
+
+.PHONY: setup demo test test-slow bench cmake-check sdist-check clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, then the build and test tools; installing the package itself
+# with --no-build-isolation compiles against this torch, not a second copy.
+$(DEPS_STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q setuptools wheel numpy pillow scikit-image tqdm matplotlib \
+		pytest pytest-benchmark hypothesis ninja pybind11 "cmake>=3.27"
+	rm -f $(VENV)/.deps-*
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e ".[test]"
+	rm -f $(VENV)/.build-*
+	touch $@
+
+setup: $(BUILD_STAMP)
+
+demo: setup
+	$(VENV)/bin/dip-fast demo --out out
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/compare.py
+
+# CMake build of the same sources (CPU variant by default), then an import check.
+cmake-check: setup
+	bash scripts/cmake_check.sh
+
+clean:
+	rm -rf build dist *.egg-info dip_fast/_C*.so cmake-build

@@ -1,0 +1,104 @@
+/*
+ * dip_fast::_C — op schemas and the pybind11 module.
+ *
+ * Layout (after torchvision's csrc/ops and pytorch_scatter):
+ *   ops.cpp        schemas for every op (TORCH_LIBRARY) and build information
+ *   common/        per-element math shared by CPU and CUDA (DIP_HD helpers)
+ *   cpu/<op>.cpp   CPU kernels, registered with TORCH_LIBRARY_IMPL(..., CPU)
+ *   cuda/<op>.cu   CUDA kernels, registered with TORCH_LIBRARY_IMPL(..., CUDA)
+ *
+ * Autograd and fake (meta) kernels are registered from Python
+ * (dip_fast/_ops.py) with torch.library.register_autograd / register_fake:
+ * every forward op has its own backward op, so the autograd formula is a thin
+ * Python function calling a compiled kernel, and torch.compile can trace both.
+ *
+ * Ops:
+ *   leaky_relu_forward(x, slope)              y = x > 0 ? x : slope * x
+ *   leaky_relu_backward(grad_out, x, slope)   dx = x > 0 ? g : slope * g
+ *     One read and one write per element in each direction, the same as
+ *     PyTorch's own kernel; it is the smallest op that exercises both build
+ *     paths and the registration machinery.
+ */
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "common/alloc.h"
+
+#ifndef DIP_FAST_CUDA_ARCHS
+#define DIP_FAST_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(dip_fast, m) {
+  m.def("leaky_relu_forward(Tensor x, float slope) -> Tensor");
+  m.def("leaky_relu_backward(Tensor grad_out, Tensor x, float slope) -> Tensor");
+}
+
+namespace dip_fast {
+namespace {
+std::atomic<bool> g_poison_outputs{false};
+}  // namespace
+bool poison_outputs_enabled() { return g_poison_outputs.load(std::memory_order_relaxed); }
+void set_poison_outputs(bool on) { g_poison_outputs.store(on, std::memory_order_relaxed); }
+}  // namespace dip_fast
+
+namespace {
+
+bool cuda_compiled() {
+#ifdef DIP_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool openmp_compiled() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Names of the ops registered in the dip_fast namespace, read back from the
+// dispatcher so the list can never disagree with what was really registered.
+std::vector<std::string> registered_ops() {
+  std::vector<std::string> names;
+  for (const auto& op : c10::Dispatcher::singleton().getAllOpNames()) {
+    if (op.name.rfind("dip_fast::", 0) == 0) {
+      names.push_back(op.name.substr(10) + (op.overload_name.empty() ? "" : "." + op.overload_name));
+    }
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+// Whether a given op has a kernel for a dispatch key ("CPU", "CUDA").
+bool has_kernel(const std::string& op, const std::string& key) {
+  auto handle = c10::Dispatcher::singleton().findSchema({"dip_fast::" + op, ""});
+  if (!handle) return false;
+  return handle->hasKernelForDispatchKey(c10::parseDispatchKey(key));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dip_fast compiled ops (registered under torch.ops.dip_fast)";
+  m.def("cuda_compiled", &cuda_compiled, "True when the CUDA kernels were compiled in");
+  m.def("cuda_archs", []() { return std::string(DIP_FAST_CUDA_ARCHS); },
+        "The CUDA architectures the kernels were compiled for");
+  m.def("openmp", &openmp_compiled, "True when the CPU kernels were compiled with OpenMP");
+  m.def("parallel_info", []() { return at::get_parallel_info(); }, "ATen's threading summary");
+  m.def("set_poison_outputs", &dip_fast::set_poison_outputs,
+        "Fill every op output with NaN before its kernel runs (tests use this)", pybind11::arg("on"));
+  m.def("poison_outputs", &dip_fast::poison_outputs_enabled, "Whether outputs are poisoned");
+  m.def("registered_ops", &registered_ops, "Names of the ops in the dip_fast namespace");
+  m.def("has_kernel", &has_kernel, "Whether op has a kernel for a dispatch key", pybind11::arg("op"),
+        pybind11::arg("key"));
+}

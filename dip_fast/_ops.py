@@ -1,0 +1,55 @@
+"""Loading the compiled extension and registering autograd and fake kernels.
+
+The op schemas and the CPU/CUDA kernels live in C++ (``csrc/``) and are
+registered under ``torch.ops.dip_fast`` when ``dip_fast._C`` is imported. This
+module adds what is easier to say in Python:
+
+* an autograd formula per op (``torch.library.register_autograd``), whose
+  backward calls the op's own compiled backward kernel, and
+* a fake (meta) kernel per op (``torch.library.register_fake``), so that the
+  ops trace under ``torch.compile`` and ``torch.library.opcheck``.
+
+If the extension cannot be loaded (not built, or built against another torch),
+``import dip_fast`` still works: ``LOAD_ERROR`` holds the reason, the reference
+backend is unaffected, and the fast backend falls back to the reference with
+one warning (see ``dip_fast.backends``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_C = None
+LOAD_ERROR: Optional[str] = None
+
+try:  # pragma: no cover - exercised by both the built and the unbuilt cases
+    from . import _C  # type: ignore[attr-defined,no-redef]
+except Exception as exc:  # ImportError, or an OSError / undefined symbol from a stale build
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def available() -> bool:
+    """True when the compiled ops are loaded and registered."""
+    return _C is not None
+
+
+def working_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels work in: the Python twin of the C++ rule in csrc/common/checks.h."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def require_extension() -> None:
+    """Raise a RuntimeError saying why, when the compiled ops are missing."""
+    if _C is None:
+        raise RuntimeError(f"dip_fast's compiled ops are not available ({LOAD_ERROR})")
+
+
+def check_float_tensor(x: object, name: str) -> None:
+    """TypeError naming ``name`` unless ``x`` is a floating-point tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")

@@ -1,0 +1,50 @@
+"""What was built, and what runs: :func:`build_info`."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _ops
+from ._version import __version__
+
+
+def build_info() -> dict[str, Any]:
+    """Describe the compiled extension and the runtime.
+
+    Keys:
+      ``version``, ``torch``: package and torch versions;
+      ``extension_loaded``: whether ``dip_fast._C`` imported; ``load_error``: why not;
+      ``cuda_compiled``: whether CUDA kernels were built in; ``cuda_archs``: for which GPUs;
+      ``openmp``: whether the CPU kernels were compiled with OpenMP;
+      ``ops``: the ops registered under ``torch.ops.dip_fast``;
+      ``cuda_available``: whether torch sees a GPU now;
+      ``fast_backend``: what ``backend="fast"`` runs, honestly.
+    """
+    info: dict[str, Any] = {
+        "version": __version__,
+        "torch": torch.__version__,
+        "extension_loaded": _ops.available(),
+        "load_error": _ops.LOAD_ERROR,
+        "cuda_compiled": False,
+        "cuda_archs": "",
+        "openmp": False,
+        "ops": [],
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if _ops._C is not None:
+        info.update(
+            cuda_compiled=bool(_ops._C.cuda_compiled()),
+            cuda_archs=str(_ops._C.cuda_archs()),
+            openmp=bool(_ops._C.openmp()),
+            ops=list(_ops._C.registered_ops()),
+            num_threads=torch.get_num_threads(),
+        )
+    info["fast_backend"] = _fast_backend_status()
+    return info
+
+
+def _fast_backend_status() -> str:
+    if not _ops.available():
+        return f"falls back to the reference (extension not loaded: {_ops.LOAD_ERROR})"
+    return "falls back to the reference (the fused network is not implemented yet)"

@@ -1,0 +1,126 @@
+"""Build dip_fast._C: C++ kernels always, CUDA kernels when possible or forced.
+
+Switches (environment variables, after pytorch_scatter):
+  FORCE_CUDA=1            build the CUDA kernels even with no GPU present (CI does)
+  FORCE_CPU=1             never build the CUDA kernels
+  TORCH_CUDA_ARCH_LIST    CUDA architectures, e.g. "9.0" (torch's own variable)
+  DIP_FAST_DEBUG=1        -O0 -g, for gdb and sanitizers
+
+Without a switch, CUDA is built when torch sees a GPU and a CUDA toolkit is found.
+Install with `pip install --no-build-isolation .` after torch: build isolation
+would pull a second torch into a throwaway environment.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import sysconfig
+
+from setuptools import find_packages, setup
+
+import shutil
+
+import torch
+
+
+def _locate_cuda_home() -> None:
+    """Point torch's build tools at a complete CUDA toolkit.
+
+    torch guesses the CUDA home from the `nvcc` on PATH (its grandparent
+    folder). When that nvcc is a wrapper script (e.g. /usr/local/bin/nvcc), the
+    guess has no headers or cudart to link. We keep an explicit CUDA_HOME or
+    CUDA_PATH, otherwise take the first candidate that has cuda_runtime.h.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(nvcc)))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_locate_cuda_home()
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def want_cuda() -> bool:
+    if env_flag("FORCE_CPU"):
+        return False
+    if env_flag("FORCE_CUDA"):
+        if CUDA_HOME is None:
+            sys.exit("FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+        return True
+    return torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def pip_cuda_include_dirs() -> list[str]:
+    """Header folders of the pip CUDA packages (nvidia/*/include).
+
+    A CUDA build of torch from pip ships cuBLAS, cuSPARSE, cuDNN ... headers in
+    site-packages rather than in the CUDA home; ATen/cuda/CUDAContext.h needs
+    them (it stops at cusparse.h otherwise).
+    """
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    roots.add(os.path.dirname(os.path.dirname(torch.__file__)))
+    found: list[str] = []
+    for root in sorted(roots):
+        for inc in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
+            if os.path.isdir(inc) and inc not in found:
+                found.append(inc)
+    return found
+
+
+def make_extension():
+    debug = env_flag("DIP_FAST_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-fopenmp"]
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    define_macros: list[tuple[str, str | None]] = []
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    extra_link = ["-fopenmp"]
+
+    if want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        if not archs and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            archs = f"{major}.{minor}"
+        define_macros += [("DIP_FAST_WITH_CUDA", None), ("DIP_FAST_CUDA_ARCHS", f'"{archs}"')]
+        include_dirs += pip_cuda_include_dirs()
+        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        return CUDAExtension(
+            "dip_fast._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=extra_link,
+        )
+    return CppExtension(
+        "dip_fast._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=extra_link,
+    )
+
+
+setup(
+    packages=find_packages(include=["dip_fast", "dip_fast.*"]),
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

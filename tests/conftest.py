@@ -1,0 +1,45 @@
+"""Shared test fixtures: extension and GPU skips, output poisoning, sample data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dip_fast import _ops
+
+# The shared sample images live beside the repository, never inside it.
+DATA_DIR = Path(os.environ.get("DIP_FAST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+requires_extension = pytest.mark.skipif(not _ops.available(), reason=f"extension not built: {_ops.LOAD_ERROR}")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip on machines without a GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    """Every op output starts as NaN, so unwritten elements fail the comparisons."""
+    if _ops.available():
+        _ops._C.set_poison_outputs(True)
+        yield
+        _ops._C.set_poison_outputs(False)
+    else:
+        yield
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """The shared sample images; tests using them skip when absent."""
+    if not DATA_DIR.is_dir():
+        pytest.skip("shared sample data not present")
+    return DATA_DIR
