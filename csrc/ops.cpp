@@ -18,6 +18,23 @@
  *     One read and one write per element in each direction, the same as
  *     PyTorch's own kernel; it is the smallest op that exercises both build
  *     paths and the registration machinery.
+ *
+ *   lanczos_downsample(x, taps, factor, pad)
+ *   lanczos_downsample_backward(grad_out, taps, factor, pad, height, width)
+ *     The paper's fixed anti-aliasing Downsampler (Lanczos / Gauss / box) as
+ *     one separable op: per channel, y = decimate_f(k * (k * replicate_pad(x)))
+ *     with the 1-D kernel `taps` (K values, float32, or float64 for double
+ *     input) applied down the columns then along the rows, stride `factor`,
+ *     `pad` replicated pixels on every side (0: the valid correlation).
+ *     Padding is index clamping, never a padded copy; the vertical pass and
+ *     the strided horizontal pass are fused per output row (CPU) or per
+ *     output tile (CUDA), the f-times smaller intermediate staying in a
+ *     per-thread buffer / shared memory: x is read once and y written once.
+ *     Linear in x, so autograd saves only `taps` (K values) and the input
+ *     size. The backward op is the exact transpose (edge pixels collect the
+ *     replicated border), written as a gather: grad_out read once, grad_x
+ *     written once, no atomics, deterministic on CPU and CUDA. Its own
+ *     derivative is the forward op (double backward).
  */
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -38,6 +55,12 @@
 TORCH_LIBRARY(dip_fast, m) {
   m.def("leaky_relu_forward(Tensor x, float slope) -> Tensor");
   m.def("leaky_relu_backward(Tensor grad_out, Tensor x, float slope) -> Tensor");
+  m.def("bn_act_forward(Tensor x, Tensor weight, Tensor bias, float eps, float slope, int pad, int pad_mode)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd,"
+        " float slope, int pad, int pad_mode) -> (Tensor, Tensor, Tensor)");
+  m.def("lanczos_downsample(Tensor x, Tensor taps, int factor, int pad) -> Tensor");
+  m.def("lanczos_downsample_backward(Tensor grad_out, Tensor taps, int factor, int pad, SymInt height, SymInt width) -> Tensor");
 }
 
 namespace dip_fast {

@@ -41,10 +41,22 @@ def working_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def require_extension() -> None:
-    """Raise a RuntimeError saying why, when the compiled ops are missing."""
+def has_ops(*names: str) -> bool:
+    """True when the extension is loaded and registers every op in ``names``.
+
+    A stale build can load yet lack newer ops; each op family checks its own
+    ops before registering Python kernels for them.
+    """
+    return _C is not None and all(hasattr(torch.ops.dip_fast, name) for name in names)
+
+
+def require_extension(*names: str) -> None:
+    """Raise a RuntimeError saying why, when the compiled ops (or the named ones) are missing."""
     if _C is None:
         raise RuntimeError(f"dip_fast's compiled ops are not available ({LOAD_ERROR})")
+    missing = [name for name in names if not hasattr(torch.ops.dip_fast, name)]
+    if missing:
+        raise RuntimeError(f"dip_fast's compiled extension lacks {missing}: rebuild it (pip install -e .)")
 
 
 def check_float_tensor(x: object, name: str) -> None:

@@ -43,7 +43,8 @@ def _register() -> None:
     torch.library.register_autograd("dip_fast::leaky_relu_backward", backward_bwd, setup_context=setup_context_bwd)
 
 
-if _ops.available():
+_OPS = ("leaky_relu_forward", "leaky_relu_backward")
+if _ops.has_ops(*_OPS):
     _register()
 
 
@@ -55,5 +56,5 @@ def leaky_relu(x: torch.Tensor, slope: float = 0.2) -> torch.Tensor:
     NCHW-contiguous unless the input is channels_last.
     """
     check_float_tensor(x, "x")
-    require_extension()
+    require_extension(*_OPS)
     return torch.ops.dip_fast.leaky_relu_forward(x, float(slope))

@@ -1,0 +1,102 @@
+// Math shared by the CPU and CUDA kernels of the fused BatchNorm (training
+// mode) + LeakyReLU + pad ops: index mapping of the pad, Welford merges and
+// the per-element forward and backward formulas.
+#pragma once
+
+#include "macros.h"
+#include "leaky_relu.h"
+
+namespace dip_fast {
+
+enum PadMode : int { kPadZeros = 0, kPadReflect = 1 };
+
+// Source index of padded position i (0 <= i < n + 2 * pad) in a dimension of
+// size n, or -1 when the position is a zero of zero padding.
+// Reflection excludes the edge, like torch.nn.ReflectionPad2d (needs pad < n).
+DIP_HD int pad_source(int i, int n, int pad, int mode) {
+  int t = i - pad;
+  if (t >= 0 && t < n) return t;
+  if (mode == kPadZeros) return -1;
+  return t < 0 ? -t : 2 * (n - 1) - t;
+}
+
+// The padded positions whose value is read from source index s: the inverse of
+// pad_source, used to fold the pad's gradients back (gather, no atomics).
+// Writes up to 3 positions into out and returns how many.
+DIP_HD int pad_preimage(int s, int n, int pad, int mode, int* out) {
+  int k = 0;
+  out[k++] = s + pad;
+  if (mode == kPadReflect) {
+    if (s >= 1 && s <= pad) out[k++] = pad - s;                          // left/top band
+    if (s <= n - 2 && s >= n - 1 - pad) out[k++] = 2 * (n - 1) - s + pad;  // right/bottom band
+  }
+  return k;
+}
+
+// Chan et al.'s merge of two partial (count, mean, M2) triples into the first.
+template <typename acc_t>
+DIP_HD void welford_merge(acc_t& count, acc_t& mean, acc_t& m2, acc_t count_b, acc_t mean_b, acc_t m2_b) {
+  if (count_b == acc_t(0)) return;
+  const acc_t total = count + count_b;
+  const acc_t delta = mean_b - mean;
+  const acc_t frac_b = count_b / total;
+  mean += delta * frac_b;
+  m2 += m2_b + delta * delta * count * frac_b;
+  count = total;
+}
+
+// Adds one value to a running (count, mean, M2) triple (Welford's update).
+template <typename acc_t>
+DIP_HD void welford_add(acc_t& count, acc_t& mean, acc_t& m2, acc_t x) {
+  count += acc_t(1);
+  const acc_t delta = x - mean;
+  mean += delta / count;
+  m2 += delta * (x - mean);
+}
+
+// Element offset of (n, c, h, w) in a dense tensor given its four strides.
+struct Strides4 {
+  long long n, c, h, w;
+};
+
+DIP_HD long long offset4(const Strides4& s, long long n, long long c, long long h, long long w) {
+  return n * s.n + c * s.c + h * s.h + w * s.w;
+}
+
+// The gradient reaching source element (n, c, h, w) of a padded output: the
+// sum of dy over every padded position that copied it (1 to 9 positions for
+// reflection, 1 for zeros). A gather, so no atomics are needed.
+template <typename scalar_t, typename acc_t>
+DIP_HD acc_t fold_pad_grad(const scalar_t* dy, const Strides4& s, long long n, long long c, int h, int w, int H,
+                           int W, int pad, int mode) {
+  int rows[3], cols[3];
+  const int nr = pad_preimage(h, H, pad, mode, rows);
+  const int nc = pad_preimage(w, W, pad, mode, cols);
+  acc_t g = acc_t(0);
+  for (int r = 0; r < nr; ++r) {
+    for (int q = 0; q < nc; ++q) g += static_cast<acc_t>(dy[offset4(s, n, c, rows[r], cols[q])]);
+  }
+  return g;
+}
+
+// y = act(scale * x + shift), with scale = gamma * invstd and shift = beta -
+// mean * scale folded once per channel.
+template <typename acc_t>
+DIP_HD acc_t bn_act_value(acc_t x, acc_t scale, acc_t shift, acc_t slope) {
+  return leaky_relu<acc_t>(x * scale + shift, slope);
+}
+
+// The per-element part of the backward: dz = g * act'(z) with z = scale * x + shift.
+template <typename acc_t>
+DIP_HD acc_t bn_act_dz(acc_t g, acc_t x, acc_t scale, acc_t shift, acc_t slope) {
+  return leaky_relu_grad<acc_t>(g, x * scale + shift, slope);
+}
+
+// dx = gamma * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), written as
+// dx = k * (dz - c1 - xhat * c2) with per-channel constants.
+template <typename acc_t>
+DIP_HD acc_t bn_dx(acc_t dz, acc_t xhat, acc_t k, acc_t mean_dz, acc_t mean_dz_xhat) {
+  return k * (dz - mean_dz - xhat * mean_dz_xhat);
+}
+
+}  // namespace dip_fast

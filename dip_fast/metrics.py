@@ -1,0 +1,45 @@
+"""Image quality metrics used by the optimisation loop."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["psnr", "psnr_float"]
+
+
+def psnr(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    data_range: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Peak signal-to-noise ratio ``10 log10(data_range^2 / MSE)`` in dB.
+
+    Args:
+        a, b: tensors of the same shape.
+        data_range: peak value range (1 for images in [0, 1]).
+        mask: optional tensor broadcastable to ``a``; the MSE is then the mean
+            over pixels where the mask is non-zero (weighted by the mask), so
+            that unknown pixels of an inpainting observation do not count.
+
+    Returns:
+        A 0-d float32 tensor on ``a``'s device (no host synchronisation);
+        ``inf`` when the inputs are identical.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    # Work in float32 so that half-precision inputs do not lose the square.
+    diff = a.detach().float() - b.detach().float()
+    sq = diff * diff
+    if mask is None:
+        mse = sq.mean()
+    else:
+        m = mask.detach().float().expand_as(sq)
+        mse = (sq * m).sum() / m.sum()
+    return 10.0 * torch.log10(torch.as_tensor(data_range * data_range, dtype=mse.dtype, device=mse.device) / mse)
+
+
+def psnr_float(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, mask: Optional[torch.Tensor] = None) -> float:
+    """:func:`psnr` as a Python float (synchronises with the device)."""
+    return float(psnr(a, b, data_range=data_range, mask=mask))
