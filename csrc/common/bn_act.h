@@ -79,17 +79,18 @@ DIP_HD acc_t fold_pad_grad(const scalar_t* dy, const Strides4& s, long long n, l
   return g;
 }
 
-// y = act(scale * x + shift), with scale = gamma * invstd and shift = beta -
-// mean * scale folded once per channel.
+// y = act((x - mean) * scale + beta), with scale = gamma * invstd folded once
+// per channel. Centring first matters in float: folding the mean into a shift
+// (x * scale + shift) cancels two large terms when |mean| >> std.
 template <typename acc_t>
-DIP_HD acc_t bn_act_value(acc_t x, acc_t scale, acc_t shift, acc_t slope) {
-  return leaky_relu<acc_t>(x * scale + shift, slope);
+DIP_HD acc_t bn_act_value(acc_t x, acc_t mean, acc_t scale, acc_t beta, acc_t slope) {
+  return leaky_relu<acc_t>((x - mean) * scale + beta, slope);
 }
 
-// The per-element part of the backward: dz = g * act'(z) with z = scale * x + shift.
+// The per-element part of the backward: dz = g * act'(z) with z the BatchNorm output.
 template <typename acc_t>
-DIP_HD acc_t bn_act_dz(acc_t g, acc_t x, acc_t scale, acc_t shift, acc_t slope) {
-  return leaky_relu_grad<acc_t>(g, x * scale + shift, slope);
+DIP_HD acc_t bn_act_dz(acc_t g, acc_t x, acc_t mean, acc_t scale, acc_t beta, acc_t slope) {
+  return leaky_relu_grad<acc_t>(g, (x - mean) * scale + beta, slope);
 }
 
 // dx = gamma * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), written as

@@ -26,6 +26,11 @@ namespace {
 
 constexpr int64_t kChunk = 2048;  // elements per Welford chunk: stays in L1 for the second read
 
+// Every reduction accumulates in double, whatever the input type: the kernels
+// are memory-bound, so the wider adds cost nothing measurable, and the
+// statistics' rounding feeds every output element.
+using red_t = double;
+
 // Channels per parallel task: enough work per task to amortise the fork.
 int64_t channel_grain(const BnActGeometry& g) {
   const int64_t per_channel = std::max<int64_t>(1, g.N * g.H * g.W);
@@ -36,30 +41,30 @@ int64_t channel_grain(const BnActGeometry& g) {
 
 template <typename scalar_t, typename acc_t>
 void stats_nchw(const scalar_t* x, const BnActGeometry& g, int64_t c, double eps, acc_t& mean, acc_t& invstd) {
-  acc_t count = 0, m = 0, m2 = 0;
+  double count = 0, m = 0, m2 = 0;  // merged in double; chunks are short enough for acc_t
   const int64_t hw = g.H * g.W;
   for (int64_t n = 0; n < g.N; ++n) {
     const scalar_t* plane = x + (n * g.C + c) * hw;
     for (int64_t start = 0; start < hw; start += kChunk) {
       const int64_t len = std::min(kChunk, hw - start);
-      acc_t s = 0;
-      for (int64_t i = 0; i < len; ++i) s += static_cast<acc_t>(plane[start + i]);
-      const acc_t cm = s / acc_t(len);
-      acc_t q = 0;
+      red_t s = 0;
+      for (int64_t i = 0; i < len; ++i) s += static_cast<red_t>(plane[start + i]);
+      const red_t cm = s / red_t(len);
+      red_t q = 0;
       for (int64_t i = 0; i < len; ++i) {
-        const acc_t d = static_cast<acc_t>(plane[start + i]) - cm;
+        const red_t d = static_cast<red_t>(plane[start + i]) - cm;
         q += d * d;
       }
-      welford_merge<acc_t>(count, m, m2, acc_t(len), cm, q);
+      welford_merge<double>(count, m, m2, double(len), cm, q);
     }
   }
-  mean = m;
-  invstd = acc_t(1) / std::sqrt(m2 / count + acc_t(eps));  // biased variance, as BatchNorm normalises
+  mean = static_cast<acc_t>(m);
+  invstd = static_cast<acc_t>(1.0 / std::sqrt(m2 / count + eps));  // biased variance, as BatchNorm normalises
 }
 
 template <typename scalar_t, typename acc_t>
-void normalize_nchw(const scalar_t* x, scalar_t* y, const BnActGeometry& g, int64_t c, acc_t scale, acc_t shift,
-                    acc_t slope) {
+void normalize_nchw(const scalar_t* x, scalar_t* y, const BnActGeometry& g, int64_t c, acc_t mean, acc_t scale,
+                    acc_t beta, acc_t slope) {
   const int64_t hw = g.H * g.W;
   for (int64_t n = 0; n < g.N; ++n) {
     const scalar_t* plane = x + (n * g.C + c) * hw;
@@ -74,16 +79,16 @@ void normalize_nchw(const scalar_t* x, scalar_t* y, const BnActGeometry& g, int6
       for (int64_t j = 0; j < g.pad; ++j) {  // left band
         const int sj = pad_source(static_cast<int>(j), static_cast<int>(g.W), g.pad, g.mode);
         out[j] = sj < 0 ? scalar_t(0)
-                        : static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(row[sj]), scale, shift, slope));
+                        : static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(row[sj]), mean, scale, beta, slope));
       }
       scalar_t* mid = out + g.pad;
       for (int64_t w = 0; w < g.W; ++w) {
-        mid[w] = static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(row[w]), scale, shift, slope));
+        mid[w] = static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(row[w]), mean, scale, beta, slope));
       }
       for (int64_t j = g.pad + g.W; j < g.Wo; ++j) {  // right band
         const int sj = pad_source(static_cast<int>(j), static_cast<int>(g.W), g.pad, g.mode);
         out[j] = sj < 0 ? scalar_t(0)
-                        : static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(row[sj]), scale, shift, slope));
+                        : static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(row[sj]), mean, scale, beta, slope));
       }
     }
   }
@@ -95,39 +100,40 @@ void stats_nhwc(const scalar_t* x, const BnActGeometry& g, int64_t c0, int64_t c
   const int64_t cr = c1 - c0;
   const int64_t pixels = g.N * g.H * g.W;
   const int64_t block = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, cr));
-  std::vector<acc_t> m(cr, 0), m2(cr, 0), s(cr), q(cr);
-  acc_t count = 0;
+  std::vector<double> m(cr, 0), m2(cr, 0);  // merged in double
+  std::vector<red_t> s(cr), q(cr);
+  double count = 0;
   for (int64_t start = 0; start < pixels; start += block) {
     const int64_t len = std::min(block, pixels - start);
     std::fill(s.begin(), s.end(), acc_t(0));
     std::fill(q.begin(), q.end(), acc_t(0));
     for (int64_t p = start; p < start + len; ++p) {
       const scalar_t* px = x + p * g.C + c0;
-      for (int64_t k = 0; k < cr; ++k) s[k] += static_cast<acc_t>(px[k]);
+      for (int64_t k = 0; k < cr; ++k) s[k] += static_cast<red_t>(px[k]);
     }
-    for (int64_t k = 0; k < cr; ++k) s[k] /= acc_t(len);  // chunk means
+    for (int64_t k = 0; k < cr; ++k) s[k] /= red_t(len);  // chunk means
     for (int64_t p = start; p < start + len; ++p) {
       const scalar_t* px = x + p * g.C + c0;
       for (int64_t k = 0; k < cr; ++k) {
-        const acc_t d = static_cast<acc_t>(px[k]) - s[k];
+        const red_t d = static_cast<red_t>(px[k]) - s[k];
         q[k] += d * d;
       }
     }
     for (int64_t k = 0; k < cr; ++k) {
-      acc_t cnt = count;
-      welford_merge<acc_t>(cnt, m[k], m2[k], acc_t(len), s[k], q[k]);
+      double cnt = count;
+      welford_merge<double>(cnt, m[k], m2[k], double(len), s[k], q[k]);
     }
-    count += acc_t(len);
+    count += double(len);
   }
   for (int64_t k = 0; k < cr; ++k) {
-    mean[c0 + k] = m[k];
-    invstd[c0 + k] = acc_t(1) / std::sqrt(m2[k] / count + acc_t(eps));
+    mean[c0 + k] = static_cast<acc_t>(m[k]);
+    invstd[c0 + k] = static_cast<acc_t>(1.0 / std::sqrt(m2[k] / count + eps));
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void normalize_nhwc(const scalar_t* x, scalar_t* y, const BnActGeometry& g, int64_t c0, int64_t c1,
-                    const acc_t* scale, const acc_t* shift, acc_t slope) {
+                    const acc_t* mean, const acc_t* scale, const acc_t* beta, acc_t slope) {
   const int64_t cr = c1 - c0;
   for (int64_t n = 0; n < g.N; ++n) {
     for (int64_t i = 0; i < g.Ho; ++i) {
@@ -141,7 +147,7 @@ void normalize_nhwc(const scalar_t* x, scalar_t* y, const BnActGeometry& g, int6
         }
         const scalar_t* in = x + ((n * g.H + si) * g.W + sj) * g.C + c0;
         for (int64_t k = 0; k < cr; ++k) {
-          out[k] = static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(in[k]), scale[k], shift[k], slope));
+          out[k] = static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(in[k]), mean[k], scale[k], beta[k], slope));
         }
       }
     }
@@ -177,17 +183,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(const at::Tens
     at::parallel_for(0, g.C, channel_grain(g), [&](int64_t c0, int64_t c1) {
       if (nhwc) {
         stats_nhwc<scalar_t, acc_t>(xp, g, c0, c1, eps, mp, ip);
-        std::vector<acc_t> scale(c1 - c0), shift(c1 - c0);
-        for (int64_t c = c0; c < c1; ++c) {
-          scale[c - c0] = wp[c] * ip[c];
-          shift[c - c0] = bp[c] - mp[c] * scale[c - c0];
-        }
-        normalize_nhwc<scalar_t, acc_t>(xp, yp, g, c0, c1, scale.data(), shift.data(), s);
+        std::vector<acc_t> scale(c1 - c0);
+        for (int64_t c = c0; c < c1; ++c) scale[c - c0] = wp[c] * ip[c];
+        normalize_nhwc<scalar_t, acc_t>(xp, yp, g, c0, c1, mp + c0, scale.data(), bp + c0, s);
       } else {
         for (int64_t c = c0; c < c1; ++c) {
           stats_nchw<scalar_t, acc_t>(xp, g, c, eps, mp[c], ip[c]);
-          const acc_t scale = wp[c] * ip[c];
-          normalize_nchw<scalar_t, acc_t>(xp, yp, g, c, scale, bp[c] - mp[c] * scale, s);
+          normalize_nchw<scalar_t, acc_t>(xp, yp, g, c, mp[c], wp[c] * ip[c], bp[c], s);
         }
       }
     });
@@ -226,31 +228,33 @@ void fold_row_nchw(const scalar_t* dy_plane, const BnActGeometry& g, int64_t h,
 template <typename scalar_t, typename acc_t>
 void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const BnActGeometry& g, int64_t c,
                    acc_t mean, acc_t invstd, acc_t gamma, acc_t beta, acc_t slope,
-                   const std::vector<std::pair<int, int>>& extra, std::vector<acc_t>& g_row, acc_t& sum_dz,
-                   acc_t& sum_dz_xhat) {
-  const acc_t scale = gamma * invstd, shift = beta - mean * scale;
+                   const std::vector<std::pair<int, int>>& extra, std::vector<acc_t>& g_row, acc_t& sum_dz_out,
+                   acc_t& sum_dz_xhat_out) {
+  const acc_t scale = gamma * invstd;
   const int64_t hw = g.H * g.W;
-  sum_dz = 0;
-  sum_dz_xhat = 0;
+  red_t sum_dz = 0, sum_dz_xhat = 0;
   for (int64_t n = 0; n < g.N; ++n) {  // pass 1: the two reductions
     const scalar_t* dyp = dy + (n * g.C + c) * g.Ho * g.Wo;
     const scalar_t* xp = x + (n * g.C + c) * hw;
     for (int64_t h = 0; h < g.H; ++h) {
       fold_row_nchw<scalar_t, acc_t>(dyp, g, h, extra, g_row.data());
       const scalar_t* xr = xp + h * g.W;
-      acc_t a = 0, b = 0;
+      red_t a = 0, b = 0;
       for (int64_t w = 0; w < g.W; ++w) {
         const acc_t xv = static_cast<acc_t>(xr[w]);
-        const acc_t dz = bn_act_dz<acc_t>(g_row[w], xv, scale, shift, slope);
+        const acc_t dz = bn_act_dz<acc_t>(g_row[w], xv, mean, scale, beta, slope);
         a += dz;
-        b += dz * (xv - mean);
+        b += red_t(dz) * (red_t(xv) - red_t(mean));
       }
       sum_dz += a;
-      sum_dz_xhat += b * invstd;
+      sum_dz_xhat += b;
     }
   }
-  const acc_t count = acc_t(g.N * hw);
-  const acc_t mean_dz = sum_dz / count, mean_dz_xhat = sum_dz_xhat / count;
+  sum_dz_xhat *= invstd;
+  sum_dz_out = static_cast<acc_t>(sum_dz);
+  sum_dz_xhat_out = static_cast<acc_t>(sum_dz_xhat);
+  const double count = double(g.N * hw);
+  const acc_t mean_dz = static_cast<acc_t>(sum_dz / count), mean_dz_xhat = static_cast<acc_t>(sum_dz_xhat / count);
   const acc_t k = gamma * invstd;
   for (int64_t n = 0; n < g.N; ++n) {  // pass 2: dx
     const scalar_t* dyp = dy + (n * g.C + c) * g.Ho * g.Wo;
@@ -262,7 +266,7 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Bn
       scalar_t* dxr = dxp + h * g.W;
       for (int64_t w = 0; w < g.W; ++w) {
         const acc_t xv = static_cast<acc_t>(xr[w]);
-        const acc_t dz = bn_act_dz<acc_t>(g_row[w], xv, scale, shift, slope);
+        const acc_t dz = bn_act_dz<acc_t>(g_row[w], xv, mean, scale, beta, slope);
         dxr[w] = static_cast<scalar_t>(bn_dx<acc_t>(dz, (xv - mean) * invstd, k, mean_dz, mean_dz_xhat));
       }
     }
@@ -292,10 +296,10 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Bn
                    int64_t c1, const acc_t* mean, const acc_t* invstd, const acc_t* gamma, const acc_t* beta,
                    acc_t slope, acc_t* sum_dz, acc_t* sum_dz_xhat) {
   const int64_t cr = c1 - c0;
-  std::vector<acc_t> scale(cr), shift(cr), gbuf(cr), a(cr, 0), b(cr, 0);
+  std::vector<acc_t> scale(cr), gbuf(cr);
+  std::vector<red_t> ta(cr, 0), tb(cr, 0);
   for (int64_t k = 0; k < cr; ++k) {
     scale[k] = gamma[c0 + k] * invstd[c0 + k];
-    shift[k] = beta[c0 + k] - mean[c0 + k] * scale[k];
   }
   for (int64_t n = 0; n < g.N; ++n) {  // pass 1
     for (int64_t h = 0; h < g.H; ++h) {
@@ -304,20 +308,21 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Bn
         const scalar_t* xp = x + ((n * g.H + h) * g.W + w) * g.C + c0;
         for (int64_t k = 0; k < cr; ++k) {
           const acc_t xv = static_cast<acc_t>(xp[k]);
-          const acc_t dz = bn_act_dz<acc_t>(gbuf[k], xv, scale[k], shift[k], slope);
-          a[k] += dz;
-          b[k] += dz * (xv - mean[c0 + k]);
+          const acc_t dz = bn_act_dz<acc_t>(gbuf[k], xv, mean[c0 + k], scale[k], beta[c0 + k], slope);
+          ta[k] += dz;
+          tb[k] += red_t(dz) * (red_t(xv) - red_t(mean[c0 + k]));
         }
       }
     }
   }
-  const acc_t count = acc_t(g.N * g.H * g.W);
+  const double count = double(g.N * g.H * g.W);
   std::vector<acc_t> mean_dz(cr), mean_dz_xhat(cr), kk(cr);
   for (int64_t k = 0; k < cr; ++k) {
-    sum_dz[c0 + k] = a[k];
-    sum_dz_xhat[c0 + k] = b[k] * invstd[c0 + k];
-    mean_dz[k] = a[k] / count;
-    mean_dz_xhat[k] = sum_dz_xhat[c0 + k] / count;
+    const double sdx = tb[k] * invstd[c0 + k];
+    sum_dz[c0 + k] = static_cast<acc_t>(ta[k]);
+    sum_dz_xhat[c0 + k] = static_cast<acc_t>(sdx);
+    mean_dz[k] = static_cast<acc_t>(ta[k] / count);
+    mean_dz_xhat[k] = static_cast<acc_t>(sdx / count);
     kk[k] = gamma[c0 + k] * invstd[c0 + k];
   }
   for (int64_t n = 0; n < g.N; ++n) {  // pass 2
@@ -329,7 +334,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Bn
         scalar_t* dxp = dx + off;
         for (int64_t k = 0; k < cr; ++k) {
           const acc_t xv = static_cast<acc_t>(xp[k]);
-          const acc_t dz = bn_act_dz<acc_t>(gbuf[k], xv, scale[k], shift[k], slope);
+          const acc_t dz = bn_act_dz<acc_t>(gbuf[k], xv, mean[c0 + k], scale[k], beta[c0 + k], slope);
           dxp[k] = static_cast<scalar_t>(
               bn_dx<acc_t>(dz, (xv - mean[c0 + k]) * invstd[c0 + k], kk[k], mean_dz[k], mean_dz_xhat[k]));
         }

@@ -106,9 +106,8 @@ __global__ void bn_act_normalize_kernel(const scalar_t* __restrict__ x, Strides4
     const int si = pad_source(i, H, pad, mode), sj = pad_source(j, W, pad, mode);
     acc_t v = acc_t(0);
     if (si >= 0 && sj >= 0) {
-      const acc_t scale = gamma[c] * invstd[c];
-      v = bn_act_value<acc_t>(static_cast<acc_t>(x[offset4(sx, n, c, si, sj)]), scale, beta[c] - mean[c] * scale,
-                              slope);
+      v = bn_act_value<acc_t>(static_cast<acc_t>(x[offset4(sx, n, c, si, sj)]), mean[c], gamma[c] * invstd[c],
+                              beta[c], slope);
     }
     y[offset4(sy, n, c, i, j)] = static_cast<scalar_t>(v);
   }
@@ -122,7 +121,7 @@ __global__ void bn_act_backward_reduce_kernel(const scalar_t* __restrict__ dy, S
                                               const acc_t* __restrict__ beta, acc_t slope,
                                               acc_t* __restrict__ sum_dz, acc_t* __restrict__ sum_dz_xhat) {
   const int c = blockIdx.x;
-  const acc_t scale = gamma[c] * invstd[c], shift = beta[c] - mean[c] * scale;
+  const acc_t scale = gamma[c] * invstd[c];
   const long long total = static_cast<long long>(N) * H * W;
   acc_t a = 0, b = 0;
   for (long long e = threadIdx.x; e < total; e += blockDim.x) {
@@ -131,7 +130,7 @@ __global__ void bn_act_backward_reduce_kernel(const scalar_t* __restrict__ dy, S
     split_nhw(e, H, W, n, h, w);
     const acc_t g = fold_pad_grad<scalar_t, acc_t>(dy, sdy, n, c, h, w, H, W, pad, mode);
     const acc_t xv = static_cast<acc_t>(x[offset4(sx, n, c, h, w)]);
-    const acc_t dz = bn_act_dz<acc_t>(g, xv, scale, shift, slope);
+    const acc_t dz = bn_act_dz<acc_t>(g, xv, mean[c], scale, beta[c], slope);
     a += dz;
     b += dz * (xv - mean[c]);
   }
@@ -181,11 +180,11 @@ __global__ void bn_act_backward_dx_kernel(const scalar_t* __restrict__ dy, Strid
       c = t % C;
       n = t / C;
     }
-    const acc_t scale = gamma[c] * invstd[c], shift = beta[c] - mean[c] * scale;
+    const acc_t scale = gamma[c] * invstd[c];
     const acc_t g = fold_pad_grad<scalar_t, acc_t>(dy, sdy, n, c, h, w, H, W, pad, mode);
     const long long off = offset4(sx, n, c, h, w);
     const acc_t xv = static_cast<acc_t>(x[off]);
-    const acc_t dz = bn_act_dz<acc_t>(g, xv, scale, shift, slope);
+    const acc_t dz = bn_act_dz<acc_t>(g, xv, mean[c], scale, beta[c], slope);
     dx[off] = static_cast<scalar_t>(
         bn_dx<acc_t>(dz, (xv - mean[c]) * invstd[c], scale, sum_dz[c] / count, sum_dz_xhat[c] / count));
   }
