@@ -99,8 +99,10 @@ class FastSkipNet(SkipNet):
 
     # Blocks take an input already padded for their convolution and return an
     # output padded by `out_pad` for the consumer's convolution.
-    def _block(self, block: ConvBlock, x: torch.Tensor, out_pad: int) -> torch.Tensor:
+    def _block(self, block: ConvBlock, x: torch.Tensor, out_pad: int, crop: int = 0) -> torch.Tensor:
         y = block.conv(x)
+        if crop:
+            y = y[:, :, crop : y.shape[2] - crop, crop : y.shape[3] - crop]
         slope = _block_slope(block)
         if slope is not None and block.bn.training:
             return _bn_act(block.bn, y, slope, out_pad)
@@ -122,10 +124,13 @@ class FastSkipNet(SkipNet):
         p_in = self._input_pad(i)
         s = None
         if key in self.skip:
+            # The skip convolution (stride 1) runs on the whole input, padded
+            # for the larger down convolution, and its output is cropped: the
+            # same numbers as convolving a cropped input, but the convolution
+            # reads a contiguous tensor (a cropped view makes oneDNN fall back
+            # to a slow path) and the gradient needs no zero-filled scatter.
             block = self.skip[key]
-            crop = p_in - _conv_pad(block)
-            xs = x[:, :, crop : x.shape[2] - crop, crop : x.shape[3] - crop] if crop else x
-            s = self._block(block, xs, 0)
+            s = self._block(block, x, 0, crop=p_in - _conv_pad(block))
         d = self._block(self.down[i], x, _conv_pad(self.inner[i]))
         last = i == c.n_scales - 1
         d = self._block(self.inner[i], d, 0 if last else self._input_pad(i + 1))

@@ -26,9 +26,10 @@ namespace {
 
 constexpr int64_t kChunk = 2048;  // elements per Welford chunk: stays in L1 for the second read
 
-// Every reduction accumulates in double, whatever the input type: the kernels
-// are memory-bound, so the wider adds cost nothing measurable, and the
-// statistics' rounding feeds every output element.
+// Reductions: SIMD lanes of acc_t within a row or chunk (`omp simd
+// reduction` allows the reassociation that vectorising a sum needs), then
+// totals in double across rows and chunks, so that a channel of millions of
+// values keeps float rounding at the level of PyTorch's own kernels.
 using red_t = double;
 
 // Channels per parallel task: enough work per task to amortise the fork.
@@ -47,12 +48,15 @@ void stats_nchw(const scalar_t* x, const BnActGeometry& g, int64_t c, double eps
     const scalar_t* plane = x + (n * g.C + c) * hw;
     for (int64_t start = 0; start < hw; start += kChunk) {
       const int64_t len = std::min(kChunk, hw - start);
-      red_t s = 0;
-      for (int64_t i = 0; i < len; ++i) s += static_cast<red_t>(plane[start + i]);
-      const red_t cm = s / red_t(len);
-      red_t q = 0;
+      const scalar_t* chunk = plane + start;
+      acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < len; ++i) s += static_cast<acc_t>(chunk[i]);
+      const acc_t cm = s / acc_t(len);
+      acc_t q = 0;
+#pragma omp simd reduction(+ : q)
       for (int64_t i = 0; i < len; ++i) {
-        const red_t d = static_cast<red_t>(plane[start + i]) - cm;
+        const acc_t d = static_cast<acc_t>(chunk[i]) - cm;
         q += d * d;
       }
       welford_merge<double>(count, m, m2, double(len), cm, q);
@@ -239,12 +243,14 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Bn
     for (int64_t h = 0; h < g.H; ++h) {
       fold_row_nchw<scalar_t, acc_t>(dyp, g, h, extra, g_row.data());
       const scalar_t* xr = xp + h * g.W;
-      red_t a = 0, b = 0;
+      acc_t a = 0, b = 0;
+      const acc_t* gr = g_row.data();
+#pragma omp simd reduction(+ : a, b)
       for (int64_t w = 0; w < g.W; ++w) {
         const acc_t xv = static_cast<acc_t>(xr[w]);
-        const acc_t dz = bn_act_dz<acc_t>(g_row[w], xv, mean, scale, beta, slope);
+        const acc_t dz = bn_act_dz<acc_t>(gr[w], xv, mean, scale, beta, slope);
         a += dz;
-        b += red_t(dz) * (red_t(xv) - red_t(mean));
+        b += dz * (xv - mean);
       }
       sum_dz += a;
       sum_dz_xhat += b;
