@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _ops
+from .conv import conv2d
 from .ops.bn_act import batch_norm_act
 from .reference import skip as reference_skip
 from .reference.skip import ConvBlock, SkipConfig, SkipNet, center_crop_cat
@@ -100,7 +101,8 @@ class FastSkipNet(SkipNet):
     # Blocks take an input already padded for their convolution and return an
     # output padded by `out_pad` for the consumer's convolution.
     def _block(self, block: ConvBlock, x: torch.Tensor, out_pad: int, crop: int = 0) -> torch.Tensor:
-        y = block.conv(x)
+        conv = block.conv
+        y = conv2d(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0])
         if crop:
             y = y[:, :, crop : y.shape[2] - crop, crop : y.shape[3] - crop]
         slope = _block_slope(block)
