@@ -19,6 +19,32 @@
  *     PyTorch's own kernel; it is the smallest op that exercises both build
  *     paths and the registration machinery.
  *
+ *   bn_act_forward(x, weight, bias, eps, slope, pad, pad_mode) -> (y, mean, invstd)
+ *   bn_act_backward(grad_y, x, weight, bias, mean, invstd, slope, pad, pad_mode)
+ *       -> (grad_x, grad_weight, grad_bias)
+ *     Everything between two convolutions of the hourglass, in training mode:
+ *     y = pad(leaky_relu(batch_norm(x)), pad, reflect|zeros). x is the
+ *     convolution's output (NCHW or channels_last); y is already padded for
+ *     the next convolution, so no separate pad copy exists. slope = 1 is plain
+ *     BatchNorm (the one after each concatenation).
+ *     Forward: one statistics pass (chunked Welford: a chunk's mean and M2 in
+ *     L1, merged with Chan's formula) and one normalise+activate+pad pass
+ *     that writes every element of y, pad band included. PyTorch's sequence
+ *     reads x twice for BatchNorm, then makes a LeakyReLU pass and a pad pass:
+ *     4 reads + 3 writes of an activation-sized tensor against our 2 reads
+ *     (the second mostly from cache per channel) + 1 write.
+ *     Backward: pass 1 reduces sum(dz) and sum(dz * xhat), where dz is grad_y
+ *     with the pad's border gradients folded back (a gather over the 1 to 9
+ *     padded positions that copied each pixel) and the LeakyReLU mask
+ *     applied; pass 2 writes grad_x. 2 reads of grad_y and x + 1 write,
+ *     against PyTorch's pad backward (zero fill + scatter), LeakyReLU
+ *     backward and BatchNorm backward: 6 reads + 3 writes.
+ *     Saved for backward: x (the convolution's output), mean and invstd.
+ *     Recomputing x from y by inverting LeakyReLU and the affine map would
+ *     save one activation per block but divides by gamma, which loses
+ *     precision as gamma shrinks; at DIP's batch of one, memory is not the
+ *     constraint. The convolutions themselves stay with oneDNN / cuDNN.
+ *
  *   lanczos_downsample(x, taps, factor, pad)
  *   lanczos_downsample_backward(grad_out, taps, factor, pad, height, width)
  *     The paper's fixed anti-aliasing Downsampler (Lanczos / Gauss / box) as
@@ -59,6 +85,11 @@ TORCH_LIBRARY(dip_fast, m) {
         " -> (Tensor, Tensor, Tensor)");
   m.def("bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd,"
         " float slope, int pad, int pad_mode) -> (Tensor, Tensor, Tensor)");
+  // The CUDA kernels' per-thread code run over the launch grid on the CPU (tests only).
+  m.def("_bn_act_forward_emulated(Tensor x, Tensor weight, Tensor bias, float eps, float slope, int pad,"
+        " int pad_mode) -> (Tensor, Tensor, Tensor)");
+  m.def("_bn_act_backward_emulated(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean,"
+        " Tensor invstd, float slope, int pad, int pad_mode) -> (Tensor, Tensor, Tensor)");
   m.def("lanczos_downsample(Tensor x, Tensor taps, int factor, int pad) -> Tensor");
   m.def("lanczos_downsample_backward(Tensor grad_out, Tensor taps, int factor, int pad, SymInt height, SymInt width) -> Tensor");
 }

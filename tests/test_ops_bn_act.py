@@ -182,3 +182,25 @@ def test_cuda_matches_cpu(dtype):
     tol = 1e-5 if dtype == torch.float32 else 0.05
     for a, b_ in zip(*outs):
         torch.testing.assert_close(a, b_, atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------------------
+# The CUDA kernels' per-thread code, run over their launch grid on the CPU.
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 3, 2, 3), (1, 16, 17, 5)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "non_contiguous"])
+@pytest.mark.parametrize("pad,pad_mode", [(0, "reflect"), (1, "reflect"), (2, "reflect"), (2, "zeros")])
+def test_cuda_grid_emulation_matches_pytorch(shape, layout, pad, pad_mode):
+    if pad_mode == "reflect" and pad >= min(shape[2:]):
+        pytest.skip("reflection pad must be smaller than the image")
+    x, w, b = make_inputs(shape, torch.float64, layout)
+    mode = {"zeros": 0, "reflect": 1}[pad_mode]
+    y, mean, invstd = torch.ops.dip_fast._bn_act_forward_emulated(x, w, b, 1e-5, 0.2, pad, mode)
+    xr, wr, br = (t.clone().requires_grad_(True) for t in (x, w, b))
+    yr = expected(xr, wr, br, pad=pad, pad_mode=pad_mode)
+    torch.testing.assert_close(y, yr, atol=1e-11, rtol=1e-11)
+    grad = torch.randn(yr.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = torch.ops.dip_fast._bn_act_backward_emulated(grad, x, w, b, mean, invstd, 0.2, pad, mode)
+    want = torch.autograd.grad(yr, (xr, wr, br), grad)
+    for name, a, e in zip(("x", "weight", "bias"), got, want):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10, msg=f"gradient of {name}")

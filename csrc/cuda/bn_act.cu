@@ -21,11 +21,12 @@
 #include "../common/alloc.h"
 #include "../common/bn_act.h"
 #include "../common/bn_act_checks.h"
+#include "../common/bn_act_grid.h"
 
 namespace dip_fast {
 namespace {
 
-constexpr int kReduceThreads = 256;
+constexpr int kReduceThreads = kBnReduceThreads;
 constexpr int kThreads = 256;
 
 Strides4 strides_of(const at::Tensor& t) {
@@ -36,32 +37,18 @@ int64_t blocks_for(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
 }
 
-// (n, h, w) of the e-th element of a channel, for e in [0, N*H*W).
-__device__ __forceinline__ void split_nhw(long long e, int H, int W, long long& n, int& h, int& w) {
-  w = static_cast<int>(e % W);
-  const long long t = e / W;
-  h = static_cast<int>(t % H);
-  n = t / H;
-}
+// The per-thread bodies live in csrc/common/bn_act_grid.h, shared with the
+// CPU emulation that tests this file's indexing without a GPU.
 
 template <typename scalar_t, typename acc_t>
-__global__ void bn_stats_kernel(const scalar_t* __restrict__ x, Strides4 sx, int N, int H, int W, double eps,
+__global__ void bn_stats_kernel(const scalar_t* __restrict__ x, Strides4 sx, BnActShape shape, double eps,
                                 acc_t* __restrict__ mean_out, acc_t* __restrict__ invstd_out) {
   const int c = blockIdx.x;
-  const long long total = static_cast<long long>(N) * H * W;
-  acc_t count = 0, mean = 0, m2 = 0;
-  for (long long e = threadIdx.x; e < total; e += blockDim.x) {
-    long long n;
-    int h, w;
-    split_nhw(e, H, W, n, h, w);
-    welford_add<acc_t>(count, mean, m2, static_cast<acc_t>(x[offset4(sx, n, c, h, w)]));
-  }
   __shared__ acc_t s_count[kReduceThreads], s_mean[kReduceThreads], s_m2[kReduceThreads];
-  s_count[threadIdx.x] = count;
-  s_mean[threadIdx.x] = mean;
-  s_m2[threadIdx.x] = m2;
+  bn_stats_partial<scalar_t, acc_t>(x, sx, shape, c, threadIdx.x, blockDim.x, s_count[threadIdx.x],
+                                    s_mean[threadIdx.x], s_m2[threadIdx.x]);
   __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {  // the tree the emulation replays
     if (threadIdx.x < stride) {
       const int o = threadIdx.x + stride;
       welford_merge<acc_t>(s_count[threadIdx.x], s_mean[threadIdx.x], s_m2[threadIdx.x], s_count[o], s_mean[o],
@@ -71,72 +58,33 @@ __global__ void bn_stats_kernel(const scalar_t* __restrict__ x, Strides4 sx, int
   }
   if (threadIdx.x == 0) {
     mean_out[c] = s_mean[0];
-    invstd_out[c] = acc_t(1) / sqrt(s_m2[0] / s_count[0] + static_cast<acc_t>(eps));
+    invstd_out[c] = invstd_from<acc_t>(s_count[0], s_m2[0], eps);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void bn_act_normalize_kernel(const scalar_t* __restrict__ x, Strides4 sx, scalar_t* __restrict__ y,
-                                        Strides4 sy, int N, int C, int H, int W, int pad, int mode,
+                                        Strides4 sy, BnActShape shape, long long total,
                                         const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                                         const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
                                         acc_t slope) {
-  const int Ho = H + 2 * pad, Wo = W + 2 * pad;
-  const long long total = static_cast<long long>(N) * C * Ho * Wo;
   for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<long long>(blockDim.x) * gridDim.x) {
-    // Decode in the output's own layout so that consecutive threads write consecutive addresses.
-    long long n, c;
-    int i, j;
-    if (sy.c == 1) {  // channels_last
-      c = e % C;
-      long long t = e / C;
-      j = static_cast<int>(t % Wo);
-      t /= Wo;
-      i = static_cast<int>(t % Ho);
-      n = t / Ho;
-    } else {
-      j = static_cast<int>(e % Wo);
-      long long t = e / Wo;
-      i = static_cast<int>(t % Ho);
-      t /= Ho;
-      c = t % C;
-      n = t / C;
-    }
-    const int si = pad_source(i, H, pad, mode), sj = pad_source(j, W, pad, mode);
-    acc_t v = acc_t(0);
-    if (si >= 0 && sj >= 0) {
-      v = bn_act_value<acc_t>(static_cast<acc_t>(x[offset4(sx, n, c, si, sj)]), mean[c], gamma[c] * invstd[c],
-                              beta[c], slope);
-    }
-    y[offset4(sy, n, c, i, j)] = static_cast<scalar_t>(v);
+    bn_act_normalize_element<scalar_t, acc_t>(e, x, sx, y, sy, shape, mean, invstd, gamma, beta, slope);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void bn_act_backward_reduce_kernel(const scalar_t* __restrict__ dy, Strides4 sdy,
-                                              const scalar_t* __restrict__ x, Strides4 sx, int N, int H, int W,
-                                              int pad, int mode, const acc_t* __restrict__ mean,
-                                              const acc_t* __restrict__ invstd, const acc_t* __restrict__ gamma,
-                                              const acc_t* __restrict__ beta, acc_t slope,
-                                              acc_t* __restrict__ sum_dz, acc_t* __restrict__ sum_dz_xhat) {
+                                              const scalar_t* __restrict__ x, Strides4 sx, BnActShape shape,
+                                              const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
+                                              const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
+                                              acc_t slope, acc_t* __restrict__ sum_dz,
+                                              acc_t* __restrict__ sum_dz_xhat) {
   const int c = blockIdx.x;
-  const acc_t scale = gamma[c] * invstd[c];
-  const long long total = static_cast<long long>(N) * H * W;
-  acc_t a = 0, b = 0;
-  for (long long e = threadIdx.x; e < total; e += blockDim.x) {
-    long long n;
-    int h, w;
-    split_nhw(e, H, W, n, h, w);
-    const acc_t g = fold_pad_grad<scalar_t, acc_t>(dy, sdy, n, c, h, w, H, W, pad, mode);
-    const acc_t xv = static_cast<acc_t>(x[offset4(sx, n, c, h, w)]);
-    const acc_t dz = bn_act_dz<acc_t>(g, xv, mean[c], scale, beta[c], slope);
-    a += dz;
-    b += dz * (xv - mean[c]);
-  }
   __shared__ acc_t s_a[kReduceThreads], s_b[kReduceThreads];
-  s_a[threadIdx.x] = a;
-  s_b[threadIdx.x] = b;
+  bn_act_backward_partial<scalar_t, acc_t>(dy, sdy, x, sx, shape, c, threadIdx.x, blockDim.x, mean, invstd, gamma,
+                                           beta, slope, s_a[threadIdx.x], s_b[threadIdx.x]);
   __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) {
@@ -154,39 +102,14 @@ __global__ void bn_act_backward_reduce_kernel(const scalar_t* __restrict__ dy, S
 template <typename scalar_t, typename acc_t>
 __global__ void bn_act_backward_dx_kernel(const scalar_t* __restrict__ dy, Strides4 sdy,
                                           const scalar_t* __restrict__ x, Strides4 sx, scalar_t* __restrict__ dx,
-                                          int N, int C, int H, int W, int pad, int mode,
-                                          const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
-                                          const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
-                                          acc_t slope, const acc_t* __restrict__ sum_dz,
-                                          const acc_t* __restrict__ sum_dz_xhat) {
-  const long long total = static_cast<long long>(N) * C * H * W;
-  const acc_t count = static_cast<acc_t>(static_cast<long long>(N) * H * W);
+                                          BnActShape shape, long long total, const acc_t* __restrict__ mean,
+                                          const acc_t* __restrict__ invstd, const acc_t* __restrict__ gamma,
+                                          const acc_t* __restrict__ beta, acc_t slope,
+                                          const acc_t* __restrict__ sum_dz, const acc_t* __restrict__ sum_dz_xhat) {
   for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<long long>(blockDim.x) * gridDim.x) {
-    long long n, c;
-    int h, w;
-    if (sx.c == 1) {
-      c = e % C;
-      long long t = e / C;
-      w = static_cast<int>(t % W);
-      t /= W;
-      h = static_cast<int>(t % H);
-      n = t / H;
-    } else {
-      w = static_cast<int>(e % W);
-      long long t = e / W;
-      h = static_cast<int>(t % H);
-      t /= H;
-      c = t % C;
-      n = t / C;
-    }
-    const acc_t scale = gamma[c] * invstd[c];
-    const acc_t g = fold_pad_grad<scalar_t, acc_t>(dy, sdy, n, c, h, w, H, W, pad, mode);
-    const long long off = offset4(sx, n, c, h, w);
-    const acc_t xv = static_cast<acc_t>(x[off]);
-    const acc_t dz = bn_act_dz<acc_t>(g, xv, mean[c], scale, beta[c], slope);
-    dx[off] = static_cast<scalar_t>(
-        bn_dx<acc_t>(dz, (xv - mean[c]) * invstd[c], scale, sum_dz[c] / count, sum_dz_xhat[c] / count));
+    bn_act_dx_element<scalar_t, acc_t>(e, dy, sdy, x, sx, dx, shape, mean, invstd, gamma, beta, slope, sum_dz,
+                                       sum_dz_xhat);
   }
 }
 
@@ -207,16 +130,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(const at::Ten
   const auto w = weight.to(acc_type).contiguous();
   const auto b = bias.to(acc_type).contiguous();
   if (g.C == 0) return {y, mean, invstd};
+  const BnActShape shape = bn_act_shape(g, fmt);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     bn_stats_kernel<scalar_t, acc_t><<<g.C, kReduceThreads, 0, stream>>>(
-        xc.const_data_ptr<scalar_t>(), strides_of(xc), g.N, g.H, g.W, eps, mean.data_ptr<acc_t>(),
-        invstd.data_ptr<acc_t>());
+        xc.const_data_ptr<scalar_t>(), strides_of(xc), shape, eps, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     bn_act_normalize_kernel<scalar_t, acc_t><<<blocks_for(y.numel()), kThreads, 0, stream>>>(
-        xc.const_data_ptr<scalar_t>(), strides_of(xc), y.data_ptr<scalar_t>(), strides_of(y), g.N, g.C, g.H, g.W,
-        g.pad, g.mode, mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+        xc.const_data_ptr<scalar_t>(), strides_of(xc), y.data_ptr<scalar_t>(), strides_of(y), shape,
+        static_cast<long long>(y.numel()), mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
         b.const_data_ptr<acc_t>(), static_cast<acc_t>(slope));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -245,17 +168,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(const at::Te
   auto dw = new_output({g.C}, x.options().dtype(acc_type));
   auto db = new_output({g.C}, x.options().dtype(acc_type));
   if (g.C == 0) return {dx, dw.to(weight.scalar_type()), db.to(bias.scalar_type())};
+  const BnActShape shape = bn_act_shape(g, fmt);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     bn_act_backward_reduce_kernel<scalar_t, acc_t><<<g.C, kReduceThreads, 0, stream>>>(
-        gy.const_data_ptr<scalar_t>(), strides_of(gy), xc.const_data_ptr<scalar_t>(), strides_of(xc), g.N, g.H,
-        g.W, g.pad, g.mode, m.const_data_ptr<acc_t>(), is.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+        gy.const_data_ptr<scalar_t>(), strides_of(gy), xc.const_data_ptr<scalar_t>(), strides_of(xc), shape,
+        m.const_data_ptr<acc_t>(), is.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
         b.const_data_ptr<acc_t>(), static_cast<acc_t>(slope), db.data_ptr<acc_t>(), dw.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     bn_act_backward_dx_kernel<scalar_t, acc_t><<<blocks_for(dx.numel()), kThreads, 0, stream>>>(
         gy.const_data_ptr<scalar_t>(), strides_of(gy), xc.const_data_ptr<scalar_t>(), strides_of(xc),
-        dx.data_ptr<scalar_t>(), g.N, g.C, g.H, g.W, g.pad, g.mode, m.const_data_ptr<acc_t>(),
+        dx.data_ptr<scalar_t>(), shape, static_cast<long long>(dx.numel()), m.const_data_ptr<acc_t>(),
         is.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), static_cast<acc_t>(slope),
         db.const_data_ptr<acc_t>(), dw.const_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

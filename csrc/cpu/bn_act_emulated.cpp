@@ -1,0 +1,121 @@
+// CPU emulation of the CUDA launch grid of bn_act (tests only).
+//
+// Runs the per-thread functions of csrc/common/bn_act_grid.h for every block
+// and thread index that csrc/cuda/bn_act.cu launches, sequentially, with the
+// same shared-memory tree reductions. Comparing these ops against PyTorch
+// tests the CUDA kernels' indexing on machines without a GPU.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "../common/alloc.h"
+#include "../common/bn_act_checks.h"
+#include "../common/bn_act_grid.h"
+
+namespace dip_fast {
+namespace {
+
+Strides4 strides_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emulated(const at::Tensor& x, const at::Tensor& weight,
+                                                                const at::Tensor& bias, double eps, double slope,
+                                                                int64_t pad, int64_t pad_mode) {
+  const BnActGeometry g = bn_act_geometry(x, weight, bias, eps, pad, pad_mode);
+  const auto fmt = working_memory_format(x);
+  const auto xc = x.contiguous(fmt);
+  const auto acc_type = bn_act_acc_type(x);
+  auto mean = new_output({g.C}, x.options().dtype(acc_type));
+  auto invstd = new_output({g.C}, x.options().dtype(acc_type));
+  auto y = new_output({g.N, g.C, g.Ho, g.Wo}, x.options(), fmt);
+  const auto w = weight.to(acc_type).contiguous();
+  const auto b = bias.to(acc_type).contiguous();
+  const BnActShape shape = bn_act_shape(g, fmt);
+  constexpr int T = kBnReduceThreads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_forward_emulated", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    acc_t* mp = mean.data_ptr<acc_t>();
+    acc_t* ip = invstd.data_ptr<acc_t>();
+    std::vector<acc_t> cnt(T), mu(T), m2(T);
+    for (int c = 0; c < shape.C; ++c) {  // one block per channel
+      for (int t = 0; t < T; ++t) bn_stats_partial<scalar_t, acc_t>(xp, strides_of(xc), shape, c, t, T, cnt[t], mu[t], m2[t]);
+      for (int stride = T / 2; stride > 0; stride /= 2) {
+        for (int t = 0; t < stride; ++t) welford_merge<acc_t>(cnt[t], mu[t], m2[t], cnt[t + stride], mu[t + stride], m2[t + stride]);
+      }
+      mp[c] = mu[0];
+      ip[c] = invstd_from<acc_t>(cnt[0], m2[0], eps);
+    }
+    const long long total = y.numel();
+    for (long long e = 0; e < total; ++e) {
+      bn_act_normalize_element<scalar_t, acc_t>(e, xp, strides_of(xc), y.data_ptr<scalar_t>(), strides_of(y), shape,
+                                                mp, ip, w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
+                                                static_cast<acc_t>(slope));
+    }
+  });
+  return {y, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_emulated(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                 const at::Tensor& weight, const at::Tensor& bias,
+                                                                 const at::Tensor& mean, const at::Tensor& invstd,
+                                                                 double slope, int64_t pad, int64_t pad_mode) {
+  const BnActGeometry g = bn_act_geometry(x, weight, bias, 0.0, pad, pad_mode);
+  bn_act_check_backward(grad_y, x, mean, invstd, g);
+  const auto fmt = working_memory_format(x);
+  const auto xc = x.contiguous(fmt);
+  const auto gy = grad_y.contiguous(fmt);
+  const auto acc_type = bn_act_acc_type(x);
+  const auto w = weight.to(acc_type).contiguous();
+  const auto b = bias.to(acc_type).contiguous();
+  const auto m = mean.contiguous();
+  const auto is = invstd.contiguous();
+  auto dx = new_output({g.N, g.C, g.H, g.W}, x.options(), fmt);
+  auto dw = new_output({g.C}, x.options().dtype(acc_type));
+  auto db = new_output({g.C}, x.options().dtype(acc_type));
+  const BnActShape shape = bn_act_shape(g, fmt);
+  constexpr int T = kBnReduceThreads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_backward_emulated", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dyp = gy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const acc_t *mp = m.const_data_ptr<acc_t>(), *ip = is.const_data_ptr<acc_t>();
+    const acc_t *wp = w.const_data_ptr<acc_t>(), *bp = b.const_data_ptr<acc_t>();
+    acc_t* sum_dz = db.data_ptr<acc_t>();
+    acc_t* sum_dz_xhat = dw.data_ptr<acc_t>();
+    const acc_t s = static_cast<acc_t>(slope);
+    std::vector<acc_t> pa(T), pb(T);
+    for (int c = 0; c < shape.C; ++c) {
+      for (int t = 0; t < T; ++t) {
+        bn_act_backward_partial<scalar_t, acc_t>(dyp, strides_of(gy), xp, strides_of(xc), shape, c, t, T, mp, ip, wp,
+                                                 bp, s, pa[t], pb[t]);
+      }
+      for (int stride = T / 2; stride > 0; stride /= 2) {
+        for (int t = 0; t < stride; ++t) {
+          pa[t] += pa[t + stride];
+          pb[t] += pb[t + stride];
+        }
+      }
+      sum_dz[c] = pa[0];
+      sum_dz_xhat[c] = pb[0] * ip[c];
+    }
+    const long long total = dx.numel();
+    for (long long e = 0; e < total; ++e) {
+      bn_act_dx_element<scalar_t, acc_t>(e, dyp, strides_of(gy), xp, strides_of(xc), dx.data_ptr<scalar_t>(), shape,
+                                         mp, ip, wp, bp, s, sum_dz, sum_dz_xhat);
+    }
+  });
+  return {dx, dw.to(weight.scalar_type()), db.to(bias.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dip_fast, CPU, m) {
+  m.impl("_bn_act_forward_emulated", &forward_emulated);
+  m.impl("_bn_act_backward_emulated", &backward_emulated);
+}
+
+}  // namespace dip_fast
