@@ -30,7 +30,7 @@ $(PY):
 # with --no-build-isolation compiles against this torch, not a second copy.
 $(DEPS_STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q setuptools wheel numpy pillow scikit-image tqdm matplotlib \
+	$(PY) -m pip install -q setuptools wheel numpy pillow scikit-image PyWavelets tqdm matplotlib \
 		pytest pytest-benchmark hypothesis ninja pybind11 "cmake>=3.27"
 	rm -f $(VENV)/.deps-*
 	touch $@

@@ -1,6 +1,6 @@
 """dip_fast: fast Deep Image Prior restoration.
 
-Public face: :func:`restore` (added by the API module), :func:`build_info`
+Public face: :func:`restore` (one call to restore an image), :func:`build_info`
 and ``__version__``. The pure-PyTorch paper implementation is in
 :mod:`dip_fast.reference`; the custom ops are in :mod:`dip_fast.ops`.
 """
@@ -9,5 +9,6 @@ from __future__ import annotations
 from ._version import __version__
 from . import ops, reference  # noqa: F401  (public submodules)
 from .build import build_info
+from .api import RestoreInfo, restore
 
-__all__ = ["__version__", "build_info"]
+__all__ = ["__version__", "RestoreInfo", "build_info", "restore"]

@@ -45,6 +45,15 @@ def build_info() -> dict[str, Any]:
 
 
 def _fast_backend_status() -> str:
+    """What ``backend="fast"`` builds, by the same test that :func:`dip_fast.nets.skip` makes."""
     if not _ops.available():
-        return f"falls back to the reference (extension not loaded: {_ops.LOAD_ERROR})"
-    return "falls back to the reference (the fused network is not implemented yet)"
+        return f"falls back to the reference network (extension not loaded: {_ops.LOAD_ERROR})"
+    if not _ops.has_ops("bn_act_forward", "bn_act_backward"):
+        return "falls back to the reference network (the extension lacks the fused BatchNorm+activation ops; rebuild it)"
+    status = (
+        "fused network: vendor convolutions with fused BatchNorm + LeakyReLU + reflection pad "
+        "(dip_fast.nets.FastSkipNet)"
+    )
+    if _ops.has_ops("lanczos_downsample", "lanczos_downsample_backward"):
+        status += "; super-resolution uses the fused Lanczos downsampler (dip_fast.ops.Downsample)"
+    return status

@@ -34,6 +34,7 @@ from .reference.skip import skip
 
 __all__ = [
     "PRESETS",
+    "RESTORE_PRESETS",
     "TASKS",
     "DenoiseTerm",
     "InpaintTerm",
@@ -47,6 +48,7 @@ __all__ = [
     "make_data_term",
     "make_input",
     "mse",
+    "preset_for",
     "solve",
 ]
 
@@ -571,3 +573,63 @@ def solve(
     kwargs.update(fit_overrides)
     result = fit(net, net_input, term, **kwargs)
     return result, net
+
+
+# --------------------------------------------------------------------------
+# Cheaper presets for restore() on a CPU, and the lookup restore() uses
+# --------------------------------------------------------------------------
+
+# The paper's network spends most of its time in the 128-channel convolutions
+# at full resolution.  A channel pyramid (few channels at full resolution,
+# 128 only at the coarse scales, as restoration.ipynb's kate network) costs a
+# fraction of that; "fast" is the CPU default of restore(preset="auto"),
+# "quick" a preview.  Step counts and upsampling modes were chosen from PSNR
+# curves on a 128x128 crop of scikit-image's astronaut (README, "Python API").
+_FAST_NETWORK = _net(num_channels_down=[16, 32, 64, 128, 128], num_channels_up=[16, 32, 64, 128, 128])
+_QUICK_NETWORK = _net(num_channels_down=[8, 16, 32, 64, 128], num_channels_up=[8, 16, 32, 64, 128])
+# Nearest upsampling inpaints text holes better (as inpaint_kate's network).
+_FAST_INPAINT_NETWORK = dict(_FAST_NETWORK, upsample_mode="nearest")
+
+_CHEAP_PRESETS = [
+    Preset(name="denoise_fast", network=_FAST_NETWORK, reg_noise_std=1.0 / 30.0,
+           source="denoise_f16_sigma25 with a channel-pyramid network and fewer steps",
+           **dict(_DENOISE_COMMON, iterations=1500)),
+    Preset(name="denoise_quick", network=_QUICK_NETWORK, reg_noise_std=1.0 / 30.0,
+           source="denoise_f16_sigma25 with a small network and few steps (preview)",
+           **dict(_DENOISE_COMMON, iterations=800)),
+    Preset(name="inpaint_fast", task="inpaint", network=_FAST_INPAINT_NETWORK, input_depth=32, iterations=2000,
+           lr=0.01, reg_noise_std=0.03, source="inpaint_kate's settings with a channel-pyramid network"),
+    Preset(name="inpaint_quick", task="inpaint", network=_FAST_INPAINT_NETWORK, input_depth=32, iterations=700,
+           lr=0.01, reg_noise_std=0.03, source="inpaint_fast with few steps (preview)"),
+    Preset(name="sr_fast", task="super_resolution", network=_FAST_NETWORK, input_depth=32, iterations=2000,
+           lr=0.01, reg_noise_std=0.03, sr_factor=4, source="sr_x4 with a channel-pyramid network"),
+    Preset(name="sr_quick", task="super_resolution", network=_QUICK_NETWORK, input_depth=32, iterations=600,
+           lr=0.01, reg_noise_std=0.03, sr_factor=4, source="sr_x4 with a small network and few steps (preview)"),
+]
+PRESETS.update({p.name: p for p in _CHEAP_PRESETS})
+
+#: The preset :func:`preset_for` picks, by task and level.
+RESTORE_PRESETS: Dict[str, Dict[str, str]] = {
+    "denoise": {"paper": "denoise_f16_sigma25", "fast": "denoise_fast", "quick": "denoise_quick"},
+    "inpaint": {"paper": "inpaint_kate", "fast": "inpaint_fast", "quick": "inpaint_quick"},
+    "super_resolution": {"paper": "sr_x4", "fast": "sr_fast", "quick": "sr_quick"},
+}
+
+
+def preset_for(task: str, level: str = "paper", scale: Optional[int] = None) -> Preset:
+    """The preset ``dip_fast.restore`` runs for ``task`` at ``level`` (``'paper'``, ``'fast'`` or ``'quick'``).
+
+    For super-resolution the factor is set to ``scale``; at the paper level a
+    factor above 4 takes ``sr_x8``'s settings (4000 steps, more input noise).
+    """
+    if task not in RESTORE_PRESETS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if level not in RESTORE_PRESETS[task]:
+        raise ValueError(f"level must be one of {sorted(RESTORE_PRESETS[task])}, got {level!r}")
+    name = RESTORE_PRESETS[task][level]
+    if task == "super_resolution" and level == "paper" and scale is not None and scale > 4:
+        name = "sr_x8"
+    preset = PRESETS[name]
+    if task == "super_resolution" and scale is not None and scale != preset.sr_factor:
+        preset = preset.with_overrides(sr_factor=scale)
+    return preset

@@ -8,5 +8,7 @@ check their arguments in Python, so mistakes raise ``TypeError`` or
 from __future__ import annotations
 
 from .activation import leaky_relu
+from .bn_act import batch_norm_act
+from .lanczos import Downsample, downsample, downsample_taps
 
-__all__ = ["leaky_relu"]
+__all__ = ["leaky_relu", "batch_norm_act", "Downsample", "downsample", "downsample_taps"]

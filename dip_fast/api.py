@@ -1,0 +1,593 @@
+"""One call to restore an image: :func:`restore`.
+
+The data flow is ``restore`` -> :mod:`dip_fast.io` (caller's image to a
+tensor) -> :mod:`dip_fast.tasks` (preset, network, input, data term) ->
+:func:`dip_fast.fit.fit` (the optimisation loop) -> :mod:`dip_fast.io`
+(back to the caller's kind of image).  This module only checks arguments,
+picks settings and wires those steps together.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from . import _ops, io, tasks
+from .fit import StepInfo, fit
+from .metrics import psnr as _psnr
+from .reference import skip as reference_skip
+
+__all__ = ["RestoreInfo", "estimate_memory", "restore", "PRESET_LEVELS", "TASK_ALIASES"]
+
+#: Values of ``preset`` that pick settings by task (see :func:`dip_fast.tasks.preset_for`).
+PRESET_LEVELS = ("auto", "paper", "fast", "quick")
+#: Accepted spellings of each task.
+TASK_ALIASES = {"denoise": "denoise", "inpaint": "inpaint", "super_resolution": "super_resolution", "sr": "super_resolution"}
+
+# A CPU run whose measured estimate exceeds this many seconds is announced
+# in a warning even when the caller picked the preset.
+_LONG_RUN_S = 600.0
+# Margin on the estimated peak memory: autograd's transient gradient buffers
+# and the allocator's rounding come on top of the saved activations.
+_MEMORY_MARGIN = 1.5
+
+
+@dataclass
+class RestoreInfo:
+    """What a :func:`restore` run did (returned with ``return_info=True``).
+
+    Attributes:
+        task: the task that ran.
+        preset: name of the preset whose settings were used.
+        backend: what built the network: ``'fast'``, ``'reference'``, or
+            ``'reference (fast fallback)'`` when the extension lacks the fused ops.
+        device: the device the run used.
+        seed: the seed of the run (drawn at random when ``seed=None``).
+        iterations: the step budget.
+        steps: steps completed.
+        stop_reason: ``'completed'``, ``'max_time'``, ``'keyboard_interrupt'`` or
+            ``'callback'``.
+        interrupted: the run stopped before ``iterations`` steps.
+        wall_time: seconds spent in the optimisation loop.
+        loss_history: data-term value of every step.
+        psnr_history: PSNR (dB) of every step's estimate against ``ground_truth``;
+            empty without one.
+        psnr: PSNR of the returned image against ``ground_truth`` (None without one).
+        sigma: denoising only: the noise level (0-255) given or estimated.
+        reg_noise_std: the input perturbation used.
+        padded_size: the network's (high-resolution) working size ``(H, W)``.
+        estimated_memory: estimated peak memory of the run in bytes.
+        backtrack_steps: steps at which backtracking restored the weights.
+    """
+
+    task: str
+    preset: str
+    backend: str
+    device: str
+    seed: int
+    iterations: int
+    steps: int = 0
+    stop_reason: str = "completed"
+    interrupted: bool = False
+    wall_time: float = 0.0
+    loss_history: List[float] = field(default_factory=list)
+    psnr_history: List[float] = field(default_factory=list)
+    psnr: Optional[float] = None
+    sigma: Optional[float] = None
+    reg_noise_std: float = 0.0
+    padded_size: Tuple[int, int] = (0, 0)
+    estimated_memory: int = 0
+    backtrack_steps: List[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_positive(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _resolve_task(task: Any) -> str:
+    if not isinstance(task, str) or task not in TASK_ALIASES:
+        raise ValueError(f"task must be one of 'denoise', 'inpaint', 'super_resolution' (or 'sr'), got {task!r}")
+    return TASK_ALIASES[task]
+
+
+def _resolve_device(device: Any) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} requested, but torch sees no CUDA GPU; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return dev
+
+
+def _resolve_backend(backend: Any) -> Tuple[Callable[..., nn.Module], str]:
+    if backend == "reference":
+        return reference_skip, "reference"
+    if backend == "fast":
+        from .nets import skip as fast_skip
+
+        if _ops.has_ops("bn_act_forward", "bn_act_backward"):
+            return fast_skip, "fast"
+        return fast_skip, "reference (fast fallback)"
+    raise ValueError(f"backend must be 'fast' or 'reference', got {backend!r}")
+
+
+def _resolve_preset(preset: Any, task: str, scale: Optional[int], device: torch.device) -> Tuple[tasks.Preset, str]:
+    """The settings to run and the level they came from (``'auto'`` resolves by device)."""
+    level = ""
+    if isinstance(preset, tasks.Preset):
+        chosen = preset
+    elif isinstance(preset, str) and preset in PRESET_LEVELS:
+        level = preset
+        if preset == "auto":
+            # The paper's settings take hours on a CPU; see tasks.preset_for.
+            level = "paper" if device.type == "cuda" else "fast"
+        chosen = tasks.preset_for(task, level, scale)
+    elif isinstance(preset, str) and preset in tasks.PRESETS:
+        chosen = tasks.PRESETS[preset]
+    else:
+        raise ValueError(f"preset must be one of {PRESET_LEVELS}, a name in dip_fast.tasks.PRESETS or a Preset, got {preset!r}")
+    if chosen.task != task:
+        raise ValueError(f"preset {chosen.name!r} is for task {chosen.task!r}, not {task!r}")
+    if task == "super_resolution" and chosen.sr_factor != scale:
+        chosen = chosen.with_overrides(sr_factor=scale)
+    return chosen, level
+
+
+def reg_noise_for_sigma(sigma: float) -> float:
+    """Input perturbation for a noise level (0-255): the notebook's 1/30 at sigma 25 and 1/20 at 50.
+
+    Linear in between, clamped outside, since the paper gives only those two points.
+    """
+    t = min(max((sigma - 25.0) / 25.0, 0.0), 1.0)
+    return (1.0 - t) / 30.0 + t / 20.0
+
+
+def _estimate_sigma(color: torch.Tensor) -> Optional[float]:
+    """Noise level (0-255) of a ``(1, C, H, W)`` image by skimage's wavelet estimator, or None if unavailable."""
+    try:
+        from skimage.restoration import estimate_sigma
+    except ImportError:
+        return None
+    img = color[0].permute(1, 2, 0).numpy()
+    try:
+        s = estimate_sigma(img, channel_axis=-1, average_sigmas=True)
+    except ImportError:  # PyWavelets is an optional dependency of scikit-image
+        return None
+    return float(s) * 255.0
+
+
+def estimate_memory(preset: tasks.Preset, channels: int, size: Tuple[int, int]) -> Optional[int]:
+    """Estimated peak memory in bytes of fitting ``preset``'s network at ``size`` (high-resolution ``H, W``).
+
+    Runs the reference network on the ``meta`` device (shapes only, nothing
+    allocated) and adds up the activations autograd keeps for the backward
+    pass, plus weights, gradients and Adam's two moments, with a margin for
+    transient buffers.  Returns None when the network cannot be traced.
+    """
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    try:
+        with torch.device("meta"):
+            net = reference_skip(preset.input_depth, channels, **dict(preset.network))
+            z = torch.empty(1, preset.input_depth, *size)
+        net.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = net(z)
+    except Exception:  # an option without meta support: no estimate rather than a false alarm
+        return None
+    params = sum(p.numel() * p.element_size() for p in net.parameters())
+    inputs = 2 * z.numel() * z.element_size() + 4 * out.numel() * out.element_size()
+    return int(_MEMORY_MARGIN * saved + 4 * params + inputs)
+
+
+def _device_memory(device: torch.device) -> Optional[int]:
+    """Total memory of the device in bytes (physical RAM for the CPU), or None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024.0
+    return f"{n:.1f} TiB"
+
+
+def _fmt_seconds(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+# --------------------------------------------------------------------------
+# Run-time settings
+# --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _run_settings(num_threads: Optional[int], deterministic: bool) -> Iterator[None]:
+    """Apply the CPU thread count and determinism flags for the run, then restore the caller's."""
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        if deterministic:
+            # warn_only: ops without a deterministic CUDA kernel (bilinear
+            # upsampling's backward) warn instead of failing the run.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old_cudnn
+
+
+def _sr_downsampler(backend_name: str, channels: int, factor: int, kernel_type: str) -> Optional[nn.Module]:
+    """The fast backend's Lanczos downsampler for the super-resolution data term, if the op is available.
+
+    This is the single place where ``dip_fast.ops.Downsample`` plugs into
+    restoration: it takes the reference ``Downsampler``'s arguments and
+    replaces it inside :class:`dip_fast.tasks.SuperResolutionTerm`.  None
+    keeps the reference downsampler.
+    """
+    if backend_name != "fast" or not _ops.has_ops("lanczos_downsample", "lanczos_downsample_backward"):
+        return None
+    try:
+        from .ops import Downsample
+    except ImportError:  # a tree without the op's Python wrapper
+        return None
+    try:
+        return Downsample(channels, factor, kernel_type, phase=0.5, preserve_size=True)
+    except Exception as exc:  # an op that does not support these options
+        warnings.warn(f"dip_fast: fast Downsample unavailable ({exc}); using the reference", RuntimeWarning, stacklevel=3)
+        return None
+
+
+# --------------------------------------------------------------------------
+# restore()
+# --------------------------------------------------------------------------
+
+
+def restore(
+    image: io.ImageLike,
+    task: str = "denoise",
+    *,
+    mask: Optional[io.ImageLike] = None,
+    scale: Optional[int] = None,
+    iterations: Optional[int] = None,
+    preset: Union[str, tasks.Preset] = "auto",
+    sigma: Optional[float] = None,
+    seed: Optional[int] = 0,
+    device: Union[str, torch.device, None] = None,
+    backend: str = "fast",
+    progress: bool = False,
+    callback: Optional[Callable[[int, Dict[str, Any]], Optional[bool]]] = None,
+    ground_truth: Optional[io.ImageLike] = None,
+    return_info: bool = False,
+    max_time: Optional[float] = None,
+    num_threads: Optional[int] = None,
+    deterministic: bool = False,
+) -> Any:
+    """Restore one image with Deep Image Prior (Ulyanov et al., CVPR 2018).
+
+    A randomly initialised hourglass network is fitted to the degraded image
+    alone; stopping early keeps the natural-image part before the network
+    learns the noise or the holes.
+
+    Args:
+        image: a path, ``PIL.Image``, numpy array ``HxW``/``HxWxC`` (uint8,
+            uint16, or float in [0, 1]) or torch tensor ``CxHxW``/``1xCxHxW``
+            (float in [0, 1]).  Grey, grey+alpha, RGB and RGBA; alpha is
+            passed through (resized for super-resolution).  Any size from
+            8x8 up: the image is reflect-padded to the network's multiple
+            and cropped back.
+        task: ``'denoise'``, ``'inpaint'`` or ``'super_resolution'`` (``'sr'``).
+        mask: inpainting only, required: known pixels are 1/True (0/255 for
+            uint8 images); same size as the image; any image kind.
+        scale: super-resolution only, required: the even integer factor
+            (2, 4, 8, ...); the result is ``scale`` times larger.
+        iterations: number of optimisation steps (default: the preset's).
+        preset: ``'auto'`` (default: ``'paper'`` on a GPU, ``'fast'`` on the
+            CPU, with a warning giving the estimated run time), ``'paper'``
+            (the paper's settings), ``'fast'``, ``'quick'`` (see
+            :func:`dip_fast.tasks.preset_for` and the README for their
+            quality and speed), a name in :data:`dip_fast.tasks.PRESETS`, or
+            a :class:`dip_fast.tasks.Preset`.
+        sigma: denoising only: the noise standard deviation in 0-255 units.
+            It only picks the input perturbation (1/30 at 25, 1/20 at 50);
+            estimated with ``skimage.restoration.estimate_sigma`` if omitted.
+        seed: seeds the network weights, the input and the perturbations.
+            On the CPU the same seed gives the same result bit for bit; on
+            CUDA only with ``deterministic=True`` (and still not bit for bit
+            through torch ops that lack a deterministic CUDA kernel, such as
+            bilinear upsampling's backward, of which torch warns).
+            ``None`` draws a fresh seed (reported in the info).
+        device: ``'cpu'``, ``'cuda'``, ``'cuda:N'`` (default: CUDA if available).
+        backend: ``'fast'`` (fused kernels; falls back to the reference with a
+            warning when the extension lacks them) or ``'reference'``.
+        progress: show a tqdm progress bar (loss, and PSNR with ``ground_truth``).
+        callback: ``callback(step, info)`` after every step; ``info`` holds
+            ``loss``, ``psnr`` (against ``ground_truth`` or None),
+            ``elapsed`` (s), ``backtracked``, ``output`` (the current
+            estimate as a ``(1, C, H, W)`` tensor in [0, 1], colour only,
+            cropped to the image) and ``render`` (a function returning the
+            estimate in the caller's format, alpha included).  Returning
+            True stops the run early, with its result so far.
+        ground_truth: a clean image of the output's size, used only to report
+            PSNR; it never influences the result.
+        return_info: return ``(image, RestoreInfo)`` instead of the image.
+        max_time: wall-clock budget in seconds; when it runs out the result
+            so far is returned.  Ctrl-C does the same.
+        num_threads: CPU threads for the run (the previous setting is restored).
+        deterministic: use deterministic algorithms (cuDNN included) during the run.
+
+    Returns:
+        The restored image, of the same kind as ``image``: uint8 in gives
+        uint8 out, a tensor comes back on its device with its dtype and
+        layout; a path gives a ``PIL.Image`` for 8-bit files and a numpy
+        array (uint16) for 16-bit ones.  With ``return_info`` a pair
+        ``(image, RestoreInfo)``.
+
+    Raises:
+        ValueError, TypeError, FileNotFoundError: on bad arguments, naming
+            the argument and what was expected; ValueError also when the
+            estimated memory of the run exceeds the device's.
+    """
+    # ---- arguments (cheap checks first, before any pixel is touched)
+    task = _resolve_task(task)
+    if iterations is not None:
+        iterations = _check_int(iterations, "iterations", 1)
+    if max_time is not None:
+        max_time = _check_positive(max_time, "max_time")
+    if num_threads is not None:
+        num_threads = _check_int(num_threads, "num_threads", 1)
+    if seed is not None:
+        seed = _check_int(seed, "seed", 0)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(step, info), got {type(callback).__name__}")
+    if task == "super_resolution":
+        if scale is None:
+            raise ValueError("scale is required for task='super_resolution' (an even integer such as 4)")
+        scale = _check_int(scale, "scale", 2)
+        if scale % 2:
+            raise ValueError(f"scale must be even (2, 4, 8, ...): the paper's Lanczos-2 downsampler misaligns odd factors, got {scale}")
+    elif scale is not None:
+        raise ValueError(f"scale only applies to task='super_resolution', got scale={scale!r} for task={task!r}")
+    if task == "inpaint" and mask is None:
+        raise ValueError("mask is required for task='inpaint' (1/True = known pixel, same size as the image)")
+    if task != "inpaint" and mask is not None:
+        raise ValueError(f"mask only applies to task='inpaint', got a mask for task={task!r}")
+    if sigma is not None:
+        if task != "denoise":
+            raise ValueError(f"sigma only applies to task='denoise', got sigma={sigma!r} for task={task!r}")
+        if isinstance(sigma, bool) or not isinstance(sigma, Real) or not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"sigma must be a noise level >= 0 in 0-255 units, got {sigma!r}")
+    dev = _resolve_device(device)
+    make_net, backend_name = _resolve_backend(backend)
+    chosen, level = _resolve_preset(preset, task, scale, dev)
+    if iterations is not None:
+        chosen = chosen.with_overrides(iterations=iterations)
+    factor = scale or 1
+
+    # ---- image size and memory, before the pixels are converted
+    source = io.inspect_image(image, "image")
+    spec = source.spec
+    n_scales = len(chosen.network["num_channels_down"])
+    hr_multiple = 2**n_scales
+    lr_multiple = hr_multiple // math.gcd(hr_multiple, factor)
+    lr_min = -(-2 * hr_multiple // factor)  # the deepest level needs 2x2 pixels for BatchNorm
+    padded_hw = tuple(
+        -(-max(n, lr_min) // lr_multiple) * lr_multiple * factor for n in (spec.height, spec.width)
+    )
+    need = estimate_memory(chosen, spec.color_channels, padded_hw)
+    have = _device_memory(dev)
+    if need is not None and have is not None and need > have:
+        raise ValueError(
+            f"image of {spec.height}x{spec.width} is too large for {dev}: the run needs about "
+            f"{_fmt_bytes(need)} but the device has {_fmt_bytes(have)}; crop or downscale it, or use a smaller preset"
+        )
+
+    # ---- pixels
+    loaded = io.load_image(image, "image", source=source)
+    spec = loaded.spec  # a file's orientation may have changed the size
+    color = loaded.color
+    c = color.shape[1]
+    m = io.load_mask(mask, spec.height, spec.width, c) if task == "inpaint" else None
+    gt = None
+    if ground_truth is not None:
+        gt = io.load_image(ground_truth, "ground_truth").color
+        want = (c, spec.height * factor, spec.width * factor)
+        if tuple(gt.shape[1:]) != want:
+            raise ValueError(
+                f"ground_truth must be a clean image of the output's shape {want[1]}x{want[2]} with {c} "
+                f"colour channel(s), got {gt.shape[2]}x{gt.shape[3]} with {gt.shape[1]}"
+            )
+
+    # ---- settings that depend on the pixels
+    used_sigma = None
+    if task == "denoise":
+        used_sigma = float(sigma) if sigma is not None else _estimate_sigma(color)
+        if used_sigma is None:
+            warnings.warn("dip_fast: cannot estimate the noise level (PyWavelets missing); assuming sigma=25",
+                          RuntimeWarning, stacklevel=2)
+            used_sigma = 25.0
+        if level:  # an explicit Preset or registry name keeps its own setting
+            chosen = chosen.with_overrides(reg_noise_std=reg_noise_for_sigma(used_sigma))
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**63)
+
+    info = RestoreInfo(
+        task=task, preset=chosen.name, backend=backend_name, device=str(dev), seed=seed,
+        iterations=chosen.iterations, sigma=used_sigma, reg_noise_std=chosen.reg_noise_std,
+        padded_size=padded_hw, estimated_memory=need or 0,
+    )
+
+    # ---- pad, build, fit
+    obs, box = io.pad_to_multiple(color, lr_multiple, lr_min)
+    obs = obs.to(dev)
+    m_pad = io.pad_to_multiple(m, lr_multiple, lr_min)[0].to(dev) if m is not None else None
+    gt_dev = gt.to(dev) if gt is not None else None
+    alpha = loaded.alpha
+    if alpha is not None and factor > 1:
+        alpha = io.resize_alpha(alpha, factor)
+
+    with _run_settings(num_threads, deterministic):
+        term = tasks.make_data_term(chosen, obs, m_pad)
+        if isinstance(term, tasks.SuperResolutionTerm):
+            fast_ds = _sr_downsampler(backend_name, c, factor, chosen.sr_kernel)
+            if fast_ds is not None:
+                term.downsampler = fast_ds.to(dev)
+        # Weights come from the global RNG: fork it so the caller's stream is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = tasks.build_network(chosen, c, backend=make_net, device=dev)
+        generator = torch.Generator(device=dev).manual_seed(seed)
+        net_input = tasks.make_input(chosen, padded_hw, generator=generator, device=dev)
+
+        stopper = _Monitor(
+            info, box, factor, gt_dev, callback, progress, alpha, spec,
+            warn_auto=(preset == "auto" and dev.type == "cpu"), cpu=dev.type == "cpu", max_time=max_time,
+        )
+        kwargs = dict(chosen.fit_kwargs())
+        kwargs.update(term.fit_kwargs())
+        try:
+            result = fit(
+                net, net_input, term, generator=generator, max_time=max_time,
+                callback=stopper.on_step, should_stop=stopper.should_stop, **kwargs,
+            )
+        finally:
+            stopper.close()
+
+    estimate = result.output_avg if result.output_avg is not None else result.output
+    restored = io.crop(estimate, box, factor)
+    info.steps = result.steps
+    info.stop_reason = "callback" if result.stop_reason == "should_stop" else result.stop_reason
+    info.interrupted = result.interrupted
+    info.wall_time = result.wall_time
+    info.loss_history = list(result.loss_history)
+    info.backtrack_steps = list(result.backtrack_steps)
+    if gt_dev is not None:
+        info.psnr = float(_psnr(restored, gt_dev))
+    out = io.from_tensor(restored, alpha, spec)
+    return (out, info) if return_info else out
+
+
+class _Monitor:
+    """Per-step bookkeeping of a run: progress bar, PSNR, user callback, CPU time estimate."""
+
+    def __init__(self, info: RestoreInfo, box: Tuple[int, int, int, int], factor: int,
+                 gt: Optional[torch.Tensor], callback: Optional[Callable[..., Any]], progress: bool,
+                 alpha: Optional[torch.Tensor], spec: io.ImageSpec, *, warn_auto: bool, cpu: bool,
+                 max_time: Optional[float]) -> None:
+        self.info, self.box, self.factor, self.gt = info, box, factor, gt
+        self.callback, self.alpha, self.spec = callback, alpha, spec
+        self.warn_auto, self.cpu, self.max_time = warn_auto, cpu, max_time
+        self.stop = False
+        self._t_first: Optional[float] = None
+        self.bar = tqdm(total=info.iterations, desc=f"dip-fast {info.task}", unit="step",
+                        disable=not progress, dynamic_ncols=True)
+
+    def should_stop(self) -> bool:
+        return self.stop
+
+    def _time_warning(self, s: StepInfo) -> None:
+        # Step 0 pays one-off set-up costs; the second step alone gives the pace.
+        if s.step == 0:
+            self._t_first = s.elapsed
+            return
+        if s.step != 1 or self._t_first is None:
+            return
+        per_step = s.elapsed - self._t_first
+        total = self._t_first + per_step * (self.info.iterations - 1)
+        if self.max_time is not None and self.max_time < total:
+            return  # the caller already bounded the run
+        if self.warn_auto or total > _LONG_RUN_S:
+            why = ("preset='auto' on the CPU uses the cheaper preset "
+                   f"{self.info.preset!r} (the paper's settings would take hours); " if self.warn_auto else "")
+            warnings.warn(
+                f"dip_fast: {why}this run of {self.info.iterations} steps will take about "
+                f"{_fmt_seconds(total)} on the CPU (measured {per_step * 1000:.0f} ms/step). "
+                "Pass iterations=, max_time= or preset='quick' for a shorter run, or use a GPU.",
+                # Point at the caller of restore(): this runs inside fit()'s callback.
+                UserWarning, stacklevel=5,
+            )
+
+    def on_step(self, s: StepInfo) -> None:
+        est = s.out_avg if s.out_avg is not None else s.out
+        est = io.crop(est, self.box, self.factor)
+        value = float(_psnr(est, self.gt)) if self.gt is not None else None
+        if value is not None:
+            self.info.psnr_history.append(value)
+        if self.cpu:
+            self._time_warning(s)
+        if self.bar is not None and not self.bar.disable:
+            post = {"loss": f"{s.loss:.2e}"}
+            if value is not None:
+                post["psnr"] = f"{value:.2f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+        if self.callback is not None:
+            alpha, spec = self.alpha, self.spec
+            payload = {
+                "loss": s.loss,
+                "psnr": value,
+                "elapsed": s.elapsed,
+                "backtracked": s.backtracked,
+                "output": est,
+                "render": lambda est=est: io.from_tensor(est, alpha, spec),
+            }
+            if self.callback(s.step, payload) is True:
+                self.stop = True
+
+    def close(self) -> None:
+        self.bar.close()
