@@ -19,7 +19,8 @@ def build_info() -> dict[str, Any]:
       ``openmp``: whether the CPU kernels were compiled with OpenMP;
       ``ops``: the ops registered under ``torch.ops.dip_fast``;
       ``cuda_available``: whether torch sees a GPU now;
-      ``fast_backend``: what ``backend="fast"`` runs, honestly.
+      ``fast_backend``: what ``backend="fast"`` runs, honestly;
+      ``fused_options``: the ``skip()`` options the fast network runs fused (empty when it falls back).
     """
     info: dict[str, Any] = {
         "version": __version__,
@@ -41,6 +42,9 @@ def build_info() -> dict[str, Any]:
             num_threads=torch.get_num_threads(),
         )
     info["fast_backend"] = _fast_backend_status()
+    from .nets import fused_options  # late: nets imports the op modules
+
+    info["fused_options"] = fused_options() if _ops.has_ops("bn_act_forward", "bn_act_backward") else {}
     return info
 
 

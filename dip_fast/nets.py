@@ -33,7 +33,7 @@ from . import _ops
 from .conv import conv2d
 from .ops.bn_act import batch_norm_act
 from .reference import skip as reference_skip
-from .reference.skip import ConvBlock, SkipConfig, SkipNet, center_crop_cat
+from .reference.skip import ConvBlock, SkipConfig, SkipNet, center_crop_cat, upsample2x
 
 __all__ = ["FastSkipNet", "skip", "fused_options"]
 
@@ -138,10 +138,7 @@ class FastSkipNet(SkipNet):
         d = self._block(self.inner[i], d, 0 if last else self._input_pad(i + 1))
         if not last:
             d = self._level(i + 1, d)
-        if c.upsample_mode[i] == "bilinear":
-            d = F.interpolate(d, scale_factor=2, mode="bilinear", align_corners=False)
-        else:
-            d = F.interpolate(d, scale_factor=2, mode="nearest")
+        d = upsample2x(d, c.upsample_mode[i])
         y = center_crop_cat([s, d]) if s is not None else d
         bn = self.concat_bn[i]
         up_pad = _conv_pad(self.up[i])

@@ -37,6 +37,19 @@ def poison_outputs():
         yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one intra-op thread.
+
+    Their tensors are small: on a 2-core machine shared with other work,
+    thread hand-offs dominate (measured about 8x slower than one thread).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def data_dir() -> Path:
     """The shared sample images; tests using them skip when absent."""

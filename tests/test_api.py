@@ -11,16 +11,9 @@ import dip_fast
 from dip_fast import api, tasks
 from dip_fast.api import restore
 
-pytestmark = pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back")
+pytestmark = [pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back"), pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: extra intra-op threads only add hand-off costs on a shared machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 TINY_NET = tasks._net(num_channels_down=[8, 8, 8], num_channels_up=[8, 8, 8], num_channels_skip=[4, 4, 4])

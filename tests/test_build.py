@@ -34,6 +34,7 @@ def test_build_info_lists_registered_ops():
         assert hasattr(torch.ops.dip_fast, name.split(".")[0])
     if info["cuda_compiled"]:
         assert info["cuda_archs"]
+    assert "LeakyReLU" in info["fused_options"]["act_fun"]
 
 
 @requires_extension
@@ -55,7 +56,7 @@ import dip_fast
 info = dip_fast.build_info()
 assert not info["extension_loaded"], info
 assert "simulated broken build" in info["load_error"], info
-assert info["ops"] == [] and info["cuda_compiled"] is False
+assert info["ops"] == [] and info["cuda_compiled"] is False and info["fused_options"] == {}
 assert "falls back to the reference" in info["fast_backend"]
 import torch
 from dip_fast.reference import skip

@@ -17,15 +17,9 @@ from dip_fast.reference import get_noise, skip
 
 SIZE = 32
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: with several intra-op threads on a small shared
-    # machine, thread hand-offs dominate (measured ~8x slower than one thread).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+
 
 
 def small_net(input_depth: int = 8, out: int = 3, seed: int = 0) -> nn.Module:

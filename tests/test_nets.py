@@ -14,7 +14,7 @@ from dip_fast.reference import skip as reference_skip
 
 from .conftest import requires_extension
 
-pytestmark = requires_extension
+pytestmark = [requires_extension, pytest.mark.usefixtures("one_thread")]
 
 PAPER_DENOISE = dict(
     num_input_channels=32, num_output_channels=3, num_channels_down=[128] * 5, num_channels_up=[128] * 5,
@@ -26,13 +26,6 @@ SMALL = dict(num_input_channels=8, num_channels_down=[16, 16, 16], num_channels_
              num_channels_skip=[4, 4, 4], upsample_mode="bilinear", pad="reflection")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A single thread keeps these float64 runs fast and repeatable on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def pair(kwargs, dtype=torch.float64, channels_last=False, seed=0):

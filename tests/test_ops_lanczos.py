@@ -25,6 +25,17 @@ pytestmark = pytest.mark.skipif(
     reason=f"extension not built or lacks the lanczos ops: {_ops.LOAD_ERROR}",
 )
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: on a shared 2-core machine, thread hand-offs cost more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Every (kernel, phase) the reference accepts among its named kernels.
 KERNEL_PHASES = [
     ("lanczos2", 0.0),
@@ -204,7 +215,7 @@ def test_float64_matches_reference_closely():
 )
 def test_gradcheck_float64(factor, kernel, phase, preserve_size):
     k = kernel_size(factor, kernel, phase)
-    shape = (2, 2, 5, 7) if preserve_size else (1, 2, k + 3, k + 2)
+    shape = (1, 2, 5, 7) if preserve_size else (1, 2, k + 3, k + 2)
     x = torch.rand(shape, dtype=torch.float64, requires_grad=True)
 
     def fn(t):
@@ -255,7 +266,8 @@ def test_module_matches_reference_module():
     ref = Downsampler(4, 2, "lanczos3", phase=0.5, preserve_size=True)
     fast = ops.Downsample(4, 2, "lanczos3", phase=0.5, preserve_size=True)
     assert fast.pad == ref.pad and fast.kernel_size == ref.kernel.shape[0]
-    torch.testing.assert_close(torch.tensor(fast.kernel_1d, dtype=torch.float64), torch.from_numpy(ref.kernel_1d), rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(fast.kernel_1d), torch.from_numpy(ref.kernel_1d), rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(fast.kernel), torch.from_numpy(ref.kernel), rtol=1e-12, atol=1e-15)
     assert fast.state_dict() == {} and list(fast.parameters()) == []
     x = torch.rand(1, 4, 19, 24)
     torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=4e-6)

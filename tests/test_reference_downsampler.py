@@ -17,15 +17,9 @@ SUPPORTED = [
     ("gauss12", 0), ("gauss1sq2", 0), ("box", 0.5),
 ]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: with several intra-op threads on a small shared
-    # machine, thread hand-offs dominate (measured ~8x slower than one thread).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+
 
 
 def lanczos_1d(factor: int, a: int, phase: float) -> np.ndarray:

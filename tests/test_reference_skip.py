@@ -11,15 +11,9 @@ import torch.nn.functional as F
 from dip_fast.reference import SkipConfig, SkipNet, center_crop_cat, get_meshgrid, get_noise, skip
 from dip_fast.reference.skip import ACT_FUNS, DOWNSAMPLE_MODES, PADS, UPSAMPLE_MODES
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: with several intra-op threads on a small shared
-    # machine, thread hand-offs dominate (measured ~8x slower than one thread).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+
 
 
 def n_params(net: nn.Module) -> int:

@@ -6,6 +6,7 @@
 
 #include "bn_act.h"
 #include "bn_act_grid.h"
+#include "alloc.h"
 #include "checks.h"
 
 namespace dip_fast {
@@ -64,6 +65,58 @@ inline void bn_act_check_backward(const at::Tensor& grad_y, const at::Tensor& x,
     TORCH_CHECK(t->dim() == 1 && t->size(0) == g.C && t->scalar_type() == acc, "dip_fast: mean and invstd must be [",
                 g.C, "] tensors of dtype ", acc, ", got ", t->sizes(), " ", t->scalar_type());
   }
+}
+
+// Inputs brought to the working layout and the outputs allocated: the common
+// preamble of every forward entry point (CPU, CUDA, CUDA-grid emulation).
+struct BnActForwardCall {
+  BnActGeometry g;
+  at::MemoryFormat fmt;
+  at::Tensor x, weight, bias;  // x in fmt; weight, bias in the accumulation type
+  at::Tensor y, mean, invstd;  // outputs
+};
+
+inline BnActForwardCall bn_act_forward_call(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                            double eps, int64_t pad, int64_t pad_mode) {
+  const BnActGeometry g = bn_act_geometry(x, weight, bias, eps, pad, pad_mode);
+  const auto fmt = working_memory_format(x);
+  const auto acc = bn_act_acc_type(x);
+  return BnActForwardCall{g,
+                          fmt,
+                          x.contiguous(fmt),
+                          weight.to(acc).contiguous(),
+                          bias.to(acc).contiguous(),
+                          new_output({g.N, g.C, g.Ho, g.Wo}, x.options(), fmt),
+                          new_output({g.C}, x.options().dtype(acc)),
+                          new_output({g.C}, x.options().dtype(acc))};
+}
+
+// The same for the backward entry points.
+struct BnActBackwardCall {
+  BnActGeometry g;
+  at::MemoryFormat fmt;
+  at::Tensor grad_y, x, weight, bias, mean, invstd;  // grad_y, x in fmt; the rest in the accumulation type
+  at::Tensor grad_x, grad_weight, grad_bias;         // outputs (weight/bias grads in the accumulation type)
+};
+
+inline BnActBackwardCall bn_act_backward_call(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                              const at::Tensor& bias, const at::Tensor& mean,
+                                              const at::Tensor& invstd, int64_t pad, int64_t pad_mode) {
+  const BnActGeometry g = bn_act_geometry(x, weight, bias, 0.0, pad, pad_mode);
+  bn_act_check_backward(grad_y, x, mean, invstd, g);
+  const auto fmt = working_memory_format(x);
+  const auto acc = bn_act_acc_type(x);
+  return BnActBackwardCall{g,
+                           fmt,
+                           grad_y.contiguous(fmt),
+                           x.contiguous(fmt),
+                           weight.to(acc).contiguous(),
+                           bias.to(acc).contiguous(),
+                           mean.contiguous(),
+                           invstd.contiguous(),
+                           new_output({g.N, g.C, g.H, g.W}, x.options(), fmt),
+                           new_output({g.C}, x.options().dtype(acc)),
+                           new_output({g.C}, x.options().dtype(acc))};
 }
 
 }  // namespace dip_fast

@@ -164,15 +164,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(const at::Tens
   DIP_CHECK_DEVICE(x, at::kCPU, "x");
   DIP_CHECK_DEVICE(weight, at::kCPU, "weight");
   DIP_CHECK_DEVICE(bias, at::kCPU, "bias");
-  const BnActGeometry g = bn_act_geometry(x, weight, bias, eps, pad, pad_mode);
-  const auto fmt = working_memory_format(x);
-  const auto xc = x.contiguous(fmt);
-  const auto acc_type = bn_act_acc_type(x);
-  auto mean = new_output({g.C}, x.options().dtype(acc_type));
-  auto invstd = new_output({g.C}, x.options().dtype(acc_type));
-  auto y = new_output({g.N, g.C, g.Ho, g.Wo}, x.options(), fmt);
-  const auto w = weight.to(acc_type).contiguous();
-  const auto b = bias.to(acc_type).contiguous();
+  const auto call = bn_act_forward_call(x, weight, bias, eps, pad, pad_mode);
+  const BnActGeometry& g = call.g;
+  const auto fmt = call.fmt;
+  const auto &xc = call.x, &w = call.weight, &b = call.bias;
+  auto y = call.y, mean = call.mean, invstd = call.invstd;
   const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_forward_cpu", [&] {
@@ -356,19 +352,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(const at::Ten
   for (const auto* t : {&grad_y, &x, &weight, &bias, &mean, &invstd}) {
     DIP_CHECK_DEVICE(*t, at::kCPU, "every argument");
   }
-  const BnActGeometry g = bn_act_geometry(x, weight, bias, 0.0, pad, pad_mode);
-  bn_act_check_backward(grad_y, x, mean, invstd, g);
-  const auto fmt = working_memory_format(x);
-  const auto xc = x.contiguous(fmt);
-  const auto gy = grad_y.contiguous(fmt);
-  const auto acc_type = bn_act_acc_type(x);
-  const auto w = weight.to(acc_type).contiguous();
-  const auto b = bias.to(acc_type).contiguous();
-  const auto m = mean.contiguous();
-  const auto is = invstd.contiguous();
-  auto dx = new_output({g.N, g.C, g.H, g.W}, x.options(), fmt);
-  auto dw = new_output({g.C}, x.options().dtype(acc_type));
-  auto db = new_output({g.C}, x.options().dtype(acc_type));
+  const auto call = bn_act_backward_call(grad_y, x, weight, bias, mean, invstd, pad, pad_mode);
+  const BnActGeometry& g = call.g;
+  const auto fmt = call.fmt;
+  const auto &gy = call.grad_y, &xc = call.x, &w = call.weight, &b = call.bias, &m = call.mean, &is = call.invstd;
+  auto dx = call.grad_x, dw = call.grad_weight, db = call.grad_bias;
   const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_backward_cpu", [&] {

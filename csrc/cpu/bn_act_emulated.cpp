@@ -24,15 +24,12 @@ Strides4 strides_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emulated(const at::Tensor& x, const at::Tensor& weight,
                                                                 const at::Tensor& bias, double eps, double slope,
                                                                 int64_t pad, int64_t pad_mode) {
-  const BnActGeometry g = bn_act_geometry(x, weight, bias, eps, pad, pad_mode);
-  const auto fmt = working_memory_format(x);
-  const auto xc = x.contiguous(fmt);
-  const auto acc_type = bn_act_acc_type(x);
-  auto mean = new_output({g.C}, x.options().dtype(acc_type));
-  auto invstd = new_output({g.C}, x.options().dtype(acc_type));
-  auto y = new_output({g.N, g.C, g.Ho, g.Wo}, x.options(), fmt);
-  const auto w = weight.to(acc_type).contiguous();
-  const auto b = bias.to(acc_type).contiguous();
+  for (const auto* t : {&x, &weight, &bias}) DIP_CHECK_DEVICE(*t, at::kCPU, "every argument");
+  const auto call = bn_act_forward_call(x, weight, bias, eps, pad, pad_mode);
+  const BnActGeometry& g = call.g;
+  const auto fmt = call.fmt;
+  const auto &xc = call.x, &w = call.weight, &b = call.bias;
+  auto y = call.y, mean = call.mean, invstd = call.invstd;
   const BnActShape shape = bn_act_shape(g, fmt);
   constexpr int T = kBnReduceThreads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_forward_emulated", [&] {
@@ -63,19 +60,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_emulated(const at::Tenso
                                                                  const at::Tensor& weight, const at::Tensor& bias,
                                                                  const at::Tensor& mean, const at::Tensor& invstd,
                                                                  double slope, int64_t pad, int64_t pad_mode) {
-  const BnActGeometry g = bn_act_geometry(x, weight, bias, 0.0, pad, pad_mode);
-  bn_act_check_backward(grad_y, x, mean, invstd, g);
-  const auto fmt = working_memory_format(x);
-  const auto xc = x.contiguous(fmt);
-  const auto gy = grad_y.contiguous(fmt);
-  const auto acc_type = bn_act_acc_type(x);
-  const auto w = weight.to(acc_type).contiguous();
-  const auto b = bias.to(acc_type).contiguous();
-  const auto m = mean.contiguous();
-  const auto is = invstd.contiguous();
-  auto dx = new_output({g.N, g.C, g.H, g.W}, x.options(), fmt);
-  auto dw = new_output({g.C}, x.options().dtype(acc_type));
-  auto db = new_output({g.C}, x.options().dtype(acc_type));
+  for (const auto* t : {&grad_y, &x, &weight, &bias, &mean, &invstd}) DIP_CHECK_DEVICE(*t, at::kCPU, "every argument");
+  const auto call = bn_act_backward_call(grad_y, x, weight, bias, mean, invstd, pad, pad_mode);
+  const BnActGeometry& g = call.g;
+  const auto fmt = call.fmt;
+  const auto &gy = call.grad_y, &xc = call.x, &w = call.weight, &b = call.bias, &m = call.mean, &is = call.invstd;
+  auto dx = call.grad_x, dw = call.grad_weight, db = call.grad_bias;
   const BnActShape shape = bn_act_shape(g, fmt);
   constexpr int T = kBnReduceThreads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_backward_emulated", [&] {

@@ -194,8 +194,13 @@ void split_phases(const T* buf, T* phase, int64_t M, int64_t f, int64_t cs) {
       default: break;
     }
   }
-  for (int64_t r = 0; r < f; ++r)
-    for (int64_t m = 0; m < M; ++m) std::copy_n(buf + (m * f + r) * cs, cs, phase + (r * M + m) * cs);
+  for (int64_t r = 0; r < f; ++r) {
+    for (int64_t m = 0; m < M; ++m) {
+      const T* src = buf + (m * f + r) * cs;
+      T* dst = phase + (r * M + m) * cs;
+      for (int64_t c = 0; c < cs; ++c) dst[c] = src[c];
+    }
+  }
 }
 
 template <typename T>
@@ -209,8 +214,13 @@ void merge_phases(const T* phase, T* buf, int64_t M, int64_t f, int64_t cs) {
       default: break;
     }
   }
-  for (int64_t r = 0; r < f; ++r)
-    for (int64_t m = 0; m < M; ++m) std::copy_n(phase + (r * M + m) * cs, cs, buf + (m * f + r) * cs);
+  for (int64_t r = 0; r < f; ++r) {
+    for (int64_t m = 0; m < M; ++m) {
+      const T* src = phase + (r * M + m) * cs;
+      T* dst = buf + (m * f + r) * cs;
+      for (int64_t c = 0; c < cs; ++c) dst[c] = src[c];
+    }
+  }
 }
 
 // Sizes of one call. A "plane" is what the kernels walk row by row: one

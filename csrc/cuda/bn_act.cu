@@ -119,16 +119,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(const at::Ten
   DIP_CHECK_DEVICE(x, at::kCUDA, "x");
   DIP_CHECK_DEVICE(weight, at::kCUDA, "weight");
   DIP_CHECK_DEVICE(bias, at::kCUDA, "bias");
-  const BnActGeometry g = bn_act_geometry(x, weight, bias, eps, pad, pad_mode);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto fmt = working_memory_format(x);
-  const auto xc = x.contiguous(fmt);
-  const auto acc_type = bn_act_acc_type(x);
-  auto mean = new_output({g.C}, x.options().dtype(acc_type));
-  auto invstd = new_output({g.C}, x.options().dtype(acc_type));
-  auto y = new_output({g.N, g.C, g.Ho, g.Wo}, x.options(), fmt);
-  const auto w = weight.to(acc_type).contiguous();
-  const auto b = bias.to(acc_type).contiguous();
+  const auto call = bn_act_forward_call(x, weight, bias, eps, pad, pad_mode);
+  const BnActGeometry& g = call.g;
+  const auto fmt = call.fmt;
+  const auto &xc = call.x, &w = call.weight, &b = call.bias;
+  auto y = call.y, mean = call.mean, invstd = call.invstd;
   if (g.C == 0) return {y, mean, invstd};
   const BnActShape shape = bn_act_shape(g, fmt);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -153,20 +149,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(const at::Te
   for (const auto* t : {&grad_y, &x, &weight, &bias, &mean, &invstd}) {
     DIP_CHECK_DEVICE(*t, at::kCUDA, "every argument");
   }
-  const BnActGeometry g = bn_act_geometry(x, weight, bias, 0.0, pad, pad_mode);
-  bn_act_check_backward(grad_y, x, mean, invstd, g);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto fmt = working_memory_format(x);
-  const auto xc = x.contiguous(fmt);
-  const auto gy = grad_y.contiguous(fmt);
-  const auto acc_type = bn_act_acc_type(x);
-  const auto w = weight.to(acc_type).contiguous();
-  const auto b = bias.to(acc_type).contiguous();
-  const auto m = mean.contiguous();
-  const auto is = invstd.contiguous();
-  auto dx = new_output({g.N, g.C, g.H, g.W}, x.options(), fmt);
-  auto dw = new_output({g.C}, x.options().dtype(acc_type));
-  auto db = new_output({g.C}, x.options().dtype(acc_type));
+  const auto call = bn_act_backward_call(grad_y, x, weight, bias, mean, invstd, pad, pad_mode);
+  const BnActGeometry& g = call.g;
+  const auto fmt = call.fmt;
+  const auto &gy = call.grad_y, &xc = call.x, &w = call.weight, &b = call.bias, &m = call.mean, &is = call.invstd;
+  auto dx = call.grad_x, dw = call.grad_weight, db = call.grad_bias;
   if (g.C == 0) return {dx, dw.to(weight.scalar_type()), db.to(bias.scalar_type())};
   const BnActShape shape = bn_act_shape(g, fmt);
   auto stream = at::cuda::getCurrentCUDAStream();

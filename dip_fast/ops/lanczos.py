@@ -35,6 +35,7 @@ import functools
 import numbers
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -270,8 +271,10 @@ class Downsample(nn.Module):
     the reference (whose weight buffer is not persistent).
 
     Attributes:
-        kernel_1d: the normalised 1-D kernel (tuple of floats).
-        kernel_size: its length K.
+        kernel_1d: the normalised 1-D kernel (float64 numpy array), as the reference's.
+        kernel: ``outer(kernel_1d, kernel_1d)``, the reference's 2-D kernel
+            (equal up to float64 rounding).
+        kernel_size: K, the kernel's length.
         pad: the replication padding on each side (0 without ``preserve_size``).
     """
 
@@ -295,7 +298,8 @@ class Downsample(nn.Module):
         self.phase = _check_kernel_phase(kernel_type, phase)
         self.preserve_size = bool(preserve_size)
         self._spec = _spec(kernel_type, self.factor, self.phase, kernel_width, support, sigma)
-        self.kernel_1d = self._spec[0]
+        self.kernel_1d = np.asarray(self._spec[0], dtype=np.float64)
+        self.kernel = np.outer(self.kernel_1d, self.kernel_1d)
         self.kernel_size = len(self.kernel_1d)
         self.pad = self._spec[1] if self.preserve_size else 0
 

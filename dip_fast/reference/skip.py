@@ -95,6 +95,7 @@ __all__ = [
     "SkipConfig",
     "SkipNet",
     "center_crop_cat",
+    "upsample2x",
     "make_act",
     "skip",
 ]
@@ -199,6 +200,13 @@ class ConvBlock(nn.Module):
         if self.downsample is not None:
             x = self.downsample(x)
         return self.act(self.bn(x))
+
+
+def upsample2x(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The paper's ``nn.Upsample(scale_factor=2, mode)``: nearest, or bilinear with align_corners=False."""
+    if mode == "bilinear":
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 def center_crop_cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -334,10 +342,7 @@ class SkipNet(nn.Module):
         d = self.inner[i](self.down[i](x))
         if i < c.n_scales - 1:
             d = self._level(i + 1, d)
-        if c.upsample_mode[i] == "bilinear":
-            d = F.interpolate(d, scale_factor=2, mode="bilinear", align_corners=False)
-        else:
-            d = F.interpolate(d, scale_factor=2, mode="nearest")
+        d = upsample2x(d, c.upsample_mode[i])
         y = center_crop_cat([s, d]) if s is not None else d
         y = self.up[i](self.concat_bn[i](y))
         if c.need1x1_up:
