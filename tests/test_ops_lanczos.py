@@ -129,6 +129,8 @@ def test_matches_float32_reference(kernel, phase):
         ((1, 7, 70, 4), 3, "lanczos3", 0.5, True),  # 4 + 2 * 7 = 18 taps exactly
         ((4, 3, 33, 17), 8, "gauss12", 0.0, False),  # factor > K: untouched input pixels
         ((1, 6, 40, 41), 3, "box", 0.5, True),
+        ((1, 2, 9, 1), 3, "box", 0.5, True),  # a single column
+        ((2, 3, 1, 1), 3, "box", 0.5, True),  # a single pixel
         ((2, 1, 50, 97), 8, "lanczos2", 0.0, False),
     ],
 )

@@ -4,34 +4,43 @@
 // Order of the passes: vertical first, then horizontal. Rows are the
 // contiguous direction, so the vertical pass is a weighted sum of K whole
 // input rows (unit stride, vectorised across the row), and it already
-// decimates by f, so the strided horizontal pass only sees an f-times smaller
-// intermediate. Horizontal-first would put the strided gather on the full
-// image instead. The work per output row is
-//   vertical   K row reads of W elements (register-blocked multiply-adds)
-//   horizontal a polyphase split of the one intermediate row (f phases of
-//              ~W/f elements each), then K unit-stride multiply-adds of Wo
-//              elements: out[j] += k[b] * phase[b % f][j + b / f].
-// The intermediate row lives in a per-thread buffer, so the input is read
-// from memory once and the output written once; nothing of image size is
-// allocated besides the output.
+// decimates by f, so the strided horizontal pass only sees the f-times
+// smaller intermediate. Horizontal-first would do the same number of
+// multiply-adds but put the strided access on the full image.
 //
-// Backward is the transpose, in the reverse order: for a block of input rows
-// the needed gradient rows of the intermediate (horizontal transpose of
-// grad_out rows, a polyphase scatter-free accumulation plus a fold of the
-// padded border onto the edge columns) are built in a per-thread buffer, then
-// each input-gradient row is a weighted sum of the few (about K / f)
-// intermediate rows that touch it, the weights given by
-// lanczos::transpose_weight (edge rows collect the replicated border).
-// grad_out is read once and grad_x written once.
+// Forward, per task (one plane, 16 output rows), stage by stage:
+//   1. vertical: each intermediate row = sum_a k[a] * input row
+//      clamp(i f - pad + a), written into a padded row buffer whose border
+//      columns replicate the edge pixels;
+//   2. polyphase split of each padded row into f components
+//      (phase[r][m] = row[m f + r]);
+//   3. horizontal: out[j] = sum_b k[b] * phase[b % f][j + b / f], K
+//      unit-stride rows combined like the vertical pass.
+// Backward, per task (one plane, 16 f input rows): the grad_out rows that
+// reach those input rows go through the transposed horizontal pass (per
+// polyphase component gphase[r][m] = sum_s k[s f + r] * grad_out[m - s], then
+// interleaved back and the padded border folded onto the edge columns), then
+// each grad_x row is the weighted sum of the few (about K / f) intermediate
+// rows that touch it, the weights from lanczos::transpose_weight.
+// Stages run over the whole block rather than row by row, so no load waits on
+// the wide vector stores that produced its data (store forwarding). Buffers
+// are per task (a few tens of kB): the input is read from memory once, the
+// output written once, nothing of image size is allocated besides it.
+//
+// The work is about 2 * (Ho * W + Ho * Wo) * K multiply-adds per plane for
+// forward + backward, with one load per multiply-add in the vertical passes:
+// at the paper's sizes the kernels are bound by the load and FMA ports, not by
+// memory bandwidth (see bench/README.md).
 //
 // Layouts: NCHW works plane by plane (N * C planes of H x W); channels_last
 // (NHWC) works image by image on rows of W * C interleaved values, the
 // vertical pass being identical and the horizontal one stepping over pixels of
 // C channels. Other layouts are first made contiguous.
 //
-// Parallel over (plane, block of rows) with at::parallel_for; summation order
-// per element is fixed, so the result does not depend on the thread count.
-// Accumulation is in float for float / half / bfloat16 and double for double.
+// Parallel over (plane, block of rows) with at::parallel_for. The blocks and
+// the summation order of every element are fixed, so results do not depend on
+// the thread count. Accumulation is in float for float / half / bfloat16 and
+// in double for double.
 //
 // The hot loops are compiled for several x86-64 levels (baseline, AVX2+FMA,
 // AVX-512) and picked at load time (GCC target_clones), since the extension
@@ -312,31 +321,21 @@ void forward_kernel(const Geometry& g, const scalar_t* x, const at::opmath_type<
   });
 }
 
-// gT (W pixels) from the padded gradient row gbuf (Wext pixels): column q of
-// gbuf belongs to input column clamp(q - pad), so the border folds onto the
-// edge columns (the transpose of replication padding).
+// Transpose of the replication padding, in place on a padded gradient row
+// (column q belongs to input column clamp(q - pad)): the columns left of the
+// image fold onto column pad, those right of it onto column pad + W - 1, and
+// image columns no output reads (q >= Wext) get nothing. Afterwards
+// gbuf + pad * cs is the row's gradient, W pixels.
 template <typename acc_t>
-void fold_border(const Geometry& g, const acc_t* gbuf, acc_t* gT) {
+void fold_border(const Geometry& g, acc_t* gbuf) {
   const int64_t cs = g.cs, W = g.W, pad = g.pad, Wext = g.Wext;
-  // Interior columns [1, W - 1) map one to one (column q = w + pad), those
-  // past the last window get nothing.
-  const int64_t copy_end = std::max<int64_t>(1, std::min(W - 1, Wext - pad));
-  if (copy_end > 1) std::copy(gbuf + (1 + pad) * cs, gbuf + (copy_end + pad) * cs, gT + cs);
-  if (W - 1 > copy_end) std::fill(gT + copy_end * cs, gT + (W - 1) * cs, acc_t(0));
-  // Column 0 collects q <= pad; column W - 1 collects q >= pad + W - 1 (when
-  // W == 1 both are column 0).
-  const int64_t left_end = W == 1 ? Wext : std::min(pad + 1, Wext);
   for (int64_t c = 0; c < cs; ++c) {
-    acc_t s = acc_t(0);
-    for (int64_t q = 0; q < left_end; ++q) s += gbuf[q * cs + c];
-    gT[c] = s;
-  }
-  if (W > 1) {
-    for (int64_t c = 0; c < cs; ++c) {
-      acc_t s = acc_t(0);
-      for (int64_t q = pad + W - 1; q < Wext; ++q) s += gbuf[q * cs + c];
-      gT[(W - 1) * cs + c] = s;
-    }
+    acc_t left = acc_t(0), right = acc_t(0);
+    for (int64_t q = 0; q < std::min(pad, Wext); ++q) left += gbuf[q * cs + c];
+    for (int64_t q = pad + W; q < Wext; ++q) right += gbuf[q * cs + c];
+    for (int64_t q = std::max(Wext, pad); q < pad + W; ++q) gbuf[q * cs + c] = acc_t(0);
+    gbuf[pad * cs + c] += left;
+    gbuf[(pad + W - 1) * cs + c] += right;
   }
 }
 
@@ -359,12 +358,11 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const at::opmath_typ
   // A grad_out row with S zero pixels on both sides, so that every shifted
   // read of the polyphase accumulation stays in bounds.
   const int64_t zlen = (g.Wo + 2 * S) * cs;
-  const int64_t plen = f * M * cs, glen = M * f * cs;
+  const int64_t plen = f * M * cs, glen = g.padded_row();
   at::parallel_for(0, g.planes * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> gyz(max_rows * zlen, acc_t(0));
     std::vector<acc_t> gphase(max_rows * plen);
-    std::vector<acc_t> gbuf(max_rows * glen);
-    std::vector<acc_t> gT(max_rows * g.row());
+    std::vector<acc_t> gbuf(max_rows * glen);  // padded rows of the intermediate gradient
     std::vector<const acc_t*> rows(std::max(max_rows, S));
     std::vector<acc_t> coef(std::max(max_rows, S));
     for (int64_t task = begin; task < end; ++task) {
@@ -400,7 +398,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const at::opmath_typ
       // 3. Interleave the components back into padded columns.
       for (int64_t r = 0; r < n; ++r) merge_phases(gphase.data() + r * plen, gbuf.data() + r * glen, M, f, cs);
       // 4. Fold the replicated border onto the edge columns.
-      for (int64_t r = 0; r < n; ++r) fold_border(g, gbuf.data() + r * glen, gT.data() + r * g.row());
+      for (int64_t r = 0; r < n; ++r) fold_border(g, gbuf.data() + r * glen);
       // 5. Transposed vertical pass: each input row gathers the intermediate
       //    rows that touch it, weighted by lanczos::transpose_weight.
       scalar_t* gxp = gx + p * in_plane;
@@ -410,7 +408,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const at::opmath_typ
         const int64_t m = std::max<int64_t>(hi - lo + 1, 0);
         for (int64_t k = 0; k < m; ++k) {
           coef[k] = transpose_weight<acc_t>(h, lo + k, g.H, taps, K, f, g.pad);
-          rows[k] = gT.data() + (lo + k - i_lo) * g.row();
+          rows[k] = gbuf.data() + (lo + k - i_lo) * glen + g.pad * cs;
         }
         combine_rows<acc_t, acc_t, scalar_t>(rows.data(), coef.data(), m, g.row(), gxp + h * g.row());
       }

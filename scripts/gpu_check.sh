@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# The single command for a lent GPU machine: build, test and benchmark dip_fast on CUDA.
+#
+#   set -o pipefail; bash scripts/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.log"
+#
+# Stages, in order of value, each under its own time budget (`timeout`), all
+# under one overall budget (--budget, default 570 s, inside a 10-minute call):
+#
+#   env      nvidia-smi -L, torch / CUDA / nvcc versions
+#   build    pip install --no-build-isolation --no-deps -e .   (TORCH_CUDA_ARCH_LIST unset:
+#            setup.py builds for the GPU it sees)
+#   tests    pytest -q -m cuda tests, failures in full
+#   steps    bench/compare.py: fast, fast channels_last and reference training steps,
+#            interleaved, at 256, 512, 1024 (eager only: cheap, so it always finishes)
+#   compile  bench/compare.py again with torch.compile(reference) in the rotation
+#            (--autotune: mode max-autotune); written after each size
+#   ops      bench/compare.py --no-steps: fused BN-act (and Lanczos, if built) vs PyTorch,
+#            plus a torch.profiler breakdown of fast and reference steps at the op size
+#   e2e      one paper-size restoration, 512x512 denoising, 3000 steps, fast then
+#            reference: wall time and PSNR (bench/quality.py; restore() when it exists)
+#   summary  a short table of everything above
+#
+# Every stage writes its results to $OUT as soon as it ends (the JSON files are
+# rewritten after every size or run inside a stage), so a run cut off by the
+# machine's limit still returns what it measured. A failing stage does not
+# stop the next one; the exit status is non-zero if any stage failed.
+#
+# $OUT receives at most 8 files (the lending tool's limit): gpu_check.log (the
+# caller's tee), stages.tsv, build_info.json, cuda-steps.json, cuda-compile.json,
+# cuda-ops.json, e2e.json, summary.md.
+#
+# Options:
+#   --cpu-only        run the CPU-capable parts on this machine (no build unless --build,
+#                     tiny sizes, --device cpu): a dry run of the script itself
+#   --build           with --cpu-only: run the build stage too
+#   --autotune        torch.compile(mode="max-autotune") in the compile stage
+#   --image PATH      the e2e image (default ../shared/data/dip/denoising/F16_GT.png
+#                     relative to the repository root, else scikit-image's astronaut)
+#   --budget SECONDS  overall time budget (default 570; 1200 with --cpu-only)
+#   PYTHON=...        interpreter (default python3)
+set -uo pipefail
+
+usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; }
+
+CPU_ONLY=0
+DO_BUILD=1
+AUTOTUNE=()
+IMAGE=""
+BUDGET=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu-only) CPU_ONLY=1 ;;
+    --build) DO_BUILD=2 ;;
+    --autotune) AUTOTUNE=(--autotune) ;;
+    --image) IMAGE="${2:?--image needs a path}"; shift ;;
+    --budget) BUDGET="${2:?--budget needs seconds}"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO" || exit 1
+PYTHON="${PYTHON:-python3}"
+OUT="${OUT:-$REPO/.cache/gpu_check}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# Persistent within this machine's life only, but keeps Inductor off the
+# system temp dir and lets the compile stage reuse what the steps stage built.
+export TORCHINDUCTOR_CACHE_DIR="$REPO/.cache/inductor"
+
+if [ "$CPU_ONLY" = 1 ]; then
+  DEVICE=cpu
+  BUDGET="${BUDGET:-1200}"
+  [ "$DO_BUILD" = 2 ] || DO_BUILD=0
+  STEP_SIZES=(64)
+  COMPILE_SIZES=(64)
+  OP_SIZE=64
+  E2E_CROP=64
+  E2E_ITERS=20
+  REPEATS=3
+  WARMUP=1
+else
+  DEVICE=cuda
+  BUDGET="${BUDGET:-570}"
+  STEP_SIZES=(256 512 1024)
+  COMPILE_SIZES=(256 512 1024)
+  OP_SIZE=512
+  E2E_CROP=512
+  E2E_ITERS=3000
+  REPEATS=7
+  # cudnn.benchmark autotunes on each shape's first call: keep it out of the calibration.
+  WARMUP=3
+fi
+
+if [ -z "$IMAGE" ]; then
+  if [ -f "$REPO/../shared/data/dip/denoising/F16_GT.png" ]; then
+    IMAGE="$REPO/../shared/data/dip/denoising/F16_GT.png"
+  else
+    IMAGE=astronaut
+  fi
+fi
+
+START=$(date +%s)
+FAILED=0
+printf 'stage\trc\tseconds\tbudget\n' > "$OUT/stages.tsv"
+
+# Seconds a stage may take: its own budget, cut to what is left of the overall one.
+stage_budget() {
+  local want=$1 left
+  left=$(( BUDGET - ($(date +%s) - START) - 10 ))
+  if [ "$left" -lt "$want" ]; then want=$left; fi
+  echo "$want"
+}
+
+# run_stage NAME BUDGET CMD...: run CMD under timeout, log its status to stages.tsv.
+run_stage() {
+  local name=$1 want=$2 budget t0 rc
+  shift 2
+  budget=$(stage_budget "$want")
+  if [ "$budget" -lt 15 ]; then
+    echo "=== $name: skipped, $budget s left of the overall budget ==="
+    printf '%s\tskipped\t0\t%s\n' "$name" "$budget" >> "$OUT/stages.tsv"
+    FAILED=1
+    return
+  fi
+  echo
+  echo "=== $name (budget ${budget} s, $(( $(date +%s) - START )) s elapsed) ==="
+  t0=$(date +%s)
+  if declare -F "$1" >/dev/null; then
+    # timeout runs programs, not shell functions: hand the (exported) function to a child bash.
+    timeout --kill-after=15 "$budget" bash -c '"$@"' "$name" "$@"
+  else
+    timeout --kill-after=15 "$budget" "$@"
+  fi
+  rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$budget" >> "$OUT/stages.tsv"
+  if [ "$rc" -ne 0 ]; then
+    FAILED=1
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+      echo "=== $name: stopped at its ${budget} s budget (results so far are in $OUT) ==="
+    else
+      echo "=== $name: exit status $rc ==="
+    fi
+  fi
+}
+
+# shellcheck disable=SC2329  # run through run_stage (exported, in a child bash)
+env_info() {
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L
+    # Read-only query: the clocks and power the card is found at.
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+  else
+    echo "nvidia-smi: not found"
+  fi
+  if command -v nvcc >/dev/null 2>&1; then nvcc --version | tail -n 2; else echo "nvcc: not found"; fi
+  echo "cpu: $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores"
+  "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "gpu available", torch.cuda.is_available())'
+}
+
+# shellcheck disable=SC2329  # run through run_stage (exported, in a child bash)
+build() {
+  # TORCH_CUDA_ARCH_LIST deliberately unset: setup.py then builds for the visible GPU only.
+  env -u TORCH_CUDA_ARCH_LIST MAX_JOBS="$(nproc)" "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || return
+  "$PYTHON" - "$OUT/build_info.json" <<'EOF'
+import json, sys
+import dip_fast
+info = dip_fast.build_info()
+print(json.dumps(info, indent=1, default=str))
+with open(sys.argv[1], "w") as fh:
+    json.dump(info, fh, indent=1, default=str)
+if not info.get("extension_loaded"):
+    sys.exit("the extension did not load")
+EOF
+}
+
+summary() {
+  "$PYTHON" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+lines = []
+
+def load(name):
+    p = out / name
+    return json.loads(p.read_text()) if p.is_file() else None
+
+def r(d, key):
+    x = d.get("speedup", {}).get(key)
+    return f"{x['median']:.2f}x" if x else "-"
+
+def ms(d, key):
+    v = d.get("median_s", {}).get(key)
+    return f"{v * 1e3:.2f}" if v else "-"
+
+for name in ("cuda-steps.json", "cuda-compile.json", "cpu-steps.json", "cpu-compile.json"):
+    res = load(name)
+    if not res or not res.get("steps"):
+        continue
+    env = res["environment"]
+    lines += [f"### {name}: {env.get('gpu') or env.get('cpu_model')}, torch {env['torch']}, commit {env['commit']}", "",
+              "| size | fast ms | fast_cl ms | ref ms | compile ms | ref/fast | ref/fast_cl | compile/fast | compile/fast_cl | conv bound / best fast |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for size, d in res["steps"].items():
+        b = d.get("conv_bound")
+        eff = f"{b['efficiency'] * 100:.0f}%" if b else "-"
+        lines.append(f"| {size} | {ms(d, 'fast')} | {ms(d, 'fast_cl')} | {ms(d, 'reference')} | {ms(d, 'compile')} | "
+                     f"{r(d, 'reference/fast')} | {r(d, 'reference/fast_cl')} | {r(d, 'compile/fast')} | {r(d, 'compile/fast_cl')} | {eff} |")
+    lines.append("")
+for name in ("cuda-ops.json", "cpu-ops.json"):
+    res = load(name)
+    if not res or not res.get("ops"):
+        continue
+    lines += [f"### {name} (shapes of a {res['ops']['image_size']}² image)", "", "| op | pass | fused ms | torch ms | torch/fused |", "|---|---|---|---|---|"]
+    for c in res["ops"]["cases"]:
+        for label, fused, plain in c["pairs"]:
+            s = c["speedup"].get(label)
+            lines.append(f"| {c['name']} | {label} | {c['median_s'][fused] * 1e3:.3f} | {c['median_s'][plain] * 1e3:.3f} | "
+                         f"{s['median']:.2f}x |" if s else f"| {c['name']} | {label} | - | - | - |")
+    lines += [""] + [f"Not measured: {n}" for n in res["ops"].get("notes", [])] + [""]
+res = load("e2e.json")
+if res and res.get("runs"):
+    cfg = res["config"]
+    lines += [f"### e2e: {cfg['task']} {cfg['iterations']} steps, {', '.join(cfg['images'])} crop {cfg['crop']}, via {cfg.get('via', 'solve')}", "",
+              "| backend | wall s | PSNR dB | PSNR avg dB | SSIM |", "|---|---|---|---|---|"]
+    for run in res["runs"]:
+        avg = f"{run['psnr_avg']:.2f}" if "psnr_avg" in run else "-"
+        lines.append(f"| {run['backend']} | {run['wall_s']:.1f} | {run['psnr']:.2f} | {avg} | {run['ssim']:.4f} |")
+    lines.append("")
+text = "\n".join(lines) if lines else "no results to summarise\n"
+(out / "summary.md").write_text(text + "\n")
+print(text)
+EOF
+}
+
+export PYTHON OUT
+export -f env_info build
+
+# Whether dip_fast.restore exists in this checkout (the e2e stage prefers it).
+VIA=solve
+if "$PYTHON" -c 'import dip_fast, sys; sys.exit(0 if hasattr(dip_fast, "restore") else 1)' 2>/dev/null; then
+  VIA=restore
+fi
+
+run_stage env 60 env_info
+if [ "$DO_BUILD" != 0 ]; then
+  run_stage build 200 build
+  # The first import check above ran before the build; ask again now.
+  if "$PYTHON" -c 'import dip_fast, sys; sys.exit(0 if hasattr(dip_fast, "restore") else 1)' 2>/dev/null; then VIA=restore; fi
+else
+  echo "=== build: skipped (--cpu-only without --build); would run: pip install --no-build-isolation --no-deps -e . ==="
+  printf 'build\tskipped\t0\t0\n' >> "$OUT/stages.tsv"
+fi
+run_stage tests 90 "$PYTHON" -m pytest -q -m cuda tests --tb=long -rfE -p no:cacheprovider
+run_stage steps 90 "$PYTHON" bench/compare.py --device "$DEVICE" --sizes "${STEP_SIZES[@]}" --no-compile \
+  --no-ops --repeats "$REPEATS" --warmup "$WARMUP" --out "$OUT/$DEVICE-steps.json" --no-markdown
+run_stage compile 200 "$PYTHON" bench/compare.py --device "$DEVICE" --sizes "${COMPILE_SIZES[@]}" \
+  --compile-sizes "${COMPILE_SIZES[@]}" "${AUTOTUNE[@]}" --no-ops --repeats "$REPEATS" --warmup "$WARMUP" \
+  --out "$OUT/$DEVICE-compile.json" --no-markdown
+run_stage ops 60 "$PYTHON" bench/compare.py --device "$DEVICE" --no-steps --op-size "$OP_SIZE" \
+  --repeats "$REPEATS" --warmup "$WARMUP" --profile --profile-size "$OP_SIZE" --out "$OUT/$DEVICE-ops.json" --no-markdown
+run_stage e2e 200 "$PYTHON" bench/quality.py --task denoise --crop "$E2E_CROP" --iterations "$E2E_ITERS" \
+  --seeds 1 --device "$DEVICE" --via "$VIA" --out "$OUT/e2e.json" --no-markdown "$IMAGE"
+echo
+echo "=== summary ($(( $(date +%s) - START )) s elapsed) ==="
+summary
+echo
+cat "$OUT/stages.tsv"
+exit "$FAILED"
