@@ -71,7 +71,7 @@ struct Shape {
 template <typename scalar_t, typename acc_t>
 __global__ void lanczos_forward_kernel(const scalar_t* __restrict__ x, Strides xs, scalar_t* __restrict__ y,
                                        Strides ys, const acc_t* __restrict__ taps_g, Shape s, int tile_cols) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* taps = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* tile = taps + s.K;
   const int tcols = (tile_cols - 1) * s.f + s.K;  // padded input columns the tile reads
@@ -107,7 +107,7 @@ __global__ void lanczos_forward_kernel(const scalar_t* __restrict__ x, Strides x
 template <typename scalar_t, typename acc_t>
 __global__ void lanczos_backward_kernel(const scalar_t* __restrict__ gy, Strides gs, scalar_t* __restrict__ gx,
                                         Strides xs, const acc_t* __restrict__ taps_g, Shape s) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* taps = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* tile = taps + s.K;  // intermediate rows [i_lo, i_hi] x kBwdCols
   for (int t = threadIdx.x; t < s.K; t += blockDim.x) taps[t] = taps_g[t];

@@ -203,8 +203,10 @@ def downsample_taps(
     """The op's arguments for a kernel: ``(taps, pad)``.
 
     ``taps`` is the normalised 1-D kernel (float64, CPU; ``outer(taps, taps)``
-    is the reference's 2-D kernel) and ``pad`` the replication padding that
-    ``preserve_size=True`` uses (0 otherwise).
+    is the reference's 2-D kernel) and ``pad`` the replication padding of
+    ``preserve_size=True`` (the op takes 0 for the valid correlation). For
+    ``torch.ops.dip_fast.lanczos_downsample(x, taps, factor, pad)`` the taps
+    must be float64 for float64 ``x`` and float32 otherwise, on ``x``'s device.
     """
     factor = _check_factor(factor)
     phase = _check_kernel_phase(kernel, phase)
