@@ -15,7 +15,9 @@ the next, so timing all of variant A and then all of variant B measures the
 load as much as the code. Here every repetition runs each variant once, in a
 rotated order, and a ratio is taken between samples of the *same*
 repetition; the report gives the median of those per-repetition ratios (and
-their spread) after a warm-up. Two forward-convolution probes (a 3x3
+their spread) after a warm-up. Repetitions in which a neighbour's burst of
+work stretched any variant (more than ``--clean-tol`` over its best) are left
+out of the statistics and replaced by further ones (the JSON keeps them all). Two forward-convolution probes (a 3x3
 128->128 convolution at 128x128, NCHW and channels_last) ride along in the
 same rotation; they measure the machine's convolution rate under the same
 load, which gives the "all convolutions at forward-conv speed" bound.
@@ -357,7 +359,7 @@ def _fast_downsampler_class() -> Tuple[Optional[type], Optional[str]]:
 
     The op is written by a colleague; it is looked up where the API module
     expects it (``dip_fast.ops.Downsample``, constructed like the reference
-    ``Downsampler``), then in ``dip_fast.ops.downsample``.
+    ``Downsampler``), then in its module, ``dip_fast.ops.lanczos``.
     """
     try:
         from dip_fast import ops
@@ -366,12 +368,12 @@ def _fast_downsampler_class() -> Tuple[Optional[type], Optional[str]]:
     cls = getattr(ops, "Downsample", None)
     if cls is None:
         try:
-            from dip_fast.ops import downsample as ds  # type: ignore[attr-defined]
+            from dip_fast.ops import lanczos as mod  # type: ignore[attr-defined]
         except Exception as exc:
-            return None, f"no dip_fast.ops.Downsample nor dip_fast.ops.downsample ({type(exc).__name__}: {exc})"
-        cls = getattr(ds, "Downsample", None)
+            return None, f"no dip_fast.ops.Downsample nor dip_fast.ops.lanczos ({type(exc).__name__}: {exc})"
+        cls = getattr(mod, "Downsample", None)
         if cls is None:
-            return None, "dip_fast.ops.downsample has no Downsample"
+            return None, "dip_fast.ops.lanczos has no Downsample"
     return cls, None
 
 
@@ -451,22 +453,33 @@ def interleave(
     warmup: int,
     min_sample_s: float,
     extra_warmup: Optional[Dict[str, int]] = None,
+    max_repeats: Optional[int] = None,
+    clean_tol: float = 0.3,
     log: Optional[Callable[[str], None]] = None,
 ) -> Dict[str, Any]:
-    """Time each callable ``repeats`` times, alternating between them.
+    """Time each callable, alternating between them, until ``repeats`` repetitions are clean.
 
     Each callable first runs ``warmup`` untimed calls (plus
     ``extra_warmup[name]``, e.g. one more for a ``torch.compile`` variant whose
     first call compiles); the last of them, timed, sets how many calls make one
     sample: at least ``min_sample_s`` seconds, so that millisecond ops are not
-    timed by a single clock read. Repetition ``r`` then runs every callable
-    once, in an order rotated by ``r`` so that no variant always runs first
-    (after an idle gap) or last.
+    timed by a single clock read. Repetition ``r`` runs every callable once,
+    in an order rotated by ``r`` so that no variant always runs first (after
+    an idle gap) or last.
 
-    Returns ``{"seconds": {name: [per-call seconds of each repetition]},
-    "calls_per_sample": {name: int}, "warmup_s": {name: seconds}}``.
+    A repetition is *clean* when no variant's sample is more than
+    ``clean_tol`` above that variant's fastest sample: on a shared machine a
+    neighbour's burst of work stretches whatever runs at that moment (with
+    two threads on two cores, by up to 20x), and such a repetition says
+    nothing about the code. Repetitions continue until ``repeats`` are clean
+    or ``max_repeats`` (default ``3 * repeats``) have run.
+
+    Returns ``{"seconds": {name: [per-call seconds of every repetition]},
+    "clean": [bool per repetition], "calls_per_sample": {name: int},
+    "warmup_s": {name: seconds}}``.
     """
     names = list(fns)
+    max_repeats = max(repeats, max_repeats if max_repeats is not None else 3 * repeats)
     calls: Dict[str, int] = {}
     warm_s: Dict[str, float] = {}
     for name in names:
@@ -483,10 +496,12 @@ def interleave(
         if log:
             log(f"    warm-up {name}: {n_warm} call(s), {warm_s[name]:.1f} s; {calls[name]} call(s) per sample")
     seconds: Dict[str, List[float]] = {name: [] for name in names}
+    clean: List[bool] = []
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside one sample would land on whichever variant ran then
     try:
-        for r in range(repeats):
+        r = 0
+        while r < max_repeats:
             k = r % len(names)
             for name in names[k:] + names[:k]:
                 n = calls[name]
@@ -497,12 +512,32 @@ def interleave(
                 sync(device)
                 seconds[name].append((time.perf_counter() - t0) / n)
             gc.collect()
+            r += 1
+            clean = _clean_repetitions(seconds, clean_tol)
             if log:
-                log("    rep %d: %s" % (r + 1, ", ".join(f"{m}={seconds[m][-1] * 1e3:.2f}ms" for m in names)))
+                log("    rep %d: %s%s" % (r, ", ".join(f"{m}={seconds[m][-1] * 1e3:.2f}ms" for m in names),
+                                          "" if clean[-1] else "  (disturbed)"))
+            if r >= repeats and sum(clean) >= repeats:
+                break
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {"seconds": seconds, "calls_per_sample": calls, "warmup_s": warm_s}
+    return {"seconds": seconds, "clean": clean, "calls_per_sample": calls, "warmup_s": warm_s}
+
+
+def _clean_repetitions(seconds: Dict[str, List[float]], tol: float) -> List[bool]:
+    """Per repetition: whether every variant's sample is within ``1 + tol`` of that variant's fastest."""
+    fastest = {name: min(v) for name, v in seconds.items()}
+    n = min(len(v) for v in seconds.values())
+    return [all(seconds[name][i] <= fastest[name] * (1.0 + tol) for name in seconds) for i in range(n)]
+
+
+def kept_seconds(timing: Dict[str, Any], minimum: int = 3) -> Dict[str, List[float]]:
+    """The clean repetitions' samples, or all of them when fewer than ``minimum`` are clean."""
+    clean = timing["clean"]
+    if sum(clean) < minimum:
+        return timing["seconds"]
+    return {name: [t for t, ok in zip(v, clean) if ok] for name, v in timing["seconds"].items()}
 
 
 #: Layout differences under this fraction are reported as a tie (the NCHW default then stands).
@@ -696,6 +731,12 @@ def _fmt_ratio(r: Optional[Dict[str, float]]) -> str:
     return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
 
 
+def _reps(entry: Dict[str, Any]) -> str:
+    """``clean/all`` repetitions of a size or op case."""
+    clean = entry.get("clean_repetitions")
+    return "-" if clean is None else f"{sum(clean)}/{len(clean)}"
+
+
 def _ms(v: Optional[float]) -> str:
     return "-" if v is None else (f"{v * 1e3:.1f}" if v >= 0.01 else f"{v * 1e3:.3f}")
 
@@ -710,15 +751,18 @@ def render_markdown(result: Dict[str, Any]) -> str:
         "",
         "Speed-ups are medians of per-repetition ratios t_other / t_fast measured in the same run "
         "(min-max over repetitions in brackets); > 1 means the fast network is faster. "
-        f"{result['config']['repeats']} repetitions after {result['config']['warmup']} warm-up steps.",
+        f"At least {result['config']['repeats']} clean repetitions wanted after {result['config']['warmup']} "
+        f"warm-up call(s); a repetition is clean when every sample is within "
+        f"{result['config'].get('clean_tol', 0.3):.0%} of its variant's fastest (others were disturbed by "
+        "other processes and are left out; the JSON keeps them).",
         "",
     ]
     steps = result.get("steps", {})
     if steps:
         lines += [
             "| size | fast ms | fast_cl ms | reference ms | compile ms | ref / fast | ref / fast_cl "
-            "| compile / fast | compile / fast_cl | faster layout | CPU goal |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| compile / fast | compile / fast_cl | faster layout | CPU goal | clean reps |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         tie_note = False
         for size, s in steps.items():
@@ -735,7 +779,7 @@ def render_markdown(result: Dict[str, Any]) -> str:
                 f"| {size}² | {_ms(m.get('fast'))} | {_ms(m.get('fast_cl'))} | {_ms(m.get('reference'))} | "
                 f"{_ms(m.get('compile'))} | {_fmt_ratio(r.get('reference/fast'))} | "
                 f"{_fmt_ratio(r.get('reference/fast_cl'))} | {_fmt_ratio(r.get('compile/fast'))} | "
-                f"{_fmt_ratio(r.get('compile/fast_cl'))} | {best} | {verdict} |"
+                f"{_fmt_ratio(r.get('compile/fast_cl'))} | {best} | {verdict} | {_reps(s)} |"
             )
         if tie_note:
             lines += ["", f"tie: the two layouts' per-repetition ratio is within {LAYOUT_TIE:.0%} of 1 "
@@ -760,15 +804,15 @@ def render_markdown(result: Dict[str, Any]) -> str:
     ops = result.get("ops", {})
     if ops.get("cases"):
         lines += [
-            "| op | shape | pass | fused ms | PyTorch ms | PyTorch / fused |",
-            "|---|---|---|---|---|---|",
+            "| op | shape | pass | fused ms | PyTorch ms | PyTorch / fused | clean reps |",
+            "|---|---|---|---|---|---|---|",
         ]
         for case in ops["cases"]:
             m = case["median_s"]
             for label, fused, plain in case["pairs"]:
                 lines.append(
                     f"| {case['name']} | {case['shape']} | {label} | {_ms(m.get(fused))} | {_ms(m.get(plain))} | "
-                    f"{_fmt_ratio(case['speedup'].get(label))} |"
+                    f"{_fmt_ratio(case['speedup'].get(label))} | {_reps(case)} |"
                 )
         lines.append("")
     for note in ops.get("notes", []):
@@ -829,7 +873,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes (default cpu: 64 128 256; cuda: 256 512 1024)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (>= 5 for reported numbers)")
+    p.add_argument("--repeats", type=int, default=5, help="clean timed repetitions wanted per variant (>= 5 for reported numbers)")
+    p.add_argument("--max-repeats", type=int, default=None, help="stop after this many repetitions even if fewer are clean (default 3x --repeats)")
+    p.add_argument("--clean-tol", type=float, default=0.3, help="a repetition is clean when every sample is within this fraction of its variant's fastest")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant before timing (compile gets one more)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core)")
     p.add_argument("--min-sample-s", type=float, default=None, help="calls per sample are chosen to last at least this (default cpu 0.05, cuda 0.2)")
@@ -895,6 +941,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "compile_sizes": sorted(compile_sizes),
             "compile_mode": "max-autotune" if args.autotune else "default",
             "repeats": args.repeats,
+            "max_repeats": args.max_repeats or 3 * args.repeats,
+            "clean_tol": args.clean_tol,
             "warmup": args.warmup,
             "min_sample_s": min_sample_s,
             "network": PAPER_NETWORK,
@@ -924,8 +972,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     fns["probe_cl" if cl else "probe"] = fn
             load_before = _loadavg()
             timing = interleave(fns, device, repeats=args.repeats, warmup=args.warmup,
-                                min_sample_s=min_sample_s, extra_warmup={"compile": 1}, log=log)
-            secs = timing["seconds"]
+                                min_sample_s=min_sample_s, extra_warmup={"compile": 1},
+                                max_repeats=args.max_repeats, clean_tol=args.clean_tol, log=log)
+            secs = kept_seconds(timing)
             med = medians(secs)
             speedup = {}
             for other in ("reference", "compile"):
@@ -935,6 +984,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         speedup[f"{other}/{fast}"] = r
             entry: Dict[str, Any] = {
                 "seconds": secs,
+                "seconds_all_repetitions": timing["seconds"],
+                "clean_repetitions": timing["clean"],
                 "calls_per_sample": timing["calls_per_sample"],
                 "warmup_s": timing["warmup_s"],
                 "load_average_before": load_before,
@@ -953,7 +1004,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not args.no_probe:
                 # Per repetition: the probe's rate in the faster layout, so the bound tracks the load.
                 rates = [probe_flops / min(a, b) for a, b in zip(secs["probe"], secs["probe_cl"])]
-                best_fast = [min(secs[k][i] for k in layouts) for i in range(args.repeats)]
+                best_fast = [min(secs[k][i] for k in layouts) for i in range(len(secs["probe"]))]
                 step_flops = entry["flops"]["step_flops"]
                 eff = [step_flops / rate / t for rate, t in zip(rates, best_fast)]
                 entry["conv_bound"] = {
@@ -984,13 +1035,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for case in cases:
             print(f"  {case.name} {case.shape}", flush=True)
             timing = interleave(case.variants, device, repeats=max(args.repeats, 7), warmup=args.warmup,
-                                min_sample_s=max(min_sample_s, 0.05), log=None)
-            secs = timing["seconds"]
+                                min_sample_s=max(min_sample_s, 0.05), clean_tol=args.clean_tol, log=None)
+            secs = kept_seconds(timing)
             result["ops"]["cases"].append({
                 "name": case.name,
                 "shape": case.shape,
                 "pairs": case.pairs,
                 "seconds": secs,
+                "seconds_all_repetitions": timing["seconds"],
+                "clean_repetitions": timing["clean"],
                 "calls_per_sample": timing["calls_per_sample"],
                 "median_s": medians(secs),
                 "speedup": {label: ratio_stats(secs, plain, fused) for label, fused, plain in case.pairs},
