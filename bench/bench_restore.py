@@ -19,9 +19,6 @@ import torch
 
 import dip_fast
 
-if not hasattr(dip_fast, "restore"):
-    pytest.skip("dip_fast.restore() is not available in this checkout", allow_module_level=True)
-
 TASKS = ("denoise", "inpaint", "super_resolution")
 BACKENDS = ("fast", "reference")
 SETTINGS = {"cpu": {"size": 64, "iterations": 30}, "cuda": {"size": 256, "iterations": 200}}

@@ -58,6 +58,7 @@
 #include "../common/alloc.h"
 #include "../common/checks.h"
 #include "../common/lanczos.h"
+#include "../common/lanczos_checks.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
 #define DIP_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
@@ -416,31 +417,12 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const at::opmath_typ
   });
 }
 
-void check_common(const at::Tensor& t, const char* name, const at::Tensor& taps, int64_t factor, int64_t pad) {
-  DIP_CHECK_DEVICE(t, at::kCPU, name);
-  DIP_CHECK_FLOATING(t, name);
-  DIP_CHECK_DIM(t, 4, name);
-  DIP_CHECK_DEVICE(taps, at::kCPU, "taps");
-  DIP_CHECK_DIM(taps, 1, "taps");
-  const auto want = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(taps.scalar_type() == want, "dip_fast: taps must be ", want, " for ", name, " of dtype ",
-              t.scalar_type(), ", got ", taps.scalar_type());
-  TORCH_CHECK(taps.numel() >= 1, "dip_fast: taps must not be empty");
-  TORCH_CHECK(factor >= 1, "dip_fast: factor must be >= 1, got ", factor);
-  TORCH_CHECK(pad >= 0, "dip_fast: pad must be >= 0, got ", pad);
-}
-
-void check_extent(int64_t len, int64_t K, int64_t pad, const char* what) {
-  TORCH_CHECK(len >= 1 && len + 2 * pad >= K, "dip_fast: ", what, " ", len, " (+ 2 * pad ", pad,
-              ") is smaller than the kernel (", K, " taps)");
-}
-
 at::Tensor lanczos_downsample_cpu(const at::Tensor& x, const at::Tensor& taps, int64_t factor, int64_t pad) {
-  check_common(x, "x", taps, factor, pad);
+  lanczos::check_args(x, "x", taps, factor, pad, at::kCPU);
   const int64_t K = taps.numel();
   const int64_t H = x.size(2), W = x.size(3);
-  check_extent(H, K, pad, "height");
-  check_extent(W, K, pad, "width");
+  lanczos::check_extent(H, K, pad, "height");
+  lanczos::check_extent(W, K, pad, "width");
   const auto fmt = working_memory_format(x);
   const auto xc = x.contiguous(fmt);
   const auto tc = taps.contiguous();
@@ -456,13 +438,8 @@ at::Tensor lanczos_downsample_cpu(const at::Tensor& x, const at::Tensor& taps, i
 
 at::Tensor lanczos_downsample_backward_cpu(const at::Tensor& grad_out, const at::Tensor& taps, int64_t factor,
                                            int64_t pad, int64_t height, int64_t width) {
-  check_common(grad_out, "grad_out", taps, factor, pad);
+  lanczos::check_backward_args(grad_out, taps, factor, pad, height, width, at::kCPU);
   const int64_t K = taps.numel();
-  check_extent(height, K, pad, "height");
-  check_extent(width, K, pad, "width");
-  const int64_t Ho = output_size(height, K, factor, pad), Wo = output_size(width, K, factor, pad);
-  TORCH_CHECK(grad_out.size(2) == Ho && grad_out.size(3) == Wo, "dip_fast: grad_out must be ", Ho, "x", Wo,
-              " for an input of ", height, "x", width, ", got ", grad_out.size(2), "x", grad_out.size(3));
   const auto fmt = working_memory_format(grad_out);
   const auto gc = grad_out.contiguous(fmt);
   const auto tc = taps.contiguous();

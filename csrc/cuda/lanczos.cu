@@ -39,6 +39,7 @@
 #include "../common/alloc.h"
 #include "../common/checks.h"
 #include "../common/lanczos.h"
+#include "../common/lanczos_checks.h"
 
 namespace dip_fast {
 namespace {
@@ -142,29 +143,6 @@ __global__ void lanczos_backward_kernel(const scalar_t* __restrict__ gy, Strides
   }
 }
 
-void check_common(const at::Tensor& t, const char* name, const at::Tensor& taps, int64_t factor, int64_t pad) {
-  DIP_CHECK_DEVICE(t, at::kCUDA, name);
-  DIP_CHECK_FLOATING(t, name);
-  DIP_CHECK_DIM(t, 4, name);
-  DIP_CHECK_DEVICE(taps, at::kCUDA, "taps");
-  TORCH_CHECK(taps.device() == t.device(), "dip_fast: taps must be on the same device as ", name, " (", t.device(),
-              "), got ", taps.device());
-  DIP_CHECK_DIM(taps, 1, "taps");
-  const auto want = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(taps.scalar_type() == want, "dip_fast: taps must be ", want, " for ", name, " of dtype ",
-              t.scalar_type(), ", got ", taps.scalar_type());
-  TORCH_CHECK(taps.numel() >= 1, "dip_fast: taps must not be empty");
-  TORCH_CHECK(factor >= 1, "dip_fast: factor must be >= 1, got ", factor);
-  TORCH_CHECK(pad >= 0, "dip_fast: pad must be >= 0, got ", pad);
-  TORCH_CHECK(taps.numel() <= (1 << 20) && factor <= (1 << 20) && pad <= (1 << 20),
-              "dip_fast: taps, factor and pad must be below 2^20");
-}
-
-void check_extent(int64_t len, int64_t K, int64_t pad, const char* what) {
-  TORCH_CHECK(len >= 1 && len + 2 * pad >= K, "dip_fast: ", what, " ", len, " (+ 2 * pad ", pad,
-              ") is smaller than the kernel (", K, " taps)");
-}
-
 Shape make_shape(const at::Tensor& t, int64_t K, int64_t factor, int64_t pad, int64_t H, int64_t W) {
   Shape s;
   s.C = t.size(1);
@@ -180,10 +158,10 @@ Shape make_shape(const at::Tensor& t, int64_t K, int64_t factor, int64_t pad, in
 }
 
 at::Tensor lanczos_downsample_cuda(const at::Tensor& x, const at::Tensor& taps, int64_t factor, int64_t pad) {
-  check_common(x, "x", taps, factor, pad);
+  lanczos::check_args(x, "x", taps, factor, pad, at::kCUDA);
   const int64_t K = taps.numel();
-  check_extent(x.size(2), K, pad, "height");
-  check_extent(x.size(3), K, pad, "width");
+  lanczos::check_extent(x.size(2), K, pad, "height");
+  lanczos::check_extent(x.size(3), K, pad, "width");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = working_memory_format(x);
   const auto xc = x.contiguous(fmt);
@@ -214,13 +192,8 @@ at::Tensor lanczos_downsample_cuda(const at::Tensor& x, const at::Tensor& taps, 
 
 at::Tensor lanczos_downsample_backward_cuda(const at::Tensor& grad_out, const at::Tensor& taps, int64_t factor,
                                             int64_t pad, int64_t height, int64_t width) {
-  check_common(grad_out, "grad_out", taps, factor, pad);
+  lanczos::check_backward_args(grad_out, taps, factor, pad, height, width, at::kCUDA);
   const int64_t K = taps.numel();
-  check_extent(height, K, pad, "height");
-  check_extent(width, K, pad, "width");
-  const int64_t Ho = output_size(height, K, factor, pad), Wo = output_size(width, K, factor, pad);
-  TORCH_CHECK(grad_out.size(2) == Ho && grad_out.size(3) == Wo, "dip_fast: grad_out must be ", Ho, "x", Wo,
-              " for an input of ", height, "x", width, ", got ", grad_out.size(2), "x", grad_out.size(3));
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const auto fmt = working_memory_format(grad_out);
   const auto gc = grad_out.contiguous(fmt);
@@ -233,8 +206,8 @@ at::Tensor lanczos_downsample_backward_cuda(const at::Tensor& grad_out, const at
   for (int64_t h0 = 0; h0 < height; h0 += kBwdRows) {
     const int64_t h1 = std::min(height, h0 + kBwdRows);
     int64_t lo, hi, unused;
-    touching_outputs(h0, height, Ho, K, factor, pad, &lo, &unused);
-    touching_outputs(h1 - 1, height, Ho, K, factor, pad, &unused, &hi);
+    touching_outputs(h0, height, s.Ho, K, factor, pad, &lo, &unused);
+    touching_outputs(h1 - 1, height, s.Ho, K, factor, pad, &unused, &hi);
     max_rows = std::max(max_rows, hi - lo + 1);
   }
   const size_t acc_size = grad_out.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
