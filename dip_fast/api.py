@@ -67,6 +67,8 @@ class RestoreInfo:
         padded_size: the network's (high-resolution) working size ``(H, W)``.
         estimated_memory: estimated peak memory of the run in bytes.
         backtrack_steps: steps at which backtracking restored the weights.
+        stop_step: the step chosen by automatic early stopping (``stop='auto'``),
+            whose estimate is returned; None when it did not trigger or was off.
     """
 
     task: str
@@ -87,6 +89,7 @@ class RestoreInfo:
     padded_size: Tuple[int, int] = (0, 0)
     estimated_memory: int = 0
     backtrack_steps: List[int] = field(default_factory=list)
+    stop_step: Optional[int] = None
 
 
 # --------------------------------------------------------------------------
