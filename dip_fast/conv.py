@@ -79,5 +79,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
         and torch.is_grad_enabled()
     )
     if special:
+        if torch.is_autocast_enabled("cpu"):
+            # Autocast does not reach inside a custom Function's backward: cast here, so that
+            # both directions see one dtype (autograd casts the gradients back to float32).
+            dt = torch.get_autocast_dtype("cpu")
+            x, weight = x.to(dt), weight.to(dt)
+            bias = bias.to(dt) if bias is not None else None
         return _StridedConvNCHWWeightGrad.apply(x, weight, bias, stride)
     return F.conv2d(x, weight, bias, stride, padding)

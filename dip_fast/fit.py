@@ -39,9 +39,9 @@ Further choices, where the notebooks are accidental rather than deliberate:
 
 * After a restore the notebooks still call ``optimizer.step()`` with the
   gradient of the diverged weights (``return total_loss * 0`` does not clear
-  ``.grad``); here the update is skipped, so a backtracked step leaves the
-  parameters exactly at the snapshot.  Adam's moment estimates are not
-  restored (as in the notebooks).
+  ``.grad``); here the update is undone, so a backtracked step leaves the
+  parameters exactly at the snapshot.  Adam's moment estimates keep that
+  step's gradient (the notebooks do not restore them either).
 * The notebooks do not advance their counter ``i`` on a backtracked step but
   still spend an iteration of the budget; here ``step`` counts loop
   iterations, so check steps stay on a fixed grid.
@@ -55,183 +55,55 @@ Further choices, where the notebooks are accidental rather than deliberate:
   is called); the returned ``output`` is a final no-grad forward of the
   final weights on the *unperturbed* input.
 
-The single step lives in :class:`DIPStep` so that other runners (e.g. a
-CUDA-graph replay) can drive the same step.
+Host synchronisation
+--------------------
+The step itself (:class:`dip_fast.step.StepRunner`) keeps the average, the
+backtracking decision and the early-stopping tracker on the device and
+writes each step's numbers into a log there.  ``fit`` reads that log every
+``sync_every`` steps (default: every step on the CPU, where reading costs
+nothing, and every 50 steps on CUDA), fills the histories, calls
+``callback`` and decides whether to stop.  ``max_time`` and ``should_stop``
+are polled every step (they need no device value); ``psnr_target`` and
+early stopping act at the next read, so a run may go up to
+``sync_every - 1`` steps past the point where they fired (the early-stopped
+estimate is the one of the detected step regardless).
+
+Early stopping (``stop='auto'``)
+--------------------------------
+ES-WMV (:mod:`dip_fast.early_stop`): the run ends once the variance of the
+last ``stop_window`` outputs has not reached a new minimum for
+``stop_patience`` steps, and ``stop_output`` holds the estimate (the
+average when ``exp_weight`` is set) of the step that set the minimum.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
 
-from .metrics import psnr
+from .step import PRECISIONS, STAT_FIELDS, STEP_MODES, StepRunner, precision_settings
 
 __all__ = [
     "CHECK_MODES",
-    "Backtracker",
-    "DIPStep",
+    "STOP_MODES",
     "FitResult",
     "StepInfo",
-    "StepOutput",
     "fit",
     "is_check_step",
 ]
 
 CHECK_MODES = ("periodic", "off_period")
+STOP_MODES = ("never", "auto")
+#: Steps between host reads of the step log on CUDA (``sync_every``'s default there).
+CUDA_SYNC_EVERY = 50
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
-
-@dataclass
-class StepOutput:
-    """What one forward/backward produced (both detached)."""
-
-    out: torch.Tensor
-    loss: torch.Tensor
-
-
-def default_adam(params: List[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    """Adam with torch's fused (single-kernel) update where it is available.
-
-    The same update rule as the for-loop Adam, in one pass over all
-    parameters instead of about ten small ops per parameter tensor: measured
-    7 ms -> 2 ms per step for the paper's 2.2M-parameter network on one CPU
-    core, and on a GPU it keeps the step count on the device.
-    """
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # a device or dtype without a fused kernel
-        return torch.optim.Adam(params, lr=lr)
-
-
-class DIPStep:
-    """One DIP optimisation step: perturb ``z``, forward, data term, backward, Adam.
-
-    The step is split so that a caller can decide, between the backward pass
-    and the parameter update, to discard the update (backtracking):
-    ``forward_backward()`` then ``update()`` or ``discard()``.  Calling the
-    object does both halves.
-
-    Args:
-        net: the generator; optimised over all its parameters that require grad.
-        net_input: the fixed input ``z`` (not modified).
-        loss_fn: ``loss_fn(out) -> scalar tensor``, the task's data term.
-        lr: Adam learning rate.
-        reg_noise_std: standard deviation of the fresh input perturbation.
-        generator: optional ``torch.Generator`` (on ``net_input``'s device)
-            for the perturbation noise.
-        optimizer: use this optimizer instead of a new ``Adam(lr=lr)``.
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        net_input: torch.Tensor,
-        loss_fn: LossFn,
-        *,
-        lr: float = 0.01,
-        reg_noise_std: float = 0.0,
-        generator: Optional[torch.Generator] = None,
-        optimizer: Optional[torch.optim.Optimizer] = None,
-    ) -> None:
-        if reg_noise_std < 0:
-            raise ValueError(f"reg_noise_std must be >= 0, got {reg_noise_std!r}")
-        self.net = net
-        self.net_input = net_input.detach()
-        self.loss_fn = loss_fn
-        self.reg_noise_std = float(reg_noise_std)
-        self.generator = generator
-        self.params: List[torch.Tensor] = [p for p in net.parameters() if p.requires_grad]
-        if optimizer is None:
-            if not self.params:
-                raise ValueError("net has no trainable parameters")
-            optimizer = default_adam(self.params, lr)
-        self.optimizer = optimizer
-        # Reused buffer: the perturbation is redrawn in place every step.
-        self._noise = torch.empty_like(self.net_input) if self.reg_noise_std > 0 else None
-
-    def perturbed_input(self) -> torch.Tensor:
-        """``z + reg_noise_std * N(0, 1)`` with fresh noise (``z`` itself when the std is 0)."""
-        if self._noise is None:
-            return self.net_input
-        self._noise.normal_(generator=self.generator)
-        return self.net_input + self.reg_noise_std * self._noise
-
-    def forward_backward(self) -> StepOutput:
-        """Zero the gradients, run the network on a perturbed input and backpropagate the data term."""
-        self.optimizer.zero_grad()
-        out = self.net(self.perturbed_input())
-        loss = self.loss_fn(out)
-        if loss.dim() != 0:
-            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-        loss.backward()
-        return StepOutput(out=out.detach(), loss=loss.detach())
-
-    def update(self) -> None:
-        """Apply the optimizer step with the gradients of the last backward."""
-        self.optimizer.step()
-
-    def discard(self) -> None:
-        """Drop the gradients of the last backward without updating."""
-        self.optimizer.zero_grad()
-
-    def __call__(self) -> StepOutput:
-        """Run a full step (forward, backward, update)."""
-        result = self.forward_backward()
-        self.update()
-        return result
-
-
-class Backtracker:
-    """Snapshot/restore of parameters driven by the PSNR against the observation.
-
-    Args:
-        params: the tensors to snapshot and restore.
-        threshold_db: a PSNR drop larger than this triggers a restore.
-    """
-
-    def __init__(self, params: List[torch.Tensor], threshold_db: float = 5.0) -> None:
-        self.params = list(params)
-        self.threshold_db = float(threshold_db)
-        self.last_psnr: Optional[float] = None
-        self._saved: Optional[List[torch.Tensor]] = None
-
-    def should_restore(self, value: float) -> bool:
-        """True when ``value`` dropped by more than the threshold (or is NaN) and a snapshot exists."""
-        if self._saved is None:
-            return False
-        # Written as "not (>=)" so that NaN counts as a drop.
-        return not (value - self.last_psnr >= -self.threshold_db)
-
-    @torch.no_grad()
-    def snapshot(self, value: float) -> None:
-        """Save the current parameters as the fallback, with their PSNR."""
-        if self._saved is None:
-            self._saved = [p.detach().clone() for p in self.params]
-        else:
-            for saved, p in zip(self._saved, self.params):
-                saved.copy_(p)
-        self.last_psnr = float(value)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Copy the saved parameters back."""
-        if self._saved is None:
-            raise RuntimeError("no snapshot to restore")
-        for saved, p in zip(self._saved, self.params):
-            p.copy_(saved)
-
-    def check(self, value: float) -> bool:
-        """Restore if ``value`` is a drop, else snapshot (unless NaN); return whether it restored."""
-        if self.should_restore(value):
-            self.restore()
-            return True
-        if value == value:  # not NaN
-            self.snapshot(value)
-        return False
+_COL = {name: i for i, name in enumerate(STAT_FIELDS)}
 
 
 def is_check_step(step: int, check_every: int, check_mode: str = "periodic") -> bool:
@@ -245,7 +117,11 @@ def is_check_step(step: int, check_every: int, check_mode: str = "periodic") -> 
 
 @dataclass
 class StepInfo:
-    """Passed to ``fit``'s ``callback`` after every completed step."""
+    """Passed to ``fit``'s ``callback`` each time the step log is read (every ``sync_every`` steps).
+
+    ``out`` and ``out_avg`` are copies of the latest step's output and
+    average; the other values belong to that step too.
+    """
 
     step: int
     loss: float
@@ -272,13 +148,19 @@ class FitResult:
             observation; empty without an observation.
         psnr_ref_history: PSNR of every step's output against ``reference``.
         psnr_ref_avg_history: same for the averaged output.
+        variance_history: ES-WMV window variance of every step (NaN until
+            the window is full); empty unless ``stop='auto'``.
         backtrack_steps: steps at which the parameters were restored.
         steps: number of completed steps.
         wall_time: seconds spent in :func:`fit`.
         interrupted: the loop stopped early because of Ctrl-C, ``max_time``
             or ``should_stop``.
-        stop_reason: ``'completed'``, ``'psnr_target'``, ``'max_time'``,
-            ``'should_stop'`` or ``'keyboard_interrupt'``.
+        stop_reason: ``'completed'``, ``'early_stop'``, ``'psnr_target'``,
+            ``'max_time'``, ``'should_stop'`` or ``'keyboard_interrupt'``.
+        stop_step: the step detected by early stopping (``stop='auto'``),
+            or None when it did not fire.
+        stop_output: the estimate at ``stop_step`` (None when it did not fire).
+        step_mode: ``'eager'`` or ``'graph'``: how the steps actually ran.
     """
 
     output: torch.Tensor
@@ -287,11 +169,31 @@ class FitResult:
     psnr_history: List[float] = field(default_factory=list)
     psnr_ref_history: List[float] = field(default_factory=list)
     psnr_ref_avg_history: List[float] = field(default_factory=list)
+    variance_history: List[float] = field(default_factory=list)
     backtrack_steps: List[int] = field(default_factory=list)
     steps: int = 0
     wall_time: float = 0.0
     interrupted: bool = False
     stop_reason: str = "completed"
+    stop_step: Optional[int] = None
+    stop_output: Optional[torch.Tensor] = None
+    step_mode: str = "eager"
+
+
+def _resolve_step_mode(step_mode: str, device: torch.device) -> str:
+    if step_mode not in STEP_MODES + ("auto",):
+        raise ValueError(f"step_mode must be one of {STEP_MODES + ('auto',)}, got {step_mode!r}")
+    # 'graph' becomes the CUDA default only once a GPU run has recorded its parity with eager.
+    if step_mode == "auto":
+        return "eager"
+    if step_mode == "graph" and device.type != "cuda":
+        warnings.warn(
+            f"dip_fast: step_mode='graph' needs a CUDA device, the run is on {device}; running the step eagerly",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return "eager"
+    return step_mode
 
 
 def fit(
@@ -307,16 +209,23 @@ def fit(
     mask: Optional[torch.Tensor] = None,
     degrade: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     reference: Optional[torch.Tensor] = None,
+    reference_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     backtrack: bool = True,
     check_every: int = 100,
     check_mode: str = "periodic",
     backtrack_threshold_db: float = 5.0,
     psnr_target: Optional[float] = None,
+    stop: str = "never",
+    stop_window: int = 100,
+    stop_patience: int = 1000,
     callback: Optional[Callable[[StepInfo], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     generator: Optional[torch.Generator] = None,
     max_time: Optional[float] = None,
     optimizer: Optional[torch.optim.Optimizer] = None,
+    step_mode: str = "eager",
+    precision: str = "fp32",
+    sync_every: Optional[int] = None,
 ) -> FitResult:
     """Fit ``net`` so that ``loss_fn(net(net_input))`` is small: the DIP loop.
 
@@ -325,7 +234,7 @@ def fit(
             optimised in place).
         net_input: fixed input ``z``, shape ``(1, C, H, W)``.
         loss_fn: data term, ``loss_fn(out) -> scalar tensor``.
-        iterations: number of steps to run.
+        iterations: maximum number of steps.
         lr: Adam learning rate.
         reg_noise_std: std of the fresh input perturbation each step.
         exp_weight: weight of the running average of outputs (None: off).
@@ -335,6 +244,8 @@ def fit(
         degrade: maps the output to observation space before the PSNR (e.g.
             the super-resolution downsampler); identity when None.
         reference: optional clean image; PSNR against it is logged.
+        reference_view: maps an output to ``reference``'s frame (e.g. a crop)
+            before that PSNR; identity when None.
         backtrack: enable backtracking (needs ``observation``).
         check_every, check_mode: which steps are check steps (see the module
             docstring).
@@ -342,12 +253,20 @@ def fit(
         psnr_target: stop (``stop_reason='psnr_target'``) once a step's PSNR
             against ``reference`` -- or against the observation when there
             is no reference -- reaches this value.
-        callback: called with a :class:`StepInfo` after every step; raising
-            ``KeyboardInterrupt`` there stops the loop like Ctrl-C.
+        stop: ``'never'`` or ``'auto'`` (ES-WMV early stopping, see the module docstring).
+        stop_window, stop_patience: ES-WMV's window ``W`` and patience ``P``.
+        callback: called with a :class:`StepInfo` each time the step log is
+            read; raising ``KeyboardInterrupt`` there stops the loop like Ctrl-C.
         should_stop: polled before every step; True stops the loop.
         generator: ``torch.Generator`` for the input perturbation.
         max_time: wall-clock budget in seconds, checked before every step.
         optimizer: custom optimizer over ``net``'s parameters (default Adam).
+        step_mode: ``'eager'``, ``'graph'`` (one CUDA graph per step, CUDA
+            only; elsewhere a warning and eager) or ``'auto'`` (eager until a
+            GPU parity run makes graph the CUDA default).
+        precision: ``'fp32'``, ``'tf32'`` or ``'bf16'`` (see :mod:`dip_fast.step`).
+        sync_every: steps between reads of the step log (default 1 on the
+            CPU, 50 on CUDA).
 
     Returns:
         A :class:`FitResult`.  Ctrl-C (``KeyboardInterrupt``) during the loop
@@ -366,92 +285,125 @@ def fit(
         raise ValueError("backtrack=True needs an observation to measure the PSNR against")
     if psnr_target is not None and observation is None and reference is None:
         raise ValueError("psnr_target needs a reference or an observation")
+    if stop not in STOP_MODES:
+        raise ValueError(f"stop must be one of {STOP_MODES}, got {stop!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = net_input.device
+    if sync_every is None:
+        sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else 1
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every!r}")
+    mode = _resolve_step_mode(step_mode, device)
 
     t0 = time.perf_counter()
     net.train()
-    stepper = DIPStep(
-        net, net_input, loss_fn, lr=lr, reg_noise_std=reg_noise_std, generator=generator, optimizer=optimizer
-    )
-    tracker = Backtracker(stepper.params, backtrack_threshold_db) if backtrack else None
-    observation = observation.detach() if observation is not None else None
-    reference = reference.detach() if reference is not None else None
-
-    result = FitResult(output=net_input.new_empty(0), output_avg=None)
-    out_avg: Optional[torch.Tensor] = None
-    out: Optional[torch.Tensor] = None
-    # True while parameters are being written (update or restore): an
-    # interrupt then may leave them half-written, so the final forward is
-    # not trusted and the output of the step being applied is returned.
-    writing = False
-
-    try:
-        for step in range(iterations):
-            if max_time is not None and time.perf_counter() - t0 >= max_time:
-                result.stop_reason = "max_time"
-                break
-            if should_stop is not None and should_stop():
-                result.stop_reason = "should_stop"
-                break
-
-            so = stepper.forward_backward()
-            out = so.out
-            if exp_weight is not None:
-                if out_avg is None:
-                    out_avg = out.clone()
-                else:
-                    out_avg.mul_(exp_weight).add_(out, alpha=1.0 - exp_weight)
-
-            psnr_obs: Optional[float] = None
-            if observation is not None:
-                seen = degrade(out) if degrade is not None else out
-                psnr_obs = float(psnr(seen, observation, mask=mask))
-
-            restored = False
-            writing = True
-            if tracker is not None and is_check_step(step, check_every, check_mode):
-                restored = tracker.check(psnr_obs)
-            if restored:
-                stepper.discard()
-            else:
-                stepper.update()
-            writing = False
-
-            result.steps = step + 1
-            result.loss_history.append(float(so.loss))
-            if psnr_obs is not None:
-                result.psnr_history.append(psnr_obs)
-            psnr_ref: Optional[float] = None
-            if reference is not None:
-                psnr_ref = float(psnr(out, reference))
-                result.psnr_ref_history.append(psnr_ref)
-                if out_avg is not None:
-                    result.psnr_ref_avg_history.append(float(psnr(out_avg, reference)))
-            if restored:
-                result.backtrack_steps.append(step)
-
-            if callback is not None:
-                callback(StepInfo(
-                    step=step, loss=result.loss_history[-1], out=out, out_avg=out_avg, psnr=psnr_obs,
-                    psnr_ref=psnr_ref, backtracked=restored, elapsed=time.perf_counter() - t0, net=net,
-                ))
-
-            if psnr_target is not None:
-                measured = psnr_ref if psnr_ref is not None else psnr_obs
-                if measured is not None and measured >= psnr_target:
-                    result.stop_reason = "psnr_target"
-                    break
-    except KeyboardInterrupt:
-        result.stop_reason = "keyboard_interrupt"
-
-    result.interrupted = result.stop_reason in ("keyboard_interrupt", "max_time", "should_stop")
-    result.output_avg = out_avg
-    if writing and out is not None:
-        result.output = out
-    else:
-        with torch.no_grad():
-            result.output = net(stepper.net_input).detach()
+    with precision_settings(precision):
+        runner = StepRunner(
+            net, net_input, loss_fn, lr=lr, reg_noise_std=reg_noise_std, generator=generator, optimizer=optimizer,
+            exp_weight=exp_weight, observation=observation, degrade=degrade, mask=mask, reference=reference,
+            reference_view=reference_view, backtrack_threshold_db=backtrack_threshold_db if backtrack else None,
+            early_stop=(stop_window, stop_patience) if stop == "auto" else None, precision=precision, mode=mode,
+        )
+        result = _Loop(runner, iterations, sync_every, t0).run(
+            check=(lambda i: is_check_step(i, check_every, check_mode)) if backtrack else (lambda i: False),
+            psnr_target=psnr_target, callback=callback, should_stop=should_stop, max_time=max_time,
+            track_observation=observation is not None, track_reference=reference is not None,
+        )
     if result.output.is_cuda:
         # Asynchronous kernels must finish for the wall time to mean anything.
         torch.cuda.synchronize(result.output.device)
     result.wall_time = time.perf_counter() - t0
     return result
+
+
+class _Loop:
+    """The host side of :func:`fit`: runs steps, logs their stats on the device, reads them back in batches."""
+
+    def __init__(self, runner: StepRunner, iterations: int, sync_every: int, t0: float) -> None:
+        self.runner, self.iterations, self.sync_every, self.t0 = runner, iterations, sync_every, t0
+        self.log = torch.empty((min(sync_every, max(iterations, 1)), len(STAT_FIELDS)), device=runner.device)
+        self.pending = 0  # rows of the log not read yet
+        self.result = FitResult(output=runner.net_input.new_empty(0), output_avg=None)
+
+    def run(self, *, check: Callable[[int], bool], psnr_target: Optional[float],
+            callback: Optional[Callable[[StepInfo], None]], should_stop: Optional[Callable[[], bool]],
+            max_time: Optional[float], track_observation: bool, track_reference: bool) -> FitResult:
+        runner, result = self.runner, self.result
+        self.track_observation, self.track_reference = track_observation, track_reference
+        # True while parameters are being written (update or restore): an
+        # interrupt then may leave them half-written, so the final forward is
+        # not trusted and the output of the step being applied is returned.
+        writing = False
+        try:
+            for step in range(self.iterations):
+                if max_time is not None and time.perf_counter() - self.t0 >= max_time:
+                    result.stop_reason = "max_time"
+                    break
+                if should_stop is not None and should_stop():
+                    result.stop_reason = "should_stop"
+                    break
+                writing = True
+                runner.step(check(step))
+                writing = False
+                self.log[self.pending].copy_(runner.stats)
+                self.pending += 1
+                if self.pending == self.log.shape[0] or step == self.iterations - 1:
+                    if self._read(callback, psnr_target):
+                        break
+        except KeyboardInterrupt:
+            result.stop_reason = "keyboard_interrupt"
+        result.interrupted = result.stop_reason in ("keyboard_interrupt", "max_time", "should_stop")
+        if self.pending:  # steps since the last read (an early break)
+            self._read(None, None)
+        result.step_mode = "graph" if runner.graphed else "eager"
+        if runner.average is not None and result.steps:
+            result.output_avg = runner.average.clone()
+        if writing and runner.out is not None:
+            result.output = runner.out.clone()
+        else:
+            with torch.no_grad():
+                result.output = runner.forward().detach()
+        return result
+
+    def _read(self, callback: Optional[Callable[[StepInfo], None]], psnr_target: Optional[float]) -> bool:
+        """Read the pending log rows into the result; return True when the loop should stop."""
+        rows = self.log[: self.pending].tolist()  # the one host synchronisation
+        self.pending = 0
+        result, runner = self.result, self.runner
+        stop = False
+        for row in rows:
+            step = result.steps
+            result.steps += 1
+            result.loss_history.append(row[_COL["loss"]])
+            if self.track_observation:
+                result.psnr_history.append(row[_COL["psnr"]])
+            if self.track_reference:
+                result.psnr_ref_history.append(row[_COL["psnr_ref"]])
+                if runner.average is not None:
+                    result.psnr_ref_avg_history.append(row[_COL["psnr_ref_avg"]])
+            if row[_COL["backtracked"]] == 1.0:
+                result.backtrack_steps.append(step)
+            if runner.early_stop is not None:
+                result.variance_history.append(row[_COL["variance"]])
+            if psnr_target is not None and not stop:
+                measured = row[_COL["psnr_ref"]] if self.track_reference else row[_COL["psnr"]]
+                if measured >= psnr_target:
+                    result.stop_reason, stop = "psnr_target", True
+        last = rows[-1]
+        es = runner.early_stop
+        if es is not None and not stop:
+            best = last[_COL["stop_step"]]
+            if best == best and best >= 0 and result.steps - 1 - int(best) >= es.patience:
+                result.stop_reason, stop = "early_stop", True
+                result.stop_step = int(best)
+                result.stop_output = es.best.clone()
+        if callback is not None:
+            callback(StepInfo(
+                step=result.steps - 1, loss=last[_COL["loss"]], out=runner.out.clone(),
+                out_avg=runner.average.clone() if runner.average is not None else None,
+                psnr=last[_COL["psnr"]] if self.track_observation else None,
+                psnr_ref=last[_COL["psnr_ref"]] if self.track_reference else None,
+                backtracked=last[_COL["backtracked"]] == 1.0, elapsed=time.perf_counter() - self.t0, net=runner.net,
+            ))
+        return stop

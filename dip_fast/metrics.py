@@ -37,7 +37,9 @@ def psnr(
     else:
         m = mask.detach().float().expand_as(sq)
         mse = (sq * m).sum() / m.sum()
-    return 10.0 * torch.log10(torch.as_tensor(data_range * data_range, dtype=mse.dtype, device=mse.device) / mse)
+    # Scalars stay Python numbers: a tensor made from one would be a host-to-device
+    # copy, which a CUDA graph cannot capture.
+    return mse.reciprocal().mul(data_range * data_range).log10().mul(10.0)
 
 
 def psnr_float(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, mask: Optional[torch.Tensor] = None) -> float:

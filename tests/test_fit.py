@@ -11,7 +11,8 @@ import torch.nn as nn
 from skimage.metrics import peak_signal_noise_ratio
 
 from dip_fast import tasks
-from dip_fast.fit import Backtracker, DIPStep, FitResult, fit, is_check_step
+from dip_fast.fit import FitResult, fit, is_check_step
+from dip_fast.step import DeviceBacktracker, StepRunner
 from dip_fast.metrics import psnr
 from dip_fast.reference import get_noise, skip
 
@@ -88,46 +89,57 @@ def test_is_check_step_modes():
         is_check_step(1, 3, "sometimes")
 
 
-def test_dip_step_reg_noise_uses_fresh_noise_and_keeps_input():
+def test_runner_reg_noise_uses_fresh_noise_and_keeps_input():
     net = small_net()
     x = z()
     x0 = x.clone()
-    step = DIPStep(net, x, lambda out: out.mean(), reg_noise_std=0.1, generator=torch.Generator().manual_seed(0))
-    a, b = step.perturbed_input().clone(), step.perturbed_input().clone()
+    runner = StepRunner(net, x, lambda out: out.mean(), reg_noise_std=0.1, generator=torch.Generator().manual_seed(0))
+    a, b = runner._perturbed_input().clone(), runner._perturbed_input().clone()
     assert not torch.equal(a, b)
     assert torch.equal(x, x0)
     assert 0.07 < (a - x).std().item() < 0.13
-    plain = DIPStep(net, x, lambda out: out.mean())
-    assert plain.perturbed_input() is plain.net_input
+    plain = StepRunner(net, x, lambda out: out.mean())
+    assert plain._perturbed_input() is plain.net_input
 
 
-def test_dip_step_discard_leaves_parameters():
-    net = small_net()
-    step = DIPStep(net, z(), lambda out: out.square().mean())
-    before = params_of(net)
-    step.forward_backward()
-    step.discard()
-    assert same(before, params_of(net))
-    step()
-    assert not same(before, params_of(net))
+def test_runner_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="reg_noise_std"):
+        StepRunner(small_net(), z(), lambda o: o.mean(), reg_noise_std=-1)
+    with pytest.raises(ValueError, match="precision"):
+        StepRunner(small_net(), z(), lambda o: o.mean(), precision="fp8")
+    with pytest.raises(ValueError, match="CUDA"):
+        StepRunner(small_net(), z(), lambda o: o.mean(), mode="graph")
+    with pytest.raises(ValueError, match="scalar"):
+        StepRunner(small_net(), z(), lambda o: o).step()
 
 
-def test_backtracker_unit():
+def test_device_backtracker_unit():
     p = torch.nn.Parameter(torch.zeros(3))
-    bt = Backtracker([p], threshold_db=5.0)
-    assert bt.check(20.0) is False  # first check: snapshot
+    q = torch.nn.Parameter(torch.zeros(2))
+    bt = DeviceBacktracker([p, q], threshold_db=5.0)
+
+    def check(value, active=True):
+        bt.before_update(torch.tensor(value), active)
+        with torch.no_grad():  # the optimizer's update
+            p.add_(1.0)
+            q.add_(2.0)
+        bt.after_update(active)
+        return bool(bt.dropped)
+
+    assert check(20.0) is False  # first check: snapshot of p = 0, then the update
+    assert check(16.0) is False  # -4 dB: accepted, snapshot at p = 1
+    assert check(10.0) is True  # -6 dB from 16: the update is undone, back to the snapshot
+    assert torch.equal(p.detach(), torch.ones(3)) and torch.equal(q.detach(), torch.full((2,), 2.0))
     with torch.no_grad():
-        p.add_(1.0)
-    assert bt.check(16.0) is False  # -4 dB: accepted, new snapshot at p = 1
-    with torch.no_grad():
-        p.add_(1.0)
-    assert bt.check(10.0) is True  # -6 dB from 16: restore
+        p.fill_(float("nan"))
+    assert check(float("nan")) is True  # NaN counts as a drop and NaN weights are replaced
     assert torch.equal(p.detach(), torch.ones(3))
-    with torch.no_grad():
-        p.add_(5.0)
-    assert bt.check(float("nan")) is True  # NaN counts as a drop
-    assert torch.equal(p.detach(), torch.ones(3))
-    assert bt.last_psnr == 16.0
+    assert float(bt.last_psnr) == 16.0
+    # A device flag that is off leaves everything alone (the graph runs this every step).
+    assert check(0.0, active=torch.tensor(False)) is False
+    assert torch.equal(p.detach(), torch.full((3,), 2.0))
+    # The parameters now share one flat buffer, with their shapes and identities kept.
+    assert p.shape == (3,) and q.shape == (2,) and p.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
 
 
 # ---------------------------------------------------------------- fit

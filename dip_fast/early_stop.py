@@ -1,0 +1,110 @@
+"""Early stopping without ground truth: the windowed moving variance (ES-WMV).
+
+Deep Image Prior first fits the image content and only later the noise, so
+the PSNR against the clean image rises to a peak and then falls.  Wang et
+al. ("Early Stopping for Deep Image Prior", arXiv 2112.06074) observed that
+the *variance* of the recent outputs follows the same U shape: it falls
+while the network converges on the content and rises again once it starts
+fitting the noise.  ES-WMV keeps the last ``W`` outputs and their variance
+
+    VAR(t) = 1/W * sum_{i in window} ||x_i - mean(window)||^2
+
+and stops once VAR has not reached a new minimum for ``P`` steps; the
+estimate returned is the one of the step that set the minimum.  The paper
+uses ``W = 100`` and ``P = 1000``.
+
+Everything here is tensor arithmetic on the output's device with no host
+synchronisation, so :meth:`WindowedVariance.update` can run inside a CUDA
+graph; only :meth:`WindowedVariance.read` copies three numbers to the host,
+and the caller decides how often to do that.
+
+The variance is computed incrementally from a running sum and sum of
+squares (two reads and writes of the image per step instead of ``W``); the
+running sums are kept in float64 so that thousands of additions and
+subtractions do not drift.  The reported value is the variance per pixel
+(the formula above divided by the number of elements), which does not
+change where the minimum is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["EarlyStopState", "WindowedVariance"]
+
+
+@dataclass
+class EarlyStopState:
+    """Host copy of the tracker's state (see :meth:`WindowedVariance.read`)."""
+
+    steps: int  # outputs seen so far
+    best_step: Optional[int]  # 0-based step of the smallest variance so far (None before the window fills)
+    variance: float  # variance of the current window (NaN before it fills)
+
+
+class WindowedVariance:
+    """Running variance of the last ``window`` outputs and the step where it was smallest.
+
+    Args:
+        like: a tensor shaped like one output (its shape and device are used).
+        window: ``W``, the number of outputs in the window.
+        patience: ``P``, how many steps without a new minimum end the run.
+
+    After every step call :meth:`update` with the step's raw output and the
+    estimate the caller would return at that step (the averaged output when
+    averaging is on); :attr:`best` then holds the estimate of the step with
+    the smallest variance.
+    """
+
+    def __init__(self, like: torch.Tensor, window: int = 100, patience: int = 1000) -> None:
+        if isinstance(window, bool) or int(window) != window or window < 2:
+            raise ValueError(f"window must be an integer >= 2, got {window!r}")
+        if isinstance(patience, bool) or int(patience) != patience or patience < 1:
+            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
+        self.window = int(window)
+        self.patience = int(patience)
+        dev = like.device
+        self.ring = torch.zeros((self.window,) + tuple(like.shape), dtype=torch.float32, device=dev)
+        self.total = torch.zeros(like.shape, dtype=torch.float64, device=dev)
+        self.total_sq = torch.zeros((), dtype=torch.float64, device=dev)
+        self.count = torch.zeros((), dtype=torch.int64, device=dev)
+        self.variance = torch.full((), float("nan"), dtype=torch.float64, device=dev)
+        self.min_variance = torch.full((), float("inf"), dtype=torch.float64, device=dev)
+        self.best_step = torch.full((), -1, dtype=torch.int64, device=dev)
+        self.best = torch.zeros(like.shape, dtype=torch.float32, device=dev)
+        self._elements = like.numel()
+
+    @torch.no_grad()
+    def update(self, out: torch.Tensor, estimate: Optional[torch.Tensor] = None) -> None:
+        """Push one step's output; remember ``estimate`` (default ``out``) if the variance hit a new minimum."""
+        estimate = out if estimate is None else estimate
+        x = out.detach().to(torch.float32)
+        pos = torch.remainder(self.count, self.window).reshape(1)
+        old = self.ring.index_select(0, pos)[0]
+        self.ring.index_copy_(0, pos, x.unsqueeze(0))
+        # Before the window is full the slot held zeros, so subtracting it is a no-op.
+        x64, old64 = x.double(), old.double()
+        self.total.add_(x64).sub_(old64)
+        self.total_sq.add_(x64.square().sum() - old64.square().sum())
+        self.count.add_(1)
+        # sum ||x_i - mean||^2 = sum ||x_i||^2 - ||sum x_i||^2 / W
+        spread = (self.total_sq - self.total.square().sum() / self.window).clamp_min(0.0)
+        full = self.count >= self.window
+        var = torch.where(full, spread / (self.window * self._elements), torch.full_like(spread, float("nan")))
+        self.variance.copy_(var)
+        improved = full & (var < self.min_variance)
+        self.min_variance.copy_(torch.where(improved, var, self.min_variance))
+        self.best_step.copy_(torch.where(improved, self.count - 1, self.best_step))
+        self.best.copy_(torch.where(improved, estimate.detach().to(torch.float32), self.best))
+
+    def read(self) -> EarlyStopState:
+        """Copy the counters to the host (one synchronisation)."""
+        count, best, var = torch.stack([self.count.double(), self.best_step.double(), self.variance]).tolist()
+        return EarlyStopState(steps=int(count), best_step=int(best) if best >= 0 else None, variance=var)
+
+    def should_stop(self, state: Optional[EarlyStopState] = None) -> bool:
+        """True once ``patience`` steps have passed without a new minimum of the variance."""
+        state = self.read() if state is None else state
+        return state.best_step is not None and state.steps - 1 - state.best_step >= self.patience

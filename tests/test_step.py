@@ -1,0 +1,301 @@
+"""Tests of the step runner (eager and CUDA graph), precision modes and ES-WMV early stopping."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dip_fast import nets
+from dip_fast.early_stop import WindowedVariance
+from dip_fast.fit import fit
+from dip_fast.metrics import psnr
+from dip_fast.reference import get_noise, skip
+from dip_fast.step import GRAPH_WARMUP_STEPS, StepRunner, precision_settings
+
+from .conftest import requires_extension
+
+SIZE = 32
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NET_ARGS = dict(
+    num_channels_down=[16, 16, 16], num_channels_up=[16, 16, 16], num_channels_skip=[4, 4, 4],
+    upsample_mode="bilinear", pad="reflection",
+)
+
+
+def make_net(backend=skip, seed: int = 0, device: str = "cpu") -> nn.Module:
+    torch.manual_seed(seed)
+    return backend(8, 3, **NET_ARGS).to(device)
+
+
+def smooth_image(size: int = SIZE, device: str = "cpu") -> torch.Tensor:
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    img = torch.stack([0.5 + 0.4 * torch.sin(6 * x), 0.5 + 0.4 * torch.cos(5 * y), 0.25 + 0.5 * x * y])
+    return img[None].to(device)
+
+
+def z(device: str = "cpu", size: int = SIZE) -> torch.Tensor:
+    return get_noise(8, "noise", size, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def plain_loop(net: nn.Module, z0: torch.Tensor, target: torch.Tensor, steps: int, std: float, seed: int):
+    """The paper's loop written out with no bookkeeping: the parity baseline."""
+    gen = torch.Generator(device=z0.device).manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    noise = torch.empty_like(z0)
+    losses = []
+    net.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        noise.normal_(generator=gen)
+        loss = ((net(z0 + std * noise) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+# ---------------------------------------------------------------- eager parity (CPU)
+
+
+@pytest.mark.parametrize("backend", [skip, pytest.param(nets.skip, marks=requires_extension)],
+                         ids=["reference", "fast"])
+def test_eager_runner_matches_plain_loop_with_noise(backend):
+    target = smooth_image()
+    net = make_net(backend)
+    twin = copy.deepcopy(net)
+    expected = plain_loop(net, z(), target, 12, std=0.05, seed=7)
+    res = fit(twin, z(), lambda o: ((o - target) ** 2).mean(), iterations=12, reg_noise_std=0.05,
+              generator=torch.Generator().manual_seed(7), backtrack=False, exp_weight=None)
+    assert res.step_mode == "eager" and res.steps == 12
+    torch.testing.assert_close(torch.tensor(res.loss_history), torch.tensor(expected), rtol=1e-5, atol=0)
+    # (Parameters are not compared: conv biases feeding BatchNorm have a true gradient of zero, so Adam
+    # normalises rounding noise there and they legitimately differ between float orders.)
+
+
+class DropAt:
+    """A ``degrade`` that ruins the PSNR at chosen steps, to trigger backtracking."""
+
+    def __init__(self, steps):
+        self.steps, self.calls = set(steps), 0
+
+    def __call__(self, x):
+        self.calls += 1
+        return x + 10.0 if self.calls - 1 in self.steps else x
+
+
+def test_reading_the_log_less_often_changes_nothing():
+    """Averaging, backtracking and early stopping live on the device: sync_every only changes when they are read."""
+    target = smooth_image()
+
+    def run(sync_every):
+        return fit(make_net(), z(), lambda o: ((o - target) ** 2).mean(), iterations=23, reg_noise_std=0.03,
+                   generator=torch.Generator().manual_seed(1), observation=target, degrade=DropAt({8, 16}),
+                   check_every=4, exp_weight=0.9, reference=target, stop="auto", stop_window=5,
+                   stop_patience=1000, sync_every=sync_every)
+
+    every, batched = run(1), run(7)
+    assert every.backtrack_steps == batched.backtrack_steps == [8, 16]
+    for name in ("loss_history", "psnr_history", "psnr_ref_history", "psnr_ref_avg_history"):
+        assert getattr(every, name) == getattr(batched, name), name
+    assert len(every.variance_history) == 23
+    torch.testing.assert_close(every.variance_history, batched.variance_history, equal_nan=True)
+    assert torch.equal(every.output_avg, batched.output_avg) and torch.equal(every.output, batched.output)
+
+
+def test_callbacks_come_every_sync_every_steps():
+    seen = []
+    fit(make_net(), z(), lambda o: o.mean(), iterations=10, backtrack=False, sync_every=4,
+        callback=lambda info: seen.append(info.step))
+    assert seen == [3, 7, 9]
+    with pytest.raises(ValueError, match="sync_every"):
+        fit(make_net(), z(), lambda o: o.mean(), iterations=1, backtrack=False, sync_every=0)
+
+
+def test_graph_mode_without_cuda_warns_and_runs_eagerly():
+    with pytest.warns(RuntimeWarning, match="needs a CUDA device"):
+        res = fit(make_net(), z(), lambda o: o.mean(), iterations=2, backtrack=False, step_mode="graph")
+    assert res.step_mode == "eager" and res.steps == 2
+    with pytest.raises(ValueError, match="step_mode"):
+        fit(make_net(), z(), lambda o: o.mean(), iterations=1, backtrack=False, step_mode="fast")
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_precision_settings_are_set_and_restored():
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = (conv.fp32_precision, matmul.fp32_precision)
+    with precision_settings("fp32"):
+        assert conv.fp32_precision == "ieee" and matmul.fp32_precision == "ieee"
+    with precision_settings("tf32"):
+        assert conv.fp32_precision == "tf32" and matmul.fp32_precision == "tf32"
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with pytest.raises(ValueError, match="precision"):
+        with precision_settings("fp16"):
+            pass
+
+
+@pytest.mark.parametrize("backend", [skip, pytest.param(nets.skip, marks=requires_extension)],
+                         ids=["reference", "fast"])
+def test_bf16_runs_channels_last_and_tracks_fp32(backend):
+    target = smooth_image()
+    loss_fn = lambda o: ((o - target) ** 2).mean()  # noqa: E731
+    ref = fit(make_net(backend), z(), loss_fn, iterations=30, backtrack=False, exp_weight=0.9)
+    net = make_net(backend)
+    res = fit(net, z(), loss_fn, iterations=30, backtrack=False, exp_weight=0.9, precision="bf16")
+    if hasattr(net, "channels_last"):
+        assert net.channels_last
+    assert res.output.dtype == torch.float32 and res.output_avg.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # master weights stay fp32
+    # bfloat16 has 8 significant bits: the first loss agrees to about 1%, and training still converges.
+    assert abs(res.loss_history[0] - ref.loss_history[0]) < 0.02 * ref.loss_history[0]
+    assert res.loss_history[-1] < 0.5 * res.loss_history[0]
+    assert abs(float(psnr(res.output_avg, target)) - float(psnr(ref.output_avg, target))) < 1.0
+
+
+# ---------------------------------------------------------------- ES-WMV
+
+
+def test_windowed_variance_matches_direct_computation():
+    torch.manual_seed(0)
+    outs = [torch.rand(1, 3, 5, 4) * (1 + i % 3) for i in range(17)]
+    es = WindowedVariance(outs[0], window=4, patience=3)
+    best, best_step = float("inf"), None
+    for i, o in enumerate(outs):
+        es.update(o, estimate=o * 2)
+        if i < 3:
+            assert torch.isnan(es.variance)
+            continue
+        window = torch.stack(outs[i - 3 : i + 1])
+        direct = ((window - window.mean(0)) ** 2).sum() / 4 / o.numel()
+        torch.testing.assert_close(es.variance.float(), direct, rtol=1e-5, atol=1e-7)
+        if direct < best:
+            best, best_step = float(direct), i
+        state = es.read()
+        assert state.best_step == best_step and state.steps == i + 1
+        assert es.should_stop(state) == (i - best_step >= 3)
+    torch.testing.assert_close(es.best, outs[best_step] * 2)
+
+
+def test_windowed_variance_rejects_bad_settings():
+    with pytest.raises(ValueError, match="window"):
+        WindowedVariance(torch.zeros(3), window=1)
+    with pytest.raises(ValueError, match="patience"):
+        WindowedVariance(torch.zeros(3), patience=0)
+    with pytest.raises(ValueError, match="stop"):
+        fit(make_net(), z(), lambda o: o.mean(), iterations=1, backtrack=False, stop="early")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_early_stopping_catches_the_peak_before_overfitting(seed):
+    """A small network fitted to heavy noise peaks early, then learns the noise: ES-WMV must stop near the peak."""
+    clean = smooth_image()
+    noisy = (clean + 0.15 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    res = fit(make_net(seed=seed), z(), lambda o: ((o - noisy) ** 2).mean(), iterations=3000, exp_weight=None,
+              observation=noisy, reference=clean, backtrack=False, stop="auto", stop_window=20, stop_patience=300)
+    assert res.stop_reason == "early_stop" and res.steps < 3000
+    assert res.stop_step is not None and res.steps - 1 - res.stop_step >= 300
+    history = res.psnr_ref_history
+    peak, at_stop, final = max(history), float(psnr(res.stop_output, clean)), history[-1]
+    assert at_stop == pytest.approx(history[res.stop_step], abs=1e-4)  # the estimate of the detected step
+    assert final < peak - 5  # the run really overfits...
+    assert at_stop > final + 3 and at_stop > peak - 4  # ...and the detected step is much nearer the peak
+
+
+def test_early_stopping_off_or_not_triggered_returns_no_stop_output():
+    target = smooth_image()
+    res = fit(make_net(), z(), lambda o: ((o - target) ** 2).mean(), iterations=30, backtrack=False,
+              stop="auto", stop_window=5, stop_patience=1000)
+    assert res.stop_reason == "completed" and res.stop_step is None and res.stop_output is None
+    assert len(res.variance_history) == 30
+    res = fit(make_net(), z(), lambda o: o.mean(), iterations=3, backtrack=False)
+    assert res.variance_history == [] and res.stop_step is None
+
+
+# ---------------------------------------------------------------- CUDA graph (GPU only)
+
+
+def cuda_problem(backend, steps_seed: int = 3):
+    target = smooth_image(64, "cuda")
+    net = make_net(backend, device="cuda")
+    return net, z("cuda", 64), target, (lambda o: ((o - target) ** 2).mean())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", [skip, pytest.param(nets.skip, marks=requires_extension)],
+                         ids=["reference", "fast"])
+def test_graph_replay_matches_eager_for_20_steps(backend):
+    torch.backends.cudnn.deterministic = True
+    try:
+        net, z0, target, loss_fn = cuda_problem(backend)
+        twin = copy.deepcopy(net)
+        kw = dict(iterations=20, reg_noise_std=0.03, exp_weight=0.99, observation=target, check_every=5,
+                  reference=target, sync_every=20)
+        eager = fit(net, z0, loss_fn, generator=torch.Generator("cuda").manual_seed(5), **kw)
+        graph = fit(twin, z0, loss_fn, generator=torch.Generator("cuda").manual_seed(5), step_mode="graph", **kw)
+    finally:
+        torch.backends.cudnn.deterministic = False
+    assert graph.step_mode == "graph" and eager.step_mode == "eager"
+    torch.testing.assert_close(torch.tensor(graph.loss_history), torch.tensor(eager.loss_history), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(graph.output_avg, eager.output_avg, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_graph_replays_draw_fresh_noise_and_never_sync():
+    net, z0, target, loss_fn = cuda_problem(skip)
+    runner = StepRunner(net, z0, loss_fn, reg_noise_std=0.05, generator=torch.Generator("cuda").manual_seed(0),
+                        exp_weight=0.99, observation=target, backtrack_threshold_db=5.0, early_stop=(5, 100),
+                        mode="graph")
+    for i in range(GRAPH_WARMUP_STEPS + 1):
+        runner.step(check=i % 2 == 0)
+    assert runner.graphed
+    log = torch.empty(4, runner.stats.numel(), device="cuda")
+    noises = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(4):
+            runner.step(check=i % 2 == 0)
+            log[i].copy_(runner.stats)
+            noises.append(runner._noise.clone())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not torch.equal(noises[0], noises[1]) and not torch.equal(noises[1], noises[2])
+    assert torch.isfinite(log[:, 0]).all()
+
+
+@pytest.mark.cuda
+@requires_extension
+def test_bf16_graph_parity_on_a_small_image():
+    clean = smooth_image(64, "cuda")
+    noisy = (clean + 0.1 * torch.randn(clean.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0)))
+    results = {}
+    for precision in ("fp32", "bf16"):
+        net = make_net(nets.skip, device="cuda")
+        results[precision] = fit(net, z("cuda", 64), lambda o: ((o - noisy) ** 2).mean(), iterations=300,
+                                 reg_noise_std=0.03, generator=torch.Generator("cuda").manual_seed(1),
+                                 observation=noisy, reference=clean, precision=precision, step_mode="graph")
+    a = float(psnr(results["fp32"].output_avg, clean))
+    b = float(psnr(results["bf16"].output_avg, clean))
+    assert abs(a - b) < 0.5, (a, b)
+
+
+@pytest.mark.cuda
+def test_capture_failure_falls_back_with_one_warning():
+    net, z0, target, _ = cuda_problem(skip)
+
+    def syncing_loss(o):
+        loss = ((o - target) ** 2).mean()
+        if torch.cuda.is_current_stream_capturing():
+            loss.item()  # a host sync: illegal during capture
+        return loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = fit(net, z0, syncing_loss, iterations=GRAPH_WARMUP_STEPS + 3, backtrack=False, step_mode="graph")
+    assert res.step_mode == "eager" and res.steps == GRAPH_WARMUP_STEPS + 3
+    assert sum("capture" in str(w.message) for w in caught) == 1
