@@ -1,12 +1,14 @@
 """One DIP training step of the paper's denoising network, per implementation and size.
 
-A step is what :class:`dip_fast.fit.DIPStep` does: perturb ``z``, forward,
+A step is what :class:`dip_fast.step.StepRunner` runs: perturb ``z``, forward,
 MSE loss, backward, Adam update (the same builders as ``bench/compare.py``).
 
-Variants: ``fast`` (fused network, NCHW), ``fast_cl`` (fused, channels_last),
-``reference`` (plain PyTorch) and ``compile`` (``torch.compile(reference)``).
-Sizes: 64, 128, 256 on both devices, 512 on CUDA only; on the CPU
-``compile`` runs at 64 and 128 only (its compile alone takes minutes there).
+CPU variants: ``fast`` (fused network, NCHW), ``fast_cl`` (fused,
+channels_last), ``reference`` (plain PyTorch) and ``compile``
+(``torch.compile(reference)``), at 64, 128 and 256 (``compile`` at 64 and
+128 only: its compile alone takes minutes there).  CUDA variants add the
+CUDA-graph steps in fp32, TF32 and bf16 (``compare.CUDA_STEP_VARIANTS``), at
+256, 512 and 1024.
 Benchmarks of one size share a pytest-benchmark group, so the comparison
 table lists them together; the ratio between rows is only as good as the
 machine's load was steady (use ``bench/compare.py`` for interleaved ratios).
@@ -24,7 +26,7 @@ import torch
 import compare as harness
 
 CPU_SIZES = (64, 128, 256)
-CUDA_SIZES = (64, 128, 256, 512)
+CUDA_SIZES = (256, 512, 1024)
 CPU_COMPILE_SIZES = (64, 128)
 
 
@@ -36,9 +38,10 @@ def _rounds(device: str, size: int) -> Tuple[int, int]:
 
 
 def _cases() -> Iterator[pytest.param]:
-    for device, sizes in (("cpu", CPU_SIZES), ("cuda", CUDA_SIZES)):
+    for device, sizes, variants in (("cpu", CPU_SIZES, harness.STEP_VARIANTS),
+                                    ("cuda", CUDA_SIZES, harness.CUDA_STEP_VARIANTS)):
         for size in sizes:
-            for variant in harness.STEP_VARIANTS:
+            for variant in variants:
                 if device == "cpu" and variant == "compile" and size not in CPU_COMPILE_SIZES:
                     continue
                 yield pytest.param(device, size, variant, marks=getattr(pytest.mark, device), id=f"{device}-{size}-{variant}")

@@ -108,11 +108,13 @@ def rerun_if_extension_stale(names: Sequence[str] = ("bn_act_forward", "bn_act_b
 
 dip_fast = _import_dip_fast()
 from dip_fast import _ops, nets, reference  # noqa: E402
-from dip_fast.fit import DIPStep  # noqa: E402
+from dip_fast.step import StepRunner, precision_settings  # noqa: E402
 
 __all__ = [
     "PAPER_NETWORK",
+    "CUDA_STEP_VARIANTS",
     "STEP_VARIANTS",
+    "VARIANTS",
     "OpCase",
     "build_steps",
     "conv_flops",
@@ -139,8 +141,31 @@ PAPER_NETWORK: Dict[str, Any] = dict(
     act_fun="LeakyReLU",
 )
 
-#: Step variants, in the order tables list them.
+@dataclass(frozen=True)
+class Variant:
+    """How one step variant is built and run."""
+
+    net: str  # "fast", "reference" or "compile" (torch.compile of the reference)
+    channels_last: bool = False
+    mode: str = "eager"  # StepRunner mode: "eager" or "graph" (one CUDA graph per step)
+    precision: str = "fp32"  # StepRunner precision: "fp32" (IEEE), "tf32" or "bf16"
+    label: str = ""
+
+
+VARIANTS: Dict[str, Variant] = {
+    "fast": Variant("fast", label="fused network, NCHW, eager, fp32"),
+    "fast_cl": Variant("fast", channels_last=True, label="fused network, channels_last, eager, fp32"),
+    "reference": Variant("reference", label="plain PyTorch, eager, fp32"),
+    "compile": Variant("compile", label="torch.compile(reference), fp32"),
+    "fast_graph": Variant("fast", mode="graph", label="fused network, one CUDA graph per step, fp32"),
+    "fast_graph_tf32": Variant("fast", mode="graph", precision="tf32", label="as fast_graph, TF32 tensor cores"),
+    "fast_graph_bf16": Variant("fast", mode="graph", precision="bf16",
+                               label="as fast_graph, bf16 autocast + channels_last"),
+}
+#: Step variants on the CPU, in the order tables list them.
 STEP_VARIANTS = ("fast", "fast_cl", "reference", "compile")
+#: Step variants on CUDA (the graph and reduced-precision ones need a GPU).
+CUDA_STEP_VARIANTS = ("reference", "compile", "fast", "fast_graph", "fast_graph_tf32", "fast_graph_bf16")
 
 #: The project's CPU goal for the fused network: reference / fast time per step, by image size.
 CPU_GOALS = {64: 1.3, 128: 1.5, 256: 1.3}
@@ -171,18 +196,30 @@ def _paper_nets(variants: Sequence[str], seed: int) -> Dict[str, nn.Module]:
     state = ref.state_dict()
     out: Dict[str, nn.Module] = {}
     for name in variants:
-        if name in ("fast", "fast_cl"):
+        if name not in VARIANTS:
+            raise ValueError(f"unknown step variant {name!r}; known: {list(VARIANTS)}")
+        spec = VARIANTS[name]
+        if spec.net == "fast":
             with warnings.catch_warnings():
                 warnings.simplefilter("error", RuntimeWarning)  # a silent fallback would time the reference twice
-                net = nets.skip(channels_last=(name == "fast_cl"), **PAPER_NETWORK)
-            net.load_state_dict(state)
-        elif name in ("reference", "compile"):
-            net = reference.skip(**PAPER_NETWORK)
-            net.load_state_dict(state)
+                net = nets.skip(channels_last=spec.channels_last, **PAPER_NETWORK)
         else:
-            raise ValueError(f"unknown step variant {name!r}; known: {STEP_VARIANTS}")
+            net = reference.skip(**PAPER_NETWORK)
+        net.load_state_dict(state)
         out[name] = net.train()
     return out
+
+
+class BenchStep:
+    """One variant's training step as a no-argument callable (``runner`` is its :class:`StepRunner`)."""
+
+    def __init__(self, runner: StepRunner, precision: str) -> None:
+        self.runner, self.precision = runner, precision
+
+    def __call__(self) -> None:
+        # Precision flags are global: set them per call, since the variants take turns.
+        with precision_settings(self.precision):
+            self.runner.step()
 
 
 def build_steps(
@@ -192,21 +229,24 @@ def build_steps(
     *,
     seed: int = 0,
     compile_mode: Optional[str] = None,
-) -> Dict[str, DIPStep]:
-    """A :class:`~dip_fast.fit.DIPStep` per variant: same weights, same ``z``, same target, same noise seed.
+) -> Dict[str, BenchStep]:
+    """A step per variant: same weights, same ``z``, same target, same noise seed.
 
     Each variant owns its network, Adam state and noise generator, so
     interleaving them does not couple their trajectories. The target is a
-    random image: the step's cost does not depend on the data.
+    random image: the step's cost does not depend on the data. A step is the
+    :class:`~dip_fast.step.StepRunner` step that ``fit`` runs, without
+    averaging, backtracking or early stopping (the same work for every variant).
     """
     nets_ = _paper_nets(variants, seed)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     z = (torch.rand(1, PAPER_NETWORK["num_input_channels"], size, size, generator=gen) * 0.1).to(device)
     target = torch.rand(1, PAPER_NETWORK["num_output_channels"], size, size, generator=gen).to(device)
-    steps: Dict[str, DIPStep] = {}
+    steps: Dict[str, BenchStep] = {}
     for name, net in nets_.items():
+        spec = VARIANTS[name]
         net = net.to(device)
-        if name == "compile":
+        if spec.net == "compile":
             # dynamic=False: each size gets its own static graph, as a user
             # fitting one image would; otherwise the second size would switch
             # Inductor to dynamic shapes and time a different program.
@@ -216,8 +256,39 @@ def build_steps(
         def loss_fn(out: torch.Tensor, _t: torch.Tensor = target) -> torch.Tensor:
             return F.mse_loss(out, _t)
 
-        steps[name] = DIPStep(net, z, loss_fn, lr=0.01, reg_noise_std=REG_NOISE_STD, generator=noise_gen)
+        runner = StepRunner(net, z, loss_fn, lr=0.01, reg_noise_std=REG_NOISE_STD, generator=noise_gen,
+                            mode=spec.mode, precision=spec.precision)
+        steps[name] = BenchStep(runner, spec.precision)
     return steps
+
+
+def peak_probe(device: torch.device) -> Dict[str, float]:
+    """The card's measured dense matmul rate (TFLOP/s) per precision: the "peak" step rates are compared with.
+
+    An 8192^3 GEMM is as close to the tensor cores' best as PyTorch gets;
+    median of 10 calls after 3 warm-up calls.
+    """
+    if device.type != "cuda":
+        return {}
+    n = 8192
+    out: Dict[str, float] = {}
+    for label, dtype, prec in (("bf16", torch.bfloat16, "fp32"), ("tf32", torch.float32, "tf32"),
+                               ("fp32", torch.float32, "fp32")):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        times = []
+        with precision_settings(prec):
+            for i in range(13):
+                sync(device)
+                t0 = time.perf_counter()
+                torch.mm(a, b)
+                sync(device)
+                if i >= 3:
+                    times.append(time.perf_counter() - t0)
+        out[f"{label}_matmul_tflops"] = 2.0 * n**3 / statistics.median(times) / 1e12
+        del a, b
+    torch.cuda.empty_cache()
+    return out
 
 
 def conv_probe(device: torch.device, channels_last: bool, seed: int = 0) -> Tuple[Callable[[], None], float]:
@@ -597,7 +668,7 @@ def _category(name: str) -> str:
 
 
 def profile_steps(
-    steps: Dict[str, DIPStep], device: torch.device, *, warmup: int = 1, rounds: int = 5, top: int = 12
+    steps: Dict[str, BenchStep], device: torch.device, *, warmup: int = 1, rounds: int = 5, top: int = 12
 ) -> Dict[str, Any]:
     """Profile ``rounds`` steps of each variant with ``torch.profiler``, the variants taking turns.
 
@@ -758,7 +829,9 @@ def render_markdown(result: Dict[str, Any]) -> str:
         "",
     ]
     steps = result.get("steps", {})
-    if steps:
+    if steps and env["device"] != "cpu":
+        lines += _render_device_steps(result)
+    elif steps:
         lines += [
             "| size | fast ms | fast_cl ms | reference ms | compile ms | ref / fast | ref / fast_cl "
             "| compile / fast | compile / fast_cl | faster layout | CPU goal | clean reps |",
@@ -825,6 +898,32 @@ def render_markdown(result: Dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _render_device_steps(result: Dict[str, Any]) -> List[str]:
+    """GPU step table: every variant's time, its speed-up over reference and compile, and its FLOP rate."""
+    peak = result.get("peak", {})
+    bf16 = peak.get("bf16_matmul_tflops")
+    lines = [
+        "Variants: " + "; ".join(f"`{name}` {spec.label}" for name, spec in VARIANTS.items()) + ".",
+        "",
+        "Peak (dense 8192³ matmul, same run): "
+        + (", ".join(f"{k.split('_')[0]} {v:.0f} TFLOP/s" for k, v in peak.items()) if peak else "not measured")
+        + ". TFLOP/s counts the step's convolution FLOPs only.",
+        "",
+        "| size | variant | ms / step | reference / variant | compile / variant | TFLOP/s | % of bf16 peak | clean reps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for size, s in result["steps"].items():
+        m, r, tf = s["median_s"], s["speedup"], s.get("tflops", {})
+        for name in [n for n in VARIANTS if n in m]:
+            share = f"{tf[name] / bf16 * 100:.1f}%" if bf16 and name in tf else "-"
+            lines.append(
+                f"| {size}² | {name} | {_ms(m.get(name))} | {_fmt_ratio(r.get(f'reference/{name}'))} | "
+                f"{_fmt_ratio(r.get(f'compile/{name}'))} | {tf.get(name, float('nan')):.1f} | {share} | {_reps(s)} |"
+            )
+    lines.append("")
+    return lines
+
+
 def _render_profile(prof: Dict[str, Any]) -> List[str]:
     first = next(iter(prof["variants"].values()))
     lines = [
@@ -889,6 +988,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="fast network layouts: both (NCHW and channels_last), only channels_last, or NCHW only",
     )
     p.add_argument("--no-probe", action="store_true", help="skip the forward-conv rate probes")
+    p.add_argument("--no-graph", action="store_true", help="CUDA: skip the CUDA-graph step variants")
     p.add_argument("--no-steps", action="store_true", help="skip the step benchmarks")
     p.add_argument("--no-ops", action="store_true", help="skip the custom-op benchmarks")
     p.add_argument("--op-size", type=int, default=None, help="image size the op shapes come from (default cpu 128, cuda 512)")
@@ -953,6 +1053,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "steps": {},
     }
     env = result["environment"]
+    if is_cuda and not args.no_steps:
+        result["peak"] = peak_probe(device)
+        print("peak matmul TFLOP/s: " + ", ".join(f"{k}={v:.0f}" for k, v in result["peak"].items()), flush=True)
     print(f"dip_fast bench: {device.type} ({env.get('gpu') or env['cpu_model']}), torch {env['torch']}, "
           f"commit {env['commit']}, {env['torch_threads']} threads -> {out}", flush=True)
     t_start = time.perf_counter()
@@ -960,6 +1063,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.no_steps:
         for size in sizes:
             variants = list(layouts) + ["reference"] + (["compile"] if size in compile_sizes else [])
+            if is_cuda and not args.no_graph:
+                variants += [v for v in CUDA_STEP_VARIANTS if v.startswith("fast_graph")]
             print(f"[steps {size}x{size}] {', '.join(variants)}", flush=True)
             t0 = time.perf_counter()
             steps = build_steps(variants, size, device, seed=args.seed,
@@ -977,8 +1082,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             secs = kept_seconds(timing)
             med = medians(secs)
             speedup = {}
+            fast_names = [v for v in variants if VARIANTS[v].net == "fast"]
             for other in ("reference", "compile"):
-                for fast in layouts:
+                for fast in fast_names:
                     r = ratio_stats(secs, other, fast)
                     if r:
                         speedup[f"{other}/{fast}"] = r
@@ -995,6 +1101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "flops": conv_flops(size),
                 "elapsed_s": time.perf_counter() - t0,
             }
+            entry["tflops"] = {name: entry["flops"]["step_flops"] / t / 1e12 for name, t in med.items()
+                               if name in VARIANTS}
             if len(layouts) == 2:
                 r = ratio_stats(secs, "fast", "fast_cl")
                 entry["speedup"]["fast/fast_cl"] = r

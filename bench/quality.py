@@ -235,6 +235,8 @@ def run_one(case: Dict[str, Any], backend: str, seed: int, args: argparse.Namesp
         backend=backend_factory(backend, args.channels_last),
         generator=gen,
         iterations=args.iterations,
+        precision=args.precision,
+        step_mode=args.step_mode,
     )
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -286,6 +288,7 @@ def render(result: Dict[str, Any]) -> str:
     head = "| backend | PSNR dB | SSIM |" + (" PSNR avg dB | SSIM avg |" if avg else "") + " s / run |"
     lines = [
         f"Task `{cfg['task']}` (preset `{cfg['preset']}`), {cfg['iterations']} iterations, "
+        f"precision {cfg.get('precision', 'fp32')}, {cfg.get('step_mode', 'eager')} steps, "
         f"{len(cfg['images'])} image(s) x {len(cfg['seeds'])} seed(s), crop {cfg['crop'] or 'none'}, "
         f"{result['environment']['device']}; mean +- sd over runs [min, max]; raw: `{result['json_name']}`.",
         "",
@@ -343,6 +346,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--border", type=int, default=None, help="sr: pixels removed at each border (default: the factor)")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--channels-last", action="store_true", help="fast backend in channels_last layout")
+    p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32", help="step precision (--via solve)")
+    p.add_argument("--step-mode", choices=("eager", "graph"), default="eager",
+                   help="graph: one CUDA graph per step (CUDA only; --via solve)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--via", choices=("solve", "restore"), default="solve",
@@ -402,6 +408,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "seeds": seeds,
             "backends": args.backends,
             "channels_last": args.channels_last,
+            "precision": args.precision,
+            "step_mode": args.step_mode,
             "via": args.via,
             "protocol": "RGB PSNR/SSIM in [0,1]" if args.task == "denoise"
             else f"Y (BT.601) PSNR/SSIM, data range 255, border {args.border}; LR by PIL LANCZOS",

@@ -1,16 +1,16 @@
-"""The ``dip-fast`` command: restore image files, or run the demo.
+"""The ``dip-fast`` command: restore image files or folders of them, or run the demo.
 
 Every user error (a bad argument, a missing or unreadable file, an output
 that exists) ends with one line on stderr and exit status 2, never a
-traceback.  Outputs are written atomically (a temporary file in the same
-folder, then ``os.replace``).
+traceback; in a batch a bad image only fails its own row (exit status 1).
+Outputs are written atomically (a temporary file in the same folder, then
+``os.replace``).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
@@ -21,6 +21,8 @@ from . import __version__, io
 __all__ = ["main", "build_parser"]
 
 PROG = "dip-fast"
+#: Tasks of ``dip-fast batch`` (passed on to restore(); ``sr`` is super-resolution).
+BATCH_TASKS = ("denoise", "inpaint", "sr", "deblur", "jpeg")
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError)
 
 
@@ -60,6 +62,18 @@ black (0) the pixels to fill in.
   dip-fast sr small.png --scale 4 -o large.png
   dip-fast sr small.png --scale 8 -o large.png --preset paper --device cuda
 """,
+    "batch": """examples:
+  dip-fast batch noisy/ clean/ --task denoise
+  dip-fast batch photos/ filled/ --task inpaint --masks masks/
+  dip-fast batch small/ large/ --task sr --scale 4 --ground-truth originals/
+  torchrun --nproc_per_node=8 -m dip_fast batch in/ out/ --task denoise
+
+Each result gets its input's name in OUT_DIR (JPEG and WebP inputs give a
+.png). Results that already exist are skipped, so running the same command
+again resumes a stopped batch. A file that cannot be restored is reported and
+the batch goes on. OUT_DIR/summary.csv lists every file: done, skipped or
+failed. Exit status: 0 if no file failed, 1 if some did, 2 on bad arguments.
+""",
     "demo": """examples:
   dip-fast demo                 # writes into ./out
   dip-fast demo --out results --device cpu
@@ -70,18 +84,30 @@ CPU a 128x128 crop with the 'fast' presets (about 5 minutes on 2 cores).
 }
 
 
-def _add_restore_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", metavar="IN", help="image file to restore")
-    p.add_argument("-o", "--output", metavar="OUT", required=True, help="where to write the result")
+def _add_run_options(p: argparse.ArgumentParser, max_time_help: str) -> None:
+    """Options of a restoration run, shared by the single-file commands and batch."""
     p.add_argument("--iterations", type=int, metavar="N", help="optimisation steps (default: the preset's)")
     p.add_argument("--preset", default="auto", metavar="NAME",
                    help="auto (default), paper, fast, quick, or a preset name from dip_fast.tasks.PRESETS")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--backend", choices=("fast", "reference"), default="fast", help="network implementation")
-    p.add_argument("--max-time", type=float, metavar="SECONDS", help="stop after this long; the result so far is written")
+    p.add_argument("--max-time", type=float, metavar="SECONDS", help=max_time_help)
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the run")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (for repeatable CUDA runs)")
+
+
+def _run_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """restore() keywords of the options added by _add_run_options."""
+    return dict(iterations=args.iterations, preset=args.preset, device=args.device, seed=args.seed,
+                backend=args.backend, max_time=args.max_time, num_threads=args.threads,
+                deterministic=args.deterministic)
+
+
+def _add_restore_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="IN", help="image file to restore")
+    p.add_argument("-o", "--output", metavar="OUT", required=True, help="where to write the result")
+    _add_run_options(p, "stop after this long; the result so far is written")
     p.add_argument("--ground-truth", metavar="CLEAN", help="clean image: PSNR in the progress bar and summary only")
     p.add_argument("--save-every", type=int, metavar="N", help="also write a snapshot every N steps")
     p.add_argument("--plot", nargs="?", const="", metavar="PNG",
@@ -91,7 +117,7 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``dip-fast`` (subcommands denoise, inpaint, sr, demo)."""
+    """The argument parser of ``dip-fast`` (subcommands denoise, inpaint, sr, batch, demo)."""
     parser = _Parser(
         prog=PROG,
         description="Deep Image Prior restoration (Ulyanov et al., CVPR 2018) with fused C++/CUDA kernels.",
@@ -117,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=_EPILOGS["sr"] + _COMMON_EPILOG, formatter_class=fmt)
     _add_restore_options(sr)
     sr.add_argument("--scale", type=int, required=True, help="enlargement factor: 2, 4, 8, ...")
+
+    bat = sub.add_parser("batch", help="restore every image in a folder",
+                         description="Restore every image file in IN_DIR into OUT_DIR; resumable, and split "
+                                     "across processes when launched with torchrun.",
+                         epilog=_EPILOGS["batch"], formatter_class=fmt)
+    bat.add_argument("in_dir", metavar="IN_DIR", help="folder of images (subfolders are not searched)")
+    bat.add_argument("out_dir", metavar="OUT_DIR", help="folder for the results and summary.csv (created if missing)")
+    bat.add_argument("--task", required=True, choices=BATCH_TASKS, help="what to do to every image")
+    _add_run_options(bat, "per image: stop after this long; the result so far is written")
+    bat.add_argument("--sigma", type=float, help="denoise: noise level in 0-255 units (default: estimated per image)")
+    bat.add_argument("--scale", type=int, help="sr, required: enlargement factor 2, 4, 8, ...")
+    bat.add_argument("--masks", metavar="DIR", help="inpaint, required: folder of masks named like the images")
+    bat.add_argument("--blur-kernel", metavar="SPEC",
+                     help="deblur, required: the blur kernel, gaussian:SIGMA or box:N (N odd)")
+    bat.add_argument("--ground-truth", metavar="DIR",
+                     help="folder of clean images named like the inputs: PSNR in the summary")
+    bat.add_argument("-q", "--quiet", action="store_true", help="report only failures")
 
     demo = sub.add_parser("demo", help="restore scikit-image's astronaut three ways",
                           description="Denoise, inpaint and x4 super-resolve scikit-image's astronaut; "
@@ -193,15 +236,11 @@ def _write_plot(info: Any, path: Path) -> None:
         ax.set_ylabel("PSNR vs ground truth (dB)")
         ax.set_title(f"{info.task}: PSNR")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with io.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------
@@ -238,11 +277,8 @@ def _run_restore(args: argparse.Namespace) -> int:
                 # Snapshots belong to this output: rewritten on every run.
                 io.save_image(info["render"](), _snapshot_path(out, step + 1), overwrite=True)
 
-    kwargs: Dict[str, Any] = dict(
-        iterations=args.iterations, preset=args.preset, device=args.device, seed=args.seed, backend=args.backend,
-        max_time=args.max_time, num_threads=args.threads, deterministic=args.deterministic,
-        ground_truth=args.ground_truth, progress=not args.quiet, callback=callback, return_info=True,
-    )
+    kwargs = _run_kwargs(args)
+    kwargs.update(ground_truth=args.ground_truth, progress=not args.quiet, callback=callback, return_info=True)
     if task == "denoise":
         kwargs["sigma"] = args.sigma
     elif task == "inpaint":
@@ -261,6 +297,48 @@ def _run_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_batch(args: argparse.Namespace) -> int:
+    import logging
+
+    from . import batch
+
+    for flag, value, task in (("--scale", args.scale, "sr"), ("--masks", args.masks, "inpaint"),
+                              ("--blur-kernel", args.blur_kernel, "deblur"), ("--sigma", args.sigma, "denoise")):
+        if value is not None and args.task != task:
+            raise _UserError(f"{flag} only applies to --task {task}, not --task {args.task}")
+    if args.task == "sr" and args.scale is None:
+        raise _UserError("--task sr needs --scale (2, 4, 8, ...)")
+    if args.task == "inpaint" and args.masks is None:
+        raise _UserError("--task inpaint needs --masks DIR (masks named like the images; white = known pixel)")
+    kwargs = _run_kwargs(args)
+    if args.sigma is not None:
+        kwargs["sigma"] = args.sigma
+    if args.blur_kernel is not None:
+        kwargs["blur_kernel"] = args.blur_kernel
+
+    # One line per image on stderr; failures are warnings, shown even with -q.
+    logger = logging.getLogger(batch.__name__)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        with batch.distributed(args.device) as (rank, world_size, device):
+            kwargs["device"] = device
+            summary = batch.run_batch(args.in_dir, args.out_dir, task=args.task, rank=rank, world_size=world_size,
+                                      ground_truth_dir=args.ground_truth, masks_dir=args.masks, scale=args.scale,
+                                      **kwargs)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    if rank == 0 and not args.quiet:
+        where = summary.summary_path or summary.csv_path
+        print(f"{summary.done} done, {summary.skipped} skipped, {summary.failed} failed; summary in {where}",
+              file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -272,13 +350,18 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``dip-fast``; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    """Entry point of ``dip-fast``; returns the exit status.
+
+    0 ok, 1 some files of a batch failed, 2 user error, 130 interrupted.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{PROG} {args.command}"
     try:
         if args.command == "demo":
             return _run_demo(args)
+        if args.command == "batch":
+            return _run_batch(args)
         return _run_restore(args)
     except (_UserError,) + USER_ERRORS as exc:
         message = " ".join(str(exc).split())  # one line, whatever the exception held

@@ -20,7 +20,6 @@ five minutes on two cores.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,15 +134,11 @@ def _save_comparison(panels: Sequence[Tuple[str, np.ndarray]], path: Path, title
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with io.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _line(r: DemoRow) -> str:
@@ -294,10 +289,8 @@ def run_demo(
     echo("")
     echo(table)
     echo(f"\nTotal restoration time: {total:.0f} s. Images and comparisons are in {out}/")
-    fd, tmp = tempfile.mkstemp(prefix=".results.md.", dir=out)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(table + f"\n\nTotal restoration time: {total:.0f} s\n")
-    os.replace(tmp, out / "results.md")
+    with io.atomic_path(out / "results.md") as tmp:
+        tmp.write_text(table + f"\n\nTotal restoration time: {total:.0f} s\n")
     return rows
 
 

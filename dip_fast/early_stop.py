@@ -27,12 +27,13 @@ change where the minimum is.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["EarlyStopState", "WindowedVariance"]
+__all__ = ["EarlyStopState", "WindowedVariance", "detect_stop"]
 
 
 @dataclass
@@ -108,3 +109,22 @@ class WindowedVariance:
         """True once ``patience`` steps have passed without a new minimum of the variance."""
         state = self.read() if state is None else state
         return state.best_step is not None and state.steps - 1 - state.best_step >= self.patience
+
+
+def detect_stop(variances: Sequence[float], patience: int) -> Tuple[Optional[int], Optional[int]]:
+    """Apply the ES-WMV rule to a recorded variance history (NaN while the window fills).
+
+    Returns ``(stop, best)``: the 0-based step after which a run with this
+    ``patience`` ends, and the step whose estimate it returns; ``(None,
+    best)`` when the history ends first.  This is the rule
+    :class:`WindowedVariance` applies on the device, for benchmarks that run
+    to the full step count and ask afterwards where early stopping would
+    have ended.
+    """
+    best, low = None, math.inf
+    for step, v in enumerate(variances):
+        if v == v and v < low:  # NaN never counts
+            best, low = step, v
+        if best is not None and step - best >= patience:
+            return step, best
+    return None, best

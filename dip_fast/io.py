@@ -24,12 +24,13 @@ restored: it is passed through unchanged (and resized for super-resolution).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "atomic_path",
     "MIN_SIZE",
     "ImageLike",
     "ImageSpec",
@@ -546,6 +548,29 @@ def from_tensor(color: torch.Tensor, alpha: Optional[torch.Tensor], spec: ImageS
     return np.ascontiguousarray(arr)
 
 
+@contextlib.contextmanager
+def atomic_path(dest: Union[str, "os.PathLike[str]"]) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; move it over ``dest`` when the block succeeds.
+
+    A crash or Ctrl-C inside the block leaves ``dest`` untouched and removes
+    the temporary file.  The file gets the permissions a plain ``open()``
+    would give it (``0o666`` minus the umask), not ``mkstemp``'s private 0600.
+    """
+    dest = Path(os.fspath(dest))
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=dest.suffix, dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def save_image(image: Any, path: Union[str, "os.PathLike[str]"], *, overwrite: bool = False) -> Path:
     """Write a result of :func:`dip_fast.restore` to ``path`` atomically.
 
@@ -583,9 +608,7 @@ def save_image(image: Any, path: Union[str, "os.PathLike[str]"], *, overwrite: b
     if ext not in Image.registered_extensions():
         raise ValueError(f"output '{dest}': unknown image extension {dest.suffix!r} (use .png, .tif, .jpg, ...)")
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=dest.suffix, dir=dest.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dest) as tmp:
         if arr is not None and ext in (".tif", ".tiff") and (arr.dtype != np.uint8):
             import tifffile
 
@@ -596,10 +619,5 @@ def save_image(image: Any, path: Union[str, "os.PathLike[str]"], *, overwrite: b
             pil = Image.fromarray(np.ascontiguousarray(arr)) if arr is not None else image
             if ext in (".jpg", ".jpeg") and pil.mode in ("RGBA", "LA"):
                 raise ValueError(f"output '{dest}': JPEG cannot store an alpha channel; use .png")
-            pil.save(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            pil.save(tmp, format=Image.registered_extensions()[ext])
     return dest

@@ -10,8 +10,9 @@
 #   build    pip install --no-build-isolation --no-deps -e .   (TORCH_CUDA_ARCH_LIST unset:
 #            setup.py builds for the GPU it sees)
 #   tests    pytest -q -m cuda tests, failures in full
-#   steps    bench/compare.py: fast, fast channels_last and reference training steps,
-#            interleaved, at 256, 512, 1024 (eager only: cheap, so it always finishes)
+#   steps    bench/compare.py: reference, fast (NCHW and channels_last) eager steps and
+#            the fast CUDA-graph steps in fp32, TF32 and bf16, interleaved, at 256, 512,
+#            1024, with the card's measured matmul peak (FLOP/s per variant against it)
 #   compile  bench/compare.py again with torch.compile(reference) in the rotation
 #            (--autotune: mode max-autotune); written after each size
 #   ops      bench/compare.py --no-steps: fused BN-act (and Lanczos, if built) vs PyTorch,
@@ -19,6 +20,16 @@
 #   e2e      one paper-size restoration, 512x512 denoising, 3000 steps, fast then
 #            reference: wall time and PSNR (bench/quality.py; restore() when it exists)
 #   summary  a short table of everything above
+#
+# Not in the default set (name them with --only, e.g. in a second call):
+#
+#   parity   bench/quality.py at paper settings: F16 denoising 512x512 (3000 steps) in
+#            fp32 eager, fp32 graph and bf16 graph, and zebra x4 super-resolution in fp32
+#            graph and bf16 graph; decides whether graph and bf16 may become the CUDA
+#            defaults (bf16 must end within 0.1 dB of fp32). Writes parity.json.
+#   earlystop bench/early_stop.py on the F16 image at 512x512: ES-WMV's detected step
+#            against the PSNR peak, and the share of the fixed run it takes. Writes
+#            early-stop.json.
 #
 # Every stage writes its results to $OUT as soon as it ends (the JSON files are
 # rewritten after every size or run inside a stage), so a run cut off by the
@@ -37,16 +48,21 @@
 #   --image PATH      the e2e image (default ../shared/data/dip/denoising/F16_GT.png
 #                     relative to the repository root, else scikit-image's astronaut)
 #   --budget SECONDS  overall time budget (default 570; 1200 with --cpu-only)
+#   --only LIST       comma-separated stages to run (default env,build,tests,steps,compile,ops,e2e;
+#                     the others: parity, earlystop). A fresh machine needs env,build first.
+#   --data DIR        the sample images (default ../shared/data relative to the repository root)
 #   PYTHON=...        interpreter (default python3)
 set -uo pipefail
 
-usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,56p' "$0" | sed 's/^# \{0,1\}//'; }
 
 CPU_ONLY=0
 DO_BUILD=1
 AUTOTUNE=()
 IMAGE=""
 BUDGET=""
+ONLY="env,build,tests,steps,compile,ops,e2e"
+DATA=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-only) CPU_ONLY=1 ;;
@@ -54,6 +70,8 @@ while [ $# -gt 0 ]; do
     --autotune) AUTOTUNE=(--autotune) ;;
     --image) IMAGE="${2:?--image needs a path}"; shift ;;
     --budget) BUDGET="${2:?--budget needs seconds}"; shift ;;
+    --only) ONLY="${2:?--only needs a list of stages}"; shift ;;
+    --data) DATA="${2:?--data needs a folder}"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -94,13 +112,15 @@ else
   WARMUP=3
 fi
 
+DATA="${DATA:-$REPO/../shared/data}"
 if [ -z "$IMAGE" ]; then
-  if [ -f "$REPO/../shared/data/dip/denoising/F16_GT.png" ]; then
-    IMAGE="$REPO/../shared/data/dip/denoising/F16_GT.png"
+  if [ -f "$DATA/dip/denoising/F16_GT.png" ]; then
+    IMAGE="$DATA/dip/denoising/F16_GT.png"
   else
     IMAGE=astronaut
   fi
 fi
+ZEBRA="$DATA/dip/sr/zebra_GT.png"
 
 START=$(date +%s)
 FAILED=0
@@ -118,6 +138,10 @@ stage_budget() {
 run_stage() {
   local name=$1 want=$2 budget t0 rc
   shift 2
+  case ",$ONLY," in
+    *",$name,"*) ;;
+    *) return ;;
+  esac
   budget=$(stage_budget "$want")
   if [ "$budget" -lt 15 ]; then
     echo "=== $name: skipped, $budget s left of the overall budget ==="
@@ -176,6 +200,53 @@ with open(sys.argv[1], "w") as fh:
 if not info.get("extension_loaded"):
     sys.exit("the extension did not load")
 EOF
+}
+
+# shellcheck disable=SC2329  # run through run_stage (exported, in a child bash)
+parity() {
+  # Each run writes its own JSON in a scratch folder; one merged file comes back.
+  local tmp prec mode runs=()
+  tmp=$(mktemp -d)
+  if [ -f "$IMAGE" ]; then
+    for pair in fp32:eager fp32:graph bf16:graph; do
+      prec=${pair%:*}; mode=${pair#*:}
+      "$PYTHON" bench/quality.py --task denoise --crop "$E2E_CROP" --iterations "$E2E_ITERS" --seeds 1 \
+        --backends fast --device "$DEVICE" --precision "$prec" --step-mode "$mode" \
+        --out "$tmp/denoise-$prec-$mode.json" --no-markdown "$IMAGE" && runs+=("$tmp/denoise-$prec-$mode.json")
+      merge_parity "${runs[@]}"
+    done
+  fi
+  if [ -f "$ZEBRA" ]; then
+    for pair in fp32:graph bf16:graph; do
+      prec=${pair%:*}; mode=${pair#*:}
+      "$PYTHON" bench/quality.py --task sr --factor 4 --seeds 1 --backends fast --device "$DEVICE" \
+        --precision "$prec" --step-mode "$mode" \
+        --out "$tmp/sr-$prec-$mode.json" --no-markdown "$ZEBRA" && runs+=("$tmp/sr-$prec-$mode.json")
+      merge_parity "${runs[@]}"
+    done
+  fi
+  [ "${#runs[@]}" -gt 0 ]
+}
+
+# shellcheck disable=SC2329  # called by parity
+merge_parity() {
+  [ "$#" -gt 0 ] || return 0
+  "$PYTHON" - "$OUT/parity.json" "$@" <<'EOF'
+import json, sys
+runs = [json.load(open(p)) for p in sys.argv[2:]]
+json.dump({"schema": "dip_fast-gpu-parity/1", "runs": runs}, open(sys.argv[1], "w"), indent=1)
+for r in runs:
+    c, s = r["config"], r["summary"]["backends"]["fast"]
+    avg = s.get("psnr_avg", s["psnr"])["mean"]
+    print(f"{c['task']:8s} {c['precision']:5s} {c['step_mode']:6s}: PSNR {s['psnr']['mean']:.2f} dB, "
+          f"avg {avg:.2f} dB, {s['wall_s']['mean']:.1f} s")
+EOF
+}
+
+# shellcheck disable=SC2329  # run through run_stage (exported, in a child bash)
+earlystop() {
+  "$PYTHON" bench/early_stop.py --crop "$E2E_CROP" --iterations "$E2E_ITERS" --device "$DEVICE" \
+    --out "$OUT/early-stop.json" "$IMAGE"
 }
 
 summary() {
@@ -239,7 +310,8 @@ EOF
 }
 
 export PYTHON OUT
-export -f env_info build
+export IMAGE ZEBRA DEVICE E2E_CROP E2E_ITERS
+export -f env_info build parity merge_parity earlystop
 
 # Whether dip_fast.restore exists in this checkout (the e2e stage prefers it).
 VIA=solve
@@ -256,14 +328,16 @@ else
   echo "=== build: skipped (--cpu-only without --build); would run: pip install --no-build-isolation --no-deps -e . ==="
   printf 'build\tskipped\t0\t0\n' >> "$OUT/stages.tsv"
 fi
-run_stage tests 90 "$PYTHON" -m pytest -q -m cuda tests --tb=long -rfE -p no:cacheprovider
-run_stage steps 90 "$PYTHON" bench/compare.py --device "$DEVICE" --sizes "${STEP_SIZES[@]}" --no-compile \
+run_stage tests 120 "$PYTHON" -m pytest -q -m cuda tests --tb=long -rfE -p no:cacheprovider
+run_stage steps 150 "$PYTHON" bench/compare.py --device "$DEVICE" --sizes "${STEP_SIZES[@]}" --no-compile \
   --no-ops --repeats "$REPEATS" --warmup "$WARMUP" --out "$OUT/$DEVICE-steps.json" --no-markdown
 run_stage compile 200 "$PYTHON" bench/compare.py --device "$DEVICE" --sizes "${COMPILE_SIZES[@]}" \
   --compile-sizes "${COMPILE_SIZES[@]}" "${AUTOTUNE[@]}" --no-ops --repeats "$REPEATS" --warmup "$WARMUP" \
   --out "$OUT/$DEVICE-compile.json" --no-markdown
 run_stage ops 60 "$PYTHON" bench/compare.py --device "$DEVICE" --no-steps --op-size "$OP_SIZE" \
   --repeats "$REPEATS" --warmup "$WARMUP" --profile --profile-size "$OP_SIZE" --out "$OUT/$DEVICE-ops.json" --no-markdown
+run_stage parity 500 parity
+run_stage earlystop 300 earlystop
 run_stage e2e 200 "$PYTHON" bench/quality.py --task denoise --crop "$E2E_CROP" --iterations "$E2E_ITERS" \
   --seeds 1 --device "$DEVICE" --via "$VIA" --out "$OUT/e2e.json" --no-markdown "$IMAGE"
 echo

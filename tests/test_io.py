@@ -246,3 +246,21 @@ def test_save_16bit(tmp_path):
 def test_save_unknown_extension(tmp_path):
     with pytest.raises(ValueError, match="unknown image extension"):
         io.save_image(Image.fromarray(rgb()), tmp_path / "o.xyz")
+
+
+def test_atomic_path_replaces_on_success_only_and_keeps_normal_permissions(tmp_path):
+    dest = tmp_path / "out.txt"
+    dest.write_text("old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(dest) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert dest.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    before = os.umask(0o022)
+    try:
+        with io.atomic_path(dest) as tmp:
+            tmp.write_text("new")
+    finally:
+        os.umask(before)
+    assert dest.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    assert dest.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from dip_fast import nets
-from dip_fast.early_stop import WindowedVariance
+from dip_fast.early_stop import WindowedVariance, detect_stop
 from dip_fast.fit import fit
 from dip_fast.metrics import psnr
 from dip_fast.reference import get_noise, skip
@@ -199,6 +199,8 @@ def test_early_stopping_catches_the_peak_before_overfitting(seed):
     res = fit(make_net(seed=seed), z(), lambda o: ((o - noisy) ** 2).mean(), iterations=3000, exp_weight=None,
               observation=noisy, reference=clean, backtrack=False, stop="auto", stop_window=20, stop_patience=300)
     assert res.stop_reason == "early_stop" and res.steps < 3000
+    # The recorded variances, replayed through the host-side rule, give the same decision.
+    assert detect_stop(res.variance_history, 300) == (res.steps - 1, res.stop_step)
     assert res.stop_step is not None and res.steps - 1 - res.stop_step >= 300
     history = res.psnr_ref_history
     peak, at_stop, final = max(history), float(psnr(res.stop_output, clean)), history[-1]
