@@ -9,6 +9,7 @@ picks settings and wires those steps together.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -30,8 +31,24 @@ __all__ = ["RestoreInfo", "estimate_memory", "restore", "PRESET_LEVELS", "TASK_A
 
 #: Values of ``preset`` that pick settings by task (see :func:`dip_fast.tasks.preset_for`).
 PRESET_LEVELS = ("auto", "paper", "fast", "quick")
-#: Accepted spellings of each task.
-TASK_ALIASES = {"denoise": "denoise", "inpaint": "inpaint", "super_resolution": "super_resolution", "sr": "super_resolution"}
+#: Accepted spellings of each task named by a string (a callable task is a forward operator).
+TASK_ALIASES = {
+    "denoise": "denoise",
+    "inpaint": "inpaint",
+    "super_resolution": "super_resolution",
+    "sr": "super_resolution",
+    "deblur": "deblur",
+    "jpeg": "jpeg",
+}
+
+#: Tasks where a long run fits the noise, so that ``stop='auto'`` turns early stopping on.
+EARLY_STOP_TASKS = ("denoise", "jpeg", "deblur")
+STOP_CHOICES = ("auto", "never")
+#: ES-WMV's window and patience for ``stop='auto'`` (the values of Wang et al.).
+EARLY_STOP_WINDOW = 100
+EARLY_STOP_PATIENCE = 1000
+STEP_MODE_CHOICES = ("auto", "eager", "graph")
+PRECISION_CHOICES = ("auto", "fp32", "tf32", "bf16")
 
 # A CPU run whose measured estimate exceeds this many seconds is announced
 # in a warning even when the caller picked the preset.
@@ -46,7 +63,7 @@ class RestoreInfo:
     """What a :func:`restore` run did (returned with ``return_info=True``).
 
     Attributes:
-        task: the task that ran.
+        task: the task that ran (``'callable'`` for a forward operator).
         preset: name of the preset whose settings were used.
         backend: what built the network: ``'fast'``, ``'reference'``, or
             ``'reference (fast fallback)'`` when the extension lacks the fused ops.
@@ -54,7 +71,7 @@ class RestoreInfo:
         seed: the seed of the run (drawn at random when ``seed=None``).
         iterations: the step budget.
         steps: steps completed.
-        stop_reason: ``'completed'``, ``'max_time'``, ``'keyboard_interrupt'`` or
+        stop_reason: ``'completed'``, ``'early_stop'``, ``'max_time'``, ``'keyboard_interrupt'`` or
             ``'callback'``.
         interrupted: the run stopped before ``iterations`` steps.
         wall_time: seconds spent in the optimisation loop.
@@ -97,6 +114,12 @@ class RestoreInfo:
 # --------------------------------------------------------------------------
 
 
+def _check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 def _check_int(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an integer, got {value!r}")
@@ -111,10 +134,44 @@ def _check_positive(value: Any, name: str) -> float:
     return float(value)
 
 
-def _resolve_task(task: Any) -> str:
+def _resolve_task(task: Any) -> Tuple[str, Optional[tasks.Operator]]:
+    """The task's name and, for a callable task, the forward operator."""
+    if callable(task) and not isinstance(task, str):
+        return "callable", task
     if not isinstance(task, str) or task not in TASK_ALIASES:
-        raise ValueError(f"task must be one of 'denoise', 'inpaint', 'super_resolution' (or 'sr'), got {task!r}")
-    return TASK_ALIASES[task]
+        raise ValueError(
+            "task must be one of 'denoise', 'inpaint', 'super_resolution' (or 'sr'), 'deblur', 'jpeg', "
+            f"or a callable forward operator, got {task!r}"
+        )
+    return TASK_ALIASES[task], None
+
+
+def _check_output_shape(value: Any) -> Tuple[int, int, int]:
+    """``output_shape`` of a callable task: ``(C, H, W)`` with C 1 or 3 and sides of at least ``io.MIN_SIZE``."""
+    if isinstance(value, torch.Size):
+        value = tuple(value)
+    if not isinstance(value, (tuple, list)) or len(value) != 3 or not all(
+        isinstance(v, Integral) and not isinstance(v, bool) for v in value
+    ):
+        raise TypeError(f"output_shape must be a tuple of three integers (C, H, W), got {value!r}")
+    c, h, w = (int(v) for v in value)
+    if c not in (1, 3):
+        raise ValueError(f"output_shape: C must be 1 (grey) or 3 (RGB), got {c}")
+    if min(h, w) < io.MIN_SIZE:
+        raise ValueError(f"output_shape: H and W must be at least {io.MIN_SIZE}, got {h}x{w}")
+    return c, h, w
+
+
+def _output_spec(spec: io.ImageSpec, c: int, h: int, w: int) -> io.ImageSpec:
+    """The observation's spec for an image of another shape, without alpha (a callable task's result)."""
+    layout = spec.layout
+    if spec.kind == "numpy" and c == 3:
+        layout = "HWC"
+    changes: Dict[str, Any] = dict(height=h, width=w, channels=c, has_alpha=False, layout=layout)
+    if spec.kind in ("pil", "path") and c == 3 and spec.bit_depth != 8:
+        # Pillow has no 16-bit or float colour mode: such colour results come back as arrays, as for files.
+        changes.update(kind="numpy", layout="HWC")
+    return dataclasses.replace(spec, **changes)
 
 
 def _resolve_device(device: Any) -> torch.device:
@@ -303,10 +360,12 @@ def _sr_downsampler(backend_name: str, channels: int, factor: int, kernel_type: 
 
 def restore(
     image: io.ImageLike,
-    task: str = "denoise",
+    task: Union[str, tasks.Operator] = "denoise",
     *,
     mask: Optional[io.ImageLike] = None,
     scale: Optional[int] = None,
+    blur_kernel: Optional[tasks.KernelLike] = None,
+    output_shape: Optional[Tuple[int, int, int]] = None,
     iterations: Optional[int] = None,
     preset: Union[str, tasks.Preset] = "auto",
     sigma: Optional[float] = None,
@@ -320,6 +379,9 @@ def restore(
     max_time: Optional[float] = None,
     num_threads: Optional[int] = None,
     deterministic: bool = False,
+    stop: str = "auto",
+    step_mode: str = "auto",
+    precision: str = "auto",
 ) -> Any:
     """Restore one image with Deep Image Prior (Ulyanov et al., CVPR 2018).
 
@@ -334,11 +396,39 @@ def restore(
             passed through (resized for super-resolution).  Any size from
             8x8 up: the image is reflect-padded to the network's multiple
             and cropped back.
-        task: ``'denoise'``, ``'inpaint'`` or ``'super_resolution'`` (``'sr'``).
+        task: ``'denoise'``, ``'inpaint'``, ``'super_resolution'`` (``'sr'``),
+            ``'deblur'`` (needs ``blur_kernel``), ``'jpeg'`` (JPEG artefact
+            removal: the denoising data term on the compressed image with the
+            snail settings of the paper; the fixed step budget is the early
+            stopping that keeps the blocks out), or a callable forward
+            operator ``A`` (needs ``output_shape``; see below).
         mask: inpainting only, required: known pixels are 1/True (0/255 for
             uint8 images); same size as the image; any image kind.
         scale: super-resolution only, required: the even integer factor
             (2, 4, 8, ...); the result is ``scale`` times larger.
+        blur_kernel: deblurring only, required: ``'gaussian:SIGMA'`` (SIGMA in
+            pixels, ``2 * ceil(3 SIGMA) + 1`` wide), ``'box:N'`` (N odd), or a
+            2-D array/tensor with odd sides and non-negative entries
+            (normalised to sum 1).  The data term is ``mse(k * x, image)``
+            with ``k * x`` the convolution of the estimate, reflect-padded at
+            the borders (edge-replicated when the kernel's half-width reaches
+            the image's size), see :func:`dip_fast.tasks.blur`.
+        output_shape: callable task only, required: ``(C, H, W)`` of the
+            image to recover, C 1 or 3, H and W at least 8.
+
+            A callable ``task`` is called as ``A(x)`` with ``x`` a
+            ``(1, C, H, W)`` float32 tensor in [0, 1] on the run's device and
+            must return a tensor of the observation's shape
+            ``(1, C_y, H_y, W_y)`` (``image`` converted like any image:
+            colour channels only, in [0, 1]), computed with differentiable
+            torch operations; the data term is ``mse(A(x), image)``.  ``A``'s
+            own parameters, if it is a module, are not fitted (freeze them
+            with ``requires_grad_(False)`` to save their gradients).  The
+            network works at a size padded to its multiple and the estimate
+            is cropped to ``(H, W)`` before ``A`` sees it.  ``A`` is called
+            once on a grey image before the run to check its output.  The
+            result has ``output_shape`` and the kind of ``image`` (an alpha
+            channel of ``image`` is dropped); ``info.task`` is ``'callable'``.
         iterations: number of optimisation steps (default: the preset's).
         preset: ``'auto'`` (default: ``'paper'`` on a GPU, ``'fast'`` on the
             CPU, with a warning giving the estimated run time), ``'paper'``
@@ -349,6 +439,9 @@ def restore(
         sigma: denoising only: the noise standard deviation in 0-255 units.
             It only picks the input perturbation (1/30 at 25, 1/20 at 50);
             estimated with ``skimage.restoration.estimate_sigma`` if omitted.
+            The other tasks keep their preset's perturbation (``'jpeg'``:
+            1/30, the snail notebook's; compression artefacts are not
+            Gaussian noise, so no level is estimated).
         seed: seeds the network weights, the input and the perturbations.
             On the CPU the same seed gives the same result bit for bit; on
             CUDA only with ``deterministic=True`` (and still not bit for bit
@@ -359,27 +452,44 @@ def restore(
         backend: ``'fast'`` (fused kernels; falls back to the reference with a
             warning when the extension lacks them) or ``'reference'``.
         progress: show a tqdm progress bar (loss, and PSNR with ``ground_truth``).
-        callback: ``callback(step, info)`` after every step; ``info`` holds
+        callback: ``callback(step, info)`` every ``sync_every`` steps (every
+            step on the CPU, every 50 on CUDA, where reading values back
+            from the GPU each step would stall it); ``step`` is the latest
+            step and ``info`` holds
             ``loss``, ``psnr`` (against ``ground_truth`` or None),
             ``elapsed`` (s), ``backtracked``, ``output`` (the current
             estimate as a ``(1, C, H, W)`` tensor in [0, 1], colour only,
             cropped to the image) and ``render`` (a function returning the
             estimate in the caller's format, alpha included).  Returning
             True stops the run early, with its result so far.
-        ground_truth: a clean image of the output's size, used only to report
-            PSNR; it never influences the result.
+        ground_truth: a clean image of the output's size (and colour
+            channels), used only to report PSNR; it never influences the result.
         return_info: return ``(image, RestoreInfo)`` instead of the image.
         max_time: wall-clock budget in seconds; when it runs out the result
             so far is returned.  Ctrl-C does the same.
         num_threads: CPU threads for the run (the previous setting is restored).
         deterministic: use deterministic algorithms (cuDNN included) during the run.
+        stop: ``'auto'`` (default): for the tasks where a long run fits the
+            noise (``'denoise'``, ``'jpeg'``, ``'deblur'``) stop without
+            ground truth once the variance of the recent estimates stops
+            falling (ES-WMV, see :mod:`dip_fast.early_stop`) and return the
+            estimate of the detected step (``info.stop_step``); the other
+            tasks run all ``iterations``.  ``'never'``: always run all
+            ``iterations``.  ``iterations`` is the maximum either way.
+        step_mode: ``'auto'`` (default: eager until a GPU run has recorded
+            the CUDA graph's parity), ``'eager'``, or ``'graph'`` (CUDA only:
+            the whole step replayed as one CUDA graph; see :mod:`dip_fast.step`).
+        precision: ``'auto'`` (default: fp32 until a GPU run has recorded
+            bf16's parity), ``'fp32'``, ``'tf32'`` or ``'bf16'`` (autocast and
+            channels_last; weights and statistics stay fp32).
 
     Returns:
         The restored image, of the same kind as ``image``: uint8 in gives
         uint8 out, a tensor comes back on its device with its dtype and
         layout; a path gives a ``PIL.Image`` for 8-bit files and a numpy
-        array (uint16) for 16-bit ones.  With ``return_info`` a pair
-        ``(image, RestoreInfo)``.
+        array (uint16) for 16-bit ones (and for a callable task's 16-bit or
+        float colour result from a ``PIL.Image``).  With ``return_info`` a
+        pair ``(image, RestoreInfo)``.
 
     Raises:
         ValueError, TypeError, FileNotFoundError: on bad arguments, naming
@@ -387,7 +497,7 @@ def restore(
             estimated memory of the run exceeds the device's.
     """
     # ---- arguments (cheap checks first, before any pixel is touched)
-    task = _resolve_task(task)
+    task, operator = _resolve_task(task)
     if iterations is not None:
         iterations = _check_int(iterations, "iterations", 1)
     if max_time is not None:
@@ -396,6 +506,9 @@ def restore(
         num_threads = _check_int(num_threads, "num_threads", 1)
     if seed is not None:
         seed = _check_int(seed, "seed", 0)
+    stop = _check_choice(stop, "stop", STOP_CHOICES)
+    step_mode = _check_choice(step_mode, "step_mode", STEP_MODE_CHOICES)
+    precision = _check_choice(precision, "precision", PRECISION_CHOICES)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(step, info), got {type(callback).__name__}")
     if task == "super_resolution":
@@ -410,6 +523,19 @@ def restore(
         raise ValueError("mask is required for task='inpaint' (1/True = known pixel, same size as the image)")
     if task != "inpaint" and mask is not None:
         raise ValueError(f"mask only applies to task='inpaint', got a mask for task={task!r}")
+    kernel = None
+    if task == "deblur":
+        if blur_kernel is None:
+            raise ValueError("blur_kernel is required for task='deblur' ('gaussian:SIGMA', 'box:N' or a 2-D array)")
+        kernel = tasks.make_blur_kernel(blur_kernel, "blur_kernel")
+    elif blur_kernel is not None:
+        raise ValueError(f"blur_kernel only applies to task='deblur', got a blur_kernel for task={task!r}")
+    if task == "callable":
+        if output_shape is None:
+            raise ValueError("output_shape=(C, H, W) is required for a callable task: the shape of the image to recover")
+        output_shape = _check_output_shape(output_shape)
+    elif output_shape is not None:
+        raise ValueError(f"output_shape only applies to a callable task, got output_shape={output_shape!r} for task={task!r}")
     if sigma is not None:
         if task != "denoise":
             raise ValueError(f"sigma only applies to task='denoise', got sigma={sigma!r} for task={task!r}")
@@ -423,20 +549,26 @@ def restore(
     factor = scale or 1
 
     # ---- image size and memory, before the pixels are converted
-    source = io.inspect_image(image, "image")
+    # A callable's observation may be smaller than an image (its operator sets the sizes).
+    source = io.inspect_image(image, "image", min_size=1 if operator is not None else io.MIN_SIZE)
     spec = source.spec
+    # The generated image before padding, in low-resolution pixels (times `factor`).
+    out_c, out_h, out_w = output_shape or (spec.color_channels, spec.height, spec.width)
     n_scales = len(chosen.network["num_channels_down"])
     hr_multiple = 2**n_scales
     lr_multiple = hr_multiple // math.gcd(hr_multiple, factor)
     lr_min = -(-2 * hr_multiple // factor)  # the deepest level needs 2x2 pixels for BatchNorm
-    padded_hw = tuple(
-        -(-max(n, lr_min) // lr_multiple) * lr_multiple * factor for n in (spec.height, spec.width)
-    )
-    need = estimate_memory(chosen, spec.color_channels, padded_hw)
+
+    def padded_size(h: int, w: int) -> Tuple[int, int]:
+        """The network's working size for an image of ``h x w`` low-resolution pixels."""
+        return tuple(-(-max(n, lr_min) // lr_multiple) * lr_multiple * factor for n in (h, w))
+
+    padded_hw = padded_size(out_h, out_w)
+    need = estimate_memory(chosen, out_c, padded_hw)
     have = _device_memory(dev)
     if need is not None and have is not None and need > have:
         raise ValueError(
-            f"image of {spec.height}x{spec.width} is too large for {dev}: the run needs about "
+            f"image of {out_h}x{out_w} is too large for {dev}: the run needs about "
             f"{_fmt_bytes(need)} but the device has {_fmt_bytes(have)}; crop or downscale it, or use a smaller preset"
         )
 
@@ -445,14 +577,17 @@ def restore(
     spec = loaded.spec  # a file's orientation may have changed the size
     color = loaded.color
     c = color.shape[1]
+    if operator is None:
+        out_c, out_h, out_w = c, spec.height, spec.width
+        padded_hw = padded_size(out_h, out_w)
     m = io.load_mask(mask, spec.height, spec.width, c) if task == "inpaint" else None
     gt = None
     if ground_truth is not None:
         gt = io.load_image(ground_truth, "ground_truth").color
-        want = (c, spec.height * factor, spec.width * factor)
+        want = (out_c, out_h * factor, out_w * factor)
         if tuple(gt.shape[1:]) != want:
             raise ValueError(
-                f"ground_truth must be a clean image of the output's shape {want[1]}x{want[2]} with {c} "
+                f"ground_truth must be a clean image of the output's shape {want[1]}x{want[2]} with {out_c} "
                 f"colour channel(s), got {gt.shape[2]}x{gt.shape[3]} with {gt.shape[1]}"
             )
 
@@ -476,16 +611,26 @@ def restore(
     )
 
     # ---- pad, build, fit
-    obs, box = io.pad_to_multiple(color, lr_multiple, lr_min)
-    obs = obs.to(dev)
+    # Deblurring and a callable crop the generated image to `box` inside the
+    # data term, so their forward models see exactly the image (their
+    # observation is not padded); the other tasks fit the padded observation.
+    crop_in_term = task in ("deblur", "callable")
+    generated = color if operator is None else color.new_zeros(1, 1, out_h, out_w)  # only its size matters
+    padded, box = io.pad_to_multiple(generated, lr_multiple, lr_min)
+    obs = (color if crop_in_term else padded).to(dev)
     m_pad = io.pad_to_multiple(m, lr_multiple, lr_min)[0].to(dev) if m is not None else None
     gt_dev = gt.to(dev) if gt is not None else None
     alpha = loaded.alpha
+    if operator is not None:
+        tasks.check_operator(operator, (out_c, out_h, out_w), obs, name="task")
+        spec, alpha = _output_spec(spec, out_c, out_h, out_w), None
     if alpha is not None and factor > 1:
         alpha = io.resize_alpha(alpha, factor)
 
     with _run_settings(num_threads, deterministic):
-        term = tasks.make_data_term(chosen, obs, m_pad)
+        term = tasks.make_data_term(
+            chosen, obs, m_pad, blur_kernel=kernel, operator=operator, box=box if crop_in_term else None
+        )
         if isinstance(term, tasks.SuperResolutionTerm):
             fast_ds = _sr_downsampler(backend_name, c, factor, chosen.sr_kernel)
             if fast_ds is not None:
@@ -493,7 +638,7 @@ def restore(
         # Weights come from the global RNG: fork it so the caller's stream is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net = tasks.build_network(chosen, c, backend=make_net, device=dev)
+            net = tasks.build_network(chosen, out_c, backend=make_net, device=dev)
         generator = torch.Generator(device=dev).manual_seed(seed)
         net_input = tasks.make_input(chosen, padded_hw, generator=generator, device=dev)
 
@@ -503,16 +648,26 @@ def restore(
         )
         kwargs = dict(chosen.fit_kwargs())
         kwargs.update(term.fit_kwargs())
+        if gt_dev is not None:  # PSNR against the ground truth, on the device, every step
+            kwargs.update(reference=gt_dev, reference_view=lambda x: io.crop(x, box, factor))
         try:
             result = fit(
                 net, net_input, term, generator=generator, max_time=max_time,
-                callback=stopper.on_step, should_stop=stopper.should_stop, **kwargs,
+                callback=stopper.on_step, should_stop=stopper.should_stop,
+                stop="auto" if stop == "auto" and task in EARLY_STOP_TASKS else "never",
+                stop_window=EARLY_STOP_WINDOW, stop_patience=EARLY_STOP_PATIENCE,
+                step_mode=step_mode, precision="fp32" if precision == "auto" else precision, **kwargs,
             )
         finally:
             stopper.close()
 
-    estimate = result.output_avg if result.output_avg is not None else result.output
+    if result.stop_output is not None:  # early stopping: the estimate of the detected step
+        estimate = result.stop_output
+    else:
+        estimate = result.output_avg if result.output_avg is not None else result.output
     restored = io.crop(estimate, box, factor)
+    info.stop_step = result.stop_step
+    info.psnr_history = list(result.psnr_ref_avg_history or result.psnr_ref_history)
     info.steps = result.steps
     info.stop_reason = "callback" if result.stop_reason == "should_stop" else result.stop_reason
     info.interrupted = result.interrupted
@@ -568,9 +723,7 @@ class _Monitor:
     def on_step(self, s: StepInfo) -> None:
         est = s.out_avg if s.out_avg is not None else s.out
         est = io.crop(est, self.box, self.factor)
-        value = float(_psnr(est, self.gt)) if self.gt is not None else None
-        if value is not None:
-            self.info.psnr_history.append(value)
+        value = s.psnr_ref_avg if s.out_avg is not None else s.psnr_ref
         if self.cpu:
             self._time_warning(s)
         if self.bar is not None and not self.bar.disable:
@@ -578,7 +731,7 @@ class _Monitor:
             if value is not None:
                 post["psnr"] = f"{value:.2f}"
             self.bar.set_postfix(post, refresh=False)
-            self.bar.update(1)
+            self.bar.update(s.step + 1 - self.bar.n)  # the log is read every few steps on a GPU
         if self.callback is not None:
             alpha, spec = self.alpha, self.spec
             payload = {

@@ -58,6 +58,21 @@ _EPILOGS = {
 The mask is an image of the same size: white (or 1) marks known pixels,
 black (0) the pixels to fill in.
 """,
+    "deblur": """examples:
+  dip-fast deblur blurry.png --blur-kernel gaussian:2 -o sharp.png
+  dip-fast deblur blurry.png --blur-kernel box:5 -o sharp.png --stop never --iterations 3000
+
+The blur is assumed known: gaussian:SIGMA (in pixels) or box:N (N odd). The
+image is modelled as the sharp image blurred with reflect-padded borders.
+""",
+    "jpeg": """examples:
+  dip-fast jpeg compressed.jpg -o restored.png
+  dip-fast jpeg compressed.jpg -o restored.png --preset paper --device cuda
+
+Removes JPEG blocking and ringing: the network is fitted to the compressed
+image itself and stopped before it learns the artefacts (write a .png: saving
+the result as JPEG would add new ones).
+""",
     "sr": """examples:
   dip-fast sr small.png --scale 4 -o large.png
   dip-fast sr small.png --scale 8 -o large.png --preset paper --device cuda
@@ -95,13 +110,21 @@ def _add_run_options(p: argparse.ArgumentParser, max_time_help: str) -> None:
     p.add_argument("--max-time", type=float, metavar="SECONDS", help=max_time_help)
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the run")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (for repeatable CUDA runs)")
+    p.add_argument("--stop", choices=("auto", "never"), default="auto",
+                   help="auto (default): denoise, jpeg and deblur stop by themselves once the estimate "
+                        "stops improving (ES-WMV); never: run all iterations")
+    p.add_argument("--step-mode", choices=("auto", "eager", "graph"), default="auto",
+                   help="graph: replay each step as one CUDA graph (CUDA only; auto = eager for now)")
+    p.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16"), default="auto",
+                   help="arithmetic of the network (auto = fp32 for now)")
 
 
 def _run_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """restore() keywords of the options added by _add_run_options."""
     return dict(iterations=args.iterations, preset=args.preset, device=args.device, seed=args.seed,
                 backend=args.backend, max_time=args.max_time, num_threads=args.threads,
-                deterministic=args.deterministic)
+                deterministic=args.deterministic, stop=args.stop, step_mode=args.step_mode,
+                precision=args.precision)
 
 
 def _add_restore_options(p: argparse.ArgumentParser) -> None:
@@ -117,7 +140,7 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``dip-fast`` (subcommands denoise, inpaint, sr, batch, demo)."""
+    """The argument parser of ``dip-fast`` (subcommands denoise, inpaint, deblur, jpeg, sr, batch, demo)."""
     parser = _Parser(
         prog=PROG,
         description="Deep Image Prior restoration (Ulyanov et al., CVPR 2018) with fused C++/CUDA kernels.",
@@ -138,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=_EPILOGS["inpaint"] + _COMMON_EPILOG, formatter_class=fmt)
     _add_restore_options(inp)
     inp.add_argument("--mask", metavar="M", required=True, help="mask image: white/1 = known pixel, black/0 = fill in")
+
+    dbl = sub.add_parser("deblur", help="remove a known blur", description="Remove a known blur from an image.",
+                         epilog=_EPILOGS["deblur"] + _COMMON_EPILOG, formatter_class=fmt)
+    _add_restore_options(dbl)
+    dbl.add_argument("--blur-kernel", metavar="SPEC", required=True,
+                     help="the blur: gaussian:SIGMA or box:N (N odd)")
+
+    jpg = sub.add_parser("jpeg", help="remove JPEG artefacts",
+                         description="Remove JPEG compression artefacts from an image.",
+                         epilog=_EPILOGS["jpeg"] + _COMMON_EPILOG, formatter_class=fmt)
+    _add_restore_options(jpg)
 
     sr = sub.add_parser("sr", help="super-resolution", description="Enlarge an image by an even integer factor.",
                         epilog=_EPILOGS["sr"] + _COMMON_EPILOG, formatter_class=fmt)
@@ -251,7 +285,8 @@ def _write_plot(info: Any, path: Path) -> None:
 def _run_restore(args: argparse.Namespace) -> int:
     from .api import restore
 
-    task = {"denoise": "denoise", "inpaint": "inpaint", "sr": "super_resolution"}[args.command]
+    task = {"denoise": "denoise", "inpaint": "inpaint", "sr": "super_resolution", "deblur": "deblur",
+            "jpeg": "jpeg"}[args.command]
     out = Path(args.output)
     in_path = Path(args.input)
     mask = getattr(args, "mask", None)
@@ -271,9 +306,12 @@ def _run_restore(args: argparse.Namespace) -> int:
     callback = None
     if args.save_every:
         every = args.save_every
+        saved = [0]  # snapshots written so far
 
         def callback(step: int, info: Dict[str, Any]) -> None:
-            if (step + 1) % every == 0:
+            # On a GPU the callback comes every few steps: write when a multiple of N was passed.
+            if (step + 1) // every > saved[0]:
+                saved[0] = (step + 1) // every
                 # Snapshots belong to this output: rewritten on every run.
                 io.save_image(info["render"](), _snapshot_path(out, step + 1), overwrite=True)
 
@@ -283,7 +321,9 @@ def _run_restore(args: argparse.Namespace) -> int:
         kwargs["sigma"] = args.sigma
     elif task == "inpaint":
         kwargs["mask"] = mask
-    else:
+    elif task == "deblur":
+        kwargs["blur_kernel"] = args.blur_kernel
+    elif task == "super_resolution":
         kwargs["scale"] = args.scale
     result, info = restore(str(in_path), task, **kwargs)
     io.save_image(result, out, overwrite=args.force)
@@ -292,6 +332,8 @@ def _run_restore(args: argparse.Namespace) -> int:
     if not args.quiet:
         psnr = f", PSNR {info.psnr:.2f} dB" if info.psnr is not None else ""
         stopped = f", stopped early: {info.stop_reason}" if info.interrupted else ""
+        if info.stop_step is not None:
+            stopped = f", stopped by itself: the estimate of step {info.stop_step + 1}"
         print(f"wrote {out} ({info.steps} steps, {info.wall_time:.1f} s, preset {info.preset}, "
               f"{info.backend} on {info.device}{psnr}{stopped})", file=sys.stderr)
     return 0

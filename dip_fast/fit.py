@@ -132,6 +132,7 @@ class StepInfo:
     backtracked: bool
     elapsed: float
     net: nn.Module
+    psnr_ref_avg: Optional[float] = None
 
 
 @dataclass
@@ -404,6 +405,8 @@ class _Loop:
                 out_avg=runner.average.clone() if runner.average is not None else None,
                 psnr=last[_COL["psnr"]] if self.track_observation else None,
                 psnr_ref=last[_COL["psnr_ref"]] if self.track_reference else None,
+                psnr_ref_avg=last[_COL["psnr_ref_avg"]] if self.track_reference and runner.average is not None
+                else None,
                 backtracked=last[_COL["backtracked"]] == 1.0, elapsed=time.perf_counter() - self.t0, net=runner.net,
             ))
         return stop

@@ -330,7 +330,7 @@ GOOD = rgb8()
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(task="deblur"), ValueError, "task must be one of"),
+        (dict(task="deblock"), ValueError, "task must be one of"),
         (dict(task="inpaint"), ValueError, "mask is required"),
         (dict(task="inpaint", mask=np.ones((5, 5), bool)), ValueError, "mask must have the image's size"),
         (dict(task="inpaint", mask=np.full((20, 24), 0.5)), ValueError, "mask must be binary"),
@@ -431,3 +431,60 @@ def test_cuda_deterministic_runs_repeat():
     b = restore(img, preset=tiny(iterations=10, network=dict(TINY_NET, upsample_mode="nearest")),
                 device="cuda", deterministic=True)
     np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- early stopping, step modes, precision
+
+
+def _small_denoise_preset(iterations: int) -> tasks.Preset:
+    return tasks.Preset(
+        name="small_denoise", task="denoise", input_depth=8, iterations=iterations, exp_weight=0.99,
+        network=tasks._net(num_channels_down=[16, 16, 16], num_channels_up=[16, 16, 16], num_channels_skip=[4, 4, 4]),
+        reg_noise_std=1 / 30, backtrack=False,
+    )
+
+
+def test_stop_auto_returns_the_detected_estimate(monkeypatch):
+    clean = smooth()
+    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 0.15, clean.shape), 0, 1).astype(np.float32)
+    monkeypatch.setattr(dip_fast.api, "EARLY_STOP_WINDOW", 10)
+    monkeypatch.setattr(dip_fast.api, "EARLY_STOP_PATIENCE", 40)
+    seen = []
+    out, info = restore(noisy, preset=_small_denoise_preset(2000), ground_truth=clean, return_info=True,
+                        callback=lambda step, d: seen.append(d["psnr"]) and None)
+    assert info.stop_reason == "early_stop" and not info.interrupted
+    assert info.stop_step is not None and info.steps - 1 - info.stop_step >= 40 and info.steps < 2000
+    # The image returned is the estimate of the detected step, whose PSNR the history recorded.
+    assert info.psnr == pytest.approx(info.psnr_history[info.stop_step], abs=0.02)
+    assert len(info.psnr_history) == info.steps and seen == pytest.approx(info.psnr_history)
+    never, ninfo = restore(noisy, preset=_small_denoise_preset(60), stop="never", return_info=True)
+    assert ninfo.stop_step is None and ninfo.steps == 60 and ninfo.stop_reason == "completed"
+
+
+def test_stop_auto_leaves_inpainting_to_its_budget(monkeypatch):
+    monkeypatch.setattr(dip_fast.api, "EARLY_STOP_WINDOW", 2)
+    monkeypatch.setattr(dip_fast.api, "EARLY_STOP_PATIENCE", 1)
+    mask = np.ones((32, 32), dtype=bool)
+    mask[10:20, 10:20] = False
+    _, info = restore(smooth(), task="inpaint", mask=mask, preset="quick", iterations=12, return_info=True)
+    assert info.steps == 12 and info.stop_step is None
+
+
+def test_step_mode_and_precision_on_cpu():
+    img = smooth()
+    with pytest.warns(RuntimeWarning, match="needs a CUDA device"):
+        restore(img, preset=_small_denoise_preset(3), step_mode="graph", sigma=25)
+    out, info = restore(img, preset=_small_denoise_preset(20), precision="bf16", sigma=25, return_info=True)
+    assert out.shape == img.shape and out.dtype == img.dtype and np.isfinite(out).all()
+    assert info.loss_history[-1] < info.loss_history[0]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(stop="sometimes"), "stop must be one of"),
+    (dict(step_mode="fast"), "step_mode must be one of"),
+    (dict(precision="fp8"), "precision must be one of"),
+    (dict(precision=16), "precision must be one of"),
+])
+def test_bad_run_modes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        restore(smooth(), **kwargs)

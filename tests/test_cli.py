@@ -21,7 +21,8 @@ TINY_NET = tasks._net(num_channels_down=[8, 8, 8], num_channels_up=[8, 8, 8], nu
 @pytest.fixture(autouse=True)
 def tiny_presets(monkeypatch):
     """Register 3-step presets under names the command line can select."""
-    for task, extra in (("denoise", {}), ("inpaint", {}), ("super_resolution", {"sr_factor": 2})):
+    for task, extra in (("denoise", {}), ("inpaint", {}), ("super_resolution", {"sr_factor": 2}), ("deblur", {}),
+                        ("jpeg", {})):
         monkeypatch.setitem(tasks.PRESETS, f"tiny_{task}", tasks.Preset(
             name=f"tiny_{task}", task=task, network=TINY_NET, input_depth=4, iterations=3, **extra))
     old = torch.get_num_threads()
@@ -78,6 +79,18 @@ def test_sr_scales_output(capsys, image, tmp_path):
     assert code == 0, err
     assert Image.open(out).size == (48, 40)
     assert err == ""  # --quiet
+
+
+def test_deblur_and_jpeg_write_outputs(capsys, image, tmp_path):
+    out = tmp_path / "sharp.png"
+    code, _, err = run(capsys, "deblur", image, "--blur-kernel", "gaussian:1", "-o", out, "--preset", "tiny_deblur",
+                       "--precision", "bf16", "--stop", "never")
+    assert code == 0, err
+    assert Image.open(out).size == (24, 20) and "3 steps" in err
+    out = tmp_path / "restored.png"
+    code, _, err = run(capsys, "jpeg", image, "-o", out, "--preset", "tiny_jpeg", "--step-mode", "eager", "-q")
+    assert code == 0, err
+    assert Image.open(out).size == (24, 20)
 
 
 def test_sixteen_bit_file_stays_sixteen_bit(capsys, tmp_path):
@@ -154,7 +167,11 @@ def test_failed_run_leaves_no_file(capsys, image, tmp_path):
         (["sr", "{img}", "--scale", "two", "-o", "{tmp}/o.png"], "invalid int value"),
         (["sr", "{img}", "-o", "{tmp}/o.png"], "the following arguments are required: --scale"),
         (["denoise", "{img}"], "the following arguments are required: -o/--output"),
-        (["deblur", "{img}"], "invalid choice"),
+        (["deblur", "{img}", "-o", "{tmp}/o.png"], "the following arguments are required: --blur-kernel"),
+        (["deblur", "{img}", "-o", "{tmp}/o.png", "--blur-kernel", "box:2"], "blur_kernel"),
+        (["jpeg", "{img}", "-o", "{tmp}/o.png", "--stop", "soon"], "invalid choice"),
+        (["denoise", "{img}", "-o", "{tmp}/o.png", "--precision", "fp8"], "invalid choice"),
+        (["blur", "{img}"], "invalid choice"),
         (["denoise", "{img}", "-o", "{tmp}/o.png", "--save-every", "0"], "--save-every must be >= 1"),
         (["denoise", "{text}", "-o", "{tmp}/o.png"], "is not an image file"),
         (["denoise", "{img}", "-o", "{tmp}/o.png", "--device", "cuda:7"], "cuda"),
@@ -182,7 +199,7 @@ def test_user_errors_are_one_line_exit_2(capsys, image, tmp_path, argv, message)
 # ---------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", ["denoise", "inpaint", "sr", "demo"])
+@pytest.mark.parametrize("command", ["denoise", "inpaint", "deblur", "jpeg", "sr", "batch", "demo"])
 def test_help_has_examples(capsys, command):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
