@@ -226,6 +226,11 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
     return (torch.outer(g, g) / g.sum() ** 2).to(torch.float32)
 
 
+#: Largest blur kernel side accepted (a Gaussian of sigma 42): wider blurs leave nothing to recover
+#: and would only allocate a huge kernel by mistake (e.g. 'gaussian:10000').
+MAX_KERNEL_SIZE = 255
+
+
 def make_blur_kernel(spec: KernelLike, name: str = "blur_kernel") -> torch.Tensor:
     """A blur kernel as a 2-D float32 CPU tensor summing to 1.
 
@@ -251,11 +256,15 @@ def make_blur_kernel(spec: KernelLike, name: str = "blur_kernel") -> torch.Tenso
                 sigma = float("nan")
             if not math.isfinite(sigma) or sigma <= 0:
                 raise ValueError(f"{name}: 'gaussian:SIGMA' needs a positive SIGMA in pixels, got {spec!r}")
+            if 2 * math.ceil(3 * sigma) + 1 > MAX_KERNEL_SIZE:
+                raise ValueError(f"{name}: 'gaussian:SIGMA' must have SIGMA <= {(MAX_KERNEL_SIZE - 1) // 6} "
+                                 f"(a kernel at most {MAX_KERNEL_SIZE} wide), got {spec!r}")
             return _gaussian_kernel(sigma)
         if kind == "box":
             n = int(arg) if arg.strip().isdigit() else 0
-            if n < 1 or n % 2 == 0:
-                raise ValueError(f"{name}: 'box:N' needs an odd integer N >= 1 (a centred kernel), got {spec!r}")
+            if n < 1 or n % 2 == 0 or n > MAX_KERNEL_SIZE:
+                raise ValueError(f"{name}: 'box:N' needs an odd integer N in [1, {MAX_KERNEL_SIZE}] "
+                                 f"(a centred kernel), got {spec!r}")
             return torch.full((n, n), 1.0 / (n * n))
         raise ValueError(f"{name} must be {_KERNEL_FORMS}, got {spec!r}")
     if isinstance(spec, torch.Tensor):
@@ -270,6 +279,8 @@ def make_blur_kernel(spec: KernelLike, name: str = "blur_kernel") -> torch.Tenso
         raise TypeError(f"{name} must be {_KERNEL_FORMS}, got {type(spec).__name__}")
     if values.dim() != 2 or values.shape[0] % 2 == 0 or values.shape[1] % 2 == 0:
         raise ValueError(f"{name} must be a 2-D kernel with odd sides (centred), got shape {tuple(values.shape)}")
+    if max(values.shape) > MAX_KERNEL_SIZE:
+        raise ValueError(f"{name} must be at most {MAX_KERNEL_SIZE} wide, got shape {tuple(values.shape)}")
     if not torch.isfinite(values).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     if (values < 0).any():
