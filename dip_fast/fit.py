@@ -72,8 +72,8 @@ Early stopping (``stop='auto'``)
 --------------------------------
 ES-WMV (:mod:`dip_fast.early_stop`): the run ends once the variance of the
 last ``stop_window`` outputs has not reached a new minimum for
-``stop_patience`` steps, and ``stop_output`` holds the estimate (the
-average when ``exp_weight`` is set) of the step that set the minimum.
+``stop_patience`` steps; ``stop_output`` holds the mean of the outputs in
+the window of smallest variance, and ``stop_step`` the step that closed it.
 """
 from __future__ import annotations
 
@@ -85,6 +85,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn as nn
 
+from .early_stop import EarlyStopState
 from .step import PRECISIONS, STAT_FIELDS, STEP_MODES, StepRunner, precision_settings
 
 __all__ = [
@@ -160,7 +161,8 @@ class FitResult:
             ``'max_time'``, ``'should_stop'`` or ``'keyboard_interrupt'``.
         stop_step: the step detected by early stopping (``stop='auto'``),
             or None when it did not fire.
-        stop_output: the estimate at ``stop_step`` (None when it did not fire).
+        stop_output: the mean of the ``stop_window`` outputs up to ``stop_step``
+            (None when it did not fire).
         step_mode: ``'eager'`` or ``'graph'``: how the steps actually ran.
     """
 
@@ -395,9 +397,11 @@ class _Loop:
         es = runner.early_stop
         if es is not None and not stop:
             best = last[_COL["stop_step"]]
-            if best == best and best >= 0 and result.steps - 1 - int(best) >= es.patience:
+            state = EarlyStopState(steps=result.steps, best_step=int(best) if best >= 0 else None,
+                                   variance=last[_COL["variance"]])
+            if es.should_stop(state):
                 result.stop_reason, stop = "early_stop", True
-                result.stop_step = int(best)
+                result.stop_step = state.best_step
                 result.stop_output = es.best.clone()
         if callback is not None:
             callback(StepInfo(

@@ -334,7 +334,6 @@ class StepRunner:
                     self.average.copy_(self.out)
                 else:
                     self.average.mul_(self.exp_weight).add_(self.out, alpha=1.0 - self.exp_weight)
-            estimate = self.average if self.average is not None else self.out
             value = self._nan
             if self.observation is not None:
                 seen = self.degrade(self.out) if self.degrade is not None else self.out
@@ -346,7 +345,7 @@ class StepRunner:
             if self.backtracker is not None:
                 self.backtracker.after_update(check)
             if self.early_stop is not None:
-                self.early_stop.update(self.out, estimate)
+                self.early_stop.update(self.out)
             es = self.early_stop
             row = [
                 loss.detach().float(),

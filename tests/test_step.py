@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from dip_fast import nets
-from dip_fast.early_stop import WindowedVariance, detect_stop
+from dip_fast.early_stop import WindowedVariance
 from dip_fast.fit import fit
 from dip_fast.metrics import psnr
 from dip_fast.reference import get_noise, skip
@@ -167,7 +167,7 @@ def test_windowed_variance_matches_direct_computation():
     es = WindowedVariance(outs[0], window=4, patience=3)
     best, best_step = float("inf"), None
     for i, o in enumerate(outs):
-        es.update(o, estimate=o * 2)
+        es.update(o)
         if i < 3:
             assert torch.isnan(es.variance)
             continue
@@ -179,7 +179,8 @@ def test_windowed_variance_matches_direct_computation():
         state = es.read()
         assert state.best_step == best_step and state.steps == i + 1
         assert es.should_stop(state) == (i - best_step >= 3)
-    torch.testing.assert_close(es.best, outs[best_step] * 2)
+    # What it keeps is the mean of the most stable window.
+    torch.testing.assert_close(es.best, torch.stack(outs[best_step - 3 : best_step + 1]).mean(0))
 
 
 def test_windowed_variance_rejects_bad_settings():
@@ -199,14 +200,11 @@ def test_early_stopping_catches_the_peak_before_overfitting(seed):
     res = fit(make_net(seed=seed), z(), lambda o: ((o - noisy) ** 2).mean(), iterations=3000, exp_weight=None,
               observation=noisy, reference=clean, backtrack=False, stop="auto", stop_window=20, stop_patience=300)
     assert res.stop_reason == "early_stop" and res.steps < 3000
-    # The recorded variances, replayed through the host-side rule, give the same decision.
-    assert detect_stop(res.variance_history, 300) == (res.steps - 1, res.stop_step)
     assert res.stop_step is not None and res.steps - 1 - res.stop_step >= 300
     history = res.psnr_ref_history
     peak, at_stop, final = max(history), float(psnr(res.stop_output, clean)), history[-1]
-    assert at_stop == pytest.approx(history[res.stop_step], abs=1e-4)  # the estimate of the detected step
     assert final < peak - 5  # the run really overfits...
-    assert at_stop > final + 3 and at_stop > peak - 4  # ...and the detected step is much nearer the peak
+    assert at_stop > final + 3 and at_stop > peak - 3  # ...and the early-stopped estimate is much nearer the peak
 
 
 def test_early_stopping_off_or_not_triggered_returns_no_stop_output():
