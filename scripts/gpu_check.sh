@@ -50,11 +50,14 @@
 #   --budget SECONDS  overall time budget (default 570; 1200 with --cpu-only)
 #   --only LIST       comma-separated stages to run (default env,build,tests,steps,compile,ops,e2e;
 #                     the others: parity, earlystop). A fresh machine needs env,build first.
-#   --data DIR        the sample images (default ../shared/data relative to the repository root)
+#   --data DIR        the sample images (default ../shared/data relative to the repository root):
+#                     DIR/dip/denoising/F16_GT.png and DIR/dip/sr/zebra_GT.png are used. A lent
+#                     machine gets only the repository: copy those two files into an ignored
+#                     folder of it with the same layout, carry that folder, and pass it here.
 #   PYTHON=...        interpreter (default python3)
 set -uo pipefail
 
-usage() { sed -n '2,56p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,58p' "$0" | sed 's/^# \{0,1\}//'; }
 
 CPU_ONLY=0
 DO_BUILD=1
@@ -97,6 +100,7 @@ if [ "$CPU_ONLY" = 1 ]; then
   OP_SIZE=64
   E2E_CROP=64
   E2E_ITERS=20
+  SR_LIMITS="--crop 64 --iterations 20"
   REPEATS=3
   WARMUP=1
 else
@@ -107,6 +111,7 @@ else
   OP_SIZE=512
   E2E_CROP=512
   E2E_ITERS=3000
+  SR_LIMITS=""  # the whole zebra image at the preset's step count
   REPEATS=7
   # cudnn.benchmark autotunes on each shape's first call: keep it out of the calibration.
   WARMUP=3
@@ -219,8 +224,9 @@ parity() {
   if [ -f "$ZEBRA" ]; then
     for pair in fp32:graph bf16:graph; do
       prec=${pair%:*}; mode=${pair#*:}
+      # shellcheck disable=SC2086  # SR_LIMITS holds separate options (arrays do not survive export)
       "$PYTHON" bench/quality.py --task sr --factor 4 --seeds 1 --backends fast --device "$DEVICE" \
-        --precision "$prec" --step-mode "$mode" \
+        $SR_LIMITS --precision "$prec" --step-mode "$mode" \
         --out "$tmp/sr-$prec-$mode.json" --no-markdown "$ZEBRA" && runs+=("$tmp/sr-$prec-$mode.json")
       merge_parity "${runs[@]}"
     done
@@ -274,6 +280,12 @@ for name in ("cuda-steps.json", "cuda-compile.json", "cpu-steps.json", "cpu-comp
     if not res or not res.get("steps"):
         continue
     env = res["environment"]
+    if env.get("device") != "cpu":  # the GPU table: every variant, its speed-ups and FLOP rate
+        sys.path.insert(0, "bench")
+        import compare
+        lines += [f"### {name}: {env.get('gpu')}, torch {env['torch']}, commit {env['commit']}", ""]
+        lines += compare._render_device_steps(res)
+        continue
     lines += [f"### {name}: {env.get('gpu') or env.get('cpu_model')}, torch {env['torch']}, commit {env['commit']}", "",
               "| size | fast ms | fast_cl ms | ref ms | compile ms | ref/fast | ref/fast_cl | compile/fast | compile/fast_cl | conv bound / best fast |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -310,7 +322,7 @@ EOF
 }
 
 export PYTHON OUT
-export IMAGE ZEBRA DEVICE E2E_CROP E2E_ITERS
+export IMAGE ZEBRA DEVICE E2E_CROP E2E_ITERS SR_LIMITS
 export -f env_info build parity merge_parity earlystop
 
 # Whether dip_fast.restore exists in this checkout (the e2e stage prefers it).
