@@ -57,7 +57,7 @@
 #   PYTHON=...        interpreter (default python3)
 set -uo pipefail
 
-usage() { sed -n '2,58p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,57p' "$0" | sed 's/^# \{0,1\}//'; }
 
 CPU_ONLY=0
 DO_BUILD=1
