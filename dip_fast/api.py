@@ -84,8 +84,9 @@ class RestoreInfo:
         padded_size: the network's (high-resolution) working size ``(H, W)``.
         estimated_memory: estimated peak memory of the run in bytes.
         backtrack_steps: steps at which backtracking restored the weights.
-        stop_step: the step chosen by automatic early stopping (``stop='auto'``),
-            whose estimate is returned; None when it did not trigger or was off.
+        stop_step: the step chosen by automatic early stopping (``stop='auto'``):
+            the last of the window of outputs whose mean is returned; None
+            when it did not trigger or was off.
     """
 
     task: str
@@ -473,7 +474,8 @@ def restore(
             noise (``'denoise'``, ``'jpeg'``, ``'deblur'``) stop without
             ground truth once the variance of the recent estimates stops
             falling (ES-WMV, see :mod:`dip_fast.early_stop`) and return the
-            estimate of the detected step (``info.stop_step``); the other
+            mean of the most stable window of outputs (``info.stop_step`` is
+            the step that closed it); the other
             tasks run all ``iterations``.  ``'never'``: always run all
             ``iterations``.  ``iterations`` is the maximum either way.
         step_mode: ``'auto'`` (default: eager until a GPU run has recorded
@@ -661,7 +663,7 @@ def restore(
         finally:
             stopper.close()
 
-    if result.stop_output is not None:  # early stopping: the estimate of the detected step
+    if result.stop_output is not None:  # early stopping: the mean of the most stable window
         estimate = result.stop_output
     else:
         estimate = result.output_avg if result.output_avg is not None else result.output
