@@ -143,19 +143,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("no images found", file=sys.stderr)
         return 2
     out = args.out or REPO_ROOT / "bench" / "results" / f"early-stop-{device.type}.json"
-    try:
-        json_name = str(out.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        json_name = str(out)
     result: Dict[str, Any] = {
         "schema": "dip_fast-bench-early-stop/1",
-        "json_name": json_name,
+        "json_name": quality.json_name(out),
         "command": "bench/early_stop.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "environment": {
-            "date": time.strftime("%Y-%m-%d"), "commit": quality._git_commit(), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch_threads": torch.get_num_threads(),
-        },
+        "environment": quality.environment(device),
         "config": {"preset": args.preset, "sigma": args.sigma, "crop": args.crop, "iterations": args.iterations,
                    "window": args.window, "patience": args.patience, "backend": args.backend,
                    "images": [i.name for i in images], "seeds": list(range(args.seeds))},

@@ -324,6 +324,26 @@ def render(result: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def json_name(out: Path) -> str:
+    """How a result file is named in its report: relative to the repository when inside it."""
+    try:
+        return str(out.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(out)
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    """Date, commit, versions, device and threads of a run, for its result file."""
+    return {
+        "date": _dt.date.today().isoformat(),
+        "commit": _git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
@@ -380,22 +400,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     seeds = list(range(args.seeds))
     out = args.out or REPO_ROOT / "bench" / "results" / f"quality-{device.type}-{args.task}.json"
-    try:
-        json_name = str(out.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        json_name = str(out)
     result: Dict[str, Any] = {
         "schema": "dip_fast-bench-quality/1",
-        "json_name": json_name,
+        "json_name": json_name(out),
         "command": "bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "environment": {
-            "date": _dt.date.today().isoformat(),
-            "commit": _git_commit(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch_threads": torch.get_num_threads(),
-        },
+        "environment": environment(device),
         "config": {
             "task": args.task,
             "preset": args.preset,

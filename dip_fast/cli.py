@@ -270,11 +270,7 @@ def _write_plot(info: Any, path: Path) -> None:
         ax.set_ylabel("PSNR vs ground truth (dB)")
         ax.set_title(f"{info.task}: PSNR")
     fig.tight_layout()
-    try:
-        with io.atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    io.save_figure(fig, path, dpi=100)
 
 
 # --------------------------------------------------------------------------

@@ -134,11 +134,7 @@ def _save_comparison(panels: Sequence[Tuple[str, np.ndarray]], path: Path, title
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    try:
-        with io.atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    io.save_figure(fig, path, dpi=110)
 
 
 def _line(r: DemoRow) -> str:

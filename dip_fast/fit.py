@@ -86,7 +86,7 @@ import torch
 import torch.nn as nn
 
 from .early_stop import EarlyStopState
-from .step import PRECISIONS, STAT_FIELDS, STEP_MODES, StepRunner, precision_settings
+from .step import STAT_FIELDS, STEP_MODES, StepRunner, precision_settings
 
 __all__ = [
     "CHECK_MODES",
@@ -290,8 +290,6 @@ def fit(
         raise ValueError("psnr_target needs a reference or an observation")
     if stop not in STOP_MODES:
         raise ValueError(f"stop must be one of {STOP_MODES}, got {stop!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = net_input.device
     if sync_every is None:
         sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else 1
@@ -311,7 +309,6 @@ def fit(
         result = _Loop(runner, iterations, sync_every, t0).run(
             check=(lambda i: is_check_step(i, check_every, check_mode)) if backtrack else (lambda i: False),
             psnr_target=psnr_target, callback=callback, should_stop=should_stop, max_time=max_time,
-            track_observation=observation is not None, track_reference=reference is not None,
         )
     if result.output.is_cuda:
         # Asynchronous kernels must finish for the wall time to mean anything.
@@ -328,12 +325,13 @@ class _Loop:
         self.log = torch.empty((min(sync_every, max(iterations, 1)), len(STAT_FIELDS)), device=runner.device)
         self.pending = 0  # rows of the log not read yet
         self.result = FitResult(output=runner.net_input.new_empty(0), output_avg=None)
+        self.track_observation = runner.observation is not None
+        self.track_reference = runner.reference is not None
 
     def run(self, *, check: Callable[[int], bool], psnr_target: Optional[float],
             callback: Optional[Callable[[StepInfo], None]], should_stop: Optional[Callable[[], bool]],
-            max_time: Optional[float], track_observation: bool, track_reference: bool) -> FitResult:
+            max_time: Optional[float]) -> FitResult:
         runner, result = self.runner, self.result
-        self.track_observation, self.track_reference = track_observation, track_reference
         # True while parameters are being written (update or restore): an
         # interrupt then may leave them half-written, so the final forward is
         # not trusted and the output of the step being applied is returned.

@@ -39,6 +39,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "atomic_path",
+    "save_figure",
     "MIN_SIZE",
     "ImageLike",
     "ImageSpec",
@@ -569,6 +570,17 @@ def atomic_path(dest: Union[str, "os.PathLike[str]"]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_figure(fig: Any, path: Union[str, "os.PathLike[str]"], dpi: int = 100) -> None:
+    """Write a matplotlib figure to ``path`` as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
 
 
 def save_image(image: Any, path: Union[str, "os.PathLike[str]"], *, overwrite: bool = False) -> Path:

@@ -258,11 +258,11 @@ class StepRunner:
         self.degrade, self.mask = degrade, mask
         self.reference = reference.detach() if reference is not None else None
         self.reference_view = reference_view
-        self.channels_last = precision == "bf16"
-        if self.channels_last and hasattr(net, "channels_last"):
+        channels_last = precision == "bf16"
+        if channels_last and hasattr(net, "channels_last"):
             net.channels_last = True  # the fast network keeps its activations channels_last
         z = net_input.detach()
-        self.net_input = z.contiguous(memory_format=torch.channels_last) if self.channels_last else z
+        self.net_input = z.contiguous(memory_format=torch.channels_last) if channels_last else z
         self._noise = torch.empty_like(self.net_input) if self.reg_noise_std > 0 else None
         self.params = [p for p in net.parameters() if p.requires_grad]
         if not self.params:
@@ -282,6 +282,7 @@ class StepRunner:
         self._nan = torch.full((), float("nan"), device=self.device)
         self._check = torch.zeros((), dtype=torch.bool, device=self.device)
         self._graph: Optional[torch.cuda.CUDAGraph] = None
+        self._side_stream: Optional[torch.cuda.Stream] = None  # for the graph mode's warm-up steps
         self._eager_steps = 0
 
     # ------------------------------------------------------------------ body
@@ -327,7 +328,7 @@ class StepRunner:
         with torch.no_grad():
             if self.out is None:
                 self._allocate(out)
-            first = self._eager_steps == 0 and self._graph is None
+            first = self._eager_steps == 0  # a graph is captured only after eager warm-up steps
             self.out.copy_(out.detach())
             if self.average is not None:
                 if first:
@@ -396,7 +397,9 @@ class StepRunner:
             return
         if self._graph is None and self._eager_steps < GRAPH_WARMUP_STEPS:
             # Warm-up on a side stream, as capture requires, then back.
-            side = torch.cuda.Stream(self.device)
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(self.device)
+            side = self._side_stream
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 self._eager_step(check)
