@@ -647,6 +647,7 @@ def medians(seconds: Dict[str, List[float]]) -> Dict[str, float]:
 # the categories partition the step without double counting.
 _CATEGORIES = [
     ("convolution", re.compile(r"conv", re.I)),
+    ("fused upsample-cat (dip_fast)", re.compile(r"dip_fast.*upsample_cat", re.I)),
     ("fused bn-act (dip_fast)", re.compile(r"dip_fast", re.I)),
     ("batch norm", re.compile(r"batch_norm", re.I)),
     ("leaky relu", re.compile(r"leaky_relu", re.I)),

@@ -45,6 +45,27 @@
  *     precision as gamma shrinks; at DIP's batch of one, memory is not the
  *     constraint. The convolutions themselves stay with oneDNN / cuDNN.
  *
+ *   upsample_cat(skip, deep, mode) -> out
+ *   upsample_cat_backward(grad_out, skip_channels, mode) -> (grad_skip, grad_deep)
+ *     The join of the hourglass's two branches at each scale:
+ *     out = cat([skip, upsample2x(deep)], dim=1), mode 0 nearest or 1
+ *     bilinear (align_corners=False), written in one pass straight into the
+ *     concatenation buffer, which the fused BatchNorm after it reads. PyTorch
+ *     writes the upsampled tensor, then reads it (and the skip) again to copy
+ *     both into the torch.cat buffer: 2 reads + 2 writes of the deep
+ *     channels at full size, against our 1 read of the quarter-size input and
+ *     1 write. The skip branch is the one that "writes into a channel slice of
+ *     the concat buffer"; doing it in the consumer (this op reads both
+ *     branches) instead of in the producers keeps every op functional (no
+ *     aliasing outputs, so autograd, torch.compile and CUDA graphs need
+ *     nothing special). Linear, so nothing is saved for backward beyond the
+ *     skip's channel count. Backward: grad_skip is a copy of grad_out's first
+ *     channels, and grad_deep gathers the <= 4 x 4 output gradients that read
+ *     each source pixel (separable on the CPU: along H into a row buffer,
+ *     then along W), 1 read of grad_out and 1 write; PyTorch's upsample
+ *     backward zero-fills grad_deep and scatters into it after cat's
+ *     backward has sliced grad_out.
+ *
  *   lanczos_downsample(x, taps, factor, pad)
  *   lanczos_downsample_backward(grad_out, taps, factor, pad, height, width)
  *     The paper's fixed anti-aliasing Downsampler (Lanczos / Gauss / box) as
@@ -90,6 +111,10 @@ TORCH_LIBRARY(dip_fast, m) {
         " int pad_mode) -> (Tensor, Tensor, Tensor)");
   m.def("_bn_act_backward_emulated(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean,"
         " Tensor invstd, float slope, int pad, int pad_mode) -> (Tensor, Tensor, Tensor)");
+  m.def("upsample_cat(Tensor skip, Tensor deep, int mode) -> Tensor");
+  m.def("upsample_cat_backward(Tensor grad_out, int skip_channels, int mode) -> (Tensor, Tensor)");
+  m.def("_upsample_cat_emulated(Tensor skip, Tensor deep, int mode) -> Tensor");
+  m.def("_upsample_cat_backward_emulated(Tensor grad_out, int skip_channels, int mode) -> (Tensor, Tensor)");
   m.def("lanczos_downsample(Tensor x, Tensor taps, int factor, int pad) -> Tensor");
   m.def("lanczos_downsample_backward(Tensor grad_out, Tensor taps, int factor, int pad, SymInt height, SymInt width) -> Tensor");
 }

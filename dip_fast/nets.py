@@ -14,9 +14,14 @@ separate pass (and buffer) for each of BatchNorm, LeakyReLU and the pad.
 The BatchNorm after each concatenation (no activation) uses the same op with
 slope 1.
 
+At each scale the two branches meet in ``upsample_cat``: the deeper
+branch is upsampled (nearest or bilinear) straight into the concatenation
+buffer next to the skip branch, one pass instead of an upsample and a
+``torch.cat`` copy (sizes that need the reference's centre crop, from odd
+input sizes, fall back to those two ops).
+
 Fused: LeakyReLU or no activation, ``stride`` downsampling, zero or
-reflection padding, nearest or bilinear upsampling (the upsample and the
-concatenation are still PyTorch ops). Other options (Swish, ELU, avg / max /
+reflection padding, nearest or bilinear upsampling with the concatenation. Other options (Swish, ELU, avg / max /
 Lanczos downsampling) run that block's own PyTorch modules inside the same
 network; :func:`fused_options` lists what is fused.
 """
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 from . import _ops
 from .conv import conv2d
 from .ops.bn_act import batch_norm_act
+from .ops.upsample_cat import UPSAMPLE_MODES, upsample_cat
 from .reference import skip as reference_skip
 from .reference.skip import ConvBlock, SkipConfig, SkipNet, center_crop_cat, upsample2x
 
@@ -120,6 +126,16 @@ class FastSkipNet(SkipNet):
             pads.append(_conv_pad(self.skip[str(i)]))
         return max(pads)
 
+    @staticmethod
+    def _join(s: Optional[torch.Tensor], d: torch.Tensor, mode: str) -> torch.Tensor:
+        """cat([s, upsample2x(d)]): one fused pass when the sizes match, the reference's crop-and-cat otherwise."""
+        n, _, h, w = d.shape
+        if mode in UPSAMPLE_MODES and (s is None or tuple(s.shape[2:]) == (2 * h, 2 * w)):
+            skip = s if s is not None else d.new_empty((n, 0, 2 * h, 2 * w))
+            return upsample_cat(skip, d, mode)
+        d = upsample2x(d, mode)
+        return center_crop_cat([s, d]) if s is not None else d
+
     def _level(self, i: int, x: torch.Tensor) -> torch.Tensor:  # x is padded by _input_pad(i)
         c = self.config
         key = str(i)
@@ -138,8 +154,7 @@ class FastSkipNet(SkipNet):
         d = self._block(self.inner[i], d, 0 if last else self._input_pad(i + 1))
         if not last:
             d = self._level(i + 1, d)
-        d = upsample2x(d, c.upsample_mode[i])
-        y = center_crop_cat([s, d]) if s is not None else d
+        y = self._join(s, d, c.upsample_mode[i])
         bn = self.concat_bn[i]
         up_pad = _conv_pad(self.up[i])
         if bn.training:
@@ -179,7 +194,7 @@ def skip(*args, channels_last: bool = False, **kwargs) -> nn.Module:
     """
     global _warned_fallback
     reference = reference_skip(*args, **kwargs)
-    if not _ops.has_ops("bn_act_forward", "bn_act_backward"):
+    if not _ops.has_ops("bn_act_forward", "bn_act_backward", "upsample_cat", "upsample_cat_backward"):
         if not _warned_fallback:
             reason = _ops.LOAD_ERROR or "the extension lacks the fused ops; rebuild it"
             warnings.warn(

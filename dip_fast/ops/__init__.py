@@ -10,5 +10,6 @@ from __future__ import annotations
 from .activation import leaky_relu
 from .bn_act import batch_norm_act
 from .lanczos import Downsample, downsample, downsample_taps
+from .upsample_cat import upsample_cat
 
-__all__ = ["leaky_relu", "batch_norm_act", "Downsample", "downsample", "downsample_taps"]
+__all__ = ["leaky_relu", "batch_norm_act", "Downsample", "downsample", "downsample_taps", "upsample_cat"]

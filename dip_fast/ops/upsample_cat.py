@@ -1,0 +1,98 @@
+"""Upsample-and-concatenate: the join of the hourglass's two branches, in one op.
+
+``upsample_cat(skip, deep, mode)`` returns
+
+    torch.cat([skip, upsample2x(deep, mode)], dim=1)
+
+with ``upsample2x`` the paper's ``nn.Upsample(scale_factor=2)`` (nearest, or
+bilinear with ``align_corners=False``), written in one pass into the
+concatenation buffer: the upsampled tensor is never materialised, and no
+``torch.cat`` copy follows. The backward copies the skip channels' gradient
+out and gathers the deep channels' gradient through the transposed
+upsampling taps. The op is linear, so autograd saves nothing but the skip's
+channel count. See ``csrc/ops.cpp`` for the memory-pass count.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ops
+from .._ops import check_float_tensor, require_extension, working_memory_format
+
+__all__ = ["upsample_cat", "UPSAMPLE_MODES"]
+
+#: mode names accepted by :func:`upsample_cat`, and their codes in the op.
+UPSAMPLE_MODES = {"nearest": 0, "bilinear": 1}
+
+
+def _register() -> None:
+    @torch.library.register_fake("dip_fast::upsample_cat")
+    def _(skip, deep, mode):
+        n, cd, h, w = deep.shape
+        out = deep.new_empty((n, skip.shape[1] + cd, 2 * h, 2 * w))
+        return out.contiguous(memory_format=working_memory_format(deep))
+
+    @torch.library.register_fake("dip_fast::upsample_cat_backward")
+    def _(grad_out, skip_channels, mode):
+        n, c, hh, ww = grad_out.shape
+        fmt = working_memory_format(grad_out)
+        grad_skip = grad_out.new_empty((n, skip_channels, hh, ww)).contiguous(memory_format=fmt)
+        grad_deep = grad_out.new_empty((n, c - skip_channels, hh // 2, ww // 2)).contiguous(memory_format=fmt)
+        return grad_skip, grad_deep
+
+    def setup_context(ctx, inputs, output) -> None:
+        skip, _deep, mode = inputs
+        ctx.skip_channels = skip.shape[1]
+        ctx.mode = mode
+
+    def backward(ctx, grad_out):
+        grad_skip, grad_deep = torch.ops.dip_fast.upsample_cat_backward(grad_out, ctx.skip_channels, ctx.mode)
+        return grad_skip, grad_deep, None
+
+    torch.library.register_autograd("dip_fast::upsample_cat", backward, setup_context=setup_context)
+
+    # The backward is linear in grad_out and is the transpose of the forward,
+    # so its own derivative is the forward op (double backward).
+    def setup_context_bwd(ctx, inputs, output) -> None:
+        _grad_out, skip_channels, mode = inputs
+        ctx.mode = mode
+
+    def backward_bwd(ctx, gg_skip, gg_deep):
+        return torch.ops.dip_fast.upsample_cat(gg_skip, gg_deep, ctx.mode), None, None
+
+    torch.library.register_autograd("dip_fast::upsample_cat_backward", backward_bwd, setup_context=setup_context_bwd)
+
+
+_OPS = ("upsample_cat", "upsample_cat_backward")
+if _ops.has_ops(*_OPS):
+    _register()
+
+
+def upsample_cat(skip: torch.Tensor, deep: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """``torch.cat([skip, upsample2x(deep)], dim=1)`` in one pass, differentiable.
+
+    Args:
+        skip: ``N x Cs x H x W`` (``Cs`` may be 0), the skip branch's output.
+        deep: ``N x Cd x H/2 x W/2``, the deeper level's output, same dtype and device.
+        mode: ``"nearest"`` or ``"bilinear"`` (``align_corners=False``), as ``nn.Upsample(scale_factor=2)``.
+
+    Returns:
+        ``N x (Cs + Cd) x H x W``, channels_last when ``deep`` is (only) channels_last, NCHW otherwise.
+    """
+    check_float_tensor(skip, "skip")
+    check_float_tensor(deep, "deep")
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"mode must be one of {sorted(UPSAMPLE_MODES)}, got {mode!r}")
+    if deep.dim() != 4 or deep.numel() == 0:
+        raise ValueError(f"deep must be a non-empty 4-D tensor (N, C, H, W), got shape {tuple(deep.shape)}")
+    n, _, h, w = deep.shape
+    if skip.dim() != 4 or skip.shape[0] != n or tuple(skip.shape[2:]) != (2 * h, 2 * w):
+        raise ValueError(
+            f"skip must have shape ({n}, Cs, {2 * h}, {2 * w}) to match deep upsampled twice, got {tuple(skip.shape)}"
+        )
+    if skip.dtype != deep.dtype or skip.device != deep.device:
+        raise ValueError(
+            f"skip and deep must share dtype and device, got {skip.dtype} on {skip.device} and {deep.dtype} on {deep.device}"
+        )
+    require_extension(*_OPS)
+    return torch.ops.dip_fast.upsample_cat(skip, deep, UPSAMPLE_MODES[mode])

@@ -1,0 +1,187 @@
+"""The fused upsample-and-concatenate op against torch.cat + nn.Upsample(scale_factor=2)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dip_fast.ops.upsample_cat import UPSAMPLE_MODES, upsample_cat
+from dip_fast.reference.skip import upsample2x
+
+from .conftest import requires_extension
+
+pytestmark = requires_extension
+
+
+def expected(skip, deep, mode):
+    """The unfused composition the op replaces."""
+    return torch.cat([skip, upsample2x(deep, mode)], dim=1)
+
+
+def layout_as(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "non_contiguous":
+        return torch.cat([t, t], dim=3)[..., ::2]
+    return t
+
+
+def make_inputs(n, cs, cd, h, w, dtype, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    skip = torch.randn(n, cs, 2 * h, 2 * w, dtype=dtype, generator=g)
+    deep = torch.randn(n, cd, h, w, dtype=dtype, generator=g)
+    return layout_as(skip, layout), layout_as(deep, layout)
+
+
+def compare(n, cs, cd, h, w, dtype, layout, mode, atol, device="cpu"):
+    skip, deep = make_inputs(n, cs, cd, h, w, dtype, layout)
+    skip, deep = (t.to(device).requires_grad_(True) for t in (skip, deep))
+    out = upsample_cat(skip, deep, mode)
+    assert not torch.isnan(out).any(), "unwritten output elements"
+    grad = layout_as(torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1)), layout).to(device)
+    got = torch.autograd.grad(out, (skip, deep), grad, allow_unused=True)
+
+    sr, dr = (t.detach().clone().requires_grad_(True) for t in (skip, deep))
+    want_out = expected(sr, dr, mode)
+    want = torch.autograd.grad(want_out, (sr, dr), grad, allow_unused=True)
+    torch.testing.assert_close(out, want_out, atol=atol, rtol=atol)
+    for name, a, e in zip(("skip", "deep"), got, want):
+        if e is None or e.numel() == 0:
+            continue
+        assert not torch.isnan(a).any(), f"unwritten gradient of {name}"
+        torch.testing.assert_close(a, e, atol=atol * 10, rtol=atol * 10, msg=f"gradient of {name}")
+    if layout == "channels_last" and cd > 1 and h * w > 1:  # otherwise deep is NCHW-contiguous too
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+# (N, Cs, Cd, h, w): the deep input is h x w, the skip and the output 2h x 2w.
+SHAPES = [(1, 4, 8, 8, 8), (2, 3, 5, 7, 9), (1, 0, 3, 4, 5), (1, 2, 3, 1, 5), (3, 1, 2, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "non_contiguous"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_matches_pytorch(shape, layout, mode, dtype, atol):
+    compare(*shape, dtype, layout, mode, atol)
+
+
+def test_paper_level_shape_both_modes():
+    """The top level of the paper's network at 64x64: 4 skip channels, 128 upsampled ones."""
+    for mode in UPSAMPLE_MODES:
+        compare(1, 4, 128, 32, 32, torch.float32, "contiguous", mode, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_close_to_float32(dtype):
+    skip, deep = make_inputs(1, 3, 6, 5, 7, torch.float32, "contiguous")
+    out = upsample_cat(skip.to(dtype), deep.to(dtype), "bilinear")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected(skip, deep, "bilinear"), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_gradcheck_float64(layout, mode):
+    skip, deep = make_inputs(2, 2, 3, 3, 4, torch.float64, layout)
+    inputs = (skip.requires_grad_(True), deep.requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda s, d: upsample_cat(s, d, mode), inputs)
+    assert torch.autograd.gradgradcheck(lambda s, d: upsample_cat(s, d, mode), inputs)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(layout):
+    skip, deep = make_inputs(2, 3, 4, 3, 5, torch.float32, layout)
+    args = (skip.requires_grad_(True), deep.requires_grad_(True), 1)
+    torch.library.opcheck(torch.ops.dip_fast.upsample_cat.default, args)
+    grad = layout_as(torch.randn(2, 7, 6, 10), layout)
+    torch.library.opcheck(torch.ops.dip_fast.upsample_cat_backward.default, (grad, 3, 1))
+
+
+def test_torch_compile_traces_the_op():
+    skip, deep = make_inputs(1, 2, 3, 4, 4, torch.float32, "contiguous")
+    fn = torch.compile(lambda s, d: upsample_cat(s, d, "bilinear") * 2, backend="eager", fullgraph=True)
+    torch.testing.assert_close(fn(skip, deep), expected(skip, deep, "bilinear") * 2)
+
+
+def test_bad_arguments():
+    skip, deep = make_inputs(1, 2, 3, 4, 4, torch.float32, "contiguous")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        upsample_cat(skip, deep, "bicubic")
+    with pytest.raises(ValueError, match=r"skip must have shape \(1, Cs, 8, 8\)"):
+        upsample_cat(skip[..., 1:], deep)
+    with pytest.raises(ValueError, match="deep must be a non-empty 4-D"):
+        upsample_cat(skip, deep[0])
+    with pytest.raises(ValueError, match="share dtype"):
+        upsample_cat(skip.double(), deep)
+    with pytest.raises(TypeError, match="floating-point"):
+        upsample_cat(skip.long(), deep)
+    # The compiled op validates on its own too.
+    with pytest.raises(RuntimeError, match="upsample mode"):
+        torch.ops.dip_fast.upsample_cat(skip, deep, 5)
+    with pytest.raises(RuntimeError, match="must be even"):
+        torch.ops.dip_fast.upsample_cat_backward(torch.randn(1, 5, 7, 8), 2, 1)
+    with pytest.raises(RuntimeError, match="skip_channels"):
+        torch.ops.dip_fast.upsample_cat_backward(torch.randn(1, 5, 8, 8), 5, 1)
+
+
+@pytest.mark.slow
+def test_fuzz_against_pytorch():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=150, deadline=None)
+    @hypothesis.given(
+        n=st.integers(1, 3), cs=st.integers(0, 5), cd=st.integers(1, 9), h=st.integers(1, 11), w=st.integers(1, 11),
+        layout=st.sampled_from(["contiguous", "channels_last", "non_contiguous"]),
+        dtype=st.sampled_from([torch.float32, torch.float64]), mode=st.sampled_from(["nearest", "bilinear"]),
+    )
+    def check(n, cs, cd, h, w, layout, dtype, mode):
+        compare(n, cs, cd, h, w, dtype, layout, mode, 1e-12 if dtype == torch.float64 else 2e-6)
+
+    check()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", SHAPES + [(1, 4, 128, 64, 64)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_cuda_matches_pytorch(shape, layout, mode, dtype, atol):
+    compare(*shape, dtype, layout, mode, atol, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_matches_cpu(dtype):
+    skip, deep = make_inputs(2, 4, 9, 7, 11, torch.float32, "channels_last")
+    grad = torch.randn(2, 13, 14, 22)
+    outs = []
+    for device in ("cpu", "cuda"):
+        s, d = (t.to(device, dtype).requires_grad_(True) for t in (skip, deep))
+        out = upsample_cat(s, d, "bilinear")
+        grads = torch.autograd.grad(out, (s, d), grad.to(device, dtype))
+        outs.append([t.float().cpu() for t in (out, *grads)])
+    tol = 1e-6 if dtype == torch.float32 else 0.02
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------------------
+# The CUDA kernels' per-thread code, run over their launch grid on the CPU.
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "non_contiguous"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_cuda_grid_emulation_matches_pytorch(shape, layout, mode):
+    skip, deep = make_inputs(*shape, torch.float64, layout)
+    code = UPSAMPLE_MODES[mode]
+    out = torch.ops.dip_fast._upsample_cat_emulated(skip, deep, code)
+    sr, dr = (t.clone().requires_grad_(True) for t in (skip, deep))
+    want_out = expected(sr, dr, mode)
+    torch.testing.assert_close(out, want_out, atol=1e-12, rtol=1e-12)
+    grad = layout_as(torch.randn(want_out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), layout)
+    got = torch.ops.dip_fast._upsample_cat_backward_emulated(grad, shape[1], code)
+    want = torch.autograd.grad(want_out, (sr, dr), grad, allow_unused=True)
+    for name, a, e in zip(("skip", "deep"), got, want):
+        if e is not None and e.numel():
+            torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12, msg=f"gradient of {name}")
