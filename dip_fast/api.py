@@ -15,6 +15,7 @@ import os
 import random
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from numbers import Integral, Real
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -194,15 +195,18 @@ def _resolve_device(device: Any) -> torch.device:
     return dev
 
 
-def _resolve_backend(backend: Any) -> Tuple[Callable[..., nn.Module], str]:
+def _resolve_backend(backend: Any, device: torch.device) -> Tuple[Callable[..., nn.Module], str]:
     if backend == "reference":
         return reference_skip, "reference"
     if backend == "fast":
         from .nets import skip as fast_skip
 
-        if _ops.has_ops("bn_act_forward", "bn_act_backward"):
-            return fast_skip, "fast"
-        return fast_skip, "reference (fast fallback)"
+        # channels_last on the CPU, where oneDNN's convolutions run faster in it (bench/README.md,
+        # "Latest results: CPU"); NCHW on CUDA until a GPU run says otherwise.
+        make = partial(fast_skip, channels_last=device.type == "cpu")
+        if _ops.has_ops(*_ops.FAST_NETWORK_OPS):
+            return make, "fast"
+        return make, "reference (fast fallback)"
     raise ValueError(f"backend must be 'fast' or 'reference', got {backend!r}")
 
 
@@ -544,7 +548,7 @@ def restore(
         if isinstance(sigma, bool) or not isinstance(sigma, Real) or not math.isfinite(sigma) or sigma < 0:
             raise ValueError(f"sigma must be a noise level >= 0 in 0-255 units, got {sigma!r}")
     dev = _resolve_device(device)
-    make_net, backend_name = _resolve_backend(backend)
+    make_net, backend_name = _resolve_backend(backend, dev)
     chosen, level = _resolve_preset(preset, task, scale, dev)
     if iterations is not None:
         chosen = chosen.with_overrides(iterations=iterations)

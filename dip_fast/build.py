@@ -44,7 +44,7 @@ def build_info() -> dict[str, Any]:
     info["fast_backend"] = _fast_backend_status()
     from .nets import fused_options  # late: nets imports the op modules
 
-    info["fused_options"] = fused_options() if _ops.has_ops("bn_act_forward", "bn_act_backward") else {}
+    info["fused_options"] = fused_options() if _ops.has_ops(*_ops.FAST_NETWORK_OPS) else {}
     return info
 
 
@@ -52,11 +52,11 @@ def _fast_backend_status() -> str:
     """What ``backend="fast"`` builds, by the same test that :func:`dip_fast.nets.skip` makes."""
     if not _ops.available():
         return f"falls back to the reference network (extension not loaded: {_ops.LOAD_ERROR})"
-    if not _ops.has_ops("bn_act_forward", "bn_act_backward"):
-        return "falls back to the reference network (the extension lacks the fused BatchNorm+activation ops; rebuild it)"
+    if not _ops.has_ops(*_ops.FAST_NETWORK_OPS):
+        return "falls back to the reference network (the extension lacks the fused network's ops; rebuild it)"
     status = (
-        "fused network: vendor convolutions with fused BatchNorm + LeakyReLU + reflection pad "
-        "(dip_fast.nets.FastSkipNet)"
+        "fused network: vendor convolutions with fused BatchNorm + LeakyReLU + reflection pad and fused "
+        "upsample + concatenation (dip_fast.nets.FastSkipNet; channels_last on the CPU)"
     )
     if _ops.has_ops("lanczos_downsample", "lanczos_downsample_backward"):
         status += "; super-resolution uses the fused Lanczos downsampler (dip_fast.ops.Downsample)"

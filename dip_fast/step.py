@@ -113,23 +113,40 @@ def flatten_parameters(params: Sequence[torch.Tensor]) -> Optional[torch.Tensor]
     of one per parameter tensor, which matters inside a CUDA graph where
     each of ~60 tiny kernels still costs microseconds.  The parameters keep
     their values, shapes and identities (optimizers holding them are
-    unaffected).  Parameters of mixed dtype or device, or not contiguous
-    (e.g. channels_last weights), are left alone.
+    unaffected), and so do their memory layouts: a channels_last weight
+    becomes a channels_last view of its stretch of the buffer.  Parameters
+    of mixed dtype or device, or not dense (overlapping or with gaps), are
+    left alone.
     """
     params = list(params)
     if not params:
         return None
     first = params[0]
-    if any(p.dtype != first.dtype or p.device != first.device or not p.is_contiguous() for p in params):
+    if any(p.dtype != first.dtype or p.device != first.device or not _is_dense(p) for p in params):
         return None
     with torch.no_grad():
-        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        flat = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
         offset = 0
         for p in params:
             n = p.numel()
-            p.data = flat[offset : offset + n].view_as(p)
+            view = flat[offset : offset + n].as_strided(p.shape, p.stride())
+            view.copy_(p)
+            p.data = view
             offset += n
     return flat
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill exactly ``numel`` consecutive slots (any dimension order)."""
+    if t.numel() == 0:
+        return True
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
 
 
 class DeviceBacktracker:
@@ -259,8 +276,8 @@ class StepRunner:
         self.reference = reference.detach() if reference is not None else None
         self.reference_view = reference_view
         channels_last = precision == "bf16"
-        if channels_last and hasattr(net, "channels_last"):
-            net.channels_last = True  # the fast network keeps its activations channels_last
+        if channels_last and hasattr(net, "set_channels_last"):
+            net.set_channels_last()  # the fast network keeps its activations and weights channels_last
         z = net_input.detach()
         self.net_input = z.contiguous(memory_format=torch.channels_last) if channels_last else z
         self._noise = torch.empty_like(self.net_input) if self.reg_noise_std > 0 else None

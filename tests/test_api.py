@@ -488,3 +488,18 @@ def test_step_mode_and_precision_on_cpu():
 def test_bad_run_modes(kwargs, match):
     with pytest.raises(ValueError, match=match):
         restore(smooth(), **kwargs)
+
+
+def test_fast_backend_runs_channels_last_on_the_cpu():
+    """The CPU's faster layout (bench/README.md): activations and convolution weights channels_last."""
+    from dip_fast import _ops, nets
+
+    make, name = api._resolve_backend("fast", torch.device("cpu"))
+    net = make(num_input_channels=8, num_output_channels=3, num_channels_down=[8], num_channels_up=[8],
+               num_channels_skip=[2])
+    if not _ops.has_ops(*_ops.FAST_NETWORK_OPS):
+        pytest.skip("extension not built")
+    assert name == "fast" and isinstance(net, nets.FastSkipNet) and net.channels_last
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
+    out = net(torch.rand(1, 8, 16, 16))
+    assert out.is_contiguous() and out.shape == (1, 3, 16, 16)

@@ -13,7 +13,7 @@ from dip_fast.early_stop import WindowedVariance
 from dip_fast.fit import fit
 from dip_fast.metrics import psnr
 from dip_fast.reference import get_noise, skip
-from dip_fast.step import GRAPH_WARMUP_STEPS, StepRunner, precision_settings
+from dip_fast.step import GRAPH_WARMUP_STEPS, StepRunner, flatten_parameters, precision_settings
 
 from .conftest import requires_extension
 
@@ -153,12 +153,26 @@ def test_bf16_runs_channels_last_and_tracks_fp32(backend):
     res = fit(net, z(), loss_fn, iterations=30, backtrack=False, exp_weight=0.9, precision="bf16")
     if hasattr(net, "channels_last"):
         assert net.channels_last
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
     assert res.output.dtype == torch.float32 and res.output_avg.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in net.parameters())  # master weights stay fp32
     # bfloat16 has 8 significant bits: the first loss agrees to about 1%, and training still converges.
     assert abs(res.loss_history[0] - ref.loss_history[0]) < 0.02 * ref.loss_history[0]
     assert res.loss_history[-1] < 0.5 * res.loss_history[0]
     assert abs(float(psnr(res.output_avg, target)) - float(psnr(ref.output_avg, target))) < 1.0
+
+
+def test_flatten_parameters_keeps_values_and_layouts():
+    a = torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    b, c = torch.randn(5), torch.randn(2, 3)[:, :2]  # c is not dense: flattening refuses
+    params = [torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())]
+    flat = flatten_parameters(params)
+    assert flat is not None and flat.numel() == a.numel() + b.numel()
+    assert params[0].is_contiguous(memory_format=torch.channels_last) and not params[0].is_contiguous()
+    assert torch.equal(params[0], a) and torch.equal(params[1], b)
+    flat.zero_()  # the parameters are views of the buffer
+    assert not params[0].any() and not params[1].any()
+    assert flatten_parameters([torch.nn.Parameter(c)]) is None
 
 
 # ---------------------------------------------------------------- ES-WMV

@@ -1,11 +1,12 @@
 // CPU kernels of the fused BatchNorm (training mode) + LeakyReLU + pad ops.
 //
-// Work is split over channels (at::parallel_for): every statistic is per
-// channel, so a thread owns its channels' reductions outright (deterministic,
-// no merge step) and, in channels_last, a contiguous slice of every pixel's
-// channel vector. Two layouts are written out, each with a unit-stride inner
-// loop that the compiler vectorises: NCHW (along a row) and channels_last
-// (along the channels of a pixel).
+// Two layouts are written out, each with a unit-stride inner loop that the
+// compiler vectorises. NCHW: work is split over channels (at::parallel_for),
+// so a thread owns its channels' reductions outright (deterministic, no
+// merge step) and streams whole planes. channels_last: work is split over
+// fixed blocks of pixels, the inner loop runs along a pixel's channels, and
+// the per-block partial sums are merged per channel in block order (also
+// deterministic, whatever the thread count).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -98,64 +99,82 @@ void normalize_nchw(const scalar_t* x, scalar_t* y, const BnActGeometry& g, int6
   }
 }
 
+// channels_last: a channel's values are C apart, so splitting the work by
+// channel (as for NCHW) would make every thread stride through all of memory.
+// Instead the pixels are cut into fixed blocks (the same blocks whatever the
+// thread count, so results are deterministic); each block reduces its pixels
+// for all channels with unit-stride inner loops, and the per-block partials
+// are merged per channel in block order.
+int64_t pixel_block(int64_t C) { return std::max<int64_t>(16, 8192 / std::max<int64_t>(1, C)); }
+
 template <typename scalar_t, typename acc_t>
-void stats_nhwc(const scalar_t* x, const BnActGeometry& g, int64_t c0, int64_t c1, double eps, acc_t* mean,
-                acc_t* invstd) {
-  const int64_t cr = c1 - c0;
-  const int64_t pixels = g.N * g.H * g.W;
-  const int64_t block = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, cr));
-  std::vector<double> m(cr, 0), m2(cr, 0);  // merged in double
-  std::vector<red_t> s(cr), q(cr);
-  double count = 0;
-  for (int64_t start = 0; start < pixels; start += block) {
-    const int64_t len = std::min(block, pixels - start);
-    std::fill(s.begin(), s.end(), acc_t(0));
-    std::fill(q.begin(), q.end(), acc_t(0));
-    for (int64_t p = start; p < start + len; ++p) {
-      const scalar_t* px = x + p * g.C + c0;
-      for (int64_t k = 0; k < cr; ++k) s[k] += static_cast<red_t>(px[k]);
-    }
-    for (int64_t k = 0; k < cr; ++k) s[k] /= red_t(len);  // chunk means
-    for (int64_t p = start; p < start + len; ++p) {
-      const scalar_t* px = x + p * g.C + c0;
-      for (int64_t k = 0; k < cr; ++k) {
-        const red_t d = static_cast<red_t>(px[k]) - s[k];
-        q[k] += d * d;
+void stats_nhwc(const scalar_t* x, const BnActGeometry& g, double eps, acc_t* mean, acc_t* invstd) {
+  const int64_t C = g.C, pixels = g.N * g.H * g.W, block = pixel_block(C);
+  const int64_t blocks = (pixels + block - 1) / block;
+  std::vector<double> bmean(blocks * C), bm2(blocks * C);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> sum(C), sq(C);
+    for (int64_t bl = b0; bl < b1; ++bl) {
+      const int64_t start = bl * block, len = std::min(block, pixels - start);
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      std::fill(sq.begin(), sq.end(), acc_t(0));
+      acc_t* sp = sum.data();
+      acc_t* qp = sq.data();
+      for (int64_t p = start; p < start + len; ++p) {  // block means; the block stays in cache for pass 2
+        const scalar_t* px = x + p * C;
+#pragma omp simd
+        for (int64_t k = 0; k < C; ++k) sp[k] += static_cast<acc_t>(px[k]);
+      }
+      for (int64_t k = 0; k < C; ++k) sp[k] /= acc_t(len);
+      for (int64_t p = start; p < start + len; ++p) {
+        const scalar_t* px = x + p * C;
+#pragma omp simd
+        for (int64_t k = 0; k < C; ++k) {
+          const acc_t d = static_cast<acc_t>(px[k]) - sp[k];
+          qp[k] += d * d;
+        }
+      }
+      for (int64_t k = 0; k < C; ++k) {
+        bmean[bl * C + k] = sp[k];
+        bm2[bl * C + k] = qp[k];
       }
     }
-    for (int64_t k = 0; k < cr; ++k) {
-      double cnt = count;
-      welford_merge<double>(cnt, m[k], m2[k], double(len), s[k], q[k]);
+  });
+  for (int64_t k = 0; k < C; ++k) {
+    double count = 0, m = 0, m2 = 0;
+    for (int64_t bl = 0; bl < blocks; ++bl) {
+      welford_merge<double>(count, m, m2, double(std::min(block, pixels - bl * block)), bmean[bl * C + k],
+                            bm2[bl * C + k]);
     }
-    count += double(len);
-  }
-  for (int64_t k = 0; k < cr; ++k) {
-    mean[c0 + k] = static_cast<acc_t>(m[k]);
-    invstd[c0 + k] = static_cast<acc_t>(1.0 / std::sqrt(m2[k] / count + eps));
+    mean[k] = static_cast<acc_t>(m);
+    invstd[k] = static_cast<acc_t>(1.0 / std::sqrt(m2 / count + eps));  // biased variance, as BatchNorm normalises
   }
 }
 
+// One task per output row (pad band rows included); per pixel, a unit-stride loop over the channels.
 template <typename scalar_t, typename acc_t>
-void normalize_nhwc(const scalar_t* x, scalar_t* y, const BnActGeometry& g, int64_t c0, int64_t c1,
-                    const acc_t* mean, const acc_t* scale, const acc_t* beta, acc_t slope) {
-  const int64_t cr = c1 - c0;
-  for (int64_t n = 0; n < g.N; ++n) {
-    for (int64_t i = 0; i < g.Ho; ++i) {
+void normalize_nhwc(const scalar_t* x, scalar_t* y, const BnActGeometry& g, const acc_t* mean, const acc_t* scale,
+                    const acc_t* beta, acc_t slope) {
+  const int64_t C = g.C;
+  at::parallel_for(0, g.N * g.Ho, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.Wo * C)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.Ho, i = r % g.Ho;
       const int si = pad_source(static_cast<int>(i), static_cast<int>(g.H), g.pad, g.mode);
       for (int64_t j = 0; j < g.Wo; ++j) {
-        scalar_t* out = y + ((n * g.Ho + i) * g.Wo + j) * g.C + c0;
+        scalar_t* out = y + ((n * g.Ho + i) * g.Wo + j) * C;
         const int sj = pad_source(static_cast<int>(j), static_cast<int>(g.W), g.pad, g.mode);
         if (si < 0 || sj < 0) {
-          std::fill(out, out + cr, scalar_t(0));
+          std::fill(out, out + C, scalar_t(0));
           continue;
         }
-        const scalar_t* in = x + ((n * g.H + si) * g.W + sj) * g.C + c0;
-        for (int64_t k = 0; k < cr; ++k) {
+        const scalar_t* in = x + ((n * g.H + si) * g.W + sj) * C;
+#pragma omp simd
+        for (int64_t k = 0; k < C; ++k) {
           out[k] = static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(in[k]), mean[k], scale[k], beta[k], slope));
         }
       }
     }
-  }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -180,17 +199,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(const at::Tens
     const acc_t* wp = w.const_data_ptr<acc_t>();
     const acc_t* bp = b.const_data_ptr<acc_t>();
     const acc_t s = static_cast<acc_t>(slope);
+    if (nhwc) {
+      stats_nhwc<scalar_t, acc_t>(xp, g, eps, mp, ip);
+      std::vector<acc_t> scale(g.C);
+      for (int64_t c = 0; c < g.C; ++c) scale[c] = wp[c] * ip[c];
+      normalize_nhwc<scalar_t, acc_t>(xp, yp, g, mp, scale.data(), bp, s);
+      return;
+    }
     at::parallel_for(0, g.C, channel_grain(g), [&](int64_t c0, int64_t c1) {
-      if (nhwc) {
-        stats_nhwc<scalar_t, acc_t>(xp, g, c0, c1, eps, mp, ip);
-        std::vector<acc_t> scale(c1 - c0);
-        for (int64_t c = c0; c < c1; ++c) scale[c - c0] = wp[c] * ip[c];
-        normalize_nhwc<scalar_t, acc_t>(xp, yp, g, c0, c1, mp + c0, scale.data(), bp + c0, s);
-      } else {
-        for (int64_t c = c0; c < c1; ++c) {
-          stats_nchw<scalar_t, acc_t>(xp, g, c, eps, mp[c], ip[c]);
-          normalize_nchw<scalar_t, acc_t>(xp, yp, g, c, mp[c], wp[c] * ip[c], bp[c], s);
-        }
+      for (int64_t c = c0; c < c1; ++c) {
+        stats_nchw<scalar_t, acc_t>(xp, g, c, eps, mp[c], ip[c]);
+        normalize_nchw<scalar_t, acc_t>(xp, yp, g, c, mp[c], wp[c] * ip[c], bp[c], s);
       }
     });
   });
@@ -275,74 +294,112 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Bn
   }
 }
 
-// gbuf[k] = folded gradient of channel c0 + k at pixel (n, h, w).
+// The folded gradient of every channel at pixel (n, h, w): a pointer into dy
+// when only one padded position reads the pixel (the interior), else the sum
+// of the 2 to 9 positions that do, accumulated in gbuf.
 template <typename scalar_t, typename acc_t>
-void fold_pixel_nhwc(const scalar_t* dy, const BnActGeometry& g, int64_t n, int64_t h, int64_t w, int64_t c0,
-                     int64_t cr, acc_t* gbuf) {
+const scalar_t* fold_pixel_nhwc(const scalar_t* dy, const BnActGeometry& g, int64_t n, int64_t h, int64_t w,
+                                acc_t* gbuf, bool& folded) {
   int rows[3], cols[3];
   const int nr = pad_preimage(static_cast<int>(h), static_cast<int>(g.H), g.pad, g.mode, rows);
   const int nc = pad_preimage(static_cast<int>(w), static_cast<int>(g.W), g.pad, g.mode, cols);
-  const scalar_t* first = dy + ((n * g.Ho + rows[0]) * g.Wo + cols[0]) * g.C + c0;
-  for (int64_t k = 0; k < cr; ++k) gbuf[k] = static_cast<acc_t>(first[k]);
+  const int64_t C = g.C;
+  const scalar_t* first = dy + ((n * g.Ho + rows[0]) * g.Wo + cols[0]) * C;
+  folded = nr * nc > 1;
+  if (!folded) return first;
+  for (int64_t k = 0; k < C; ++k) gbuf[k] = static_cast<acc_t>(first[k]);
   for (int r = 0; r < nr; ++r) {
     for (int q = 0; q < nc; ++q) {
       if (r == 0 && q == 0) continue;
-      const scalar_t* src = dy + ((n * g.Ho + rows[r]) * g.Wo + cols[q]) * g.C + c0;
-      for (int64_t k = 0; k < cr; ++k) gbuf[k] += static_cast<acc_t>(src[k]);
+      const scalar_t* src = dy + ((n * g.Ho + rows[r]) * g.Wo + cols[q]) * C;
+#pragma omp simd
+      for (int64_t k = 0; k < C; ++k) gbuf[k] += static_cast<acc_t>(src[k]);
+    }
+  }
+  return nullptr;
+}
+
+// dz of every channel at one pixel into dz[0, C).
+template <typename scalar_t, typename acc_t>
+void pixel_dz_nhwc(const scalar_t* dy, const scalar_t* x, const BnActGeometry& g, int64_t p, const acc_t* mean,
+                   const acc_t* scale, const acc_t* beta, acc_t slope, acc_t* gbuf, acc_t* dz) {
+  const int64_t C = g.C;
+  const int64_t w = p % g.W, t = p / g.W, h = t % g.H, n = t / g.H;
+  bool folded;
+  const scalar_t* direct = fold_pixel_nhwc<scalar_t, acc_t>(dy, g, n, h, w, gbuf, folded);
+  const scalar_t* xp = x + p * C;
+  if (folded) {
+#pragma omp simd
+    for (int64_t k = 0; k < C; ++k) dz[k] = bn_act_dz<acc_t>(gbuf[k], static_cast<acc_t>(xp[k]), mean[k], scale[k], beta[k], slope);
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < C; ++k) {
+      dz[k] = bn_act_dz<acc_t>(static_cast<acc_t>(direct[k]), static_cast<acc_t>(xp[k]), mean[k], scale[k], beta[k], slope);
     }
   }
 }
 
+// channels_last backward, over the same fixed pixel blocks as stats_nhwc:
+// pass 1 reduces sum(dz) and sum(dz * (x - mean)) per block (merged per
+// channel in block order, in double), pass 2 writes dx.
 template <typename scalar_t, typename acc_t>
-void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const BnActGeometry& g, int64_t c0,
-                   int64_t c1, const acc_t* mean, const acc_t* invstd, const acc_t* gamma, const acc_t* beta,
-                   acc_t slope, acc_t* sum_dz, acc_t* sum_dz_xhat) {
-  const int64_t cr = c1 - c0;
-  std::vector<acc_t> scale(cr), gbuf(cr);
-  std::vector<red_t> ta(cr, 0), tb(cr, 0);
-  for (int64_t k = 0; k < cr; ++k) {
-    scale[k] = gamma[c0 + k] * invstd[c0 + k];
-  }
-  for (int64_t n = 0; n < g.N; ++n) {  // pass 1
-    for (int64_t h = 0; h < g.H; ++h) {
-      for (int64_t w = 0; w < g.W; ++w) {
-        fold_pixel_nhwc<scalar_t, acc_t>(dy, g, n, h, w, c0, cr, gbuf.data());
-        const scalar_t* xp = x + ((n * g.H + h) * g.W + w) * g.C + c0;
-        for (int64_t k = 0; k < cr; ++k) {
-          const acc_t xv = static_cast<acc_t>(xp[k]);
-          const acc_t dz = bn_act_dz<acc_t>(gbuf[k], xv, mean[c0 + k], scale[k], beta[c0 + k], slope);
-          ta[k] += dz;
-          tb[k] += red_t(dz) * (red_t(xv) - red_t(mean[c0 + k]));
+void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const BnActGeometry& g, const acc_t* mean,
+                   const acc_t* invstd, const acc_t* gamma, const acc_t* beta, acc_t slope, acc_t* sum_dz,
+                   acc_t* sum_dz_xhat) {
+  const int64_t C = g.C, pixels = g.N * g.H * g.W, block = pixel_block(C);
+  const int64_t blocks = (pixels + block - 1) / block;
+  std::vector<acc_t> scale(C);
+  for (int64_t k = 0; k < C; ++k) scale[k] = gamma[k] * invstd[k];
+  std::vector<double> ba(blocks * C), bb(blocks * C);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> gbuf(C), dz(C), ta(C), tb(C);
+    for (int64_t bl = b0; bl < b1; ++bl) {
+      std::fill(ta.begin(), ta.end(), acc_t(0));
+      std::fill(tb.begin(), tb.end(), acc_t(0));
+      acc_t *ap = ta.data(), *bp = tb.data(), *dp = dz.data();
+      for (int64_t p = bl * block; p < std::min(pixels, (bl + 1) * block); ++p) {
+        pixel_dz_nhwc<scalar_t, acc_t>(dy, x, g, p, mean, scale.data(), beta, slope, gbuf.data(), dp);
+        const scalar_t* xp = x + p * C;
+#pragma omp simd
+        for (int64_t k = 0; k < C; ++k) {
+          ap[k] += dp[k];
+          bp[k] += dp[k] * (static_cast<acc_t>(xp[k]) - mean[k]);
         }
       }
-    }
-  }
-  const double count = double(g.N * g.H * g.W);
-  std::vector<acc_t> mean_dz(cr), mean_dz_xhat(cr), kk(cr);
-  for (int64_t k = 0; k < cr; ++k) {
-    const double sdx = tb[k] * invstd[c0 + k];
-    sum_dz[c0 + k] = static_cast<acc_t>(ta[k]);
-    sum_dz_xhat[c0 + k] = static_cast<acc_t>(sdx);
-    mean_dz[k] = static_cast<acc_t>(ta[k] / count);
-    mean_dz_xhat[k] = static_cast<acc_t>(sdx / count);
-    kk[k] = gamma[c0 + k] * invstd[c0 + k];
-  }
-  for (int64_t n = 0; n < g.N; ++n) {  // pass 2
-    for (int64_t h = 0; h < g.H; ++h) {
-      for (int64_t w = 0; w < g.W; ++w) {
-        fold_pixel_nhwc<scalar_t, acc_t>(dy, g, n, h, w, c0, cr, gbuf.data());
-        const int64_t off = ((n * g.H + h) * g.W + w) * g.C + c0;
-        const scalar_t* xp = x + off;
-        scalar_t* dxp = dx + off;
-        for (int64_t k = 0; k < cr; ++k) {
-          const acc_t xv = static_cast<acc_t>(xp[k]);
-          const acc_t dz = bn_act_dz<acc_t>(gbuf[k], xv, mean[c0 + k], scale[k], beta[c0 + k], slope);
-          dxp[k] = static_cast<scalar_t>(
-              bn_dx<acc_t>(dz, (xv - mean[c0 + k]) * invstd[c0 + k], kk[k], mean_dz[k], mean_dz_xhat[k]));
-        }
+      for (int64_t k = 0; k < C; ++k) {
+        ba[bl * C + k] = ap[k];
+        bb[bl * C + k] = bp[k];
       }
     }
+  });
+  const double count = double(pixels);
+  std::vector<acc_t> mean_dz(C), mean_dz_xhat(C);
+  for (int64_t k = 0; k < C; ++k) {
+    double a = 0, b = 0;
+    for (int64_t bl = 0; bl < blocks; ++bl) {
+      a += ba[bl * C + k];
+      b += bb[bl * C + k];
+    }
+    b *= invstd[k];
+    sum_dz[k] = static_cast<acc_t>(a);
+    sum_dz_xhat[k] = static_cast<acc_t>(b);
+    mean_dz[k] = static_cast<acc_t>(a / count);
+    mean_dz_xhat[k] = static_cast<acc_t>(b / count);
   }
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> gbuf(C), dz(C);
+    acc_t* dp = dz.data();
+    for (int64_t p = b0 * block; p < std::min(pixels, b1 * block); ++p) {
+      pixel_dz_nhwc<scalar_t, acc_t>(dy, x, g, p, mean, scale.data(), beta, slope, gbuf.data(), dp);
+      const scalar_t* xp = x + p * C;
+      scalar_t* out = dx + p * C;
+#pragma omp simd
+      for (int64_t k = 0; k < C; ++k) {
+        out[k] = static_cast<scalar_t>(
+            bn_dx<acc_t>(dp[k], (static_cast<acc_t>(xp[k]) - mean[k]) * invstd[k], scale[k], mean_dz[k], mean_dz_xhat[k]));
+      }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
@@ -372,15 +429,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(const at::Ten
     acc_t* dbp = db.data_ptr<acc_t>();
     const acc_t s = static_cast<acc_t>(slope);
     const auto extra = extra_columns(g);
+    if (nhwc) {
+      backward_nhwc<scalar_t, acc_t>(dyp, xp, dxp, g, mp, ip, wp, bp, s, dbp, dwp);
+      return;
+    }
     at::parallel_for(0, g.C, channel_grain(g), [&](int64_t c0, int64_t c1) {
-      if (nhwc) {
-        backward_nhwc<scalar_t, acc_t>(dyp, xp, dxp, g, c0, c1, mp, ip, wp, bp, s, dbp, dwp);
-      } else {
-        std::vector<acc_t> g_row(g.W);
-        for (int64_t c = c0; c < c1; ++c) {
-          backward_nchw<scalar_t, acc_t>(dyp, xp, dxp, g, c, mp[c], ip[c], wp[c], bp[c], s, extra, g_row, dbp[c],
-                                         dwp[c]);
-        }
+      std::vector<acc_t> g_row(g.W);
+      for (int64_t c = c0; c < c1; ++c) {
+        backward_nchw<scalar_t, acc_t>(dyp, xp, dxp, g, c, mp[c], ip[c], wp[c], bp[c], s, extra, g_row, dbp[c],
+                                       dwp[c]);
       }
     });
   });
