@@ -4,7 +4,10 @@
   ``F.pad(F.leaky_relu(F.batch_norm(x, None, None, w, b, training=True), slope), [pad] * 4, mode="reflect")``,
   forward alone and backward alone, at the three kinds of call the paper
   network makes (after ``down[0]``, after the level-0 concatenation, after
-  ``up[0]``) for a 128x128 image on the CPU and 512x512 on CUDA.
+  ``up[0]``) for a 128x128 image on the CPU and 512x512 on CUDA, NCHW and channels_last.
+* ``upsample_cat`` (:func:`dip_fast.ops.upsample_cat.upsample_cat`) vs
+  ``torch.cat([skip, F.interpolate(deep, scale_factor=2, mode="bilinear")], 1)``
+  at the network's top level, forward alone and forward + backward, both layouts.
 * Lanczos downsampling (the fast ``Downsample`` module, if this checkout has
   it) vs the reference ``Downsampler``, forward + backward, x4 and x8.
 
@@ -25,9 +28,12 @@ import compare as harness
 OP_IMAGE_SIZE = {"cpu": 128, "cuda": 512}
 
 # (case name, variants) known ahead of collection; a case missing at run time skips with the reason.
-_BN_ACT = [f"bn_act/{k}" for k in ("down0", "concat0", "up0")]
+_LAYOUT_SUFFIXES = ("", " (channels_last)")
+_BN_ACT = [f"bn_act/{k}{sfx}" for sfx in _LAYOUT_SUFFIXES for k in ("down0", "concat0", "up0")]
+_UPSAMPLE_CAT = [f"upsample_cat/level0{sfx}" for sfx in _LAYOUT_SUFFIXES]
 _LANCZOS = ["lanczos/x4", "lanczos/x8"]
 _CASE_VARIANTS = {name: ("fused_fwd", "torch_fwd", "fused_bwd", "torch_bwd") for name in _BN_ACT}
+_CASE_VARIANTS.update({name: ("fused_fwd", "torch_fwd", "fused_fwd_bwd", "torch_fwd_bwd") for name in _UPSAMPLE_CAT})
 _CASE_VARIANTS.update({name: ("fused_fwd_bwd", "torch_fwd_bwd") for name in _LANCZOS})
 
 _cache: Dict[str, Tuple[Dict[str, harness.OpCase], List[str]]] = {}

@@ -384,8 +384,8 @@ def _bn_act_cases(device: torch.device, size: int, seed: int) -> List[OpCase]:
     ]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     cases = []
-    for label, c, hw, slope, pad in shapes:
-        x = torch.randn(1, c, hw, hw, generator=gen).to(device).requires_grad_(True)
+    for (label, c, hw, slope, pad), layout in [(s, fmt) for fmt in _LAYOUTS for s in shapes]:
+        x = torch.randn(1, c, hw, hw, generator=gen).to(device, memory_format=_LAYOUTS[layout]).requires_grad_(True)
         w = (torch.rand(c, generator=gen) + 0.5).to(device).requires_grad_(True)
         b = torch.randn(c, generator=gen).to(device).requires_grad_(True)
 
@@ -416,10 +416,61 @@ def _bn_act_cases(device: torch.device, size: int, seed: int) -> List[OpCase]:
 
         cases.append(
             OpCase(
-                name=f"bn_act/{label}",
+                name=f"bn_act/{label}" + _layout_suffix(layout),
                 shape=f"1x{c}x{hw}x{hw} slope={slope} pad={pad}",
                 variants={"fused_fwd": fwd, "torch_fwd": fwd_plain, "fused_bwd": bwd, "torch_bwd": bwd_plain},
                 pairs=[("forward", "fused_fwd", "torch_fwd"), ("backward", "fused_bwd", "torch_bwd")],
+            )
+        )
+    return cases
+
+
+#: The activation layouts the op cases run in (the CPU's fast network runs channels_last).
+_LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _layout_suffix(layout: str) -> str:
+    return "" if layout == "nchw" else f" ({layout})"
+
+
+def _upsample_cat_cases(device: torch.device, size: int, seed: int) -> List[OpCase]:
+    """upsample_cat against the reference's upsample + torch.cat, at the top level of the paper network."""
+    from dip_fast.ops.upsample_cat import upsample_cat
+    from dip_fast.reference.skip import upsample2x
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    cases = []
+    for layout, fmt in _LAYOUTS.items():
+        skip = torch.randn(1, 4, size, size, generator=gen).to(device, memory_format=fmt).requires_grad_(True)
+        deep = torch.randn(1, 128, size // 2, size // 2, generator=gen).to(device, memory_format=fmt).requires_grad_(True)
+        g = torch.randn(1, 132, size, size, generator=gen).to(device, memory_format=fmt)
+
+        def fused(skip=skip, deep=deep) -> torch.Tensor:
+            return upsample_cat(skip, deep, "bilinear")
+
+        def plain(skip=skip, deep=deep) -> torch.Tensor:
+            return torch.cat([skip, upsample2x(deep, "bilinear")], dim=1)
+
+        def fwd(fn=fused) -> None:
+            with torch.no_grad():
+                fn()
+
+        def fwd_plain(fn=plain) -> None:
+            with torch.no_grad():
+                fn()
+
+        def fb(fn=fused, g=g, inputs=(skip, deep)) -> None:
+            torch.autograd.grad(fn(), inputs, g)
+
+        def fb_plain(fn=plain, g=g, inputs=(skip, deep)) -> None:
+            torch.autograd.grad(fn(), inputs, g)
+
+        cases.append(
+            OpCase(
+                name="upsample_cat/level0" + _layout_suffix(layout),
+                shape=f"skip 1x4x{size}x{size}, deep 1x128x{size // 2}x{size // 2}, bilinear",
+                variants={"fused_fwd": fwd, "torch_fwd": fwd_plain, "fused_fwd_bwd": fb, "torch_fwd_bwd": fb_plain},
+                pairs=[("forward", "fused_fwd", "torch_fwd"), ("forward+backward", "fused_fwd_bwd", "torch_fwd_bwd")],
             )
         )
     return cases
@@ -504,6 +555,10 @@ def op_cases(device: torch.device, size: int, seed: int = 0) -> Tuple[List[OpCas
         cases += _bn_act_cases(device, size, seed)
     else:
         notes.append("bn_act: the extension lacks bn_act_forward/bn_act_backward")
+    if _ops.has_ops("upsample_cat", "upsample_cat_backward"):
+        cases += _upsample_cat_cases(device, size, seed)
+    else:
+        notes.append("upsample_cat: the extension lacks upsample_cat/upsample_cat_backward")
     lz, why = _lanczos_cases(device, size, seed)
     cases += lz
     if why:

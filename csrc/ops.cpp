@@ -66,6 +66,13 @@
  *     backward zero-fills grad_deep and scatters into it after cat's
  *     backward has sliced grad_out.
  *
+ *   bn_running_stats_update(running_mean!, running_var!, mean, invstd, momentum, eps, count)
+ *     nn.BatchNorm2d's update of the running statistics from the batch
+ *     statistics bn_act_forward returned, in one tiny kernel: in Python it
+ *     was ~10 ATen calls per BatchNorm (measured ~70 us of overhead each on
+ *     the CPU, 30 BatchNorms per step). Mutates its first two arguments and
+ *     returns nothing, so torch.compile functionalizes it automatically.
+ *
  *   lanczos_downsample(x, taps, factor, pad)
  *   lanczos_downsample_backward(grad_out, taps, factor, pad, height, width)
  *     The paper's fixed anti-aliasing Downsampler (Lanczos / Gauss / box) as
@@ -106,6 +113,8 @@ TORCH_LIBRARY(dip_fast, m) {
         " -> (Tensor, Tensor, Tensor)");
   m.def("bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd,"
         " float slope, int pad, int pad_mode) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_running_stats_update(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor invstd,"
+        " float momentum, float eps, int count) -> ()");
   // The CUDA kernels' per-thread code run over the launch grid on the CPU (tests only).
   m.def("_bn_act_forward_emulated(Tensor x, Tensor weight, Tensor bias, float eps, float slope, int pad,"
         " int pad_mode) -> (Tensor, Tensor, Tensor)");

@@ -42,7 +42,9 @@ def working_memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 #: The ops the fused network (dip_fast.nets.FastSkipNet) needs; without them it falls back to the reference.
-FAST_NETWORK_OPS = ("bn_act_forward", "bn_act_backward", "upsample_cat", "upsample_cat_backward")
+FAST_NETWORK_OPS = (
+    "bn_act_forward", "bn_act_backward", "bn_running_stats_update", "upsample_cat", "upsample_cat_backward"
+)
 
 
 def has_ops(*names: str) -> bool:

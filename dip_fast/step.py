@@ -275,9 +275,10 @@ class StepRunner:
         self.degrade, self.mask = degrade, mask
         self.reference = reference.detach() if reference is not None else None
         self.reference_view = reference_view
-        channels_last = precision == "bf16"
-        if channels_last and hasattr(net, "set_channels_last"):
+        if precision == "bf16" and hasattr(net, "set_channels_last"):
             net.set_channels_last()  # the fast network keeps its activations and weights channels_last
+        # The input in the network's layout, so that the perturbed input needs no conversion each step.
+        channels_last = precision == "bf16" or bool(getattr(net, "channels_last", False))
         z = net_input.detach()
         self.net_input = z.contiguous(memory_format=torch.channels_last) if channels_last else z
         self._noise = torch.empty_like(self.net_input) if self.reg_noise_std > 0 else None

@@ -108,6 +108,37 @@ def test_running_stats_follow_batchnorm():
     torch.testing.assert_close(rv, bn.running_var)
 
 
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.1, 1.0, 0.0])
+def test_running_stats_op_follows_batchnorm(stats_dtype, momentum, device="cpu"):
+    """bn_running_stats_update on its own: the same running statistics as nn.BatchNorm2d, step after step."""
+    x, w, b = make_inputs((2, 5, 4, 3), torch.float32, "contiguous")
+    x = x.to(device)
+    bn = torch.nn.BatchNorm2d(5, momentum=momentum).to(device, stats_dtype)
+    rm = torch.zeros(5, dtype=stats_dtype, device=device)
+    rv = torch.ones(5, dtype=stats_dtype, device=device)
+    for k in range(3):
+        xk = x.to(stats_dtype) * (k + 1) + k
+        bn(xk)
+        _, mean, invstd = torch.ops.dip_fast.bn_act_forward(xk, w.to(device, stats_dtype), b.to(device, stats_dtype),
+                                                            1e-5, 1.0, 0, 1)
+        torch.ops.dip_fast.bn_running_stats_update(rm, rv, mean, invstd, momentum, 1e-5, xk.numel() // 5)
+    tol = 1e-12 if stats_dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(rm, bn.running_mean, atol=tol, rtol=tol)
+    torch.testing.assert_close(rv, bn.running_var, atol=tol, rtol=tol)
+
+
+def test_running_stats_op_checks_and_opcheck():
+    rm, rv, mean, invstd = torch.zeros(4), torch.ones(4), torch.randn(4), torch.rand(4) + 0.5
+    torch.library.opcheck(torch.ops.dip_fast.bn_running_stats_update.default, (rm, rv, mean, invstd, 0.1, 1e-5, 7))
+    with pytest.raises(RuntimeError, match="momentum"):
+        torch.ops.dip_fast.bn_running_stats_update(rm, rv, mean, invstd, 1.5, 1e-5, 7)
+    with pytest.raises(RuntimeError, match=r"contiguous \[4\] tensors"):
+        torch.ops.dip_fast.bn_running_stats_update(rm, torch.ones(5), mean, invstd, 0.1, 1e-5, 7)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.dip_fast.bn_running_stats_update(rm, rv.double(), mean, invstd, 0.1, 1e-5, 7)
+
+
 def test_torch_compile_traces_the_op():
     x, w, b = make_inputs((1, 4, 8, 8), torch.float32, "contiguous")
     fn = torch.compile(lambda x, w, b: batch_norm_act(x, w, b, pad=1) * 2, backend="eager", fullgraph=True)
@@ -165,6 +196,12 @@ def test_cuda_matches_pytorch(shape, layout, pad, pad_mode, dtype, atol):
     if pad_mode == "reflect" and pad >= min(shape[2:]):
         pytest.skip("reflection pad must be smaller than the image")
     compare(shape, dtype, layout, pad, pad_mode, 0.2, atol, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64])
+def test_cuda_running_stats_op_follows_batchnorm(stats_dtype):
+    test_running_stats_op_follows_batchnorm(stats_dtype, 0.1, device="cuda")
 
 
 @pytest.mark.cuda

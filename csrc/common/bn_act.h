@@ -100,4 +100,17 @@ DIP_HD acc_t bn_dx(acc_t dz, acc_t xhat, acc_t k, acc_t mean_dz, acc_t mean_dz_x
   return k * (dz - mean_dz - xhat * mean_dz_xhat);
 }
 
+// nn.BatchNorm2d's training-mode update of the running statistics for one
+// channel, from the batch mean and 1/std the forward computed: the batch
+// variance is recovered as 1/invstd^2 - eps and made unbiased (count/(count-1)).
+// In double, as PyTorch's own kernels compute the variance.
+template <typename run_t, typename acc_t>
+DIP_HD void bn_running_update(run_t& running_mean, run_t& running_var, acc_t mean, acc_t invstd, double momentum,
+                              double eps, double unbias) {
+  const double is = static_cast<double>(invstd);
+  const double var = (1.0 / (is * is) - eps) * unbias;
+  running_mean = static_cast<run_t>((1.0 - momentum) * static_cast<double>(running_mean) + momentum * static_cast<double>(mean));
+  running_var = static_cast<run_t>((1.0 - momentum) * static_cast<double>(running_var) + momentum * var);
+}
+
 }  // namespace dip_fast

@@ -119,4 +119,24 @@ inline BnActBackwardCall bn_act_backward_call(const at::Tensor& grad_y, const at
                            new_output({g.C}, x.options().dtype(acc))};
 }
 
+// Arguments of bn_running_stats_update: running stats of one float dtype,
+// batch stats in the accumulation type, all [C] and dense.
+inline void bn_running_stats_check(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                   const at::Tensor& mean, const at::Tensor& invstd, double momentum, int64_t count) {
+  DIP_CHECK_FLOATING(running_mean, "running_mean");
+  DIP_CHECK_SAME_DTYPE(running_mean, running_var, "running_mean", "running_var");
+  DIP_CHECK_SAME_DTYPE(mean, invstd, "mean", "invstd");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
+              "dip_fast: mean and invstd must be float32 or float64, got ", mean.scalar_type());
+  const int64_t C = mean.numel();
+  for (const auto* t : {&running_mean, &running_var, &mean, &invstd}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->is_contiguous(),
+                "dip_fast: running and batch statistics must be contiguous [", C, "] tensors, got ", t->sizes());
+    TORCH_CHECK(t->device() == mean.device(), "dip_fast: all statistics must be on ", mean.device(), ", got ",
+                t->device());
+  }
+  TORCH_CHECK(momentum >= 0.0 && momentum <= 1.0, "dip_fast: momentum must be in [0, 1], got ", momentum);
+  TORCH_CHECK(count >= 1, "dip_fast: count must be >= 1, got ", count);
+}
+
 }  // namespace dip_fast

@@ -444,11 +444,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(const at::Ten
   return {dx, dw.to(weight.scalar_type()), db.to(bias.scalar_type())};
 }
 
+void bn_running_stats_update_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                                 const at::Tensor& invstd, double momentum, double eps, int64_t count) {
+  const at::Tensor* stats[] = {&running_mean, &running_var, &mean, &invstd};
+  for (const at::Tensor* t : stats) DIP_CHECK_DEVICE(*t, at::kCPU, "every statistic");
+  bn_running_stats_check(running_mean, running_var, mean, invstd, momentum, count);
+  const double unbias = count > 1 ? double(count) / double(count - 1) : 1.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "bn_running_stats_update", [&] {
+    using run_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_running_stats_update_acc", [&] {
+      run_t* rm = running_mean.data_ptr<run_t>();
+      run_t* rv = running_var.data_ptr<run_t>();
+      const scalar_t* m = mean.const_data_ptr<scalar_t>();
+      const scalar_t* is = invstd.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < mean.numel(); ++c) bn_running_update<run_t, scalar_t>(rm[c], rv[c], m[c], is[c], momentum, eps, unbias);
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dip_fast, CPU, m) {
   m.impl("bn_act_forward", &bn_act_forward_cpu);
   m.impl("bn_act_backward", &bn_act_backward_cpu);
+  m.impl("bn_running_stats_update", &bn_running_stats_update_cpu);
 }
 
 }  // namespace dip_fast

@@ -175,11 +175,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(const at::Te
   return {dx, dw.to(weight.scalar_type()), db.to(bias.scalar_type())};
 }
 
+template <typename run_t, typename acc_t>
+__global__ void bn_running_stats_kernel(run_t* __restrict__ running_mean, run_t* __restrict__ running_var,
+                                        const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd, int64_t C,
+                                        double momentum, double eps, double unbias) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c < C) bn_running_update<run_t, acc_t>(running_mean[c], running_var[c], mean[c], invstd[c], momentum, eps, unbias);
+}
+
+void bn_running_stats_update_cuda(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                                  const at::Tensor& invstd, double momentum, double eps, int64_t count) {
+  const at::Tensor* stats[] = {&running_mean, &running_var, &mean, &invstd};
+  for (const at::Tensor* t : stats) DIP_CHECK_DEVICE(*t, at::kCUDA, "every statistic");
+  bn_running_stats_check(running_mean, running_var, mean, invstd, momentum, count);
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const int64_t C = mean.numel();
+  if (C == 0) return;
+  const double unbias = count > 1 ? double(count) / double(count - 1) : 1.0;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "bn_running_stats_update_cuda", [&] {
+    using run_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_running_stats_update_cuda_acc", [&] {
+      bn_running_stats_kernel<run_t, scalar_t><<<blocks_for(C), kThreads, 0, stream>>>(
+          running_mean.data_ptr<run_t>(), running_var.data_ptr<run_t>(), mean.const_data_ptr<scalar_t>(),
+          invstd.const_data_ptr<scalar_t>(), C, momentum, eps, unbias);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dip_fast, CUDA, m) {
   m.impl("bn_act_forward", &bn_act_forward_cuda);
   m.impl("bn_act_backward", &bn_act_backward_cuda);
+  m.impl("bn_running_stats_update", &bn_running_stats_update_cuda);
 }
 
 }  // namespace dip_fast

@@ -69,7 +69,7 @@ def _register() -> None:
     torch.library.register_autograd("dip_fast::bn_act_forward", backward, setup_context=setup_context)
 
 
-_OPS = ("bn_act_forward", "bn_act_backward")
+_OPS = ("bn_act_forward", "bn_act_backward", "bn_running_stats_update")
 if _ops.has_ops(*_OPS):
     _register()
 
@@ -126,10 +126,9 @@ def batch_norm_act(
 
 @torch.no_grad()
 def _update_running_stats(mean, invstd, eps, x, running_mean, running_var, momentum) -> None:
-    """The same update as nn.BatchNorm2d in training mode (unbiased variance in running_var)."""
+    """The same update as nn.BatchNorm2d in training mode (unbiased variance in running_var), in one op."""
     count = x.shape[0] * x.shape[2] * x.shape[3]
-    if running_mean is not None:
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-    if running_var is not None:
-        var = (invstd.double().reciprocal().square() - eps) * (count / max(count - 1, 1))
-        running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+    # The op updates both; a missing one gets a scratch buffer.
+    running_mean = running_mean if running_mean is not None else torch.zeros_like(running_var)
+    running_var = running_var if running_var is not None else torch.ones_like(running_mean)
+    torch.ops.dip_fast.bn_running_stats_update(running_mean, running_var, mean, invstd, float(momentum), float(eps), count)
