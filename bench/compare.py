@@ -396,7 +396,8 @@ def _bn_act_cases(device: torch.device, size: int, seed: int) -> List[OpCase]:
             return _torch_bn_act(x, w, b, slope, pad)
 
         y_fused, y_plain = fused(), plain()
-        g = torch.randn(y_plain.shape, generator=gen).to(device)
+        # The gradient in the layout the network hands it over (the next convolution's input gradient).
+        g = torch.randn(y_plain.shape, generator=gen).to(device, memory_format=_LAYOUTS[layout])
         inputs = (x, w, b)
 
         def fwd(fn=fused) -> None:

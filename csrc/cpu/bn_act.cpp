@@ -42,7 +42,7 @@ int64_t channel_grain(const BnActGeometry& g) {
 // ---------------------------------------------------------------- forward ---
 
 template <typename scalar_t, typename acc_t>
-void stats_nchw(const scalar_t* x, const BnActGeometry& g, int64_t c, double eps, acc_t& mean, acc_t& invstd) {
+DIP_CPU_CLONES void stats_nchw(const scalar_t* x, const BnActGeometry& g, int64_t c, double eps, acc_t& mean, acc_t& invstd) {
   double count = 0, m = 0, m2 = 0;  // merged in double; chunks are short enough for acc_t
   const int64_t hw = g.H * g.W;
   for (int64_t n = 0; n < g.N; ++n) {
@@ -68,7 +68,7 @@ void stats_nchw(const scalar_t* x, const BnActGeometry& g, int64_t c, double eps
 }
 
 template <typename scalar_t, typename acc_t>
-void normalize_nchw(const scalar_t* x, scalar_t* y, const BnActGeometry& g, int64_t c, acc_t mean, acc_t scale,
+DIP_CPU_CLONES void normalize_nchw(const scalar_t* x, scalar_t* y, const BnActGeometry& g, int64_t c, acc_t mean, acc_t scale,
                     acc_t beta, acc_t slope) {
   const int64_t hw = g.H * g.W;
   for (int64_t n = 0; n < g.N; ++n) {
@@ -107,38 +107,45 @@ void normalize_nchw(const scalar_t* x, scalar_t* y, const BnActGeometry& g, int6
 // are merged per channel in block order.
 int64_t pixel_block(int64_t C) { return std::max<int64_t>(16, 8192 / std::max<int64_t>(1, C)); }
 
+// Per-channel mean and M2 of each pixel block in [b0, b1).
+template <typename scalar_t, typename acc_t>
+DIP_CPU_CLONES void stats_nhwc_blocks(const scalar_t* x, int64_t C, int64_t pixels, int64_t block, int64_t b0,
+                                      int64_t b1, double* bmean, double* bm2) {
+  std::vector<acc_t> sum(C), sq(C);
+  for (int64_t bl = b0; bl < b1; ++bl) {
+    const int64_t start = bl * block, len = std::min(block, pixels - start);
+    std::fill(sum.begin(), sum.end(), acc_t(0));
+    std::fill(sq.begin(), sq.end(), acc_t(0));
+    acc_t* sp = sum.data();
+    acc_t* qp = sq.data();
+    for (int64_t p = start; p < start + len; ++p) {  // block means; the block stays in cache for pass 2
+      const scalar_t* px = x + p * C;
+#pragma omp simd
+      for (int64_t k = 0; k < C; ++k) sp[k] += static_cast<acc_t>(px[k]);
+    }
+    for (int64_t k = 0; k < C; ++k) sp[k] /= acc_t(len);
+    for (int64_t p = start; p < start + len; ++p) {
+      const scalar_t* px = x + p * C;
+#pragma omp simd
+      for (int64_t k = 0; k < C; ++k) {
+        const acc_t d = static_cast<acc_t>(px[k]) - sp[k];
+        qp[k] += d * d;
+      }
+    }
+    for (int64_t k = 0; k < C; ++k) {
+      bmean[bl * C + k] = sp[k];
+      bm2[bl * C + k] = qp[k];
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void stats_nhwc(const scalar_t* x, const BnActGeometry& g, double eps, acc_t* mean, acc_t* invstd) {
   const int64_t C = g.C, pixels = g.N * g.H * g.W, block = pixel_block(C);
   const int64_t blocks = (pixels + block - 1) / block;
   std::vector<double> bmean(blocks * C), bm2(blocks * C);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> sum(C), sq(C);
-    for (int64_t bl = b0; bl < b1; ++bl) {
-      const int64_t start = bl * block, len = std::min(block, pixels - start);
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      std::fill(sq.begin(), sq.end(), acc_t(0));
-      acc_t* sp = sum.data();
-      acc_t* qp = sq.data();
-      for (int64_t p = start; p < start + len; ++p) {  // block means; the block stays in cache for pass 2
-        const scalar_t* px = x + p * C;
-#pragma omp simd
-        for (int64_t k = 0; k < C; ++k) sp[k] += static_cast<acc_t>(px[k]);
-      }
-      for (int64_t k = 0; k < C; ++k) sp[k] /= acc_t(len);
-      for (int64_t p = start; p < start + len; ++p) {
-        const scalar_t* px = x + p * C;
-#pragma omp simd
-        for (int64_t k = 0; k < C; ++k) {
-          const acc_t d = static_cast<acc_t>(px[k]) - sp[k];
-          qp[k] += d * d;
-        }
-      }
-      for (int64_t k = 0; k < C; ++k) {
-        bmean[bl * C + k] = sp[k];
-        bm2[bl * C + k] = qp[k];
-      }
-    }
+    stats_nhwc_blocks<scalar_t, acc_t>(x, C, pixels, block, b0, b1, bmean.data(), bm2.data());
   });
   for (int64_t k = 0; k < C; ++k) {
     double count = 0, m = 0, m2 = 0;
@@ -151,29 +158,36 @@ void stats_nhwc(const scalar_t* x, const BnActGeometry& g, double eps, acc_t* me
   }
 }
 
-// One task per output row (pad band rows included); per pixel, a unit-stride loop over the channels.
+// Output rows [r0, r1) (pad band rows included); per pixel, a unit-stride loop over the channels.
+template <typename scalar_t, typename acc_t>
+DIP_CPU_CLONES void normalize_nhwc_rows(const scalar_t* x, scalar_t* y, const BnActGeometry& g, const acc_t* mean,
+                                        const acc_t* scale, const acc_t* beta, acc_t slope, int64_t r0, int64_t r1) {
+  const int64_t C = g.C;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / g.Ho, i = r % g.Ho;
+    const int si = pad_source(static_cast<int>(i), static_cast<int>(g.H), g.pad, g.mode);
+    for (int64_t j = 0; j < g.Wo; ++j) {
+      scalar_t* out = y + ((n * g.Ho + i) * g.Wo + j) * C;
+      const int sj = pad_source(static_cast<int>(j), static_cast<int>(g.W), g.pad, g.mode);
+      if (si < 0 || sj < 0) {
+        std::fill(out, out + C, scalar_t(0));
+        continue;
+      }
+      const scalar_t* in = x + ((n * g.H + si) * g.W + sj) * C;
+#pragma omp simd
+      for (int64_t k = 0; k < C; ++k) {
+        out[k] = static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(in[k]), mean[k], scale[k], beta[k], slope));
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void normalize_nhwc(const scalar_t* x, scalar_t* y, const BnActGeometry& g, const acc_t* mean, const acc_t* scale,
                     const acc_t* beta, acc_t slope) {
-  const int64_t C = g.C;
-  at::parallel_for(0, g.N * g.Ho, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.Wo * C)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / g.Ho, i = r % g.Ho;
-      const int si = pad_source(static_cast<int>(i), static_cast<int>(g.H), g.pad, g.mode);
-      for (int64_t j = 0; j < g.Wo; ++j) {
-        scalar_t* out = y + ((n * g.Ho + i) * g.Wo + j) * C;
-        const int sj = pad_source(static_cast<int>(j), static_cast<int>(g.W), g.pad, g.mode);
-        if (si < 0 || sj < 0) {
-          std::fill(out, out + C, scalar_t(0));
-          continue;
-        }
-        const scalar_t* in = x + ((n * g.H + si) * g.W + sj) * C;
-#pragma omp simd
-        for (int64_t k = 0; k < C; ++k) {
-          out[k] = static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(in[k]), mean[k], scale[k], beta[k], slope));
-        }
-      }
-    }
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.Wo * g.C));
+  at::parallel_for(0, g.N * g.Ho, grain, [&](int64_t r0, int64_t r1) {
+    normalize_nhwc_rows<scalar_t, acc_t>(x, y, g, mean, scale, beta, slope, r0, r1);
   });
 }
 
@@ -232,7 +246,7 @@ std::vector<std::pair<int, int>> extra_columns(const BnActGeometry& g) {
 
 // g_row[w] = sum of the padded gradient over every padded position that reads x[.., h, w].
 template <typename scalar_t, typename acc_t>
-void fold_row_nchw(const scalar_t* dy_plane, const BnActGeometry& g, int64_t h,
+DIP_INLINE void fold_row_nchw(const scalar_t* dy_plane, const BnActGeometry& g, int64_t h,
                    const std::vector<std::pair<int, int>>& extra, acc_t* g_row) {
   int rows[3];
   const int nr = pad_preimage(static_cast<int>(h), static_cast<int>(g.H), g.pad, g.mode, rows);
@@ -245,7 +259,7 @@ void fold_row_nchw(const scalar_t* dy_plane, const BnActGeometry& g, int64_t h,
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const BnActGeometry& g, int64_t c,
+DIP_CPU_CLONES void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const BnActGeometry& g, int64_t c,
                    acc_t mean, acc_t invstd, acc_t gamma, acc_t beta, acc_t slope,
                    const std::vector<std::pair<int, int>>& extra, std::vector<acc_t>& g_row, acc_t& sum_dz_out,
                    acc_t& sum_dz_xhat_out) {
@@ -298,7 +312,7 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Bn
 // when only one padded position reads the pixel (the interior), else the sum
 // of the 2 to 9 positions that do, accumulated in gbuf.
 template <typename scalar_t, typename acc_t>
-const scalar_t* fold_pixel_nhwc(const scalar_t* dy, const BnActGeometry& g, int64_t n, int64_t h, int64_t w,
+DIP_INLINE const scalar_t* fold_pixel_nhwc(const scalar_t* dy, const BnActGeometry& g, int64_t n, int64_t h, int64_t w,
                                 acc_t* gbuf, bool& folded) {
   int rows[3], cols[3];
   const int nr = pad_preimage(static_cast<int>(h), static_cast<int>(g.H), g.pad, g.mode, rows);
@@ -321,7 +335,7 @@ const scalar_t* fold_pixel_nhwc(const scalar_t* dy, const BnActGeometry& g, int6
 
 // dz of every channel at one pixel into dz[0, C).
 template <typename scalar_t, typename acc_t>
-void pixel_dz_nhwc(const scalar_t* dy, const scalar_t* x, const BnActGeometry& g, int64_t p, const acc_t* mean,
+DIP_INLINE void pixel_dz_nhwc(const scalar_t* dy, const scalar_t* x, const BnActGeometry& g, int64_t p, const acc_t* mean,
                    const acc_t* scale, const acc_t* beta, acc_t slope, acc_t* gbuf, acc_t* dz) {
   const int64_t C = g.C;
   const int64_t w = p % g.W, t = p / g.W, h = t % g.H, n = t / g.H;
@@ -339,6 +353,55 @@ void pixel_dz_nhwc(const scalar_t* dy, const scalar_t* x, const BnActGeometry& g
   }
 }
 
+// Pass 1 of the channels_last backward for pixel blocks [b0, b1): per block
+// and channel, sum(dz) and sum(dz * (x - mean)).
+template <typename scalar_t, typename acc_t>
+DIP_CPU_CLONES void backward_nhwc_sums(const scalar_t* dy, const scalar_t* x, const BnActGeometry& g, int64_t block,
+                                       int64_t b0, int64_t b1, const acc_t* mean, const acc_t* scale,
+                                       const acc_t* beta, acc_t slope, double* ba, double* bb) {
+  const int64_t C = g.C, pixels = g.N * g.H * g.W;
+  std::vector<acc_t> gbuf(C), dz(C), ta(C), tb(C);
+  for (int64_t bl = b0; bl < b1; ++bl) {
+    std::fill(ta.begin(), ta.end(), acc_t(0));
+    std::fill(tb.begin(), tb.end(), acc_t(0));
+    acc_t *ap = ta.data(), *bp = tb.data(), *dp = dz.data();
+    for (int64_t p = bl * block; p < std::min(pixels, (bl + 1) * block); ++p) {
+      pixel_dz_nhwc<scalar_t, acc_t>(dy, x, g, p, mean, scale, beta, slope, gbuf.data(), dp);
+      const scalar_t* xp = x + p * C;
+#pragma omp simd
+      for (int64_t k = 0; k < C; ++k) {
+        ap[k] += dp[k];
+        bp[k] += dp[k] * (static_cast<acc_t>(xp[k]) - mean[k]);
+      }
+    }
+    for (int64_t k = 0; k < C; ++k) {
+      ba[bl * C + k] = ap[k];
+      bb[bl * C + k] = bp[k];
+    }
+  }
+}
+
+// Pass 2 of the channels_last backward: dx for pixels [p0, p1).
+template <typename scalar_t, typename acc_t>
+DIP_CPU_CLONES void backward_nhwc_dx(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const BnActGeometry& g,
+                                     int64_t p0, int64_t p1, const acc_t* mean, const acc_t* invstd,
+                                     const acc_t* scale, const acc_t* beta, acc_t slope, const acc_t* mean_dz,
+                                     const acc_t* mean_dz_xhat) {
+  const int64_t C = g.C;
+  std::vector<acc_t> gbuf(C), dz(C);
+  acc_t* dp = dz.data();
+  for (int64_t p = p0; p < p1; ++p) {
+    pixel_dz_nhwc<scalar_t, acc_t>(dy, x, g, p, mean, scale, beta, slope, gbuf.data(), dp);
+    const scalar_t* xp = x + p * C;
+    scalar_t* out = dx + p * C;
+#pragma omp simd
+    for (int64_t k = 0; k < C; ++k) {
+      out[k] = static_cast<scalar_t>(
+          bn_dx<acc_t>(dp[k], (static_cast<acc_t>(xp[k]) - mean[k]) * invstd[k], scale[k], mean_dz[k], mean_dz_xhat[k]));
+    }
+  }
+}
+
 // channels_last backward, over the same fixed pixel blocks as stats_nhwc:
 // pass 1 reduces sum(dz) and sum(dz * (x - mean)) per block (merged per
 // channel in block order, in double), pass 2 writes dx.
@@ -352,25 +415,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Bn
   for (int64_t k = 0; k < C; ++k) scale[k] = gamma[k] * invstd[k];
   std::vector<double> ba(blocks * C), bb(blocks * C);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> gbuf(C), dz(C), ta(C), tb(C);
-    for (int64_t bl = b0; bl < b1; ++bl) {
-      std::fill(ta.begin(), ta.end(), acc_t(0));
-      std::fill(tb.begin(), tb.end(), acc_t(0));
-      acc_t *ap = ta.data(), *bp = tb.data(), *dp = dz.data();
-      for (int64_t p = bl * block; p < std::min(pixels, (bl + 1) * block); ++p) {
-        pixel_dz_nhwc<scalar_t, acc_t>(dy, x, g, p, mean, scale.data(), beta, slope, gbuf.data(), dp);
-        const scalar_t* xp = x + p * C;
-#pragma omp simd
-        for (int64_t k = 0; k < C; ++k) {
-          ap[k] += dp[k];
-          bp[k] += dp[k] * (static_cast<acc_t>(xp[k]) - mean[k]);
-        }
-      }
-      for (int64_t k = 0; k < C; ++k) {
-        ba[bl * C + k] = ap[k];
-        bb[bl * C + k] = bp[k];
-      }
-    }
+    backward_nhwc_sums<scalar_t, acc_t>(dy, x, g, block, b0, b1, mean, scale.data(), beta, slope, ba.data(), bb.data());
   });
   const double count = double(pixels);
   std::vector<acc_t> mean_dz(C), mean_dz_xhat(C);
@@ -387,18 +432,8 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Bn
     mean_dz_xhat[k] = static_cast<acc_t>(b / count);
   }
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> gbuf(C), dz(C);
-    acc_t* dp = dz.data();
-    for (int64_t p = b0 * block; p < std::min(pixels, b1 * block); ++p) {
-      pixel_dz_nhwc<scalar_t, acc_t>(dy, x, g, p, mean, scale.data(), beta, slope, gbuf.data(), dp);
-      const scalar_t* xp = x + p * C;
-      scalar_t* out = dx + p * C;
-#pragma omp simd
-      for (int64_t k = 0; k < C; ++k) {
-        out[k] = static_cast<scalar_t>(
-            bn_dx<acc_t>(dp[k], (static_cast<acc_t>(xp[k]) - mean[k]) * invstd[k], scale[k], mean_dz[k], mean_dz_xhat[k]));
-      }
-    }
+    backward_nhwc_dx<scalar_t, acc_t>(dy, x, dx, g, b0 * block, std::min(pixels, b1 * block), mean, invstd,
+                                      scale.data(), beta, slope, mean_dz.data(), mean_dz_xhat.data());
   });
 }
 

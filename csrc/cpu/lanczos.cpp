@@ -59,12 +59,7 @@
 #include "../common/checks.h"
 #include "../common/lanczos.h"
 #include "../common/lanczos_checks.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
-#define DIP_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define DIP_CPU_CLONES
-#endif
+#include "../common/macros.h"  // DIP_CPU_CLONES
 
 namespace dip_fast {
 namespace {

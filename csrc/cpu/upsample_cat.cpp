@@ -60,13 +60,14 @@ int64_t plane_grain(int64_t plane_elements) { return std::max<int64_t>(1, 16384 
 
 // ---------------------------------------------------------------- forward ---
 
+// Output planes [p0, p1) (plane p = channel p % C of image p / C).
 template <typename scalar_t, typename acc_t>
-void forward_nchw(const scalar_t* skip, const scalar_t* deep, scalar_t* out, const UpsampleCatShape& s) {
+DIP_CPU_CLONES void forward_nchw_planes(const scalar_t* skip, const scalar_t* deep, scalar_t* out,
+                                        const UpsampleCatShape& s, const TapTable<acc_t>& rows,
+                                        const TapTable<acc_t>& cols, int64_t p0, int64_t p1) {
   const int C = s.Cs + s.Cd, H = s.H, W = s.W, h = H / 2, w = W / 2;
-  const auto rows = forward_taps<acc_t>(H, s.mode);
-  const auto cols = forward_taps<acc_t>(W, s.mode);
   const int64_t plane = int64_t(H) * W;
-  at::parallel_for(0, int64_t(s.N) * C, plane_grain(plane), [&](int64_t p0, int64_t p1) {
+  {
     std::vector<acc_t> interp(int64_t(h) * W);  // each source row interpolated along W
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = p / C, c = p % C;
@@ -102,15 +103,25 @@ void forward_nchw(const scalar_t* skip, const scalar_t* deep, scalar_t* out, con
         for (int q = 0; q < W; ++q) orow[q] = static_cast<scalar_t>(a0 * top[q] + a1 * bottom[q]);
       }
     }
-  });
+  }
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_nhwc(const scalar_t* skip, const scalar_t* deep, scalar_t* out, const UpsampleCatShape& s) {
+void forward_nchw(const scalar_t* skip, const scalar_t* deep, scalar_t* out, const UpsampleCatShape& s) {
+  const auto rows = forward_taps<acc_t>(s.H, s.mode);
+  const auto cols = forward_taps<acc_t>(s.W, s.mode);
+  at::parallel_for(0, int64_t(s.N) * (s.Cs + s.Cd), plane_grain(int64_t(s.H) * s.W), [&](int64_t p0, int64_t p1) {
+    forward_nchw_planes<scalar_t, acc_t>(skip, deep, out, s, rows, cols, p0, p1);
+  });
+}
+
+// Output rows [r0, r1) (row r = row r % H of image r / H).
+template <typename scalar_t, typename acc_t>
+DIP_CPU_CLONES void forward_nhwc_rows(const scalar_t* skip, const scalar_t* deep, scalar_t* out,
+                                      const UpsampleCatShape& s, const TapTable<acc_t>& rows,
+                                      const TapTable<acc_t>& cols, int64_t r0, int64_t r1) {
   const int C = s.Cs + s.Cd, H = s.H, W = s.W, h = H / 2, w = W / 2, Cs = s.Cs, Cd = s.Cd;
-  const auto rows = forward_taps<acc_t>(H, s.mode);
-  const auto cols = forward_taps<acc_t>(W, s.mode);
-  at::parallel_for(0, int64_t(s.N) * H, std::max<int64_t>(1, 16384 / (int64_t(W) * C)), [&](int64_t r0, int64_t r1) {
+  {
     for (int64_t nr = r0; nr < r1; ++nr) {
       const int64_t n = nr / H;
       const int r = static_cast<int>(nr % H);
@@ -133,6 +144,16 @@ void forward_nhwc(const scalar_t* skip, const scalar_t* deep, scalar_t* out, con
         }
       }
     }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_nhwc(const scalar_t* skip, const scalar_t* deep, scalar_t* out, const UpsampleCatShape& s) {
+  const auto rows = forward_taps<acc_t>(s.H, s.mode);
+  const auto cols = forward_taps<acc_t>(s.W, s.mode);
+  const int64_t grain = std::max<int64_t>(1, 16384 / (int64_t(s.W) * (s.Cs + s.Cd)));
+  at::parallel_for(0, int64_t(s.N) * s.H, grain, [&](int64_t r0, int64_t r1) {
+    forward_nhwc_rows<scalar_t, acc_t>(skip, deep, out, s, rows, cols, r0, r1);
   });
 }
 
@@ -156,13 +177,14 @@ at::Tensor upsample_cat_forward_cpu(const at::Tensor& skip, const at::Tensor& de
 
 // --------------------------------------------------------------- backward ---
 
+// Gradient planes [p0, p1) of grad_out, each going to grad_skip or grad_deep.
 template <typename scalar_t, typename acc_t>
-void backward_nchw(const scalar_t* grad, scalar_t* grad_skip, scalar_t* grad_deep, const UpsampleCatShape& s) {
+DIP_CPU_CLONES void backward_nchw_planes(const scalar_t* grad, scalar_t* grad_skip, scalar_t* grad_deep,
+                                         const UpsampleCatShape& s, const TapTable<acc_t>& rows,
+                                         const TapTable<acc_t>& cols, int64_t p0, int64_t p1) {
   const int C = s.Cs + s.Cd, H = s.H, W = s.W, h = H / 2, w = W / 2;
-  const auto rows = backward_taps<acc_t>(h, s.mode);
-  const auto cols = backward_taps<acc_t>(w, s.mode);
   const int64_t plane = int64_t(H) * W;
-  at::parallel_for(0, int64_t(s.N) * C, plane_grain(plane), [&](int64_t p0, int64_t p1) {
+  {
     std::vector<acc_t> vrow(W);  // one source row's gradient, before the transpose along W
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = p / C, c = p % C;
@@ -199,20 +221,25 @@ void backward_nchw(const scalar_t* grad, scalar_t* grad_skip, scalar_t* grad_dee
         }
       }
     }
-  });
+  }
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_nhwc(const scalar_t* grad, scalar_t* grad_skip, scalar_t* grad_deep, const UpsampleCatShape& s) {
+void backward_nchw(const scalar_t* grad, scalar_t* grad_skip, scalar_t* grad_deep, const UpsampleCatShape& s) {
+  const auto rows = backward_taps<acc_t>(s.H / 2, s.mode);
+  const auto cols = backward_taps<acc_t>(s.W / 2, s.mode);
+  at::parallel_for(0, int64_t(s.N) * (s.Cs + s.Cd), plane_grain(int64_t(s.H) * s.W), [&](int64_t p0, int64_t p1) {
+    backward_nchw_planes<scalar_t, acc_t>(grad, grad_skip, grad_deep, s, rows, cols, p0, p1);
+  });
+}
+
+// Source rows [r0, r1) of grad_deep (row r = row r % h of image r / h), channels_last.
+template <typename scalar_t, typename acc_t>
+DIP_CPU_CLONES void backward_nhwc_rows(const scalar_t* grad, scalar_t* grad_deep, const UpsampleCatShape& s,
+                                       const TapTable<acc_t>& rows, const TapTable<acc_t>& cols, int64_t r0,
+                                       int64_t r1) {
   const int C = s.Cs + s.Cd, H = s.H, W = s.W, h = H / 2, w = W / 2, Cs = s.Cs, Cd = s.Cd;
-  const auto rows = backward_taps<acc_t>(h, s.mode);
-  const auto cols = backward_taps<acc_t>(w, s.mode);
-  if (Cs > 0) {
-    at::parallel_for(0, int64_t(s.N) * H * W, std::max<int64_t>(1, 16384 / C), [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) std::memcpy(grad_skip + e * Cs, grad + e * C, sizeof(scalar_t) * Cs);
-    });
-  }
-  at::parallel_for(0, int64_t(s.N) * h, std::max<int64_t>(1, 16384 / (int64_t(W) * C)), [&](int64_t r0, int64_t r1) {
+  {
     std::vector<acc_t> acc(Cd);
     for (int64_t ni = r0; ni < r1; ++ni) {
       const int64_t n = ni / h;
@@ -235,6 +262,21 @@ void backward_nhwc(const scalar_t* grad, scalar_t* grad_skip, scalar_t* grad_dee
         for (int c = 0; c < Cd; ++c) out[c] = static_cast<scalar_t>(acc[c]);
       }
     }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_nhwc(const scalar_t* grad, scalar_t* grad_skip, scalar_t* grad_deep, const UpsampleCatShape& s) {
+  const int C = s.Cs + s.Cd, H = s.H, W = s.W, h = H / 2, w = W / 2, Cs = s.Cs;
+  const auto rows = backward_taps<acc_t>(h, s.mode);
+  const auto cols = backward_taps<acc_t>(w, s.mode);
+  if (Cs > 0) {
+    at::parallel_for(0, int64_t(s.N) * H * W, std::max<int64_t>(1, 16384 / C), [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) std::memcpy(grad_skip + e * Cs, grad + e * C, sizeof(scalar_t) * Cs);
+    });
+  }
+  at::parallel_for(0, int64_t(s.N) * h, std::max<int64_t>(1, 16384 / (int64_t(W) * C)), [&](int64_t r0, int64_t r1) {
+    backward_nhwc_rows<scalar_t, acc_t>(grad, grad_deep, s, rows, cols, r0, r1);
   });
 }
 
