@@ -79,6 +79,25 @@ def test_bfloat16_close_to_float32():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bfloat16_rounds_exactly_like_torch(layout):
+    """The kernels' branch-free bfloat16 store: bit-identical to computing in float and casting with torch."""
+    x, w, b = make_inputs((1, 16, 9, 11), torch.float32, layout)
+    xb = x.bfloat16()
+    y = batch_norm_act(xb, w, b, pad=1)
+    # The float kernel on the same (bfloat16-valued) input does the same float arithmetic; only the store differs.
+    assert torch.equal(y, batch_norm_act(xb.float(), w, b, pad=1).bfloat16())
+    g = torch.randn(y.shape).to(torch.bfloat16)
+    _, mean, invstd = torch.ops.dip_fast.bn_act_forward(xb, w, b, 1e-5, 0.2, 1, 1)
+    dx = torch.ops.dip_fast.bn_act_backward(g, xb, w, b, mean, invstd, 0.2, 1, 1)[0]
+    dx32 = torch.ops.dip_fast.bn_act_backward(g.float(), xb.float(), w, b, mean, invstd, 0.2, 1, 1)[0]
+    assert torch.equal(dx, dx32.bfloat16())
+    # NaN stays NaN (a quiet NaN, as torch's cast gives).
+    xn = xb.clone()
+    xn[0, 3, 2, 2] = float("nan")
+    assert torch.isnan(batch_norm_act(xn, w, b, pad=1)[0, 3]).all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("pad,pad_mode", [(0, "reflect"), (2, "reflect"), (1, "zeros")])
 def test_gradcheck_float64(layout, pad, pad_mode):
     x, w, b = make_inputs((2, 3, 5, 6), torch.float64, layout)

@@ -18,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "store.h"
 #include "../common/alloc.h"
 #include "../common/bn_act.h"
 #include "../common/bn_act_checks.h"
@@ -87,8 +88,9 @@ DIP_CPU_CLONES void normalize_nchw(const scalar_t* x, scalar_t* y, const BnActGe
                         : static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(row[sj]), mean, scale, beta, slope));
       }
       scalar_t* mid = out + g.pad;
+#pragma omp simd
       for (int64_t w = 0; w < g.W; ++w) {
-        mid[w] = static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(row[w]), mean, scale, beta, slope));
+        store(&mid[w], bn_act_value<acc_t>(static_cast<acc_t>(row[w]), mean, scale, beta, slope));
       }
       for (int64_t j = g.pad + g.W; j < g.Wo; ++j) {  // right band
         const int sj = pad_source(static_cast<int>(j), static_cast<int>(g.W), g.pad, g.mode);
@@ -176,7 +178,7 @@ DIP_CPU_CLONES void normalize_nhwc_rows(const scalar_t* x, scalar_t* y, const Bn
       const scalar_t* in = x + ((n * g.H + si) * g.W + sj) * C;
 #pragma omp simd
       for (int64_t k = 0; k < C; ++k) {
-        out[k] = static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(in[k]), mean[k], scale[k], beta[k], slope));
+        store(&out[k], bn_act_value<acc_t>(static_cast<acc_t>(in[k]), mean[k], scale[k], beta[k], slope));
       }
     }
   }
@@ -299,10 +301,13 @@ DIP_CPU_CLONES void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_
       fold_row_nchw<scalar_t, acc_t>(dyp, g, h, extra, g_row.data());
       const scalar_t* xr = xp + h * g.W;
       scalar_t* dxr = dxp + h * g.W;
+      acc_t* gr = g_row.data();
+#pragma omp simd
+      for (int64_t w = 0; w < g.W; ++w) gr[w] = bn_act_dz<acc_t>(gr[w], static_cast<acc_t>(xr[w]), mean, scale, beta, slope);
+      // A separate loop: with the activation's select and a bfloat16 store in one body, GCC leaves it scalar.
+#pragma omp simd
       for (int64_t w = 0; w < g.W; ++w) {
-        const acc_t xv = static_cast<acc_t>(xr[w]);
-        const acc_t dz = bn_act_dz<acc_t>(g_row[w], xv, mean, scale, beta, slope);
-        dxr[w] = static_cast<scalar_t>(bn_dx<acc_t>(dz, (xv - mean) * invstd, k, mean_dz, mean_dz_xhat));
+        store(&dxr[w], bn_dx<acc_t>(gr[w], (static_cast<acc_t>(xr[w]) - mean) * invstd, k, mean_dz, mean_dz_xhat));
       }
     }
   }
@@ -396,8 +401,8 @@ DIP_CPU_CLONES void backward_nhwc_dx(const scalar_t* dy, const scalar_t* x, scal
     scalar_t* out = dx + p * C;
 #pragma omp simd
     for (int64_t k = 0; k < C; ++k) {
-      out[k] = static_cast<scalar_t>(
-          bn_dx<acc_t>(dp[k], (static_cast<acc_t>(xp[k]) - mean[k]) * invstd[k], scale[k], mean_dz[k], mean_dz_xhat[k]));
+      const acc_t xhat = (static_cast<acc_t>(xp[k]) - mean[k]) * invstd[k];
+      store(&out[k], bn_dx<acc_t>(dp[k], xhat, scale[k], mean_dz[k], mean_dz_xhat[k]));
     }
   }
 }

@@ -23,6 +23,7 @@
 #include <tuple>
 #include <vector>
 
+#include "store.h"
 #include "../common/upsample_cat.h"
 #include "../common/upsample_cat_checks.h"
 
@@ -93,14 +94,15 @@ DIP_CPU_CLONES void forward_nchw_planes(const scalar_t* skip, const scalar_t* de
         scalar_t* orow = o + int64_t(r) * W;
         if (s.mode == kUpsampleNearest) {
           const acc_t* row = interp.data() + int64_t(r >> 1) * W;
-          for (int q = 0; q < W; ++q) orow[q] = static_cast<scalar_t>(row[q]);
+#pragma omp simd
+          for (int q = 0; q < W; ++q) store(&orow[q], row[q]);
           continue;
         }
         const acc_t a0 = rows.weight[4 * r], a1 = rows.weight[4 * r + 1];
         const acc_t* top = interp.data() + int64_t(rows.index[4 * r]) * W;
         const acc_t* bottom = interp.data() + int64_t(rows.index[4 * r + 1]) * W;
 #pragma omp simd
-        for (int q = 0; q < W; ++q) orow[q] = static_cast<scalar_t>(a0 * top[q] + a1 * bottom[q]);
+        for (int q = 0; q < W; ++q) store(&orow[q], a0 * top[q] + a1 * bottom[q]);
       }
     }
   }
@@ -140,7 +142,7 @@ DIP_CPU_CLONES void forward_nhwc_rows(const scalar_t* skip, const scalar_t* deep
         for (int c = 0; c < Cd; ++c) {
           const acc_t t = b0 * static_cast<acc_t>(t0[c]) + b1 * static_cast<acc_t>(t1[c]);
           const acc_t u = b0 * static_cast<acc_t>(u0[c]) + b1 * static_cast<acc_t>(u1[c]);
-          od[c] = static_cast<scalar_t>(a0 * t + a1 * u);
+          store(&od[c], a0 * t + a1 * u);
         }
       }
     }
@@ -198,9 +200,10 @@ DIP_CPU_CLONES void backward_nchw_planes(const scalar_t* grad, scalar_t* grad_sk
         scalar_t* out = gd + int64_t(i) * w;
         if (s.mode == kUpsampleNearest) {  // rows 2i and 2i + 1, columns 2j and 2j + 1, weight 1
           const scalar_t *g0 = g + int64_t(2 * i) * W, *g1 = g0 + W;
+#pragma omp simd
           for (int j = 0; j < w; ++j) {
-            out[j] = static_cast<scalar_t>((static_cast<acc_t>(g0[2 * j]) + static_cast<acc_t>(g1[2 * j])) +
-                                           (static_cast<acc_t>(g0[2 * j + 1]) + static_cast<acc_t>(g1[2 * j + 1])));
+            store(&out[j], (static_cast<acc_t>(g0[2 * j]) + static_cast<acc_t>(g1[2 * j])) +
+                               (static_cast<acc_t>(g0[2 * j + 1]) + static_cast<acc_t>(g1[2 * j + 1])));
           }
           continue;
         }
@@ -213,11 +216,11 @@ DIP_CPU_CLONES void backward_nchw_planes(const scalar_t* grad, scalar_t* grad_sk
           vrow[q] = rw[0] * static_cast<acc_t>(g0[q]) + rw[1] * static_cast<acc_t>(g1[q]) +
                     rw[2] * static_cast<acc_t>(g2[q]) + rw[3] * static_cast<acc_t>(g3[q]);
         }
+#pragma omp simd
         for (int j = 0; j < w; ++j) {
           const int* ci = &cols.index[4 * j];
           const acc_t* cw = &cols.weight[4 * j];
-          out[j] = static_cast<scalar_t>(cw[0] * vrow[ci[0]] + cw[1] * vrow[ci[1]] + cw[2] * vrow[ci[2]] +
-                                         cw[3] * vrow[ci[3]]);
+          store(&out[j], cw[0] * vrow[ci[0]] + cw[1] * vrow[ci[1]] + cw[2] * vrow[ci[2]] + cw[3] * vrow[ci[3]]);
         }
       }
     }
@@ -259,7 +262,8 @@ DIP_CPU_CLONES void backward_nhwc_rows(const scalar_t* grad, scalar_t* grad_deep
           }
         }
         scalar_t* out = grad_deep + (ni * w + j) * int64_t(Cd);
-        for (int c = 0; c < Cd; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+#pragma omp simd
+        for (int c = 0; c < Cd; ++c) store(&out[c], acc[c]);
       }
     }
   }
