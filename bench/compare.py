@@ -161,7 +161,12 @@ VARIANTS: Dict[str, Variant] = {
     "fast_graph_tf32": Variant("fast", mode="graph", precision="tf32", label="as fast_graph, TF32 tensor cores"),
     "fast_graph_bf16": Variant("fast", mode="graph", precision="bf16",
                                label="as fast_graph, bf16 autocast + channels_last"),
+    "fast_cl_bf16": Variant("fast", channels_last=True, precision="bf16",
+                            label="fused network, bf16 autocast + channels_last, eager"),
+    "reference_bf16": Variant("reference", precision="bf16", label="plain PyTorch, bf16 autocast, eager"),
 }
+#: The opt-in reduced-precision CPU variants (``--bf16``): bfloat16 convolutions where the CPU has them.
+CPU_BF16_VARIANTS = ("fast_cl_bf16", "reference_bf16")
 #: Step variants on the CPU, in the order tables list them.
 STEP_VARIANTS = ("fast", "fast_cl", "reference", "compile")
 #: Step variants on CUDA (the graph and reduced-precision ones need a GPU).
@@ -901,8 +906,9 @@ def render_markdown(result: Dict[str, Any]) -> str:
             best = s.get("faster_layout", "-")
             tie_note = tie_note or best == "tie"
             goal = CPU_GOALS.get(int(size)) if env["device"] == "cpu" else None
-            # Judge the layout this run found faster (not the larger of two noisy ratios).
-            pick = r.get("reference/fast_cl" if best == "channels_last" else "reference/fast")
+            # Judge the layout this run found faster (not the larger of two noisy ratios); on a tie,
+            # the one restore() runs on the CPU (channels_last).
+            pick = r.get("reference/fast" if best == "NCHW" else "reference/fast_cl")
             got = pick["median"] if pick else None
             verdict = "-" if goal is None or got is None else f">= {goal}x: {'met' if got >= goal else 'not met'}"
             lines.append(
@@ -913,7 +919,7 @@ def render_markdown(result: Dict[str, Any]) -> str:
             )
         if tie_note:
             lines += ["", f"tie: the two layouts' per-repetition ratio is within {LAYOUT_TIE:.0%} of 1 "
-                          "(the goal column then judges NCHW, the default)."]
+                          "(the goal column then judges channels_last, the layout restore() runs on the CPU)."]
         lines += [
             "",
             "Convolution bound: the step's convolution FLOPs (forward + backward) at the forward-conv "
@@ -931,6 +937,24 @@ def render_markdown(result: Dict[str, Any]) -> str:
                 f"{b['best_fast_ms']:.1f} | {b['efficiency'] * 100:.0f}% |"
             )
         lines.append("")
+        if any("fast_cl_bf16" in s["median_s"] for s in steps.values()):
+            lines += [
+                "bf16 autocast (opt-in, `precision=\"bf16\"`), same rotation:",
+                "",
+                "| size | fast_cl_bf16 ms | reference_bf16 ms | reference (fp32) / fast_cl_bf16 "
+                "| fast_cl (fp32) / fast_cl_bf16 | reference_bf16 / fast_cl_bf16 | reference (fp32) / reference_bf16 |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for size, s in steps.items():
+                m, r = s["median_s"], s["speedup"]
+                if "fast_cl_bf16" not in m:
+                    continue
+                lines.append(
+                    f"| {size}² | {_ms(m.get('fast_cl_bf16'))} | {_ms(m.get('reference_bf16'))} | "
+                    f"{_fmt_ratio(r.get('reference/fast_cl_bf16'))} | {_fmt_ratio(r.get('fast_cl/fast_cl_bf16'))} | "
+                    f"{_fmt_ratio(r.get('reference_bf16/fast_cl_bf16'))} | {_fmt_ratio(r.get('reference/reference_bf16'))} |"
+                )
+            lines.append("")
     ops = result.get("ops", {})
     if ops.get("cases"):
         lines += [
@@ -1049,6 +1073,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--no-steps", action="store_true", help="skip the step benchmarks")
     p.add_argument("--no-ops", action="store_true", help="skip the custom-op benchmarks")
     p.add_argument("--op-size", type=int, default=None, help="image size the op shapes come from (default cpu 128, cuda 512)")
+    p.add_argument("--bf16", action="store_true",
+                   help="CPU: also time the fast and reference steps under bf16 autocast (opt-in precision)")
     p.add_argument("--profile", action="store_true", help="torch.profiler per-op breakdown of fast and reference steps (alternating)")
     p.add_argument("--profile-size", type=int, default=None, help="image size of the profiled step (default cpu 128, cuda 512)")
     p.add_argument("--profile-rounds", type=int, default=5, help="profiled steps per variant (alternating); the median one is shown")
@@ -1122,6 +1148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             variants = list(layouts) + ["reference"] + (["compile"] if size in compile_sizes else [])
             if is_cuda and not args.no_graph:
                 variants += [v for v in CUDA_STEP_VARIANTS if v.startswith("fast_graph")]
+            if args.bf16 and not is_cuda:
+                variants += list(CPU_BF16_VARIANTS)
             print(f"[steps {size}x{size}] {', '.join(variants)}", flush=True)
             t0 = time.perf_counter()
             steps = build_steps(variants, size, device, seed=args.seed,
@@ -1145,6 +1173,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     r = ratio_stats(secs, other, fast)
                     if r:
                         speedup[f"{other}/{fast}"] = r
+            for slow, fast in (("reference_bf16", "fast_cl_bf16"), ("reference", "reference_bf16"),
+                               ("fast_cl", "fast_cl_bf16")):
+                r = ratio_stats(secs, slow, fast)
+                if r:
+                    speedup[f"{slow}/{fast}"] = r
             entry: Dict[str, Any] = {
                 "seconds": secs,
                 "seconds_all_repetitions": timing["seconds"],
@@ -1221,8 +1254,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[profile {psize}x{psize}]", flush=True)
         fast_name = layouts[0]
         measured = result["steps"].get(str(psize), {})
-        if "fast_cl" in layouts and measured.get("faster_layout") == "channels_last":
-            fast_name = "fast_cl"  # profile the layout this run found faster
+        faster = measured.get("faster_layout")
+        # Profile the layout this run found faster; without a step measurement, the one restore() uses
+        # on this device (channels_last on the CPU).
+        if "fast_cl" in layouts and (faster == "channels_last" or (not measured and device.type == "cpu")):
+            fast_name = "fast_cl"
         steps = build_steps([fast_name, "reference"], psize, device, seed=args.seed)
         result["profile"] = {
             "size": psize,
