@@ -15,7 +15,7 @@
 #            1024, with the card's measured matmul peak (FLOP/s per variant against it)
 #   compile  bench/compare.py again with torch.compile(reference) in the rotation
 #            (--autotune: mode max-autotune); written after each size
-#   ops      bench/compare.py --no-steps: fused BN-act (and Lanczos, if built) vs PyTorch,
+#   ops      bench/compare.py --no-steps: fused BN-act, upsample_cat (and Lanczos, if built) vs PyTorch,
 #            plus a torch.profiler breakdown of fast and reference steps at the op size
 #   e2e      one paper-size restoration, 512x512 denoising, 3000 steps, fast then
 #            reference: wall time and PSNR (bench/quality.py; restore() when it exists)
@@ -346,8 +346,10 @@ run_stage steps 150 "$PYTHON" bench/compare.py --device "$DEVICE" --sizes "${STE
 run_stage compile 200 "$PYTHON" bench/compare.py --device "$DEVICE" --sizes "${COMPILE_SIZES[@]}" \
   --compile-sizes "${COMPILE_SIZES[@]}" "${AUTOTUNE[@]}" --no-ops --repeats "$REPEATS" --warmup "$WARMUP" \
   --out "$OUT/$DEVICE-compile.json" --no-markdown
-run_stage ops 60 "$PYTHON" bench/compare.py --device "$DEVICE" --no-steps --op-size "$OP_SIZE" \
-  --repeats "$REPEATS" --warmup "$WARMUP" --profile --profile-size "$OP_SIZE" --out "$OUT/$DEVICE-ops.json" --no-markdown
+# 10 op cases (both layouts, upsample_cat, Lanczos) with up to 4 variants: 0.1 s samples keep it near 40 s.
+run_stage ops 90 "$PYTHON" bench/compare.py --device "$DEVICE" --no-steps --op-size "$OP_SIZE" \
+  --repeats "$REPEATS" --warmup "$WARMUP" --min-sample-s 0.1 --profile --profile-size "$OP_SIZE" \
+  --out "$OUT/$DEVICE-ops.json" --no-markdown
 run_stage parity 500 parity
 run_stage earlystop 300 earlystop
 run_stage e2e 200 "$PYTHON" bench/quality.py --task denoise --crop "$E2E_CROP" --iterations "$E2E_ITERS" \
