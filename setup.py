@@ -93,7 +93,7 @@ def make_extension():
     cxx = opt + ["-fopenmp", "-fno-trapping-math"]
     if env_flag("DIP_FAST_NATIVE"):
         cxx.append("-march=native")
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define_macros: list[tuple[str, str | None]] = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra_link = ["-fopenmp"]

@@ -5,7 +5,9 @@ registered under ``torch.ops.dip_fast`` when ``dip_fast._C`` is imported. This
 module adds what is easier to say in Python:
 
 * an autograd formula per op (``torch.library.register_autograd``), whose
-  backward calls the op's own compiled backward kernel, and
+  backward calls the op's own compiled backward kernel (except for the ops
+  called at every layer, ``bn_act_forward`` and ``upsample_cat``, whose
+  formulas are C++ in ``csrc/autograd.cpp`` to spare the per-call Python), and
 * a fake (meta) kernel per op (``torch.library.register_fake``), so that the
   ops trace under ``torch.compile`` and ``torch.library.opcheck``.
 

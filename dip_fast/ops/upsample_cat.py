@@ -10,7 +10,8 @@ concatenation buffer: the upsampled tensor is never materialised, and no
 ``torch.cat`` copy follows. The backward copies the skip channels' gradient
 out and gathers the deep channels' gradient through the transposed
 upsampling taps. The op is linear, so autograd saves nothing but the skip's
-channel count. See ``csrc/ops.cpp`` for the memory-pass count.
+channel count. See ``csrc/ops.cpp`` for the memory-pass count and
+``csrc/autograd.cpp`` for the autograd formulas.
 """
 from __future__ import annotations
 
@@ -40,27 +41,8 @@ def _register() -> None:
         grad_deep = grad_out.new_empty((n, c - skip_channels, hh // 2, ww // 2)).contiguous(memory_format=fmt)
         return grad_skip, grad_deep
 
-    def setup_context(ctx, inputs, output) -> None:
-        skip, _deep, mode = inputs
-        ctx.skip_channels = skip.shape[1]
-        ctx.mode = mode
-
-    def backward(ctx, grad_out):
-        grad_skip, grad_deep = torch.ops.dip_fast.upsample_cat_backward(grad_out, ctx.skip_channels, ctx.mode)
-        return grad_skip, grad_deep, None
-
-    torch.library.register_autograd("dip_fast::upsample_cat", backward, setup_context=setup_context)
-
-    # The backward is linear in grad_out and is the transpose of the forward,
-    # so its own derivative is the forward op (double backward).
-    def setup_context_bwd(ctx, inputs, output) -> None:
-        _grad_out, skip_channels, mode = inputs
-        ctx.mode = mode
-
-    def backward_bwd(ctx, gg_skip, gg_deep):
-        return torch.ops.dip_fast.upsample_cat(gg_skip, gg_deep, ctx.mode), None, None
-
-    torch.library.register_autograd("dip_fast::upsample_cat_backward", backward_bwd, setup_context=setup_context_bwd)
+    # The autograd formulas (backward, and the backward's own derivative, the forward op) are C++
+    # (csrc/autograd.cpp), like bn_act's: no Python runs per call.
 
 
 _OPS = ("upsample_cat", "upsample_cat_backward")
