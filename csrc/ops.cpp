@@ -3,14 +3,18 @@
  *
  * Layout (after torchvision's csrc/ops and pytorch_scatter):
  *   ops.cpp        schemas for every op (TORCH_LIBRARY) and build information
+ *   autograd.cpp   autograd kernels of the per-layer ops (TORCH_LIBRARY_IMPL(..., Autograd))
  *   common/        per-element math shared by CPU and CUDA (DIP_HD helpers)
  *   cpu/<op>.cpp   CPU kernels, registered with TORCH_LIBRARY_IMPL(..., CPU)
  *   cuda/<op>.cu   CUDA kernels, registered with TORCH_LIBRARY_IMPL(..., CUDA)
  *
- * Autograd and fake (meta) kernels are registered from Python
- * (dip_fast/_ops.py) with torch.library.register_autograd / register_fake:
- * every forward op has its own backward op, so the autograd formula is a thin
- * Python function calling a compiled kernel, and torch.compile can trace both.
+ * Fake (meta) kernels are registered from Python (dip_fast/ops/<family>.py, with
+ * torch.library.register_fake), so torch.compile can trace every op. Every
+ * forward op has its own backward op, so an autograd formula is a thin
+ * function calling a compiled kernel: in C++ (autograd.cpp, Autograd key)
+ * for the ops the network calls at every layer (bn_act_forward,
+ * upsample_cat), where Python's per-call cost shows; from Python
+ * (torch.library.register_autograd) for the others.
  *
  * Ops:
  *   leaky_relu_forward(x, slope)              y = x > 0 ? x : slope * x
