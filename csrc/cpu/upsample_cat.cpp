@@ -68,42 +68,40 @@ DIP_CPU_CLONES void forward_nchw_planes(const scalar_t* skip, const scalar_t* de
                                         const TapTable<acc_t>& cols, int64_t p0, int64_t p1) {
   const int C = s.Cs + s.Cd, H = s.H, W = s.W, h = H / 2, w = W / 2;
   const int64_t plane = int64_t(H) * W;
-  {
-    std::vector<acc_t> interp(int64_t(h) * W);  // each source row interpolated along W
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n = p / C, c = p % C;
-      scalar_t* o = out + p * plane;
-      if (c < s.Cs) {
-        std::memcpy(o, skip + (n * s.Cs + c) * plane, sizeof(scalar_t) * plane);
+  std::vector<acc_t> interp(int64_t(h) * W);  // each source row interpolated along W
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n = p / C, c = p % C;
+    scalar_t* o = out + p * plane;
+    if (c < s.Cs) {
+      std::memcpy(o, skip + (n * s.Cs + c) * plane, sizeof(scalar_t) * plane);
+      continue;
+    }
+    const scalar_t* src = deep + (n * s.Cd + (c - s.Cs)) * int64_t(h) * w;
+    for (int i = 0; i < h; ++i) {
+      const scalar_t* in = src + int64_t(i) * w;
+      acc_t* row = interp.data() + int64_t(i) * W;
+      if (s.mode == kUpsampleNearest) {  // one tap of weight 1
+        for (int q = 0; q < W; ++q) row[q] = static_cast<acc_t>(in[q >> 1]);
         continue;
       }
-      const scalar_t* src = deep + (n * s.Cd + (c - s.Cs)) * int64_t(h) * w;
-      for (int i = 0; i < h; ++i) {
-        const scalar_t* in = src + int64_t(i) * w;
-        acc_t* row = interp.data() + int64_t(i) * W;
-        if (s.mode == kUpsampleNearest) {  // one tap of weight 1
-          for (int q = 0; q < W; ++q) row[q] = static_cast<acc_t>(in[q >> 1]);
-          continue;
-        }
-        for (int q = 0; q < W; ++q) {
-          row[q] = cols.weight[4 * q] * static_cast<acc_t>(in[cols.index[4 * q]]) +
-                   cols.weight[4 * q + 1] * static_cast<acc_t>(in[cols.index[4 * q + 1]]);
-        }
+      for (int q = 0; q < W; ++q) {
+        row[q] = cols.weight[4 * q] * static_cast<acc_t>(in[cols.index[4 * q]]) +
+                 cols.weight[4 * q + 1] * static_cast<acc_t>(in[cols.index[4 * q + 1]]);
       }
-      for (int r = 0; r < H; ++r) {
-        scalar_t* orow = o + int64_t(r) * W;
-        if (s.mode == kUpsampleNearest) {
-          const acc_t* row = interp.data() + int64_t(r >> 1) * W;
+    }
+    for (int r = 0; r < H; ++r) {
+      scalar_t* orow = o + int64_t(r) * W;
+      if (s.mode == kUpsampleNearest) {
+        const acc_t* row = interp.data() + int64_t(r >> 1) * W;
 #pragma omp simd
-          for (int q = 0; q < W; ++q) store(&orow[q], row[q]);
-          continue;
-        }
-        const acc_t a0 = rows.weight[4 * r], a1 = rows.weight[4 * r + 1];
-        const acc_t* top = interp.data() + int64_t(rows.index[4 * r]) * W;
-        const acc_t* bottom = interp.data() + int64_t(rows.index[4 * r + 1]) * W;
-#pragma omp simd
-        for (int q = 0; q < W; ++q) store(&orow[q], a0 * top[q] + a1 * bottom[q]);
+        for (int q = 0; q < W; ++q) store(&orow[q], row[q]);
+        continue;
       }
+      const acc_t a0 = rows.weight[4 * r], a1 = rows.weight[4 * r + 1];
+      const acc_t* top = interp.data() + int64_t(rows.index[4 * r]) * W;
+      const acc_t* bottom = interp.data() + int64_t(rows.index[4 * r + 1]) * W;
+#pragma omp simd
+      for (int q = 0; q < W; ++q) store(&orow[q], a0 * top[q] + a1 * bottom[q]);
     }
   }
 }
@@ -123,27 +121,25 @@ DIP_CPU_CLONES void forward_nhwc_rows(const scalar_t* skip, const scalar_t* deep
                                       const UpsampleCatShape& s, const TapTable<acc_t>& rows,
                                       const TapTable<acc_t>& cols, int64_t r0, int64_t r1) {
   const int C = s.Cs + s.Cd, H = s.H, W = s.W, h = H / 2, w = W / 2, Cs = s.Cs, Cd = s.Cd;
-  {
-    for (int64_t nr = r0; nr < r1; ++nr) {
-      const int64_t n = nr / H;
-      const int r = static_cast<int>(nr % H);
-      const acc_t a0 = rows.weight[4 * r], a1 = rows.weight[4 * r + 1];
-      const scalar_t* top = deep + (n * h + rows.index[4 * r]) * int64_t(w) * Cd;
-      const scalar_t* bottom = deep + (n * h + rows.index[4 * r + 1]) * int64_t(w) * Cd;
-      for (int q = 0; q < W; ++q) {
-        scalar_t* o = out + (nr * W + q) * C;
-        if (Cs > 0) std::memcpy(o, skip + (nr * W + q) * Cs, sizeof(scalar_t) * Cs);
-        const acc_t b0 = cols.weight[4 * q], b1 = cols.weight[4 * q + 1];
-        const scalar_t *t0 = top + int64_t(cols.index[4 * q]) * Cd, *t1 = top + int64_t(cols.index[4 * q + 1]) * Cd;
-        const scalar_t *u0 = bottom + int64_t(cols.index[4 * q]) * Cd,
-                       *u1 = bottom + int64_t(cols.index[4 * q + 1]) * Cd;
-        scalar_t* od = o + Cs;
+  for (int64_t nr = r0; nr < r1; ++nr) {
+    const int64_t n = nr / H;
+    const int r = static_cast<int>(nr % H);
+    const acc_t a0 = rows.weight[4 * r], a1 = rows.weight[4 * r + 1];
+    const scalar_t* top = deep + (n * h + rows.index[4 * r]) * int64_t(w) * Cd;
+    const scalar_t* bottom = deep + (n * h + rows.index[4 * r + 1]) * int64_t(w) * Cd;
+    for (int q = 0; q < W; ++q) {
+      scalar_t* o = out + (nr * W + q) * C;
+      if (Cs > 0) std::memcpy(o, skip + (nr * W + q) * Cs, sizeof(scalar_t) * Cs);
+      const acc_t b0 = cols.weight[4 * q], b1 = cols.weight[4 * q + 1];
+      const scalar_t *t0 = top + int64_t(cols.index[4 * q]) * Cd, *t1 = top + int64_t(cols.index[4 * q + 1]) * Cd;
+      const scalar_t *u0 = bottom + int64_t(cols.index[4 * q]) * Cd,
+                     *u1 = bottom + int64_t(cols.index[4 * q + 1]) * Cd;
+      scalar_t* od = o + Cs;
 #pragma omp simd
-        for (int c = 0; c < Cd; ++c) {
-          const acc_t t = b0 * static_cast<acc_t>(t0[c]) + b1 * static_cast<acc_t>(t1[c]);
-          const acc_t u = b0 * static_cast<acc_t>(u0[c]) + b1 * static_cast<acc_t>(u1[c]);
-          store(&od[c], a0 * t + a1 * u);
-        }
+      for (int c = 0; c < Cd; ++c) {
+        const acc_t t = b0 * static_cast<acc_t>(t0[c]) + b1 * static_cast<acc_t>(t1[c]);
+        const acc_t u = b0 * static_cast<acc_t>(u0[c]) + b1 * static_cast<acc_t>(u1[c]);
+        store(&od[c], a0 * t + a1 * u);
       }
     }
   }
@@ -186,42 +182,40 @@ DIP_CPU_CLONES void backward_nchw_planes(const scalar_t* grad, scalar_t* grad_sk
                                          const TapTable<acc_t>& cols, int64_t p0, int64_t p1) {
   const int C = s.Cs + s.Cd, H = s.H, W = s.W, h = H / 2, w = W / 2;
   const int64_t plane = int64_t(H) * W;
-  {
-    std::vector<acc_t> vrow(W);  // one source row's gradient, before the transpose along W
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n = p / C, c = p % C;
-      const scalar_t* g = grad + p * plane;
-      if (c < s.Cs) {
-        std::memcpy(grad_skip + (n * s.Cs + c) * plane, g, sizeof(scalar_t) * plane);
-        continue;
-      }
-      scalar_t* gd = grad_deep + (n * s.Cd + (c - s.Cs)) * int64_t(h) * w;
-      for (int i = 0; i < h; ++i) {
-        scalar_t* out = gd + int64_t(i) * w;
-        if (s.mode == kUpsampleNearest) {  // rows 2i and 2i + 1, columns 2j and 2j + 1, weight 1
-          const scalar_t *g0 = g + int64_t(2 * i) * W, *g1 = g0 + W;
-#pragma omp simd
-          for (int j = 0; j < w; ++j) {
-            store(&out[j], (static_cast<acc_t>(g0[2 * j]) + static_cast<acc_t>(g1[2 * j])) +
-                               (static_cast<acc_t>(g0[2 * j + 1]) + static_cast<acc_t>(g1[2 * j + 1])));
-          }
-          continue;
-        }
-        const int* ri = &rows.index[4 * i];
-        const acc_t* rw = &rows.weight[4 * i];
-        const scalar_t *g0 = g + int64_t(ri[0]) * W, *g1 = g + int64_t(ri[1]) * W, *g2 = g + int64_t(ri[2]) * W,
-                       *g3 = g + int64_t(ri[3]) * W;
-#pragma omp simd
-        for (int q = 0; q < W; ++q) {
-          vrow[q] = rw[0] * static_cast<acc_t>(g0[q]) + rw[1] * static_cast<acc_t>(g1[q]) +
-                    rw[2] * static_cast<acc_t>(g2[q]) + rw[3] * static_cast<acc_t>(g3[q]);
-        }
+  std::vector<acc_t> vrow(W);  // one source row's gradient, before the transpose along W
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n = p / C, c = p % C;
+    const scalar_t* g = grad + p * plane;
+    if (c < s.Cs) {
+      std::memcpy(grad_skip + (n * s.Cs + c) * plane, g, sizeof(scalar_t) * plane);
+      continue;
+    }
+    scalar_t* gd = grad_deep + (n * s.Cd + (c - s.Cs)) * int64_t(h) * w;
+    for (int i = 0; i < h; ++i) {
+      scalar_t* out = gd + int64_t(i) * w;
+      if (s.mode == kUpsampleNearest) {  // rows 2i and 2i + 1, columns 2j and 2j + 1, weight 1
+        const scalar_t *g0 = g + int64_t(2 * i) * W, *g1 = g0 + W;
 #pragma omp simd
         for (int j = 0; j < w; ++j) {
-          const int* ci = &cols.index[4 * j];
-          const acc_t* cw = &cols.weight[4 * j];
-          store(&out[j], cw[0] * vrow[ci[0]] + cw[1] * vrow[ci[1]] + cw[2] * vrow[ci[2]] + cw[3] * vrow[ci[3]]);
+          store(&out[j], (static_cast<acc_t>(g0[2 * j]) + static_cast<acc_t>(g1[2 * j])) +
+                             (static_cast<acc_t>(g0[2 * j + 1]) + static_cast<acc_t>(g1[2 * j + 1])));
         }
+        continue;
+      }
+      const int* ri = &rows.index[4 * i];
+      const acc_t* rw = &rows.weight[4 * i];
+      const scalar_t *g0 = g + int64_t(ri[0]) * W, *g1 = g + int64_t(ri[1]) * W, *g2 = g + int64_t(ri[2]) * W,
+                     *g3 = g + int64_t(ri[3]) * W;
+#pragma omp simd
+      for (int q = 0; q < W; ++q) {
+        vrow[q] = rw[0] * static_cast<acc_t>(g0[q]) + rw[1] * static_cast<acc_t>(g1[q]) +
+                  rw[2] * static_cast<acc_t>(g2[q]) + rw[3] * static_cast<acc_t>(g3[q]);
+      }
+#pragma omp simd
+      for (int j = 0; j < w; ++j) {
+        const int* ci = &cols.index[4 * j];
+        const acc_t* cw = &cols.weight[4 * j];
+        store(&out[j], cw[0] * vrow[ci[0]] + cw[1] * vrow[ci[1]] + cw[2] * vrow[ci[2]] + cw[3] * vrow[ci[3]]);
       }
     }
   }
@@ -242,29 +236,27 @@ DIP_CPU_CLONES void backward_nhwc_rows(const scalar_t* grad, scalar_t* grad_deep
                                        const TapTable<acc_t>& rows, const TapTable<acc_t>& cols, int64_t r0,
                                        int64_t r1) {
   const int C = s.Cs + s.Cd, H = s.H, W = s.W, h = H / 2, w = W / 2, Cs = s.Cs, Cd = s.Cd;
-  {
-    std::vector<acc_t> acc(Cd);
-    for (int64_t ni = r0; ni < r1; ++ni) {
-      const int64_t n = ni / h;
-      const int i = static_cast<int>(ni % h);
-      for (int j = 0; j < w; ++j) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int r = 0; r < 4; ++r) {
-          const acc_t wr = rows.weight[4 * i + r];
-          if (wr == acc_t(0)) continue;
-          for (int q = 0; q < 4; ++q) {
-            const acc_t wq = cols.weight[4 * j + q] * wr;
-            if (wq == acc_t(0)) continue;
-            const scalar_t* g = grad + ((n * H + rows.index[4 * i + r]) * W + cols.index[4 * j + q]) * int64_t(C) + Cs;
-            acc_t* a = acc.data();
+  std::vector<acc_t> acc(Cd);
+  for (int64_t ni = r0; ni < r1; ++ni) {
+    const int64_t n = ni / h;
+    const int i = static_cast<int>(ni % h);
+    for (int j = 0; j < w; ++j) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int r = 0; r < 4; ++r) {
+        const acc_t wr = rows.weight[4 * i + r];
+        if (wr == acc_t(0)) continue;
+        for (int q = 0; q < 4; ++q) {
+          const acc_t wq = cols.weight[4 * j + q] * wr;
+          if (wq == acc_t(0)) continue;
+          const scalar_t* g = grad + ((n * H + rows.index[4 * i + r]) * W + cols.index[4 * j + q]) * int64_t(C) + Cs;
+          acc_t* a = acc.data();
 #pragma omp simd
-            for (int c = 0; c < Cd; ++c) a[c] += wq * static_cast<acc_t>(g[c]);
-          }
+          for (int c = 0; c < Cd; ++c) a[c] += wq * static_cast<acc_t>(g[c]);
         }
-        scalar_t* out = grad_deep + (ni * w + j) * int64_t(Cd);
-#pragma omp simd
-        for (int c = 0; c < Cd; ++c) store(&out[c], acc[c]);
       }
+      scalar_t* out = grad_deep + (ni * w + j) * int64_t(Cd);
+#pragma omp simd
+      for (int c = 0; c < Cd; ++c) store(&out[c], acc[c]);
     }
   }
 }
