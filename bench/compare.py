@@ -378,6 +378,24 @@ def _torch_bn_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, slope: floa
     return F.pad(y, [pad] * 4, mode="reflect") if pad else y
 
 
+#: The activation layouts the op cases run in (the CPU's fast network runs channels_last).
+_LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _layout_suffix(layout: str) -> str:
+    return "" if layout == "nchw" else f" ({layout})"
+
+
+def _no_grad(fn: Callable[[], Any]) -> Callable[[], None]:
+    """``fn`` run without autograd recording: the forward pass alone."""
+
+    def run() -> None:
+        with torch.no_grad():
+            fn()
+
+    return run
+
+
 def _bn_act_cases(device: torch.device, size: int, seed: int) -> List[OpCase]:
     from dip_fast.ops.bn_act import batch_norm_act
 
@@ -405,14 +423,6 @@ def _bn_act_cases(device: torch.device, size: int, seed: int) -> List[OpCase]:
         g = torch.randn(y_plain.shape, generator=gen).to(device, memory_format=_LAYOUTS[layout])
         inputs = (x, w, b)
 
-        def fwd(fn=fused) -> None:
-            with torch.no_grad():
-                fn()
-
-        def fwd_plain(fn=plain) -> None:
-            with torch.no_grad():
-                fn()
-
         # Backward alone: the same graph, differentiated again (retain_graph keeps it).
         def bwd(y=y_fused, g=g, inputs=inputs) -> None:
             torch.autograd.grad(y, inputs, g, retain_graph=True)
@@ -424,19 +434,12 @@ def _bn_act_cases(device: torch.device, size: int, seed: int) -> List[OpCase]:
             OpCase(
                 name=f"bn_act/{label}" + _layout_suffix(layout),
                 shape=f"1x{c}x{hw}x{hw} slope={slope} pad={pad}",
-                variants={"fused_fwd": fwd, "torch_fwd": fwd_plain, "fused_bwd": bwd, "torch_bwd": bwd_plain},
+                variants={"fused_fwd": _no_grad(fused), "torch_fwd": _no_grad(plain), "fused_bwd": bwd,
+                          "torch_bwd": bwd_plain},
                 pairs=[("forward", "fused_fwd", "torch_fwd"), ("backward", "fused_bwd", "torch_bwd")],
             )
         )
     return cases
-
-
-#: The activation layouts the op cases run in (the CPU's fast network runs channels_last).
-_LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-
-
-def _layout_suffix(layout: str) -> str:
-    return "" if layout == "nchw" else f" ({layout})"
 
 
 def _upsample_cat_cases(device: torch.device, size: int, seed: int) -> List[OpCase]:
@@ -457,14 +460,6 @@ def _upsample_cat_cases(device: torch.device, size: int, seed: int) -> List[OpCa
         def plain(skip=skip, deep=deep) -> torch.Tensor:
             return torch.cat([skip, upsample2x(deep, "bilinear")], dim=1)
 
-        def fwd(fn=fused) -> None:
-            with torch.no_grad():
-                fn()
-
-        def fwd_plain(fn=plain) -> None:
-            with torch.no_grad():
-                fn()
-
         def fb(fn=fused, g=g, inputs=(skip, deep)) -> None:
             torch.autograd.grad(fn(), inputs, g)
 
@@ -475,7 +470,8 @@ def _upsample_cat_cases(device: torch.device, size: int, seed: int) -> List[OpCa
             OpCase(
                 name="upsample_cat/level0" + _layout_suffix(layout),
                 shape=f"skip 1x4x{size}x{size}, deep 1x128x{size // 2}x{size // 2}, bilinear",
-                variants={"fused_fwd": fwd, "torch_fwd": fwd_plain, "fused_fwd_bwd": fb, "torch_fwd_bwd": fb_plain},
+                variants={"fused_fwd": _no_grad(fused), "torch_fwd": _no_grad(plain), "fused_fwd_bwd": fb,
+                          "torch_fwd_bwd": fb_plain},
                 pairs=[("forward", "fused_fwd", "torch_fwd"), ("forward+backward", "fused_fwd_bwd", "torch_fwd_bwd")],
             )
         )

@@ -11,6 +11,8 @@ import dip_fast
 from dip_fast import api, tasks
 from dip_fast.api import restore
 
+from .conftest import requires_extension
+
 pytestmark = [pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back"), pytest.mark.usefixtures("one_thread")]
 
 
@@ -490,15 +492,14 @@ def test_bad_run_modes(kwargs, match):
         restore(smooth(), **kwargs)
 
 
+@requires_extension
 def test_fast_backend_runs_channels_last_on_the_cpu():
     """The CPU's faster layout (bench/README.md): activations and convolution weights channels_last."""
-    from dip_fast import _ops, nets
+    from dip_fast import nets
 
     make, name = api._resolve_backend("fast", torch.device("cpu"))
     net = make(num_input_channels=8, num_output_channels=3, num_channels_down=[8], num_channels_up=[8],
                num_channels_skip=[2])
-    if not _ops.has_ops(*_ops.FAST_NETWORK_OPS):
-        pytest.skip("extension not built")
     assert name == "fast" and isinstance(net, nets.FastSkipNet) and net.channels_last
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
     out = net(torch.rand(1, 8, 16, 16))

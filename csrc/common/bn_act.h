@@ -3,6 +3,7 @@
 // the per-element forward and backward formulas.
 #pragma once
 
+#include "layout.h"
 #include "macros.h"
 #include "leaky_relu.h"
 
@@ -52,15 +53,6 @@ DIP_HD void welford_add(acc_t& count, acc_t& mean, acc_t& m2, acc_t x) {
   const acc_t delta = x - mean;
   mean += delta / count;
   m2 += delta * (x - mean);
-}
-
-// Element offset of (n, c, h, w) in a dense tensor given its four strides.
-struct Strides4 {
-  long long n, c, h, w;
-};
-
-DIP_HD long long offset4(const Strides4& s, long long n, long long c, long long h, long long w) {
-  return n * s.n + c * s.c + h * s.h + w * s.w;
 }
 
 // The gradient reaching source element (n, c, h, w) of a padded output: the

@@ -30,26 +30,6 @@ DIP_HD void split_nhw(long long e, int H, int W, long long& n, int& h, int& w) {
   n = t / H;
 }
 
-// (n, c, h, w) of the e-th element of an N x C x H x W tensor, counted in its
-// memory order, so that consecutive threads touch consecutive addresses.
-DIP_HD void split_nchw(long long e, int C, int H, int W, bool channels_last, long long& n, long long& c, int& h,
-                       int& w) {
-  if (channels_last) {
-    c = e % C;
-    long long t = e / C;
-    w = static_cast<int>(t % W);
-    t /= W;
-    h = static_cast<int>(t % H);
-    n = t / H;
-  } else {
-    w = static_cast<int>(e % W);
-    long long t = e / W;
-    h = static_cast<int>(t % H);
-    t /= H;
-    c = t % C;
-    n = t / C;
-  }
-}
 
 // Thread t of T: Welford triple over its share of channel c.
 template <typename scalar_t, typename acc_t>

@@ -6,7 +6,7 @@
 #pragma once
 
 #include "macros.h"
-#include "bn_act.h"  // Strides4, offset4
+#include "layout.h"
 
 namespace dip_fast {
 
@@ -67,36 +67,18 @@ struct UpsampleCatShape {
   bool channels_last;  // memory order of out / grad_out, which the element index e follows
 };
 
-// (n, c, h, w) of the e-th element of an N x C x H x W tensor in its memory order.
-DIP_HD void upsample_cat_split(long long e, int C, int H, int W, bool channels_last, int& n, int& c, int& h, int& w) {
-  if (channels_last) {
-    c = static_cast<int>(e % C);
-    long long t = e / C;
-    w = static_cast<int>(t % W);
-    t /= W;
-    h = static_cast<int>(t % H);
-    n = static_cast<int>(t / H);
-  } else {
-    w = static_cast<int>(e % W);
-    long long t = e / W;
-    h = static_cast<int>(t % H);
-    t /= H;
-    c = static_cast<int>(t % C);
-    n = static_cast<int>(t / C);
-  }
-}
-
 // Output element e of the forward: a skip value, or the upsampled deep value.
 template <typename scalar_t, typename acc_t>
 DIP_HD void upsample_cat_forward_element(long long e, const scalar_t* skip, Strides4 ss, const scalar_t* deep,
                                          Strides4 sd, scalar_t* out, Strides4 so, const UpsampleCatShape& s) {
-  int n, c, h, w;
-  upsample_cat_split(e, s.Cs + s.Cd, s.H, s.W, s.channels_last, n, c, h, w);
+  long long n, c;
+  int h, w;
+  split_nchw(e, s.Cs + s.Cd, s.H, s.W, s.channels_last, n, c, h, w);
   if (c < s.Cs) {
     out[offset4(so, n, c, h, w)] = skip[offset4(ss, n, c, h, w)];
     return;
   }
-  const int cd = c - s.Cs;
+  const long long cd = c - s.Cs;
   int r0, r1, q0, q1;
   acc_t a0, a1, b0, b1;
   upsample_taps<acc_t>(h, s.H / 2, s.mode, r0, r1, a0, a1);
@@ -112,8 +94,9 @@ DIP_HD void upsample_cat_forward_element(long long e, const scalar_t* skip, Stri
 template <typename scalar_t>
 DIP_HD void upsample_cat_grad_skip_element(long long e, const scalar_t* grad, Strides4 sg, scalar_t* grad_skip,
                                            Strides4 sgs, const UpsampleCatShape& s) {
-  int n, c, h, w;
-  upsample_cat_split(e, s.Cs, s.H, s.W, s.channels_last, n, c, h, w);
+  long long n, c;
+  int h, w;
+  split_nchw(e, s.Cs, s.H, s.W, s.channels_last, n, c, h, w);
   grad_skip[offset4(sgs, n, c, h, w)] = grad[offset4(sg, n, c, h, w)];
 }
 
@@ -122,8 +105,9 @@ DIP_HD void upsample_cat_grad_skip_element(long long e, const scalar_t* grad, St
 template <typename scalar_t, typename acc_t>
 DIP_HD void upsample_cat_grad_deep_element(long long e, const scalar_t* grad, Strides4 sg, scalar_t* grad_deep,
                                            Strides4 sgd, const UpsampleCatShape& s) {
-  int n, cd, i, j;
-  upsample_cat_split(e, s.Cd, s.H / 2, s.W / 2, s.channels_last, n, cd, i, j);
+  long long n, cd;
+  int i, j;
+  split_nchw(e, s.Cd, s.H / 2, s.W / 2, s.channels_last, n, cd, i, j);
   int rows[4], cols[4];
   acc_t wr[4], wc[4];
   const int nr = upsample_preimage<acc_t>(i, s.H / 2, s.mode, rows, wr);

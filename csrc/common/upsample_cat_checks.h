@@ -15,8 +15,6 @@ inline void upsample_cat_check_mode(int64_t mode) {
               "dip_fast: upsample mode must be 0 (nearest) or 1 (bilinear), got ", mode);
 }
 
-inline Strides4 strides4_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
-
 struct UpsampleCatForwardCall {
   UpsampleCatShape shape;
   at::Tensor skip, deep;  // in the working layout

@@ -19,8 +19,6 @@
 namespace dip_fast {
 namespace {
 
-Strides4 strides_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emulated(const at::Tensor& x, const at::Tensor& weight,
                                                                 const at::Tensor& bias, double eps, double slope,
                                                                 int64_t pad, int64_t pad_mode) {
@@ -39,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emulated(const at::Tensor
     acc_t* ip = invstd.data_ptr<acc_t>();
     std::vector<acc_t> cnt(T), mu(T), m2(T);
     for (int c = 0; c < shape.C; ++c) {  // one block per channel
-      for (int t = 0; t < T; ++t) bn_stats_partial<scalar_t, acc_t>(xp, strides_of(xc), shape, c, t, T, cnt[t], mu[t], m2[t]);
+      for (int t = 0; t < T; ++t) bn_stats_partial<scalar_t, acc_t>(xp, strides4_of(xc), shape, c, t, T, cnt[t], mu[t], m2[t]);
       for (int stride = T / 2; stride > 0; stride /= 2) {
         for (int t = 0; t < stride; ++t) welford_merge<acc_t>(cnt[t], mu[t], m2[t], cnt[t + stride], mu[t + stride], m2[t + stride]);
       }
@@ -48,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emulated(const at::Tensor
     }
     const long long total = y.numel();
     for (long long e = 0; e < total; ++e) {
-      bn_act_normalize_element<scalar_t, acc_t>(e, xp, strides_of(xc), y.data_ptr<scalar_t>(), strides_of(y), shape,
+      bn_act_normalize_element<scalar_t, acc_t>(e, xp, strides4_of(xc), y.data_ptr<scalar_t>(), strides4_of(y), shape,
                                                 mp, ip, w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
                                                 static_cast<acc_t>(slope));
     }
@@ -80,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_emulated(const at::Tenso
     std::vector<acc_t> pa(T), pb(T);
     for (int c = 0; c < shape.C; ++c) {
       for (int t = 0; t < T; ++t) {
-        bn_act_backward_partial<scalar_t, acc_t>(dyp, strides_of(gy), xp, strides_of(xc), shape, c, t, T, mp, ip, wp,
+        bn_act_backward_partial<scalar_t, acc_t>(dyp, strides4_of(gy), xp, strides4_of(xc), shape, c, t, T, mp, ip, wp,
                                                  bp, s, pa[t], pb[t]);
       }
       for (int stride = T / 2; stride > 0; stride /= 2) {
@@ -94,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_emulated(const at::Tenso
     }
     const long long total = dx.numel();
     for (long long e = 0; e < total; ++e) {
-      bn_act_dx_element<scalar_t, acc_t>(e, dyp, strides_of(gy), xp, strides_of(xc), dx.data_ptr<scalar_t>(), shape,
+      bn_act_dx_element<scalar_t, acc_t>(e, dyp, strides4_of(gy), xp, strides4_of(xc), dx.data_ptr<scalar_t>(), shape,
                                          mp, ip, wp, bp, s, sum_dz, sum_dz_xhat);
     }
   });

@@ -22,21 +22,12 @@
 #include "../common/bn_act.h"
 #include "../common/bn_act_checks.h"
 #include "../common/bn_act_grid.h"
+#include "launch.cuh"
 
 namespace dip_fast {
 namespace {
 
 constexpr int kReduceThreads = kBnReduceThreads;
-constexpr int kThreads = 256;
-
-Strides4 strides_of(const at::Tensor& t) {
-  return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-int64_t blocks_for(int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
-}
-
 // The per-thread bodies live in csrc/common/bn_act_grid.h, shared with the
 // CPU emulation that tests this file's indexing without a GPU.
 
@@ -131,10 +122,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     bn_stats_kernel<scalar_t, acc_t><<<g.C, kReduceThreads, 0, stream>>>(
-        xc.const_data_ptr<scalar_t>(), strides_of(xc), shape, eps, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>());
+        xc.const_data_ptr<scalar_t>(), strides4_of(xc), shape, eps, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     bn_act_normalize_kernel<scalar_t, acc_t><<<blocks_for(y.numel()), kThreads, 0, stream>>>(
-        xc.const_data_ptr<scalar_t>(), strides_of(xc), y.data_ptr<scalar_t>(), strides_of(y), shape,
+        xc.const_data_ptr<scalar_t>(), strides4_of(xc), y.data_ptr<scalar_t>(), strides4_of(y), shape,
         static_cast<long long>(y.numel()), mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
         b.const_data_ptr<acc_t>(), static_cast<acc_t>(slope));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -161,12 +152,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(const at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     bn_act_backward_reduce_kernel<scalar_t, acc_t><<<g.C, kReduceThreads, 0, stream>>>(
-        gy.const_data_ptr<scalar_t>(), strides_of(gy), xc.const_data_ptr<scalar_t>(), strides_of(xc), shape,
+        gy.const_data_ptr<scalar_t>(), strides4_of(gy), xc.const_data_ptr<scalar_t>(), strides4_of(xc), shape,
         m.const_data_ptr<acc_t>(), is.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
         b.const_data_ptr<acc_t>(), static_cast<acc_t>(slope), db.data_ptr<acc_t>(), dw.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     bn_act_backward_dx_kernel<scalar_t, acc_t><<<blocks_for(dx.numel()), kThreads, 0, stream>>>(
-        gy.const_data_ptr<scalar_t>(), strides_of(gy), xc.const_data_ptr<scalar_t>(), strides_of(xc),
+        gy.const_data_ptr<scalar_t>(), strides4_of(gy), xc.const_data_ptr<scalar_t>(), strides4_of(xc),
         dx.data_ptr<scalar_t>(), shape, static_cast<long long>(dx.numel()), m.const_data_ptr<acc_t>(),
         is.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), static_cast<acc_t>(slope),
         db.const_data_ptr<acc_t>(), dw.const_data_ptr<acc_t>());

@@ -11,16 +11,10 @@
 #include "../common/alloc.h"
 #include "../common/checks.h"
 #include "../common/leaky_relu.h"
+#include "launch.cuh"
 
 namespace dip_fast {
 namespace {
-
-constexpr int kThreads = 256;
-
-int64_t blocks_for(int64_t n) {
-  const int64_t max_blocks = 65535;
-  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks));
-}
 
 template <typename scalar_t>
 __global__ void leaky_relu_forward_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,

@@ -18,15 +18,10 @@
 
 #include "../common/upsample_cat.h"
 #include "../common/upsample_cat_checks.h"
+#include "launch.cuh"
 
 namespace dip_fast {
 namespace {
-
-constexpr int kThreads = 256;
-
-int64_t blocks_for(int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
-}
 
 template <typename scalar_t, typename acc_t>
 __global__ void upsample_cat_forward_kernel(const scalar_t* __restrict__ skip, Strides4 ss,
