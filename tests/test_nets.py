@@ -40,7 +40,9 @@ def forward_backward(net, z):
     net.zero_grad(set_to_none=True)
     out = net(z)
     (out.square().mean() + out.mean()).backward()
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
+    # Copies, not the .grad tensors themselves: module.cuda() / .to() move a parameter's .grad in place,
+    # so a list of the originals taken before the move would silently hold device tensors afterwards.
+    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
     return out.detach(), grads
 
 
@@ -193,5 +195,6 @@ def test_cuda_matches_cpu(channels_last):
     out_c, grads_c = forward_backward(fast, z)
     fast_cuda = fast.cuda()
     out_g, grads_g = forward_backward(fast_cuda, z.cuda())
+    assert all(g.device.type == "cpu" for g in grads_c) and all(g.is_cuda for g in grads_g)
     assert ((out_g.cpu() - out_c).norm() / out_c.norm()) <= 1e-10
     assert_grads_close(grads_c, [g.cpu() for g in grads_g], 1e-7)

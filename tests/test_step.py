@@ -243,23 +243,63 @@ def cuda_problem(backend, steps_seed: int = 3):
     return net, z("cuda", 64), target, (lambda o: ((o - target) ** 2).mean())
 
 
+def reference_without_atomics(*args, **kwargs):
+    """The reference network with zero padding and nearest upsampling: ops whose CUDA backward is deterministic."""
+    return skip(*args, **dict(kwargs, pad="zero", upsample_mode="nearest"))
+
+
+# Why the paper's reference network needs a measured tolerance: on CUDA the backward passes of
+# ReflectionPad2d and of bilinear upsampling accumulate input gradients with atomicAdd (PyTorch
+# flags both as nondeterministic), so the last bits of a gradient depend on the order in which the
+# atomics land. Adam then amplifies those bits: its first updates are lr * sign(g) wherever |g| is
+# tiny (the conv biases feeding BatchNorm have a true gradient of zero), and training is chaotic
+# enough that two eager runs of the same seed drift apart step by step (the graph run measured
+# 6e-4 relative at step 20 on an H200). A replayed graph launches the same kernels, so it may
+# differ from eager as much as eager differs from itself, and no more. The tolerance of each step
+# is therefore a fixed floor plus a multiple of the largest drift two eager runs showed up to that
+# step. The networks without atomics show that the drift comes from those ops: their two eager
+# runs agree bit for bit, so the floor alone applies. A replay bug (stale noise, a missed Adam
+# update, a wrong flag) shows from the first replayed step, where the eager drift is still zero
+# or at rounding level.
+DRIFT_FACTOR = 10.0  # room for the graph run, a third draw of the same rounding, to land farther out
+
+
+def drift_envelope(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per step, the largest |a - b| seen up to that step (divergence of chaotic runs grows, but not monotonically)."""
+    return torch.cummax((a - b).abs(), dim=0).values
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", [skip, pytest.param(nets.skip, marks=requires_extension)],
-                         ids=["reference", "fast"])
-def test_graph_replay_matches_eager_for_20_steps(backend):
+@pytest.mark.parametrize("backend, deterministic",
+                         [(skip, False), (reference_without_atomics, True),
+                          pytest.param(nets.skip, True, marks=requires_extension)],
+                         ids=["reference", "reference-zero-pad-nearest", "fast"])
+def test_graph_replay_matches_eager_for_20_steps(backend, deterministic):
     torch.backends.cudnn.deterministic = True
     try:
         net, z0, target, loss_fn = cuda_problem(backend)
-        twin = copy.deepcopy(net)
         kw = dict(iterations=20, reg_noise_std=0.03, exp_weight=0.99, observation=target, check_every=5,
                   reference=target, sync_every=20)
-        eager = fit(net, z0, loss_fn, generator=torch.Generator("cuda").manual_seed(5), **kw)
-        graph = fit(twin, z0, loss_fn, generator=torch.Generator("cuda").manual_seed(5), step_mode="graph", **kw)
+        runs = {}
+        for name, mode in (("eager", "eager"), ("eager_again", "eager"), ("graph", "graph")):
+            runs[name] = fit(copy.deepcopy(net), z0, loss_fn, generator=torch.Generator("cuda").manual_seed(5),
+                             step_mode=mode, **kw)
     finally:
         torch.backends.cudnn.deterministic = False
-    assert graph.step_mode == "graph" and eager.step_mode == "eager"
-    torch.testing.assert_close(torch.tensor(graph.loss_history), torch.tensor(eager.loss_history), rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(graph.output_avg, eager.output_avg, rtol=1e-3, atol=1e-4)
+    eager, again, graph = runs["eager"], runs["eager_again"], runs["graph"]
+    assert graph.step_mode == "graph" and eager.step_mode == again.step_mode == "eager"
+    loss = {name: torch.tensor(r.loss_history, dtype=torch.float64) for name, r in runs.items()}
+    drift = drift_envelope(loss["eager_again"], loss["eager"])
+    avg_drift = float((again.output_avg - eager.output_avg).abs().max())
+    if deterministic:
+        assert float(drift[-1]) == 0.0 and avg_drift == 0.0, (
+            f"two eager runs of a network without atomics differ: loss drift per step {drift.tolist()}")
+    tol = 1e-7 + 1e-4 * loss["eager"].abs() + DRIFT_FACTOR * drift
+    gap = (loss["graph"] - loss["eager"]).abs()
+    assert bool((gap <= tol).all()), (
+        f"graph vs eager loss gap per step {gap.tolist()} exceeds the tolerance {tol.tolist()} "
+        f"(eager vs eager drift {drift.tolist()})")
+    torch.testing.assert_close(graph.output_avg, eager.output_avg, rtol=1e-3, atol=1e-4 + DRIFT_FACTOR * avg_drift)
 
 
 @pytest.mark.cuda
