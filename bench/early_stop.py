@@ -1,173 +1,223 @@
 #!/usr/bin/env python
-"""How good is automatic early stopping (ES-WMV)?  Detected estimate against the best step, and time saved.
+"""Record DIP trajectories on photographs, then judge stopping rules on them offline.
 
-For every image and seed, the denoising preset runs twice from the same
-weights, input and noise:
+One run per (crop, degradation) for the preset's fixed step count serves
+every stopping rule: per step it logs what a rule may look at (the windowed
+variance of the outputs, the data-term residual ``||y - A x_hat||^2 / N`` of
+each candidate estimate) and, for scoring only, the PSNR of those estimates
+against the clean image.  :mod:`dip_fast.early_stop`'s rule is then replayed
+on the logged prefix (``bench/es_replay.py``), so trying a rule costs
+nothing.
 
-* for its full fixed step count (the paper's 3000 for ``denoise_f16_sigma25``),
-  recording per step the PSNR against the clean image of the estimate the
-  run would return there (the exponential average) and of the raw output:
-  their peaks are what a hand-picked stopping step could reach (measured
-  only: they need ground truth);
-* with ``stop='auto'`` (window ``--window``, patience ``--patience``): where
-  it stops, the PSNR of what it returns (the mean of the most stable window)
-  and its wall time.
+Candidate estimates logged per step ``t``:
 
-Reported: the gap between the early-stopped estimate and the peak, the PSNR
-of the fixed-count result, and the wall time of the early-stopped run as a
-share of the fixed-count one, both timed in the same process (CPU time of
-the process on the CPU, so that other jobs on a shared machine do not
-count; wall time on CUDA).
+* ``avg``: the exponential average (what a fixed-count run returns);
+* ``win<W>``: the mean of the last ``W`` raw outputs, for ``W`` in
+  :data:`WINDOWS` (ES-WMV's variance is the spread of that same window).
 
-    python bench/early_stop.py --crop 64 ../shared/data/dip/denoising/F16_GT.png ../shared/data/dip/restoration
+Degradations (``--task``): ``denoise`` (clipped Gaussian noise, ``--sigmas``),
+``jpeg`` (PIL JPEG at ``--jpeg-quality``) and ``deblur`` (Gaussian blur
+``--blur`` plus Gaussian noise ``--blur-noise``).  Settings follow
+``restore(preset='auto')`` on a CPU: the ``*_fast`` presets, and for
+denoising the input perturbation that ``restore`` derives from sigma.
+The noise level a rule may use is the one ``restore`` would estimate from
+the observation (``sigma_est``); the true one is logged beside it.
+
+Crops: the centre ``--crop`` square of each image (images smaller than the
+crop are skipped).  Each image belongs to the tuning or the validation split
+by a hash of its file name (:func:`split_of`), fixed before any result was
+seen.
+
+    python bench/early_stop.py --task denoise --sigmas 25 --crop 128 --out bench/results/es-traj-x.json IMAGES...
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io as _io
 import json
-import statistics
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality  # noqa: E402  (shares the image loading and degradation protocol)
+import quality  # noqa: E402  (image loading, crops, environment record)
 
 from dip_fast import tasks  # noqa: E402
-from dip_fast.metrics import psnr  # noqa: E402
+from dip_fast.api import _estimate_sigma, reg_noise_for_sigma  # noqa: E402
+from dip_fast.fit import StepInfo, fit  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Window lengths whose mean and variance are logged.
+WINDOWS = (50, 100, 200)
+#: Share of images held out for validation (by name hash).
+VALIDATION_SHARE = 1 / 3
 
 
-def _solve(case: Dict[str, Any], args: argparse.Namespace, device: torch.device, seed: int, **fit_kwargs: Any):
+def split_of(name: str) -> str:
+    """``'validation'`` or ``'tuning'``: a fixed function of the file name, independent of any result."""
+    h = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16**8
+    return "validation" if h < VALIDATION_SHARE else "tuning"
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).double().square().mean())
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    m = _mse(a.clamp(0, 1), b)
+    return float("inf") if m == 0 else -10.0 * math.log10(m)
+
+
+def degrade(gt: torch.Tensor, args: argparse.Namespace, sigma: float, seed: int) -> torch.Tensor:
+    """The observation for a clean ``(1, 3, H, W)`` crop (sigma in 0-255 units; denoise and deblur)."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    if args.task == "denoise":
+        return tasks.add_gaussian_noise(gt, sigma / 255.0, generator=gen)
+    if args.task == "jpeg":
+        img = Image.fromarray((gt[0].permute(1, 2, 0).numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8))
+        buf = _io.BytesIO()
+        img.save(buf, format="JPEG", quality=args.jpeg_quality)
+        return quality.to_tensor(Image.open(buf).convert("RGB"))
+    blurred = tasks.blur(gt, tasks.make_blur_kernel(args.blur, "blur"))
+    return tasks.add_gaussian_noise(blurred, args.blur_noise / 255.0, generator=gen)
+
+
+class Recorder:
+    """Fit callback: logs per step the variance, residuals and PSNRs of the candidate estimates."""
+
+    def __init__(self, observation: torch.Tensor, gt: torch.Tensor, forward_model) -> None:
+        self.y, self.gt, self.A = observation, gt, forward_model
+        self.ring: Optional[torch.Tensor] = None
+        self.sums: Dict[int, torch.Tensor] = {}
+        self.sq: Dict[int, float] = {}
+        self.log: Dict[str, List[Optional[float]]] = {"elapsed": [], "res_raw": [], "psnr_raw": [],
+                                                      "res_avg": [], "psnr_avg": []}
+        for w in WINDOWS:
+            for k in ("var", "res", "psnr"):
+                self.log[f"{k}_win{w}"] = []
+        self.t = 0
+
+    @torch.no_grad()
+    def __call__(self, s: StepInfo) -> None:
+        x = s.out.detach().double()
+        if self.ring is None:
+            self.ring = torch.zeros((max(WINDOWS),) + tuple(x.shape), dtype=torch.float64)
+            self.sums = {w: torch.zeros_like(x) for w in WINDOWS}
+            self.sq = {w: 0.0 for w in WINDOWS}
+        n_max = self.ring.shape[0]
+        xsq = float(x.square().sum())
+        for w in WINDOWS:
+            # Drop the output that leaves this window (t - w), add the new one.
+            if self.t >= w:
+                old = self.ring[(self.t - w) % n_max]
+                self.sums[w] -= old
+                self.sq[w] -= float(old.square().sum())
+            self.sums[w] += x
+            self.sq[w] += xsq
+        self.ring[self.t % n_max] = x
+        self.t += 1
+        lg = self.log
+        lg["elapsed"].append(s.elapsed)
+        lg["res_raw"].append(_mse(self.A(s.out), self.y))
+        lg["psnr_raw"].append(_psnr(s.out, self.gt))
+        avg = s.out_avg if s.out_avg is not None else s.out
+        lg["res_avg"].append(_mse(self.A(avg), self.y))
+        lg["psnr_avg"].append(_psnr(avg, self.gt))
+        for w in WINDOWS:
+            if self.t < w:
+                for k in ("var", "res", "psnr"):
+                    lg[f"{k}_win{w}"].append(None)
+                continue
+            mean = self.sums[w] / w
+            spread = max(self.sq[w] - float(self.sums[w].square().sum()) / w, 0.0)
+            lg[f"var_win{w}"].append(spread / (w * x.numel()))
+            m32 = mean.float()
+            lg[f"res_win{w}"].append(_mse(self.A(m32), self.y))
+            lg[f"psnr_win{w}"].append(_psnr(m32, self.gt))
+
+
+def run_case(path: Path, args: argparse.Namespace, sigma: Optional[float], seed: int) -> Dict[str, Any]:
+    """One fixed-count run of one crop and degradation, with its per-step log."""
+    gt = quality.to_tensor(quality.prepare_gt(quality.load_rgb(path), args.crop))
+    obs = degrade(gt, args, sigma or 0.0, seed)
     preset = tasks.get_preset(args.preset)
-    obs, gt = case["observation"].to(device), case["gt"].to(device)
-    torch.manual_seed(seed)  # the same initial weights for both runs
-    gen = torch.Generator(device=device).manual_seed(seed)  # the same z and perturbations
-    # CPU time of this process: on a shared machine it does not count other jobs' load, and with one
-    # thread it is the wall time of a quiet machine (on CUDA the wall time is what counts).
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
-    t0 = clock()
-    result, _ = tasks.solve(preset, obs, reference=gt, backend=quality.backend_factory(args.backend, False),
-                            generator=gen, iterations=args.iterations, **fit_kwargs)
-    return result, clock() - t0
-
-
-def run_case(case: Dict[str, Any], args: argparse.Namespace, device: torch.device, seed: int) -> Dict[str, Any]:
-    """The fixed-count run and the early-stopped run of one image and seed."""
-    gt = case["gt"].to(device)
-    fixed, fixed_s = _solve(case, args, device, seed)
-    auto, auto_s = _solve(case, args, device, seed, stop="auto", stop_window=args.window,
-                          stop_patience=args.patience)
-    curve = fixed.psnr_ref_avg_history or fixed.psnr_ref_history
-    raw = fixed.psnr_ref_history
-    returned = auto.stop_output if auto.stop_output is not None else (
-        auto.output_avg if auto.output_avg is not None else auto.output)
+    if args.task == "denoise":
+        preset = preset.with_overrides(reg_noise_std=reg_noise_for_sigma(sigma))
+    kernel = tasks.make_blur_kernel(args.blur, "blur") if args.task == "deblur" else None
+    term = tasks.make_data_term(preset, obs, blur_kernel=kernel)
+    forward_model = term.degrade if args.task == "deblur" else (lambda x: x)
+    rec = Recorder(obs, gt, forward_model)
+    torch.manual_seed(seed)
+    net = tasks.build_network(preset, 3, backend=quality.backend_factory(args.backend, True))
+    gen = torch.Generator().manual_seed(seed)
+    z = tasks.make_input(preset, (gt.shape[2], gt.shape[3]), generator=gen)
+    kwargs = dict(preset.fit_kwargs())
+    kwargs.update(term.fit_kwargs())
+    if args.iterations:
+        kwargs["iterations"] = args.iterations
+    t0 = time.process_time()
+    result = fit(net, z, term, generator=gen, callback=rec, **kwargs)
+    cpu_s = time.process_time() - t0
+    sigma_est = _estimate_sigma(obs)
     return {
-        "image": case["image"], "seed": seed,
-        "noisy_psnr": float(psnr(case["observation"].to(device), gt)),
-        "peak_psnr": max(curve), "peak_step": curve.index(max(curve)),
-        "peak_raw_psnr": max(raw), "peak_raw_step": raw.index(max(raw)),
-        "fixed_psnr": curve[-1], "fixed_steps": fixed.steps, "fixed_s": fixed_s,
-        "stop_reason": auto.stop_reason, "stop_step": auto.stop_step, "auto_steps": auto.steps,
-        "auto_psnr": float(psnr(returned, gt)), "auto_s": auto_s,
+        "image": path.name, "split": split_of(path.name), "task": args.task, "crop": args.crop, "seed": seed,
+        "sigma": sigma, "sigma_est": sigma_est, "preset": preset.name, "backend": args.backend, "iterations": kwargs["iterations"],
+        "input_psnr": _psnr(obs, gt), "input_mse": _mse(obs, gt),
+        "fixed_psnr": _psnr(result.output_avg if result.output_avg is not None else result.output, gt),
+        "cpu_s": cpu_s, "backtrack_steps": list(result.backtrack_steps), "log": rec.log,
+        **({"jpeg_quality": args.jpeg_quality} if args.task == "jpeg" else {}),
+        **({"blur": args.blur, "blur_noise": args.blur_noise} if args.task == "deblur" else {}),
     }
-
-
-def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
-    gaps = [r["peak_psnr"] - r["auto_psnr"] for r in runs]
-    shares = [r["auto_s"] / r["fixed_s"] for r in runs]
-    return {
-        "gap_db_mean": statistics.fmean(gaps), "gap_db_max": max(gaps),
-        "gain_over_fixed_db_mean": statistics.fmean(r["auto_psnr"] - r["fixed_psnr"] for r in runs),
-        "time_share_median": statistics.median(shares), "time_share_max": max(shares),
-        "fired": sum(r["stop_step"] is not None for r in runs), "n": len(runs),
-    }
-
-
-def render(result: Dict[str, Any]) -> str:
-    cfg, env = result["config"], result["environment"]
-    lines = [
-        f"ES-WMV on `{cfg['preset']}` denoising (sigma {cfg['sigma']:g}), crop {cfg['crop']}, fixed count "
-        f"{cfg['iterations']} steps, window {cfg['window']}, patience {cfg['patience']}, {env['device']} "
-        f"({env['torch_threads']} thread(s)), backend {cfg['backend']}, {env['date']}, commit {env['commit']}; "
-        f"raw: `{result['json_name']}`.",
-        "",
-        "| image | seed | noisy dB | peak dB (step) | raw-output peak dB (step) | fixed-count dB | stopped at "
-        "| early-stopped dB | gap to peak | time vs fixed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["runs"]:
-        lines.append(
-            f"| {r['image']} | {r['seed']} | {r['noisy_psnr']:.2f} | {r['peak_psnr']:.2f} ({r['peak_step']}) | "
-            f"{r['peak_raw_psnr']:.2f} ({r['peak_raw_step']}) | {r['fixed_psnr']:.2f} | "
-            f"{r['auto_steps'] if r['stop_step'] is not None else 'never'} | {r['auto_psnr']:.2f} | "
-            f"{r['peak_psnr'] - r['auto_psnr']:+.2f} | {r['auto_s'] / r['fixed_s']:.0%} |"
-        )
-    s = result["summary"]
-    lines += ["", f"Fired {s['fired']}/{s['n']}; gap to the peak: mean {s['gap_db_mean']:+.2f} dB, "
-                  f"worst {s['gap_db_max']:+.2f} dB; gain over the fixed count: mean "
-                  f"{s['gain_over_fixed_db_mean']:+.2f} dB; wall time vs the fixed count: median "
-                  f"{s['time_share_median']:.0%}, worst {s['time_share_max']:.0%}."]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("paths", nargs="*", type=Path, help="clean images or folders (default: the shared DIP denoising images)")
-    p.add_argument("--preset", default="denoise_f16_sigma25")
-    p.add_argument("--sigma", type=float, default=25.0, help="noise std in 8-bit units")
-    p.add_argument("--crop", type=int, default=None, help="centre crop, a multiple of 32")
-    p.add_argument("--iterations", type=int, default=None, help="the fixed step count (default: the preset's)")
-    p.add_argument("--window", type=int, default=100, help="ES-WMV window W")
-    p.add_argument("--patience", type=int, default=1000, help="ES-WMV patience P")
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("paths", nargs="+", type=Path, help="clean images or folders")
+    p.add_argument("--task", choices=("denoise", "jpeg", "deblur"), default="denoise")
+    p.add_argument("--preset", default=None, help="default: the task's 'fast' preset (restore's CPU default)")
+    p.add_argument("--sigmas", type=float, nargs="+", default=[25.0], help="denoise: noise levels, 0-255")
+    p.add_argument("--jpeg-quality", type=int, default=10)
+    p.add_argument("--blur", default="gaussian:2", help="deblur: the kernel")
+    p.add_argument("--blur-noise", type=float, default=5.0, help="deblur: Gaussian noise after the blur, 0-255")
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--iterations", type=int, default=None, help="default: the preset's")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=quality.BACKENDS, default="fast")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/early-stop-<device>.json)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True, help="JSON file; runs are appended to it")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args.iterations = args.iterations or tasks.get_preset(args.preset).iterations
-    # quality.make_case reads these protocol settings.
-    args.task, args.factor, args.border = "denoise", 1, 0
-    images = quality.list_images(args.paths or [quality.SHARED_DATA / "dip" / "denoising"])[: args.limit]
-    if not images:
-        print("no images found", file=sys.stderr)
-        return 2
-    out = args.out or REPO_ROOT / "bench" / "results" / f"early-stop-{device.type}.json"
-    result: Dict[str, Any] = {
-        "schema": "dip_fast-bench-early-stop/1",
-        "json_name": quality.json_name(out),
-        "command": "bench/early_stop.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "environment": quality.environment(device),
-        "config": {"preset": args.preset, "sigma": args.sigma, "crop": args.crop, "iterations": args.iterations,
-                   "window": args.window, "patience": args.patience, "backend": args.backend,
-                   "images": [i.name for i in images], "seeds": list(range(args.seeds))},
-        "runs": [],
-    }
+    torch.set_num_threads(args.threads)
+    args.preset = args.preset or tasks.preset_for(args.task, "fast").name
+    images = quality.list_images(args.paths)
+    result: Dict[str, Any] = {"schema": "dip_fast-bench-es-trajectories/1", "runs": []}
+    if args.out.exists():
+        result = json.loads(args.out.read_text())
+    result.update(environment=quality.environment(torch.device("cpu")),
+                  command="bench/early_stop.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    done = {(r["image"], r["crop"], r["sigma"], r["task"]) for r in result["runs"]}
     for path in images:
-        for seed in range(args.seeds):
-            case = quality.make_case(path, args, seed)
-            rec = run_case(case, args, device, seed)
+        w, h = Image.open(path).size
+        if min(w, h) < args.crop:
+            continue
+        for sigma in (args.sigmas if args.task == "denoise" else [None]):
+            if (path.name, args.crop, sigma, args.task) in done:
+                continue
+            rec = run_case(path, args, sigma, args.seed)
             result["runs"].append(rec)
-            print(f"  {path.name} seed {seed}: peak {rec['peak_psnr']:.2f} dB at {rec['peak_step']}, fixed count "
-                  f"{rec['fixed_psnr']:.2f} dB in {rec['fixed_s']:.0f} s; stop='auto' ended after "
-                  f"{rec['auto_steps']} steps with {rec['auto_psnr']:.2f} dB in {rec['auto_s']:.0f} s", flush=True)
-            result["summary"] = summarise(result["runs"])
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=1) + "\n")  # a cut-off run keeps what it measured
-    md = render(result)
-    out.with_suffix(".md").write_text(md)
-    print()
-    print(md)
+            peak = max(rec["log"]["psnr_avg"])
+            print(f"{path.name} {args.task} sigma={sigma} [{rec['split']}]: input {rec['input_psnr']:.2f}, "
+                  f"fixed {rec['fixed_psnr']:.2f}, peak {peak:.2f} at {rec['log']['psnr_avg'].index(peak)}, "
+                  f"{rec['cpu_s']:.0f} s", flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result) + "\n")  # a cut-off run keeps what it measured
     return 0
 
 

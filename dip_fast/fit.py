@@ -74,6 +74,11 @@ ES-WMV (:mod:`dip_fast.early_stop`): the run ends once the variance of the
 last ``stop_window`` outputs has not reached a new minimum for
 ``stop_patience`` steps; ``stop_output`` holds the mean of the outputs in
 the window of smallest variance, and ``stop_step`` the step that closed it.
+With ``stop_bound`` (the discrepancy gate of
+:class:`~dip_fast.early_stop.DiscrepancyRule`) only windows whose mean
+leaves a data-term residual of at most ``stop_bound`` count, so an
+under-fitted stretch of stable outputs can never be returned; if no window
+qualifies, the run completes as with ``stop='never'``.
 """
 from __future__ import annotations
 
@@ -134,6 +139,9 @@ class StepInfo:
     elapsed: float
     net: nn.Module
     psnr_ref_avg: Optional[float] = None
+    variance: Optional[float] = None  # early stopping: the window's variance (NaN until it fills)
+    residual: Optional[float] = None  # early stopping: ||y - A mean||^2 / N of the window's mean
+    stop_step: Optional[int] = None  # early stopping: the best accepted window so far
 
 
 @dataclass
@@ -152,6 +160,9 @@ class FitResult:
         psnr_ref_avg_history: same for the averaged output.
         variance_history: ES-WMV window variance of every step (NaN until
             the window is full); empty unless ``stop='auto'``.
+        residual_history: residual ``mse(degrade(mean), observation)`` of
+            the window's mean at every step when early stopping is gated
+            (``stop_bound``); NaN otherwise, empty unless ``stop='auto'``.
         backtrack_steps: steps at which the parameters were restored.
         steps: number of completed steps.
         wall_time: seconds spent in :func:`fit`.
@@ -163,6 +174,7 @@ class FitResult:
             or None when it did not fire.
         stop_output: the mean of the ``stop_window`` outputs up to ``stop_step``
             (None when it did not fire).
+        stop_residual: the residual of ``stop_output`` (None when it did not fire).
         step_mode: ``'eager'`` or ``'graph'``: how the steps actually ran.
     """
 
@@ -173,6 +185,7 @@ class FitResult:
     psnr_ref_history: List[float] = field(default_factory=list)
     psnr_ref_avg_history: List[float] = field(default_factory=list)
     variance_history: List[float] = field(default_factory=list)
+    residual_history: List[float] = field(default_factory=list)
     backtrack_steps: List[int] = field(default_factory=list)
     steps: int = 0
     wall_time: float = 0.0
@@ -180,6 +193,7 @@ class FitResult:
     stop_reason: str = "completed"
     stop_step: Optional[int] = None
     stop_output: Optional[torch.Tensor] = None
+    stop_residual: Optional[float] = None
     step_mode: str = "eager"
 
 
@@ -221,6 +235,7 @@ def fit(
     stop: str = "never",
     stop_window: int = 100,
     stop_patience: int = 1000,
+    stop_bound: Optional[float] = None,
     callback: Optional[Callable[[StepInfo], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     generator: Optional[torch.Generator] = None,
@@ -258,6 +273,11 @@ def fit(
             is no reference -- reaches this value.
         stop: ``'never'`` or ``'auto'`` (ES-WMV early stopping, see the module docstring).
         stop_window, stop_patience: ES-WMV's window ``W`` and patience ``P``.
+        stop_bound: the discrepancy gate (:class:`dip_fast.early_stop.DiscrepancyRule`'s
+            ``bound``): only windows whose mean leaves a residual
+            ``mse(degrade(mean), observation) <= stop_bound`` may be returned;
+            NaN accepts none, so the run completes (the rule's fallback).
+            None: plain ES-WMV.  Needs ``observation``.
         callback: called with a :class:`StepInfo` each time the step log is
             read; raising ``KeyboardInterrupt`` there stops the loop like Ctrl-C.
         should_stop: polled before every step; True stops the loop.
@@ -290,6 +310,8 @@ def fit(
         raise ValueError("psnr_target needs a reference or an observation")
     if stop not in STOP_MODES:
         raise ValueError(f"stop must be one of {STOP_MODES}, got {stop!r}")
+    if stop_bound is not None and observation is None:
+        raise ValueError("stop_bound needs an observation to measure the residual against")
     device = net_input.device
     if sync_every is None:
         sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else 1
@@ -304,7 +326,8 @@ def fit(
             net, net_input, loss_fn, lr=lr, reg_noise_std=reg_noise_std, generator=generator, optimizer=optimizer,
             exp_weight=exp_weight, observation=observation, degrade=degrade, mask=mask, reference=reference,
             reference_view=reference_view, backtrack_threshold_db=backtrack_threshold_db if backtrack else None,
-            early_stop=(stop_window, stop_patience) if stop == "auto" else None, precision=precision, mode=mode,
+            early_stop=(stop_window, stop_patience) if stop == "auto" else None,
+            stop_bound=stop_bound if stop == "auto" else None, precision=precision, mode=mode,
         )
         result = _Loop(runner, iterations, sync_every, t0).run(
             check=(lambda i: is_check_step(i, check_every, check_mode)) if backtrack else (lambda i: False),
@@ -387,6 +410,7 @@ class _Loop:
                 result.backtrack_steps.append(step)
             if runner.early_stop is not None:
                 result.variance_history.append(row[_COL["variance"]])
+                result.residual_history.append(row[_COL["residual"]])
             if psnr_target is not None and not stop:
                 measured = row[_COL["psnr_ref"]] if self.track_reference else row[_COL["psnr"]]
                 if measured >= psnr_target:
@@ -401,6 +425,7 @@ class _Loop:
                 result.stop_reason, stop = "early_stop", True
                 result.stop_step = state.best_step
                 result.stop_output = es.best.clone()
+                result.stop_residual = result.residual_history[state.best_step]
         if callback is not None:
             callback(StepInfo(
                 step=result.steps - 1, loss=last[_COL["loss"]], out=runner.out.clone(),
@@ -410,5 +435,8 @@ class _Loop:
                 psnr_ref_avg=last[_COL["psnr_ref_avg"]] if self.track_reference and runner.average is not None
                 else None,
                 backtracked=last[_COL["backtracked"]] == 1.0, elapsed=time.perf_counter() - self.t0, net=runner.net,
+                variance=last[_COL["variance"]] if es is not None else None,
+                residual=last[_COL["residual"]] if es is not None else None,
+                stop_step=int(last[_COL["stop_step"]]) if es is not None and last[_COL["stop_step"]] >= 0 else None,
             ))
         return stop

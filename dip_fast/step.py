@@ -61,7 +61,7 @@ STEP_MODES = ("eager", "graph")
 #: Eager steps before the graph is captured (cuDNN autotuning and allocator warm-up).
 GRAPH_WARMUP_STEPS = 3
 #: Layout of :attr:`StepRunner.stats`; NaN where a value is not tracked.
-STAT_FIELDS = ("loss", "psnr", "psnr_ref", "psnr_ref_avg", "backtracked", "variance", "stop_step")
+STAT_FIELDS = ("loss", "psnr", "psnr_ref", "psnr_ref_avg", "backtracked", "variance", "stop_step", "residual")
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 Flag = Union[bool, torch.Tensor]
@@ -226,6 +226,11 @@ class StepRunner:
         backtrack_threshold_db: None disables backtracking; else the PSNR
             drop that restores the weights (needs ``observation``).
         early_stop: ``(window, patience)`` for ES-WMV, or None.
+        stop_bound: the discrepancy gate of early stopping (see
+            :class:`~dip_fast.early_stop.DiscrepancyRule`): only windows whose
+            mean has ``mse(degrade(mean), observation) <= stop_bound`` count.
+            None: no gate (plain ES-WMV); NaN: nothing is accepted.  Needs
+            ``observation``.
         precision: one of :data:`PRECISIONS`.
         mode: one of :data:`STEP_MODES`; ``'graph'`` needs CUDA.
 
@@ -253,6 +258,7 @@ class StepRunner:
         reference_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         backtrack_threshold_db: Optional[float] = None,
         early_stop: Optional[Tuple[int, int]] = None,
+        stop_bound: Optional[float] = None,
         precision: str = "fp32",
         mode: str = "eager",
     ) -> None:
@@ -266,6 +272,8 @@ class StepRunner:
             raise ValueError(f"mode='graph' needs a CUDA device, got {net_input.device}")
         if backtrack_threshold_db is not None and observation is None:
             raise ValueError("backtracking needs an observation to measure the PSNR against")
+        if stop_bound is not None and observation is None:
+            raise ValueError("stop_bound needs an observation to measure the residual against")
         self.net, self.loss_fn, self.mode, self.precision = net, loss_fn, mode, precision
         self.device = net_input.device
         self.reg_noise_std = float(reg_noise_std)
@@ -298,6 +306,7 @@ class StepRunner:
             optimizer = default_adam(self.params, lr, capturable=self.device.type == "cuda")
         self.optimizer = optimizer
         self.early_stop_args = early_stop
+        self.stop_bound = None if stop_bound is None else float(stop_bound)
         self.early_stop: Optional[WindowedVariance] = None  # built on the first step, when the output shape is known
         self.out: Optional[torch.Tensor] = None
         self.average: Optional[torch.Tensor] = None
@@ -341,6 +350,11 @@ class StepRunner:
         view = self.reference_view(image) if self.reference_view is not None else image
         return psnr(view, self.reference)
 
+    def _residual(self, image: torch.Tensor) -> torch.Tensor:
+        """The data-term residual ``||y - A x||^2 / N`` of an estimate (all pixels: the gate's sigma^2 is per pixel)."""
+        seen = self.degrade(image) if self.degrade is not None else image
+        return (seen - self.observation).square().mean()
+
     def _body(self, check: Flag) -> None:
         with self._autocast():
             out = self.net(self._perturbed_input())
@@ -369,7 +383,8 @@ class StepRunner:
             if self.backtracker is not None:
                 self.backtracker.after_update(check)
             if self.early_stop is not None:
-                self.early_stop.update(self.out)
+                gated = self.stop_bound is not None
+                self.early_stop.update(self.out, self._residual if gated else None, self.stop_bound)
             es = self.early_stop
             row = [
                 loss.detach().float(),
@@ -379,6 +394,7 @@ class StepRunner:
                 self.backtracker.dropped.float() if self.backtracker is not None else self._nan,
                 es.variance.float() if es is not None else self._nan,
                 es.best_step.float() if es is not None else self._nan,
+                es.residual.float() if es is not None else self._nan,
             ]
             self.stats.copy_(torch.stack(row))
 
