@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import _ops, io, tasks
+from . import _ops, degenerate, io, tasks
 from .fit import StepInfo, fit
 from .metrics import psnr as _psnr
 from .reference import skip as reference_skip
@@ -72,8 +72,10 @@ class RestoreInfo:
         seed: the seed of the run (drawn at random when ``seed=None``).
         iterations: the step budget.
         steps: steps completed.
-        stop_reason: ``'completed'``, ``'early_stop'``, ``'max_time'``, ``'keyboard_interrupt'`` or
-            ``'callback'``.
+        stop_reason: ``'completed'``, ``'early_stop'``, ``'max_time'``, ``'keyboard_interrupt'``,
+            ``'callback'``, or ``'constant'``: the image holds one colour (over
+            its known pixels, for inpainting), which is its own restoration;
+            it was returned without fitting (``steps`` 0).
         interrupted: the run stopped before ``iterations`` steps.
         wall_time: seconds spent in the optimisation loop.
         loss_history: data-term value of every step.
@@ -242,17 +244,12 @@ def reg_noise_for_sigma(sigma: float) -> float:
 
 
 def _estimate_sigma(color: torch.Tensor) -> Optional[float]:
-    """Noise level (0-255) of a ``(1, C, H, W)`` image by skimage's wavelet estimator, or None if unavailable."""
-    try:
-        from skimage.restoration import estimate_sigma
-    except ImportError:
-        return None
-    img = color[0].permute(1, 2, 0).numpy()
-    try:
-        s = estimate_sigma(img, channel_axis=-1, average_sigmas=True)
-    except ImportError:  # PyWavelets is an optional dependency of scikit-image
-        return None
-    return float(s) * 255.0
+    """Noise level (0-255) of a ``(1, C, H, W)`` image, always finite, or None if the estimator is unavailable.
+
+    See :func:`dip_fast.degenerate.estimate_sigma` (0, with a warning, for an image without fine detail).
+    """
+    # stacklevel 3: the warning points at the caller of restore().
+    return degenerate.estimate_sigma(color, stacklevel=3)
 
 
 def estimate_memory(preset: tasks.Preset, channels: int, size: Tuple[int, int]) -> Optional[int]:
@@ -597,6 +594,19 @@ def restore(
                 f"colour channel(s), got {gt.shape[2]}x{gt.shape[3]} with {gt.shape[1]}"
             )
 
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**63)
+    flat = degenerate.constant_value(color, m) if operator is None else None
+    if flat is not None:
+        return _constant_result(
+            flat, loaded.alpha, spec, factor, gt,
+            RestoreInfo(task=task, preset=chosen.name, backend=backend_name, device=str(dev), seed=seed,
+                        iterations=chosen.iterations, stop_reason="constant",
+                        sigma=(float(sigma) if sigma is not None else 0.0) if task == "denoise" else None,
+                        reg_noise_std=chosen.reg_noise_std, padded_size=padded_hw, estimated_memory=need or 0),
+            return_info,
+        )
+
     # ---- settings that depend on the pixels
     used_sigma = None
     if task == "denoise":
@@ -607,8 +617,6 @@ def restore(
             used_sigma = 25.0
         if level:  # an explicit Preset or registry name keeps its own setting
             chosen = chosen.with_overrides(reg_noise_std=reg_noise_for_sigma(used_sigma))
-    if seed is None:
-        seed = random.SystemRandom().randrange(2**63)
 
     info = RestoreInfo(
         task=task, preset=chosen.name, backend=backend_name, device=str(dev), seed=seed,
@@ -682,6 +690,19 @@ def restore(
     info.backtrack_steps = list(result.backtrack_steps)
     if gt_dev is not None:
         info.psnr = float(_psnr(restored, gt_dev))
+    out = io.from_tensor(restored, alpha, spec)
+    return (out, info) if return_info else out
+
+
+def _constant_result(flat: torch.Tensor, alpha: Optional[torch.Tensor], spec: io.ImageSpec, factor: int,
+                     gt: Optional[torch.Tensor], info: RestoreInfo, return_info: bool) -> Any:
+    """A constant image's restoration: the constant, at the output's size (see ``stop_reason='constant'``)."""
+    _, c, _, _ = flat.shape
+    restored = flat.expand(1, c, spec.height * factor, spec.width * factor).contiguous()
+    if alpha is not None and factor > 1:
+        alpha = io.resize_alpha(alpha, factor)
+    if gt is not None:
+        info.psnr = float(_psnr(restored, gt))  # inf when the ground truth is the same constant
     out = io.from_tensor(restored, alpha, spec)
     return (out, info) if return_info else out
 

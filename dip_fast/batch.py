@@ -293,7 +293,8 @@ def _probe(task: str, restore_kwargs: Dict[str, Any]) -> None:
     Every file of a batch would otherwise fail alike (an odd ``scale``, an
     unknown preset, a missing GPU); the probe's error is the argument's.
     """
-    image = np.full((16, 16, 3), 0.5, np.float32)
+    # Not constant: restore() returns a constant image without fitting, which would test nothing.
+    image = np.broadcast_to(np.linspace(0.25, 0.75, 16, dtype=np.float32)[:, None, None], (16, 16, 3)).copy()
     mask = np.ones((16, 16), bool) if TASK_ALIASES.get(task, task) == "inpaint" else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # about the synthetic image, not the user's

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -133,20 +134,40 @@ def _check_path(path: Union[str, "os.PathLike[str]"], name: str) -> Path:
     return p
 
 
+# What Pillow (and tifffile) raise for a file they cannot or will not read.
+# Besides OSError, a malformed header or chunk surfaces from the format
+# plugins as SyntaxError, struct.error, EOFError, IndexError, KeyError,
+# TypeError or ZeroDivisionError, and the decompression-bomb guard raises
+# DecompressionBombError, which derives from Exception only.
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError,
+               ZeroDivisionError, Image.DecompressionBombError)
+
+
+def _unreadable_reason(exc: BaseException) -> str:
+    """Why Pillow refused a file, in words for a one-line message."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, Image.DecompressionBombError):
+        # Pillow's guard against files whose header promises a huge image.
+        return f"{text} (Pillow's size limit PIL.Image.MAX_IMAGE_PIXELS; raise it only for a file you trust)"
+    return text
+
+
 def open_image_file(path: Union[str, "os.PathLike[str]"], name: str = "image") -> Image.Image:
     """Open an image file lazily (header only); the pixels are decoded by :func:`read_image_file`.
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the file is not an image Pillow can read.
+        ValueError: the file is not an image Pillow can read, or one it refuses
+            to open (such as a header claiming more pixels than
+            ``PIL.Image.MAX_IMAGE_PIXELS`` allows); the message names the file and the reason.
     """
     p = _check_path(path, name)
     try:
         return Image.open(p)
     except UnidentifiedImageError:
         raise ValueError(f"{name}: '{p}' is not an image file Pillow can read") from None
-    except OSError as exc:
-        raise ValueError(f"{name}: cannot open '{p}' as an image ({exc})") from None
+    except _UNREADABLE as exc:
+        raise ValueError(f"{name}: cannot open '{p}' as an image: {_unreadable_reason(exc)}") from None
 
 
 # Orientation tag values and the numpy operation that undoes each (the same
@@ -200,9 +221,11 @@ def read_image_file(img: Image.Image, name: str = "image") -> Union[Image.Image,
             )
         img.load()
         return ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError) as exc:
+    except _UNREADABLE as exc:
         # Pillow raises OSError("image file is truncated ...") and friends.
-        raise ValueError(f"{name}: cannot decode '{path}' ({exc}); is the file truncated or corrupt?") from None
+        raise ValueError(
+            f"{name}: cannot decode '{path}': {_unreadable_reason(exc)}; is the file truncated or corrupt?"
+        ) from None
 
 
 def _pil_to_array(img: Image.Image, name: str) -> Tuple[np.ndarray, str]:

@@ -13,7 +13,10 @@ from dip_fast.api import restore
 
 from .conftest import requires_extension
 
-pytestmark = [pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back"), pytest.mark.usefixtures("one_thread")]
+# RuntimeWarning is an error here: no numpy or scikit-image warning may reach a user on valid input.
+pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 

@@ -18,7 +18,9 @@ from PIL import Image
 from dip_fast import batch
 from dip_fast.cli import main
 
-pytestmark = pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back")
+# RuntimeWarning is an error here: no numpy or scikit-image warning may reach a user on valid input.
+pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back")]
 
 # The smallest real runs: the quick preset for 3 steps on one CPU thread.
 FAST = ["--preset", "quick", "--iterations", "3", "--device", "cpu", "--threads", "1"]

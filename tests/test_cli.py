@@ -13,7 +13,9 @@ from PIL import Image
 from dip_fast import demo, tasks
 from dip_fast.cli import main
 
-pytestmark = pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back")
+# RuntimeWarning is an error here: no numpy or scikit-image warning may reach a user on valid input.
+pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back")]
 
 TINY_NET = tasks._net(num_channels_down=[8, 8, 8], num_channels_up=[8, 8, 8], num_channels_skip=[4, 4, 4])
 
