@@ -21,7 +21,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 export FORCE_CUDA FORCE_CPU TORCH_CUDA_ARCH_LIST MAX_JOBS
 
-.PHONY: setup demo test test-slow bench cmake-check sdist-check clean
+.PHONY: setup demo test test-slow bench cmake-check cuda-report sdist-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ bench: setup
 # CMake build of the same sources (CPU variant by default), then an import check.
 cmake-check: setup
 	bash scripts/cmake_check.sh
+
+# Registers, shared memory, stack and spills of every CUDA kernel, compiled for
+# sm_90 with ptxas -v from setup.py's flags (needs nvcc, not a GPU; results are
+# cached under .cache/cuda-report). tests/test_cuda_static.py fails on spills.
+cuda-report: $(DEPS_STAMP)
+	$(PY) scripts/cuda_report.py --arch 9.0 --jobs $(MAX_JOBS)
 
 clean:
 	rm -rf build dist *.egg-info dip_fast/_C*.so cmake-build
