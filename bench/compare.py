@@ -9,6 +9,10 @@ paper's denoising network for each variant:
 * ``fast_cl``   -- the same network with ``channels_last=True``
 * ``reference`` -- :func:`dip_fast.reference.skip`, plain PyTorch
 * ``compile``   -- ``torch.compile(reference)`` (Inductor), NCHW
+* on CUDA also ``reference_default`` -- the reference under PyTorch's default
+  precision settings (TF32 allowed in cuDNN convolutions), which is what a user
+  of the paper's code gets; ``reference`` itself runs IEEE float32 -- and, with
+  ``--autotune``, ``compile_autotune`` (``mode="max-autotune"``)
 
 Why interleaved: on a shared machine the load changes from one second to
 the next, so timing all of variant A and then all of variant B measures the
@@ -51,6 +55,7 @@ os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
 os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import datetime as _dt  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -62,7 +67,7 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -150,6 +155,8 @@ class Variant:
     mode: str = "eager"  # StepRunner mode: "eager" or "graph" (one CUDA graph per step)
     precision: str = "fp32"  # StepRunner precision: "fp32" (IEEE), "tf32" or "bf16"
     label: str = ""
+    torch_defaults: bool = False  # run under PyTorch's default float32 settings instead of `precision`'s
+    compile_mode: Optional[str] = None  # torch.compile mode of a "compile" variant
 
 
 VARIANTS: Dict[str, Variant] = {
@@ -157,6 +164,10 @@ VARIANTS: Dict[str, Variant] = {
     "fast_cl": Variant("fast", channels_last=True, label="fused network, channels_last, eager, fp32"),
     "reference": Variant("reference", label="plain PyTorch, eager, fp32"),
     "compile": Variant("compile", label="torch.compile(reference), fp32"),
+    "reference_default": Variant("reference", torch_defaults=True,
+                                 label="plain PyTorch, eager, PyTorch's default precision (TF32 cuDNN convolutions)"),
+    "compile_autotune": Variant("compile", compile_mode="max-autotune",
+                                label="torch.compile(reference, mode='max-autotune'), fp32"),
     "fast_graph": Variant("fast", mode="graph", label="fused network, one CUDA graph per step, fp32"),
     "fast_graph_tf32": Variant("fast", mode="graph", precision="tf32", label="as fast_graph, TF32 tensor cores"),
     "fast_graph_bf16": Variant("fast", mode="graph", precision="bf16",
@@ -170,7 +181,14 @@ CPU_BF16_VARIANTS = ("fast_cl_bf16", "reference_bf16")
 #: Step variants on the CPU, in the order tables list them.
 STEP_VARIANTS = ("fast", "fast_cl", "reference", "compile")
 #: Step variants on CUDA (the graph and reduced-precision ones need a GPU).
-CUDA_STEP_VARIANTS = ("reference", "compile", "fast", "fast_graph", "fast_graph_tf32", "fast_graph_bf16")
+CUDA_STEP_VARIANTS = ("reference", "reference_default", "compile", "fast", "fast_graph", "fast_graph_tf32",
+                      "fast_graph_bf16")
+#: The variants every fast one is compared against (those present in a run).
+ANCHORS = ("reference", "reference_default", "compile", "compile_autotune")
+
+# PyTorch's float32 settings as this process found them (before any variant changed them): in a
+# fresh process, cuDNN convolutions may use TF32 and matmuls may not.
+_TORCH_DEFAULT_FP32 = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
 
 #: The project's CPU goal for the fused network: reference / fast time per step, by image size.
 CPU_GOALS = {64: 1.3, 128: 1.5, 256: 1.3}
@@ -215,15 +233,27 @@ def _paper_nets(variants: Sequence[str], seed: int) -> Dict[str, nn.Module]:
     return out
 
 
+@contextlib.contextmanager
+def torch_default_precision() -> Iterator[None]:
+    """PyTorch's default float32 convolution and matmul settings, restored afterwards."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = (conv.fp32_precision, matmul.fp32_precision)
+    conv.fp32_precision, matmul.fp32_precision = _TORCH_DEFAULT_FP32
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
+
+
 class BenchStep:
     """One variant's training step as a no-argument callable (``runner`` is its :class:`StepRunner`)."""
 
-    def __init__(self, runner: StepRunner, precision: str) -> None:
-        self.runner, self.precision = runner, precision
+    def __init__(self, runner: StepRunner, precision: str, torch_defaults: bool = False) -> None:
+        self.runner, self.precision, self.torch_defaults = runner, precision, torch_defaults
 
     def __call__(self) -> None:
         # Precision flags are global: set them per call, since the variants take turns.
-        with precision_settings(self.precision):
+        with torch_default_precision() if self.torch_defaults else precision_settings(self.precision):
             self.runner.step()
 
 
@@ -255,7 +285,7 @@ def build_steps(
             # dynamic=False: each size gets its own static graph, as a user
             # fitting one image would; otherwise the second size would switch
             # Inductor to dynamic shapes and time a different program.
-            net = torch.compile(net, mode=compile_mode, dynamic=False)
+            net = torch.compile(net, mode=spec.compile_mode or compile_mode, dynamic=False)
         noise_gen = torch.Generator(device=device).manual_seed(seed + 2)
 
         def loss_fn(out: torch.Tensor, _t: torch.Tensor = target) -> torch.Tensor:
@@ -263,7 +293,7 @@ def build_steps(
 
         runner = StepRunner(net, z, loss_fn, lr=0.01, reg_noise_std=REG_NOISE_STD, generator=noise_gen,
                             mode=spec.mode, precision=spec.precision)
-        steps[name] = BenchStep(runner, spec.precision)
+        steps[name] = BenchStep(runner, spec.precision, spec.torch_defaults)
     return steps
 
 
@@ -361,13 +391,40 @@ class OpCase:
     """One custom op against the PyTorch sequence it replaces, at one shape.
 
     ``variants`` maps a variant name to a no-argument callable; ``pairs``
-    lists ``(label, fused variant, torch variant)`` whose time ratio is reported.
+    lists ``(label, fused variant, torch variant)`` whose time ratio is
+    reported. ``bytes`` gives, per pair label, the bytes the pass must move
+    at the least (see :data:`OP_TRAFFIC`), from which the achieved bandwidth follows.
     """
 
     name: str
     shape: str
     variants: Dict[str, Callable[[], Any]]
     pairs: List[Tuple[str, str, str]] = field(default_factory=list)
+    bytes: Dict[str, float] = field(default_factory=dict)
+    dtype: str = "fp32"
+
+
+#: The memory traffic each op's pass cannot avoid, in bytes of its tensors (the same formulas as
+#: the design notes on the GPU kernels). bn_act: X = input, Y = padded output. The statistics need
+#: one read of x before anything can be normalised, so a forward reads x twice and writes y
+#: (2X + Y); the backward reduces over dy and x, then reads both again to write dx (2Y + 3X).
+#: A kernel that keeps x on chip between the passes can beat these (X + Y, Y + 2X); at the
+#: large shapes it cannot. upsample_cat: S = skip, D = deep (the output is S + 4D): the forward
+#: reads S and D and writes S + 4D; the backward reads the S + 4D gradient and writes S and D,
+#: so both are 2S + 5D. Lanczos: X = input, Y = output; forward reads X and writes Y, the
+#: backward reads dY and writes dX: X + Y each. Parameters and statistics are C-sized: left out.
+OP_TRAFFIC = {
+    "bn_act": "forward 2X + Y, backward 2Y + 3X (X input, Y padded output)",
+    "upsample_cat": "forward 2S + 5D, forward+backward 4S + 10D (S skip, D deep)",
+    "lanczos": "forward+backward 2X + 2Y (X input, Y output)",
+}
+
+#: Op dtypes by name: the activations' dtype (BatchNorm's weights stay float32, as under autocast).
+OP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> float:
+    return float(math.prod(shape)) * torch.empty((), dtype=dtype).element_size()
 
 
 def _torch_bn_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, slope: float, pad: int) -> torch.Tensor:
@@ -386,6 +443,10 @@ def _layout_suffix(layout: str) -> str:
     return "" if layout == "nchw" else f" ({layout})"
 
 
+def _dtype_suffix(dtype: str) -> str:
+    return "" if dtype == "fp32" else f" {dtype}"
+
+
 def _no_grad(fn: Callable[[], Any]) -> Callable[[], None]:
     """``fn`` run without autograd recording: the forward pass alone."""
 
@@ -396,19 +457,24 @@ def _no_grad(fn: Callable[[], Any]) -> Callable[[], None]:
     return run
 
 
-def _bn_act_cases(device: torch.device, size: int, seed: int) -> List[OpCase]:
+def _bn_act_cases(device: torch.device, size: int, seed: int, dtype: str = "fp32") -> List[OpCase]:
     from dip_fast.ops.bn_act import batch_norm_act
 
-    # The three kinds of call the paper network makes at image size `size`.
+    # The three kinds of call the paper network makes at image size `size`, a deeper level (1x128x128²
+    # for a 512² image: launch overhead starts to matter), and a batch of 8 of down0 (8x128x256²).
     shapes = [
-        ("down0", 128, size // 2, 0.2, 1),  # after down[0]: feeds inner[0]'s 3x3 conv
-        ("concat0", 132, size, 1.0, 1),  # BatchNorm after the level-0 concatenation: feeds up[0]
-        ("up0", 128, size, 0.2, 0),  # after up[0]: feeds the 1x1 conv
+        ("down0", 1, 128, size // 2, 0.2, 1),  # after down[0]: feeds inner[0]'s 3x3 conv
+        ("concat0", 1, 132, size, 1.0, 1),  # BatchNorm after the level-0 concatenation: feeds up[0]
+        ("up0", 1, 128, size, 0.2, 0),  # after up[0]: feeds the 1x1 conv
+        ("down1", 1, 128, size // 4, 0.2, 1),  # after down[1]
+        ("down0 batch 8", 8, 128, size // 2, 0.2, 1),
     ]
+    act_dtype = OP_DTYPES[dtype]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     cases = []
-    for (label, c, hw, slope, pad), layout in [(s, fmt) for fmt in _LAYOUTS for s in shapes]:
-        x = torch.randn(1, c, hw, hw, generator=gen).to(device, memory_format=_LAYOUTS[layout]).requires_grad_(True)
+    for (label, n, c, hw, slope, pad), layout in [(s, fmt) for fmt in _LAYOUTS for s in shapes]:
+        x = (torch.randn(n, c, hw, hw, generator=gen).to(device, act_dtype, memory_format=_LAYOUTS[layout])
+             .requires_grad_(True))
         w = (torch.rand(c, generator=gen) + 0.5).to(device).requires_grad_(True)
         b = torch.randn(c, generator=gen).to(device).requires_grad_(True)
 
@@ -420,8 +486,9 @@ def _bn_act_cases(device: torch.device, size: int, seed: int) -> List[OpCase]:
 
         y_fused, y_plain = fused(), plain()
         # The gradient in the layout the network hands it over (the next convolution's input gradient).
-        g = torch.randn(y_plain.shape, generator=gen).to(device, memory_format=_LAYOUTS[layout])
+        g = torch.randn(y_plain.shape, generator=gen).to(device, act_dtype, memory_format=_LAYOUTS[layout])
         inputs = (x, w, b)
+        big_x, big_y = _nbytes(x.shape, act_dtype), _nbytes(y_plain.shape, act_dtype)
 
         # Backward alone: the same graph, differentiated again (retain_graph keeps it).
         def bwd(y=y_fused, g=g, inputs=inputs) -> None:
@@ -432,27 +499,32 @@ def _bn_act_cases(device: torch.device, size: int, seed: int) -> List[OpCase]:
 
         cases.append(
             OpCase(
-                name=f"bn_act/{label}" + _layout_suffix(layout),
-                shape=f"1x{c}x{hw}x{hw} slope={slope} pad={pad}",
+                name=f"bn_act/{label}" + _layout_suffix(layout) + _dtype_suffix(dtype),
+                shape=f"{n}x{c}x{hw}x{hw} slope={slope} pad={pad}",
                 variants={"fused_fwd": _no_grad(fused), "torch_fwd": _no_grad(plain), "fused_bwd": bwd,
                           "torch_bwd": bwd_plain},
                 pairs=[("forward", "fused_fwd", "torch_fwd"), ("backward", "fused_bwd", "torch_bwd")],
+                bytes={"forward": 2 * big_x + big_y, "backward": 2 * big_y + 3 * big_x},
+                dtype=dtype,
             )
         )
     return cases
 
 
-def _upsample_cat_cases(device: torch.device, size: int, seed: int) -> List[OpCase]:
+def _upsample_cat_cases(device: torch.device, size: int, seed: int, dtype: str = "fp32") -> List[OpCase]:
     """upsample_cat against the reference's upsample + torch.cat, at the top level of the paper network."""
     from dip_fast.ops.upsample_cat import upsample_cat
     from dip_fast.reference.skip import upsample2x
 
+    act_dtype = OP_DTYPES[dtype]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     cases = []
     for layout, fmt in _LAYOUTS.items():
-        skip = torch.randn(1, 4, size, size, generator=gen).to(device, memory_format=fmt).requires_grad_(True)
-        deep = torch.randn(1, 128, size // 2, size // 2, generator=gen).to(device, memory_format=fmt).requires_grad_(True)
-        g = torch.randn(1, 132, size, size, generator=gen).to(device, memory_format=fmt)
+        skip = torch.randn(1, 4, size, size, generator=gen).to(device, act_dtype, memory_format=fmt).requires_grad_(True)
+        deep = (torch.randn(1, 128, size // 2, size // 2, generator=gen).to(device, act_dtype, memory_format=fmt)
+                .requires_grad_(True))
+        g = torch.randn(1, 132, size, size, generator=gen).to(device, act_dtype, memory_format=fmt)
+        big_s, big_d = _nbytes(skip.shape, act_dtype), _nbytes(deep.shape, act_dtype)
 
         def fused(skip=skip, deep=deep) -> torch.Tensor:
             return upsample_cat(skip, deep, "bilinear")
@@ -468,11 +540,13 @@ def _upsample_cat_cases(device: torch.device, size: int, seed: int) -> List[OpCa
 
         cases.append(
             OpCase(
-                name="upsample_cat/level0" + _layout_suffix(layout),
+                name="upsample_cat/level0" + _layout_suffix(layout) + _dtype_suffix(dtype),
                 shape=f"skip 1x4x{size}x{size}, deep 1x128x{size // 2}x{size // 2}, bilinear",
                 variants={"fused_fwd": _no_grad(fused), "torch_fwd": _no_grad(plain), "fused_fwd_bwd": fb,
                           "torch_fwd_bwd": fb_plain},
                 pairs=[("forward", "fused_fwd", "torch_fwd"), ("forward+backward", "fused_fwd_bwd", "torch_fwd_bwd")],
+                bytes={"forward": 2 * big_s + 5 * big_d, "forward+backward": 4 * big_s + 10 * big_d},
+                dtype=dtype,
             )
         )
     return cases
@@ -544,28 +618,51 @@ def _lanczos_cases(device: torch.device, size: int, seed: int) -> Tuple[List[OpC
                 shape=f"1x3x{size}x{size} lanczos2 factor={factor}",
                 variants={"fused_fwd_bwd": fast_fb, "torch_fwd_bwd": ref_fb},
                 pairs=[("forward+backward", "fused_fwd_bwd", "torch_fwd_bwd")],
+                bytes={"forward+backward": 2 * _nbytes(x.shape, x.dtype) + 2 * _nbytes(y_ref.shape, y_ref.dtype)},
             )
         )
     return cases, None
 
 
-def op_cases(device: torch.device, size: int, seed: int = 0) -> Tuple[List[OpCase], List[str]]:
-    """Every custom op's cases at image size ``size``, and notes on the ops that were skipped."""
+def op_cases(device: torch.device, size: int, seed: int = 0,
+             dtypes: Sequence[str] = ("fp32",)) -> Tuple[List[OpCase], List[str]]:
+    """Every custom op's cases at image size ``size``, and notes on the ops that were skipped.
+
+    ``dtypes`` are the activation dtypes of the bn_act and upsample_cat cases
+    (Lanczos, the super-resolution data term, stays float32).
+    """
     notes: List[str] = []
     cases: List[OpCase] = []
-    if _ops.has_ops("bn_act_forward", "bn_act_backward"):
-        cases += _bn_act_cases(device, size, seed)
-    else:
-        notes.append("bn_act: the extension lacks bn_act_forward/bn_act_backward")
-    if _ops.has_ops("upsample_cat", "upsample_cat_backward"):
-        cases += _upsample_cat_cases(device, size, seed)
-    else:
-        notes.append("upsample_cat: the extension lacks upsample_cat/upsample_cat_backward")
+    for dtype in dtypes:
+        if _ops.has_ops("bn_act_forward", "bn_act_backward"):
+            cases += _bn_act_cases(device, size, seed, dtype)
+        elif dtype == dtypes[0]:
+            notes.append("bn_act: the extension lacks bn_act_forward/bn_act_backward")
+        if _ops.has_ops("upsample_cat", "upsample_cat_backward"):
+            cases += _upsample_cat_cases(device, size, seed, dtype)
+        elif dtype == dtypes[0]:
+            notes.append("upsample_cat: the extension lacks upsample_cat/upsample_cat_backward")
     lz, why = _lanczos_cases(device, size, seed)
     cases += lz
     if why:
         notes.append(f"lanczos: {why}")
     return cases, notes
+
+
+def copy_case(device: torch.device, mib: int) -> Tuple[Callable[[], None], float]:
+    """A large ``dst.copy_(src)`` and the bytes it moves (read + written): the bandwidth ops are held to.
+
+    It should be well beyond the last-level cache (50 MB on an H200), or the
+    "device" bandwidth would be the cache's.
+    """
+    n = mib * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+
+    def run() -> None:
+        dst.copy_(src)
+
+    return run, 2.0 * n * 4
 
 
 # ---------------------------------------------------------------------------
@@ -953,18 +1050,7 @@ def render_markdown(result: Dict[str, Any]) -> str:
             lines.append("")
     ops = result.get("ops", {})
     if ops.get("cases"):
-        lines += [
-            "| op | shape | pass | fused ms | PyTorch ms | PyTorch / fused | clean reps |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for case in ops["cases"]:
-            m = case["median_s"]
-            for label, fused, plain in case["pairs"]:
-                lines.append(
-                    f"| {case['name']} | {case['shape']} | {label} | {_ms(m.get(fused))} | {_ms(m.get(plain))} | "
-                    f"{_fmt_ratio(case['speedup'].get(label))} | {_reps(case)} |"
-                )
-        lines.append("")
+        lines += _render_ops(ops)
     for note in ops.get("notes", []):
         lines.append(f"Not measured: {note}.")
     if ops.get("notes"):
@@ -975,8 +1061,42 @@ def render_markdown(result: Dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _render_ops(ops: Dict[str, Any]) -> List[str]:
+    """The op table: times, speed-up, and the bandwidth each pass reaches against a same-run copy."""
+    copy = ops.get("copy", {})
+    ref = copy.get("reference_gbps") or max(copy.get("gbps") or [0.0]) or None
+    lines = []
+    if ref:
+        traffic = "; ".join(f"{k}: {v}" for k, v in ops.get("traffic", {}).items())
+        lines += [f"Bandwidth: the bytes a pass must move at the least ({traffic}), over its median time. "
+                  f"% copy compares that with a {copy['mib']} MiB `copy_` timed in the same run "
+                  f"({ref:.0f} GB/s, read + write).", ""]
+    lines += [
+        "| op | shape | pass | fused ms | PyTorch ms | PyTorch / fused | MB | fused GB/s | fused % copy "
+        "| PyTorch GB/s | clean reps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case in ops["cases"]:
+        m, gbps = case["median_s"], case.get("gbps", {})
+        for label, fused, plain in case["pairs"]:
+            nbytes = case.get("bytes", {}).get(label)
+            share = f"{gbps[fused] / ref:.0%}" if ref and fused in gbps else "-"
+            mb = f"{nbytes / 1e6:.3g}" if nbytes else "-"
+            lines.append(
+                f"| {case['name']} | {case['shape']} | {label} | {_ms(m.get(fused))} | {_ms(m.get(plain))} | "
+                f"{_fmt_ratio(case['speedup'].get(label))} | {mb} | {_gbps(gbps.get(fused))} | {share} | "
+                f"{_gbps(gbps.get(plain))} | {_reps(case)} |"
+            )
+    lines.append("")
+    return lines
+
+
+def _gbps(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+
+
 def _render_device_steps(result: Dict[str, Any]) -> List[str]:
-    """GPU step table: every variant's time, its speed-up over reference and compile, and its FLOP rate."""
+    """GPU step table: every variant's time, its speed-up over each anchor measured, and its FLOP rate."""
     peak = result.get("peak", {})
     bf16 = peak.get("bf16_matmul_tflops")
     lines = [
@@ -986,16 +1106,23 @@ def _render_device_steps(result: Dict[str, Any]) -> List[str]:
         + (", ".join(f"{k.split('_')[0]} {v:.0f} TFLOP/s" for k, v in peak.items()) if peak else "not measured")
         + ". TFLOP/s counts the step's convolution FLOPs only.",
         "",
-        "| size | variant | ms / step | reference / variant | compile / variant | TFLOP/s | % of bf16 peak | clean reps |",
-        "|---|---|---|---|---|---|---|---|",
+    ]
+    # One speed-up column per anchor this run measured: the IEEE fp32 reference, the reference under
+    # PyTorch's defaults (what the paper's code gets), and the compiled reference.
+    anchors = [a for a in ANCHORS if any(a in s["median_s"] for s in result["steps"].values())]
+    lines += [
+        "| size | variant | ms / step | " + " | ".join(f"{a} / variant" for a in anchors)
+        + " | TFLOP/s | % of bf16 peak | clean reps |",
+        "|---|---|---|" + "---|" * len(anchors) + "---|---|---|",
     ]
     for size, s in result["steps"].items():
         m, r, tf = s["median_s"], s["speedup"], s.get("tflops", {})
         for name in [n for n in VARIANTS if n in m]:
             share = f"{tf[name] / bf16 * 100:.1f}%" if bf16 and name in tf else "-"
+            ratios = " | ".join(_fmt_ratio(r.get(f"{a}/{name}")) for a in anchors)
             lines.append(
-                f"| {size}² | {name} | {_ms(m.get(name))} | {_fmt_ratio(r.get(f'reference/{name}'))} | "
-                f"{_fmt_ratio(r.get(f'compile/{name}'))} | {tf.get(name, float('nan')):.1f} | {share} | {_reps(s)} |"
+                f"| {size}² | {name} | {_ms(m.get(name))} | {ratios} | "
+                f"{tf.get(name, float('nan')):.1f} | {share} | {_reps(s)} |"
             )
     lines.append("")
     return lines
@@ -1057,7 +1184,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--min-sample-s", type=float, default=None, help="calls per sample are chosen to last at least this (default cpu 0.05, cuda 0.2)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     p.add_argument("--compile-sizes", type=int, nargs="*", default=None, help="sizes at which to compile (default cpu: 64 128; cuda: all)")
-    p.add_argument("--autotune", action="store_true", help="torch.compile(mode='max-autotune')")
+    p.add_argument("--autotune", action="store_true",
+                   help="also time torch.compile(reference, mode='max-autotune') as compile_autotune (slow to compile)")
     p.add_argument(
         "--channels-last",
         choices=("both", "only", "off"),
@@ -1069,6 +1197,11 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--no-steps", action="store_true", help="skip the step benchmarks")
     p.add_argument("--no-ops", action="store_true", help="skip the custom-op benchmarks")
     p.add_argument("--op-size", type=int, default=None, help="image size the op shapes come from (default cpu 128, cuda 512)")
+    p.add_argument("--op-dtypes", nargs="+", choices=sorted(OP_DTYPES), default=None,
+                   help="activation dtypes of the bn_act and upsample_cat cases (default cpu: fp32; cuda: fp32 bf16)")
+    p.add_argument("--op-filter", default=None, help="time only the op cases whose name matches this regex")
+    p.add_argument("--copy-mib", type=int, default=None,
+                   help="size of the reference copy_ the op bandwidths are compared with (default cpu 256, cuda 1024)")
     p.add_argument("--bf16", action="store_true",
                    help="CPU: also time the fast and reference steps under bf16 autocast (opt-in precision)")
     p.add_argument("--profile", action="store_true", help="torch.profiler per-op breakdown of fast and reference steps (alternating)")
@@ -1118,7 +1251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "config": {
             "sizes": sizes,
             "compile_sizes": sorted(compile_sizes),
-            "compile_mode": "max-autotune" if args.autotune else "default",
+            "compile_modes": ["default"] + (["max-autotune"] if args.autotune else []),
             "repeats": args.repeats,
             "max_repeats": args.max_repeats or 3 * args.repeats,
             "clean_tol": args.clean_tol,
@@ -1141,15 +1274,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if not args.no_steps:
         for size in sizes:
-            variants = list(layouts) + ["reference"] + (["compile"] if size in compile_sizes else [])
+            compiled = ["compile"] + (["compile_autotune"] if args.autotune else [])
+            variants = list(layouts) + ["reference"] + (compiled if size in compile_sizes else [])
+            if is_cuda:  # TF32 convolutions are PyTorch's CUDA default; on the CPU the flag changes nothing
+                variants.insert(variants.index("reference") + 1, "reference_default")
             if is_cuda and not args.no_graph:
                 variants += [v for v in CUDA_STEP_VARIANTS if v.startswith("fast_graph")]
             if args.bf16 and not is_cuda:
                 variants += list(CPU_BF16_VARIANTS)
             print(f"[steps {size}x{size}] {', '.join(variants)}", flush=True)
             t0 = time.perf_counter()
-            steps = build_steps(variants, size, device, seed=args.seed,
-                                compile_mode="max-autotune" if args.autotune else None)
+            steps = build_steps(variants, size, device, seed=args.seed)
             fns: Dict[str, Callable[[], Any]] = dict(steps)
             probe_flops = 0.0
             if not args.no_probe:
@@ -1158,19 +1293,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     fns["probe_cl" if cl else "probe"] = fn
             load_before = _loadavg()
             timing = interleave(fns, device, repeats=args.repeats, warmup=args.warmup,
-                                min_sample_s=min_sample_s, extra_warmup={"compile": 1},
+                                min_sample_s=min_sample_s, extra_warmup={"compile": 1, "compile_autotune": 1},
                                 max_repeats=args.max_repeats, clean_tol=args.clean_tol, log=log)
             secs = kept_seconds(timing)
             med = medians(secs)
             speedup = {}
             fast_names = [v for v in variants if VARIANTS[v].net == "fast"]
-            for other in ("reference", "compile"):
+            for other in ANCHORS:
                 for fast in fast_names:
                     r = ratio_stats(secs, other, fast)
                     if r:
                         speedup[f"{other}/{fast}"] = r
             for slow, fast in (("reference_bf16", "fast_cl_bf16"), ("reference", "reference_bf16"),
-                               ("fast_cl", "fast_cl_bf16")):
+                               ("fast_cl", "fast_cl_bf16"), ("reference", "reference_default"),
+                               ("compile", "compile_autotune")):
                 r = ratio_stats(secs, slow, fast)
                 if r:
                     speedup[f"{slow}/{fast}"] = r
@@ -1224,24 +1360,54 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.no_ops:
         op_size = args.op_size or (512 if is_cuda else 128)
         print(f"[ops, shapes of a {op_size}x{op_size} image]", flush=True)
-        cases, notes = op_cases(device, op_size, args.seed)
-        result["ops"] = {"image_size": op_size, "cases": [], "notes": notes}
+        op_dtypes = args.op_dtypes or (["fp32", "bf16"] if is_cuda else ["fp32"])
+        cases, notes = op_cases(device, op_size, args.seed, op_dtypes)
+        if args.op_filter:
+            cases = [c for c in cases if re.search(args.op_filter, c.name)]
+        copy_mib = args.copy_mib or (1024 if is_cuda else 256)
+        result["ops"] = {"image_size": op_size, "dtypes": op_dtypes, "cases": [], "notes": notes,
+                         "traffic": OP_TRAFFIC, "copy": {"mib": copy_mib, "gbps": []}}
+        op_timing = dict(repeats=max(args.repeats, 7), warmup=args.warmup, min_sample_s=max(min_sample_s, 0.05),
+                         clean_tol=args.clean_tol, log=None)
+
+        def measure_copy() -> None:
+            # Before and after the cases: the reference is the better of the two (clocks and neighbours vary).
+            run, nbytes = copy_case(device, copy_mib)
+            secs = kept_seconds(interleave({"copy": run}, device, **op_timing))["copy"]
+            result["ops"]["copy"]["gbps"].append(nbytes / statistics.median(secs) / 1e9)
+            result["ops"]["copy"]["bytes"] = nbytes
+            del run
+            gc.collect()
+            if is_cuda:
+                torch.cuda.empty_cache()
+
+        measure_copy()
+        print(f"  device copy ({copy_mib} MiB): {result['ops']['copy']['gbps'][0]:.0f} GB/s", flush=True)
         for case in cases:
             print(f"  {case.name} {case.shape}", flush=True)
-            timing = interleave(case.variants, device, repeats=max(args.repeats, 7), warmup=args.warmup,
-                                min_sample_s=max(min_sample_s, 0.05), clean_tol=args.clean_tol, log=None)
+            timing = interleave(case.variants, device, **op_timing)
             secs = kept_seconds(timing)
+            med = medians(secs)
             result["ops"]["cases"].append({
                 "name": case.name,
                 "shape": case.shape,
+                "dtype": case.dtype,
                 "pairs": case.pairs,
                 "seconds": secs,
                 "seconds_all_repetitions": timing["seconds"],
                 "clean_repetitions": timing["clean"],
                 "calls_per_sample": timing["calls_per_sample"],
-                "median_s": medians(secs),
+                "median_s": med,
                 "speedup": {label: ratio_stats(secs, plain, fused) for label, fused, plain in case.pairs},
+                "bytes": case.bytes,
+                "gbps": {v: case.bytes[label] / med[v] / 1e9 for label, fused, plain in case.pairs
+                         for v in (fused, plain) if label in case.bytes and med.get(v)},
             })
+            _write(result, out, not args.no_markdown)
+        del cases
+        gc.collect()
+        measure_copy()
+        result["ops"]["copy"]["reference_gbps"] = max(result["ops"]["copy"]["gbps"])
         result["elapsed_s"] = time.perf_counter() - t_start
         _write(result, out, not args.no_markdown)
 
