@@ -24,6 +24,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import _ops, degenerate, io, tasks
+from .early_stop import DiscrepancyRule
 from .fit import StepInfo, fit
 from .metrics import psnr as _psnr
 from .reference import skip as reference_skip
@@ -42,12 +43,18 @@ TASK_ALIASES = {
     "jpeg": "jpeg",
 }
 
-#: Tasks where a long run fits the noise, so that ``stop='auto'`` turns early stopping on.
+#: Tasks where a long run fits the noise, so that ``stop='early'`` may end it (see :data:`AUTO_STOP`).
 EARLY_STOP_TASKS = ("denoise", "jpeg", "deblur")
-STOP_CHOICES = ("auto", "never")
-#: ES-WMV's window and patience for ``stop='auto'`` (the values of Wang et al.).
+STOP_CHOICES = ("auto", "never", "early")
+#: What ``stop='auto'`` does per task: ``'early'`` (the discrepancy-gated rule) only where it met every
+#: criterion on the held-out validation runs of ``bench/es_replay.py`` (bench/README.md, "Early
+#: stopping"), else ``'never'``, the preset's fixed step count.
+AUTO_STOP = {"denoise": "never", "jpeg": "never", "deblur": "never"}
+#: The rule's window, patience and tolerance (:class:`dip_fast.early_stop.DiscrepancyRule`), tuned on the
+#: tuning runs of the same benchmark.
 EARLY_STOP_WINDOW = 100
-EARLY_STOP_PATIENCE = 1000
+EARLY_STOP_PATIENCE = 300
+EARLY_STOP_TOLERANCE = 1.0
 STEP_MODE_CHOICES = ("auto", "eager", "graph")
 PRECISION_CHOICES = ("auto", "fp32", "tf32", "bf16")
 
@@ -57,6 +64,10 @@ _LONG_RUN_S = 600.0
 # Margin on the estimated peak memory: autograd's transient gradient buffers
 # and the allocator's rounding come on top of the saved activations.
 _MEMORY_MARGIN = 1.5
+# estimate_memory's results by network settings, channels and size: tracing
+# takes about a second on the CPU, which a batch of same-sized images would
+# otherwise pay for every file.
+_MEMORY_ESTIMATES: Dict[str, Optional[int]] = {}
 
 
 @dataclass
@@ -87,9 +98,22 @@ class RestoreInfo:
         padded_size: the network's (high-resolution) working size ``(H, W)``.
         estimated_memory: estimated peak memory of the run in bytes.
         backtrack_steps: steps at which backtracking restored the weights.
-        stop_step: the step chosen by automatic early stopping (``stop='auto'``):
-            the last of the window of outputs whose mean is returned; None
-            when it did not trigger or was off.
+        stop_step: the step chosen by early stopping: the last of the window
+            of outputs whose mean is returned; None when it did not trigger
+            or was off.
+        stop: the stopping mode that ran: ``'early'`` or ``'never'`` (what
+            ``stop='auto'`` resolved to for the task).
+        stop_fallback: early stopping ran but accepted no estimate (none
+            explained the observation down to the noise level, or the level
+            was unknown), so the fixed-count result was returned.
+        stop_noise_sigma: the noise level (0-255) the stopping rule compared
+            the residual with; None when the rule was off.
+        stop_residual_ratio: ``||y - A x||^2 / N`` of the returned image
+            divided by ``stop_noise_sigma`` squared: at most the tolerance
+            for an early-stopped image, near 1 when the image explains the
+            observation down to its noise; None when the rule was off.
+        stop_summary: one plain sentence on why the run ended and how sure
+            the rule is.
     """
 
     task: str
@@ -111,6 +135,11 @@ class RestoreInfo:
     estimated_memory: int = 0
     backtrack_steps: List[int] = field(default_factory=list)
     stop_step: Optional[int] = None
+    stop: str = "never"
+    stop_fallback: bool = False
+    stop_noise_sigma: Optional[float] = None
+    stop_residual_ratio: Optional[float] = None
+    stop_summary: str = ""
 
 
 # --------------------------------------------------------------------------
@@ -260,6 +289,14 @@ def estimate_memory(preset: tasks.Preset, channels: int, size: Tuple[int, int]) 
     pass, plus weights, gradients and Adam's two moments, with a margin for
     transient buffers.  Returns None when the network cannot be traced.
     """
+    key = repr((preset.input_depth, dict(preset.network), channels, tuple(size)))
+    if key not in _MEMORY_ESTIMATES:
+        _MEMORY_ESTIMATES[key] = _trace_memory(preset, channels, size)
+    return _MEMORY_ESTIMATES[key]
+
+
+def _trace_memory(preset: tasks.Preset, channels: int, size: Tuple[int, int]) -> Optional[int]:
+    """:func:`estimate_memory`, uncached."""
     saved = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -471,14 +508,18 @@ def restore(
             so far is returned.  Ctrl-C does the same.
         num_threads: CPU threads for the run (the previous setting is restored).
         deterministic: use deterministic algorithms (cuDNN included) during the run.
-        stop: ``'auto'`` (default): for the tasks where a long run fits the
-            noise (``'denoise'``, ``'jpeg'``, ``'deblur'``) stop without
-            ground truth once the variance of the recent estimates stops
-            falling (ES-WMV, see :mod:`dip_fast.early_stop`) and return the
-            mean of the most stable window of outputs (``info.stop_step`` is
-            the step that closed it); the other
-            tasks run all ``iterations``.  ``'never'``: always run all
-            ``iterations``.  ``iterations`` is the maximum either way.
+        stop: ``'auto'`` (default): per task, whichever of ``'early'`` and
+            ``'never'`` won on the validation images of the benchmark
+            (:data:`AUTO_STOP`; ``'never'`` for tasks without early stopping).
+            ``'early'`` (``'denoise'``, ``'jpeg'``, ``'deblur'`` only): stop
+            without ground truth at the most stable window of outputs among
+            those whose mean explains the observation down to its noise
+            level (the discrepancy principle, see
+            :class:`dip_fast.early_stop.DiscrepancyRule`), and return that
+            window's mean; when no window qualifies the run completes and
+            returns the fixed-count result (``info.stop_fallback``).
+            ``'never'``: run all ``iterations``.  ``iterations`` is the
+            maximum either way; ``info`` says why the run ended.
         step_mode: ``'auto'`` (default: eager until a GPU run has recorded
             the CUDA graph's parity), ``'eager'``, or ``'graph'`` (CUDA only:
             the whole step replayed as one CUDA graph; see :mod:`dip_fast.step`).
@@ -544,6 +585,9 @@ def restore(
             raise ValueError(f"sigma only applies to task='denoise', got sigma={sigma!r} for task={task!r}")
         if isinstance(sigma, bool) or not isinstance(sigma, Real) or not math.isfinite(sigma) or sigma < 0:
             raise ValueError(f"sigma must be a noise level >= 0 in 0-255 units, got {sigma!r}")
+    if stop == "early" and task not in EARLY_STOP_TASKS:
+        raise ValueError(f"stop='early' applies to tasks {EARLY_STOP_TASKS}, not {task!r}; use 'auto' or 'never'")
+    stop = AUTO_STOP.get(task, "never") if stop == "auto" else stop
     dev = _resolve_device(device)
     make_net, backend_name = _resolve_backend(backend, dev)
     chosen, level = _resolve_preset(preset, task, scale, dev)
@@ -617,11 +661,19 @@ def restore(
             used_sigma = 25.0
         if level:  # an explicit Preset or registry name keeps its own setting
             chosen = chosen.with_overrides(reg_noise_std=reg_noise_for_sigma(used_sigma))
+    rule: Optional[DiscrepancyRule] = None
+    if stop == "early":
+        # The gate's noise level: denoising's sigma; for jpeg and deblur the same wavelet estimate of
+        # the observation's noise (None if it cannot be made: the rule then falls back).
+        noise_level = used_sigma if task == "denoise" else _estimate_sigma(color)
+        rule = DiscrepancyRule(None if noise_level is None else (noise_level / 255.0) ** 2,
+                               tolerance=EARLY_STOP_TOLERANCE, patience=EARLY_STOP_PATIENCE)
 
     info = RestoreInfo(
         task=task, preset=chosen.name, backend=backend_name, device=str(dev), seed=seed,
         iterations=chosen.iterations, sigma=used_sigma, reg_noise_std=chosen.reg_noise_std,
-        padded_size=padded_hw, estimated_memory=need or 0,
+        padded_size=padded_hw, estimated_memory=need or 0, stop=stop,
+        stop_noise_sigma=math.sqrt(rule.noise_var) * 255.0 if rule is not None and rule.usable else None,
     )
 
     # ---- pad, build, fit
@@ -659,6 +711,7 @@ def restore(
         stopper = _Monitor(
             info, box, factor, gt_dev, callback, progress, alpha, spec,
             warn_auto=(preset == "auto" and dev.type == "cpu"), cpu=dev.type == "cpu", max_time=max_time,
+            noise_var=rule.noise_var if rule is not None and rule.usable else None,
         )
         kwargs = dict(chosen.fit_kwargs())
         kwargs.update(term.fit_kwargs())
@@ -668,8 +721,9 @@ def restore(
             result = fit(
                 net, net_input, term, generator=generator, max_time=max_time,
                 callback=stopper.on_step, should_stop=stopper.should_stop,
-                stop="auto" if stop == "auto" and task in EARLY_STOP_TASKS else "never",
+                stop="auto" if rule is not None else "never",
                 stop_window=EARLY_STOP_WINDOW, stop_patience=EARLY_STOP_PATIENCE,
+                stop_bound=rule.bound if rule is not None else None,
                 step_mode=step_mode, precision="fp32" if precision == "auto" else precision, **kwargs,
             )
         finally:
@@ -681,6 +735,8 @@ def restore(
         estimate = result.output_avg if result.output_avg is not None else result.output
     restored = io.crop(estimate, box, factor)
     info.stop_step = result.stop_step
+    if rule is not None:
+        _explain_stop(info, rule, result, term, estimate)
     info.psnr_history = list(result.psnr_ref_avg_history or result.psnr_ref_history)
     info.steps = result.steps
     info.stop_reason = "callback" if result.stop_reason == "should_stop" else result.stop_reason
@@ -692,6 +748,37 @@ def restore(
         info.psnr = float(_psnr(restored, gt_dev))
     out = io.from_tensor(restored, alpha, spec)
     return (out, info) if return_info else out
+
+
+def _explain_stop(info: RestoreInfo, rule: DiscrepancyRule, result: Any, term: nn.Module,
+                  estimate: torch.Tensor) -> None:
+    """Fill the early-stopping fields of ``info``: the fallback flag, the residual ratio and a summary."""
+    info.stop_fallback = result.stop_step is None and result.stop_reason == "completed"
+    if rule.usable:
+        with torch.no_grad():
+            seen = term.degrade(estimate) if hasattr(term, "degrade") else estimate
+            residual = float((seen - term.observation).square().mean())
+        info.stop_residual_ratio = residual / rule.noise_var
+    ratio = f"{info.stop_residual_ratio:.2f}" if info.stop_residual_ratio is not None else "n/a"
+    if result.stop_step is not None:
+        info.stop_summary = (
+            f"stopped: the outputs of steps {result.stop_step + 2 - EARLY_STOP_WINDOW}-{result.stop_step + 1} were "
+            f"the most stable window that explains the observation (residual {ratio} x sigma^2, accepted up to "
+            f"{rule.tolerance:g}) and none steadier came in the next {rule.patience} steps; their mean is returned")
+    elif not rule.usable:
+        info.stop_summary = ("fallback: the noise level could not be estimated, so early stopping cannot tell an "
+                             "under-fitted estimate; the fixed-count result is returned")
+    elif info.stop_fallback and info.stop_residual_ratio > rule.tolerance:
+        info.stop_summary = (
+            f"fallback: no window's mean explained the observation down to {rule.tolerance:g} x sigma^2 "
+            f"(sigma {info.stop_noise_sigma:.1f}); the returned fixed-count result still leaves {ratio} x sigma^2, "
+            f"so it has not fitted the image to the noise level yet and more iterations may improve it")
+    elif info.stop_fallback:
+        info.stop_summary = (
+            f"fallback: the rule did not end the run (the windows that explain the observation were still getting "
+            f"steadier); the fixed-count result is returned and explains the observation (residual {ratio} x sigma^2)")
+    else:
+        info.stop_summary = f"ended before the rule decided ({info.stop_reason}); the result so far is returned"
 
 
 def _constant_result(flat: torch.Tensor, alpha: Optional[torch.Tensor], spec: io.ImageSpec, factor: int,
@@ -713,10 +800,11 @@ class _Monitor:
     def __init__(self, info: RestoreInfo, box: Tuple[int, int, int, int], factor: int,
                  gt: Optional[torch.Tensor], callback: Optional[Callable[..., Any]], progress: bool,
                  alpha: Optional[torch.Tensor], spec: io.ImageSpec, *, warn_auto: bool, cpu: bool,
-                 max_time: Optional[float]) -> None:
+                 max_time: Optional[float], noise_var: Optional[float] = None) -> None:
         self.info, self.box, self.factor, self.gt = info, box, factor, gt
         self.callback, self.alpha, self.spec = callback, alpha, spec
         self.warn_auto, self.cpu, self.max_time = warn_auto, cpu, max_time
+        self.noise_var = noise_var  # early stopping's sigma^2: the bar shows the residual against it
         self.stop = False
         self._t_first: Optional[float] = None
         self.bar = tqdm(total=info.iterations, desc=f"dip-fast {info.task}", unit="step",
@@ -757,6 +845,7 @@ class _Monitor:
             post = {"loss": f"{s.loss:.2e}"}
             if value is not None:
                 post["psnr"] = f"{value:.2f}"
+            post.update(self._stop_signal(s))
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(s.step + 1 - self.bar.n)  # the log is read every few steps on a GPU
         if self.callback is not None:
@@ -771,6 +860,16 @@ class _Monitor:
             }
             if self.callback(s.step, payload) is True:
                 self.stop = True
+
+    def _stop_signal(self, s: StepInfo) -> Dict[str, str]:
+        """The early-stopping signal for the bar: residual / sigma^2 of the window mean, its variance, the best step."""
+        if s.variance is None or not math.isfinite(s.variance):
+            return {}
+        post = {"var": f"{s.variance:.1e}"}
+        if self.noise_var is not None and s.residual is not None and math.isfinite(s.residual):
+            post["res/sigma2"] = f"{s.residual / self.noise_var:.2f}"
+        post["best"] = str(s.stop_step + 1) if s.stop_step is not None else "-"
+        return post
 
     def close(self) -> None:
         self.bar.close()

@@ -110,9 +110,11 @@ def _add_run_options(p: argparse.ArgumentParser, max_time_help: str) -> None:
     p.add_argument("--max-time", type=float, metavar="SECONDS", help=max_time_help)
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the run")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (for repeatable CUDA runs)")
-    p.add_argument("--stop", choices=("auto", "never"), default="auto",
-                   help="auto (default): denoise, jpeg and deblur stop by themselves once the estimate "
-                        "stops improving (ES-WMV); never: run all iterations")
+    p.add_argument("--stop", choices=("auto", "never", "early"), default="auto",
+                   help="auto (default): per task, whichever of early and never won on the benchmark's "
+                        "validation images; early (denoise, jpeg, deblur): stop at the most stable estimate "
+                        "that explains the image down to its noise level, else run all iterations; "
+                        "never: run all iterations")
     p.add_argument("--step-mode", choices=("auto", "eager", "graph"), default="auto",
                    help="graph: replay each step as one CUDA graph (CUDA only; auto = eager for now)")
     p.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16"), default="auto",
@@ -330,9 +332,13 @@ def _run_restore(args: argparse.Namespace) -> int:
         stopped = f", stopped early: {info.stop_reason}" if info.interrupted else ""
         if info.stop_step is not None:
             stopped = f", stopped by itself: the estimate of step {info.stop_step + 1}"
+        if info.stop_summary:
+            stopped += f"; early stopping: {info.stop_summary}"
         print(f"wrote {out} ({info.steps} steps, {info.wall_time:.1f} s, preset {info.preset}, "
               f"{info.backend} on {info.device}{psnr}{stopped})", file=sys.stderr)
-    return 0
+    # Ctrl-C during the fit: the result so far was written whole (atomically),
+    # but a script must still learn that the run was cut short.
+    return 130 if info.stop_reason == "keyboard_interrupt" else 0
 
 
 def _run_batch(args: argparse.Namespace) -> int:

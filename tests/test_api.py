@@ -456,7 +456,7 @@ def test_stop_auto_returns_the_detected_estimate(monkeypatch):
     monkeypatch.setattr(dip_fast.api, "EARLY_STOP_PATIENCE", 40)
     seen = []
     out, info = restore(noisy, preset=_small_denoise_preset(2000), ground_truth=clean, return_info=True,
-                        callback=lambda step, d: seen.append(d["psnr"]) and None)
+                        stop="early", sigma=0.15 * 255, callback=lambda step, d: seen.append(d["psnr"]) and None)
     assert info.stop_reason == "early_stop" and not info.interrupted
     assert info.stop_step is not None and info.steps - 1 - info.stop_step >= 40 and info.steps < 2000
     # The image returned is the early-stopped estimate, far better than where the run ended.
