@@ -8,7 +8,10 @@
   lossy formats (:data:`LOSSY_EXTENSIONS`) give a ``.png``: saving a
   restoration as JPEG would add new compression artefacts.
 * Resuming: a file whose output already exists is not restored again but
-  reported as ``skipped``, so a stopped batch is simply run again.
+  reported as ``skipped``, so a stopped batch is simply run again.  Outputs
+  and summaries are written atomically, so a killed run leaves no partial
+  file; the hidden temporary file of a write cut short by SIGKILL is
+  removed by the next run.
 * A file that cannot be restored (unreadable, corrupt, mis-sized mask, ...)
   is reported and recorded as ``failed``; the batch goes on.
 * ``out_dir/summary.csv`` lists every input once (:data:`CSV_COLUMNS`).  A
@@ -379,6 +382,10 @@ def run_batch(
     csv_path = out / (SUMMARY_NAME if world_size == 1 else f"summary.rank{rank}.csv")
     previous = _previous_rows(out / SUMMARY_NAME)  # read before rank 0 replaces it (after the barrier)
     mine = shard(files, rank, world_size)
+    # A run killed outright (SIGKILL) leaves the hidden temporary file of the
+    # write it was in; this process is the only writer of these names.
+    own = [output_path(out, src).name for src in mine] + [csv_path.name] + ([SUMMARY_NAME] if rank == 0 else [])
+    io.remove_stale_temporaries(out, own)
     who = f"rank {rank}: " if world_size > 1 else ""
     rows: List[BatchRow] = []
     try:

@@ -31,7 +31,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Tuple, Union
+from typing import Any, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ __all__ = [
     "load_mask",
     "open_image_file",
     "pad_to_multiple",
+    "remove_stale_temporaries",
     "resize_alpha",
     "save_image",
 ]
@@ -593,6 +594,33 @@ def atomic_path(dest: Union[str, "os.PathLike[str]"]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# mkstemp's random part of a temporary name: 8 characters of this alphabet.
+_TEMP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+_TEMP_RANDOM = 8
+
+
+def remove_stale_temporaries(folder: Union[str, "os.PathLike[str]"], names: Iterable[str]) -> int:
+    """Delete the temporary files that :func:`atomic_path` left for ``folder/NAME`` when killed.
+
+    A process killed outright (SIGKILL, a power cut) cannot run the clean-up
+    of :func:`atomic_path`, so its hidden ``.NAME.XXXXXXXX.EXT`` file stays
+    beside the destination.  Only names of that exact form, for the given
+    destination names, are removed: the caller must be the only writer of
+    those destinations.  Returns how many files were removed.
+    """
+    wanted = {f".{name}.": Path(name).suffix for name in names}
+    removed = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            suffix = Path(entry.name).suffix
+            cut = len(entry.name) - len(suffix) - _TEMP_RANDOM
+            prefix, random_part = entry.name[:cut], entry.name[cut : cut + _TEMP_RANDOM]
+            if wanted.get(prefix) == suffix and set(random_part) <= _TEMP_CHARS and entry.is_file():
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def save_figure(fig: Any, path: Union[str, "os.PathLike[str]"], dpi: int = 100) -> None:
