@@ -264,3 +264,18 @@ def test_atomic_path_replaces_on_success_only_and_keeps_normal_permissions(tmp_p
         os.umask(before)
     assert dest.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
     assert dest.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+
+
+def test_remove_stale_temporaries_only_touches_atomic_path_names(tmp_path):
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(tmp_path / "a.png") as tmp:
+            tmp.write_bytes(b"half")
+            stale = tmp.with_name(tmp.name)  # the name a SIGKILLed run would have left
+            os.link(tmp, tmp_path / "kept")
+            raise RuntimeError
+    (tmp_path / "kept").rename(stale)
+    keep = [".a.png.notrandom!.png", ".b.png.abcdefgh.png", "a.png.abcdefgh.png", ".a.png.abcdefgh.jpg"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"x")
+    assert io.remove_stale_temporaries(tmp_path, ["a.png"]) == 1
+    assert not stale.exists() and sorted(os.listdir(tmp_path)) == sorted(keep)
