@@ -11,6 +11,8 @@ FORCE_CPU   ?=
 TORCH_CUDA_ARCH_LIST ?=
 MAX_JOBS    ?= 2
 PYTEST_ARGS ?=
+# Tests run against the sanitizer build: all op tests (fuzzing included) by default.
+SANITIZE_MARKERS ?= not cuda
 
 VENV    := .venv
 PY      := $(VENV)/bin/python
@@ -21,7 +23,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 export FORCE_CUDA FORCE_CPU TORCH_CUDA_ARCH_LIST MAX_JOBS
 
-.PHONY: setup demo test test-slow bench cmake-check cuda-report sdist-check clean
+.PHONY: setup demo test test-slow test-sanitize bench cmake-check cuda-report sdist-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +50,15 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# The slow tests (fuzzing, quality), then every op test against the sanitizer build.
 test-slow: setup
 	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+	SANITIZE_MARKERS="not cuda" bash scripts/sanitize_check.sh
+
+# The op tests (tests/test_ops_*.py) against dip_fast._C built with
+# AddressSanitizer and UBSan (CPU kernels, in cmake-build-sanitize/).
+test-sanitize: setup
+	SANITIZE_MARKERS="$(SANITIZE_MARKERS)" bash scripts/sanitize_check.sh
 
 bench: setup
 	$(PY) bench/compare.py
@@ -65,4 +74,4 @@ cuda-report: $(DEPS_STAMP)
 	$(PY) scripts/cuda_report.py --arch 9.0 --jobs $(MAX_JOBS)
 
 clean:
-	rm -rf build dist *.egg-info dip_fast/_C*.so cmake-build
+	rm -rf build dist *.egg-info dip_fast/_C*.so cmake-build cmake-build-sanitize

@@ -15,18 +15,46 @@ If the extension cannot be loaded (not built, or built against another torch),
 ``import dip_fast`` still works: ``LOAD_ERROR`` holds the reason, the reference
 backend is unaffected, and the fast backend falls back to the reference with
 one warning (see ``dip_fast.backends``).
+
+The environment variable ``DIP_FAST_EXTENSION`` names another build of the
+module to load instead of the installed one (the sanitizer build of
+``scripts/sanitize_check.sh``, or any CMake build).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+from types import ModuleType
 from typing import Optional
 
 import torch
 
 _C = None
 LOAD_ERROR: Optional[str] = None
+#: Environment variable naming a compiled module file to load instead of ``dip_fast._C``.
+EXTENSION_ENV = "DIP_FAST_EXTENSION"
+
+
+def _load_extension() -> ModuleType:
+    """The installed ``dip_fast._C``, or the file named by ``$DIP_FAST_EXTENSION``."""
+    path = os.environ.get(EXTENSION_ENV)
+    if not path:
+        from . import _C as module  # type: ignore[attr-defined]
+
+        return module
+    # Registered as dip_fast._C, so that the ops' Python side sees one module whichever file it came from.
+    spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
+    if spec is None or spec.loader is None or not os.path.isfile(path):
+        raise ImportError(f"{EXTENSION_ENV}={path!r} is not a compiled module file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    return module
+
 
 try:  # pragma: no cover - exercised by both the built and the unbuilt cases
-    from . import _C  # type: ignore[attr-defined,no-redef]
+    _C = _load_extension()
 except Exception as exc:  # ImportError, or an OSError / undefined symbol from a stale build
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
