@@ -1,6 +1,8 @@
 """build_info(), the missing-extension fallback, and the source distribution."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 import dip_fast
+from dip_fast import _ops
 
 from .conftest import requires_extension
 
@@ -99,3 +102,20 @@ def test_sdist_contains_every_kernel_source(tmp_path):
     assert not missing, f"sdist lacks {missing}"
     for top in ("setup.py", "pyproject.toml", "CMakeLists.txt"):
         assert top in shipped
+
+
+@requires_extension
+def test_extension_file_chosen_by_environment(tmp_path):
+    """DIP_FAST_EXTENSION loads another build of the module (the sanitizer build) instead of the installed one."""
+    copy = tmp_path / Path(_ops._C.__file__).name
+    shutil.copy(_ops._C.__file__, copy)
+    code = ("from dip_fast import _ops; import torch; "
+            "print(_ops._C.__file__ if _ops._C else _ops.LOAD_ERROR, hasattr(torch.ops.dip_fast, 'leaky_relu_forward'))")
+
+    def load(path: Path) -> str:
+        env = {**os.environ, _ops.EXTENSION_ENV: str(path)}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert load(copy) == f"{copy} True"
+    assert load(tmp_path / "missing.so").startswith(f"ImportError: {_ops.EXTENSION_ENV}=")
