@@ -37,6 +37,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -86,9 +87,11 @@ def build_spec(arch: str) -> Dict[str, Any]:
     defines += ["-DTORCH_API_INCLUDE_EXTENSION_H", f"-DTORCH_EXTENSION_NAME={ext.name.split('.')[-1]}"]
     abi = getattr(ce, "_get_glibcxx_abi_build_flags", lambda: [])()
     std = [] if any(a.startswith("-std=") for a in args) else ["-std=c++20"]
+    # setuptools puts Python's headers on every extension's include path too.
+    includes = list(ext.include_dirs) + [sysconfig.get_paths()["include"]]
     flags = (
         list(ce.COMMON_NVCC_FLAGS) + list(args) + std + abi + defines
-        + [f"-I{d}" for d in ext.include_dirs] + ce._get_cuda_arch_flags(list(args))
+        + [f"-I{d}" for d in includes] + ce._get_cuda_arch_flags(list(args))
     )
     return {"nvcc": nvcc, "sources": sources, "flags": flags}
 
