@@ -12,6 +12,9 @@ from dip_fast import _ops
 # The shared sample images live beside the repository, never inside it.
 DATA_DIR = Path(os.environ.get("DIP_FAST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
+#: Examples each op's property test (hypothesis, marked slow) draws in `make test-slow`.
+FUZZ_EXAMPLES = int(os.environ.get("DIP_FAST_FUZZ_EXAMPLES", "1000"))
+
 requires_extension = pytest.mark.skipif(not _ops.available(), reason=f"extension not built: {_ops.LOAD_ERROR}")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 

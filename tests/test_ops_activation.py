@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from dip_fast import _ops, ops
 
-from .conftest import requires_extension
+from .conftest import FUZZ_EXAMPLES, requires_extension
 
 pytestmark = requires_extension
 
@@ -39,6 +39,33 @@ def test_forward_backward_match_torch(dtype, layout):
     torch.testing.assert_close(y, yr, rtol=0, atol=0)
     torch.testing.assert_close(gx, gr, rtol=0, atol=0)
     assert not torch.isnan(y).any()
+
+
+@pytest.mark.slow
+def test_fuzz_against_torch():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+    @hypothesis.given(
+        n=st.integers(1, 3), c=st.integers(1, 9), h=st.integers(1, 13), w=st.integers(1, 13),
+        layout=st.sampled_from(["contiguous", "channels_last", "non_contiguous", "sliced"]),
+        dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+        slope=st.floats(-2.0, 2.0), seed=st.integers(0, 2**31 - 1),
+    )
+    def check(n, c, h, w, layout, dtype, slope, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, c, h, w, generator=g)
+        x = torch.where(torch.rand(x.shape, generator=g) < 0.1, 0.0, x)  # the kink, where torch's slope applies
+        x = layouts(x.to(dtype))[layout].requires_grad_(True)
+        grad = torch.randn(n, c, h, w, generator=g).to(dtype)
+        (gx,) = torch.autograd.grad(y := ops.leaky_relu(x, slope), x, grad)
+        xr = x.detach().clone().requires_grad_(True)
+        (gr,) = torch.autograd.grad(yr := F.leaky_relu(xr, slope), xr, grad)
+        torch.testing.assert_close(y, yr, rtol=0, atol=0)
+        torch.testing.assert_close(gx, gr, rtol=0, atol=0)
+
+    check()
 
 
 def test_channels_last_output_stays_channels_last():

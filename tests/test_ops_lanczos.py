@@ -20,6 +20,8 @@ from dip_fast import _ops, ops
 from dip_fast.ops import lanczos as lz
 from dip_fast.reference import Downsampler
 
+from .conftest import FUZZ_EXAMPLES
+
 pytestmark = pytest.mark.skipif(
     not _ops.has_ops("lanczos_downsample", "lanczos_downsample_backward"),
     reason=f"extension not built or lacks the lanczos ops: {_ops.LOAD_ERROR}",
@@ -382,7 +384,7 @@ def test_fuzz_against_reference():
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
 
-    @hypothesis.settings(max_examples=400, deadline=None)
+    @hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None)
     @hypothesis.given(
         kp=st.sampled_from(KERNEL_PHASES),
         factor=st.integers(1, 8),

@@ -7,7 +7,7 @@ import torch
 from dip_fast.ops.upsample_cat import UPSAMPLE_MODES, upsample_cat
 from dip_fast.reference.skip import upsample2x
 
-from .conftest import requires_extension
+from .conftest import FUZZ_EXAMPLES, requires_extension
 
 pytestmark = requires_extension
 
@@ -129,7 +129,7 @@ def test_fuzz_against_pytorch():
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
 
-    @hypothesis.settings(max_examples=150, deadline=None)
+    @hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None)
     @hypothesis.given(
         n=st.integers(1, 3), cs=st.integers(0, 5), cd=st.integers(1, 9), h=st.integers(1, 11), w=st.integers(1, 11),
         layout=st.sampled_from(["contiguous", "channels_last", "non_contiguous"]),
