@@ -334,6 +334,8 @@ def _run_restore(args: argparse.Namespace) -> int:
             stopped = f", stopped by itself: the estimate of step {info.stop_step + 1}"
         if info.stop_summary:
             stopped += f"; early stopping: {info.stop_summary}"
+        if info.stop_reason == "constant":
+            stopped = ", the image is one colour: returned as it is"
         print(f"wrote {out} ({info.steps} steps, {info.wall_time:.1f} s, preset {info.preset}, "
               f"{info.backend} on {info.device}{psnr}{stopped})", file=sys.stderr)
     # Ctrl-C during the fit: the result so far was written whole (atomically),

@@ -97,6 +97,16 @@ def test_cli_refused_file_exits_2_with_one_line(refused, tmp_path, capsys, name)
     assert not out.exists()
 
 
+def test_cli_writes_a_constant_image_as_it_is(tmp_path, capsys):
+    src, out = tmp_path / "black.png", tmp_path / "out.png"
+    Image.fromarray(CONSTANT_IMAGES["black-uint8"]).save(src)
+    code = main(["denoise", str(src), "-o", str(out), "--ground-truth", str(src), "--plot", "--preset", "quick"])
+    err = capsys.readouterr().err
+    assert code == 0 and "one colour: returned as it is" in err and "PSNR inf dB" in err, err
+    assert np.array_equal(np.asarray(Image.open(out)), CONSTANT_IMAGES["black-uint8"])
+    assert (tmp_path / "out.curve.png").exists()
+
+
 def test_cli_refused_mask_exits_2(refused, tmp_path, capsys):
     good = tmp_path / "good.png"
     bomb, _ = refused["bomb.png"]
