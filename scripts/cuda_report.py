@@ -183,9 +183,20 @@ def demangle(names: List[str]) -> Dict[str, str]:
         if res.returncode == 0 and len(res.stdout.splitlines()) == len(names):
             out = dict(zip(names, res.stdout.splitlines()))
     for k, v in out.items():
-        v = v.replace("(anonymous namespace)::", "").replace("c10::", "")
-        out[k] = re.sub(r"\(.*\)$", "", v)  # the parameter list: the template arguments say enough
+        out[k] = _drop_parameters(v.replace("(anonymous namespace)::", "").replace("c10::", ""))
     return out
+
+
+def _drop_parameters(name: str) -> str:
+    """``f<T, (E)0>(T const*, int)`` -> ``f<T, (E)0>``: the template arguments say enough."""
+    if not name.endswith(")"):
+        return name
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):  # the "(" that balances the final ")"
+        depth += {")": 1, "(": -1}.get(name[i], 0)
+        if depth == 0:
+            return name[:i]
+    return name
 
 
 def compile_one(spec: Dict[str, Any], source: str, use_cache: bool = True) -> Dict[str, Any]:

@@ -59,6 +59,8 @@ def test_ptxas_log_parser_finds_kernels_and_spills():
     result = {"arch": "9.0", "files": [{"source": "x.cu", "returncode": 0, "kernels": list(records.values())}]}
     assert {k["mangled"] for k in report.spilling(result)} == {"_Z6secondPf", "_Z6helperPf"}
     assert [k["mangled"] for k in report.kernels(result)] == ["_Z5firstPf", "_Z6secondPf"]
+    # Readable names keep template arguments, even parenthesised ones, and drop the parameter list.
+    assert report._drop_parameters("void k<float, (L)0>(float const*, int)") == "void k<float, (L)0>"
     # sm_90: 64K registers per SM, at most 64 warps; 40 registers -> 51 warps, 255 -> 8.
     assert report.register_occupancy(32) == 1.0
     assert report.register_occupancy(40) == 51 / 64
