@@ -106,7 +106,10 @@ def make_extension():
             archs = f"{major}.{minor}"
         define_macros += [("DIP_FAST_WITH_CUDA", None), ("DIP_FAST_CUDA_ARCHS", f'"{archs}"')]
         include_dirs += pip_cuda_include_dirs()
-        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        # -fmad=false: no multiply-add contraction, so the kernels round exactly
+        # like their CPU emulation (csrc/cpu/*_emulated.cpp); free for these
+        # memory-bound kernels.
+        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo", "-fmad=false"]
         return CUDAExtension(
             "dip_fast._C",
             sources,

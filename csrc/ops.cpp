@@ -119,17 +119,25 @@ TORCH_LIBRARY(dip_fast, m) {
         " float slope, int pad, int pad_mode) -> (Tensor, Tensor, Tensor)");
   m.def("bn_running_stats_update(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor invstd,"
         " float momentum, float eps, int count) -> ()");
-  // The CUDA kernels' per-thread code run over the launch grid on the CPU (tests only).
+  // The CUDA kernels' per-thread code run over the launch grid on the CPU (tests
+  // only); the last output is the launch trace (csrc/cpu/bn_act_emulated.cpp).
   m.def("_bn_act_forward_emulated(Tensor x, Tensor weight, Tensor bias, float eps, float slope, int pad,"
-        " int pad_mode) -> (Tensor, Tensor, Tensor)");
+        " int pad_mode) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("_bn_act_backward_emulated(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean,"
-        " Tensor invstd, float slope, int pad, int pad_mode) -> (Tensor, Tensor, Tensor)");
+        " Tensor invstd, float slope, int pad, int pad_mode) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("upsample_cat(Tensor skip, Tensor deep, int mode) -> Tensor");
   m.def("upsample_cat_backward(Tensor grad_out, int skip_channels, int mode) -> (Tensor, Tensor)");
-  m.def("_upsample_cat_emulated(Tensor skip, Tensor deep, int mode) -> Tensor");
-  m.def("_upsample_cat_backward_emulated(Tensor grad_out, int skip_channels, int mode) -> (Tensor, Tensor)");
+  // Test only: the CUDA grid replayed on the CPU; the last output is the launch
+  // trace [V, fewest writes, most writes] (csrc/cpu/upsample_cat_emulated.cpp).
+  m.def("_upsample_cat_emulated(Tensor skip, Tensor deep, int mode) -> (Tensor, Tensor)");
+  m.def("_upsample_cat_backward_emulated(Tensor grad_out, int skip_channels, int mode) -> (Tensor, Tensor, Tensor)");
   m.def("lanczos_downsample(Tensor x, Tensor taps, int factor, int pad) -> Tensor");
   m.def("lanczos_downsample_backward(Tensor grad_out, Tensor taps, int factor, int pad, SymInt height, SymInt width) -> Tensor");
+  // Test only: the CUDA grid replayed on the CPU; the last output is the launch
+  // trace [blocks, shared bytes, fewest writes, most writes] (csrc/cpu/lanczos_emulated.cpp).
+  m.def("_lanczos_downsample_emulated(Tensor x, Tensor taps, int factor, int pad) -> (Tensor, Tensor)");
+  m.def("_lanczos_downsample_backward_emulated(Tensor grad_out, Tensor taps, int factor, int pad, int height,"
+        " int width) -> (Tensor, Tensor)");
 }
 
 namespace dip_fast {

@@ -274,21 +274,168 @@ def test_cuda_matches_cpu(dtype):
 
 # ---------------------------------------------------------------------------
 # The CUDA kernels' per-thread code, run over their launch grid on the CPU.
+# The emulation returns a trace: [V, parts, reduce blocks, apply blocks,
+# fewest writes, most writes] (csrc/cpu/bn_act_emulated.cpp).
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 3, 2, 3), (1, 16, 17, 5)])
+def emulate(x, w, b, pad, mode, grad, slope=0.2):
+    y, mean, invstd, trace_f = torch.ops.dip_fast._bn_act_forward_emulated(x, w, b, 1e-5, slope, pad, mode)
+    dx, dw, db, trace_b = torch.ops.dip_fast._bn_act_backward_emulated(grad, x, w, b, mean, invstd, slope, pad, mode)
+    return (y, mean, invstd, dx, dw, db), trace_f.tolist(), trace_b.tolist()
+
+
+def check_emulation(x, w, b, pad, pad_mode, atol):
+    """Emulated forward and backward against PyTorch; every output element written exactly once."""
+    mode = {"zeros": 0, "reflect": 1}[pad_mode]
+    xr, wr, br = (t.detach().double().clone().requires_grad_(True) for t in (x, w, b))
+    yr = expected(xr, wr, br, pad=pad, pad_mode=pad_mode)
+    grad = torch.randn(yr.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grad_in = grad.to(x.dtype)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        grad_in = grad_in.contiguous(memory_format=torch.channels_last)
+    (y, mean, invstd, dx, dw, db), trace_f, trace_b = emulate(x, w, b, pad, mode, grad_in)
+    torch.testing.assert_close(y.double(), yr, atol=atol, rtol=atol)
+    want = torch.autograd.grad(yr, (xr, wr, br), grad)
+    for name, a, e in zip(("x", "weight", "bias"), (dx, dw, db), want):
+        torch.testing.assert_close(a.double(), e, atol=atol * 10, rtol=atol * 10, msg=f"gradient of {name}")
+    for trace in (trace_f, trace_b):
+        assert trace[4] == 1 and trace[5] == 1, f"output elements written {trace[4]}..{trace[5]} times, not once"
+    return trace_f, trace_b
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 3, 2, 3), (1, 16, 17, 5), (1, 4, 9, 8), (2, 132, 5, 6)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "non_contiguous"])
 @pytest.mark.parametrize("pad,pad_mode", [(0, "reflect"), (1, "reflect"), (2, "reflect"), (2, "zeros")])
 def test_cuda_grid_emulation_matches_pytorch(shape, layout, pad, pad_mode):
     if pad_mode == "reflect" and pad >= min(shape[2:]):
         pytest.skip("reflection pad must be smaller than the image")
     x, w, b = make_inputs(shape, torch.float64, layout)
-    mode = {"zeros": 0, "reflect": 1}[pad_mode]
-    y, mean, invstd = torch.ops.dip_fast._bn_act_forward_emulated(x, w, b, 1e-5, 0.2, pad, mode)
-    xr, wr, br = (t.clone().requires_grad_(True) for t in (x, w, b))
-    yr = expected(xr, wr, br, pad=pad, pad_mode=pad_mode)
-    torch.testing.assert_close(y, yr, atol=1e-11, rtol=1e-11)
-    grad = torch.randn(yr.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    got = torch.ops.dip_fast._bn_act_backward_emulated(grad, x, w, b, mean, invstd, 0.2, pad, mode)
-    want = torch.autograd.grad(yr, (xr, wr, br), grad)
-    for name, a, e in zip(("x", "weight", "bias"), got, want):
-        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10, msg=f"gradient of {name}")
+    check_emulation(x, w, b, pad, pad_mode, 1e-11)
+
+
+def misaligned(x):
+    """The same values as x, on its device, in storage that starts one element past a 16-byte boundary."""
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else None
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    if fmt is None:
+        view = flat[1:].view(x.shape)
+    else:
+        n, c, h, w = x.shape
+        view = flat[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    view.copy_(x)
+    assert view.storage_offset() == 1
+    return view
+
+
+# (shape, layout, dtype) -> the vector width the plan must pick when aligned.
+VECTOR_CASES = [
+    ((1, 8, 16, 16), "contiguous", torch.float32, 4),   # 16-byte vectors, plane of 256
+    ((1, 3, 6, 7), "contiguous", torch.float32, 2),     # plane 42: 8-byte vectors only
+    ((1, 3, 5, 7), "contiguous", torch.float32, 1),     # odd plane: the scalar path
+    ((2, 8, 5, 6), "channels_last", torch.float32, 4),  # C = 8
+    ((1, 132, 3, 5), "channels_last", torch.float32, 4),
+    ((1, 132, 3, 5), "channels_last", torch.bfloat16, 4),  # 132 % 8 != 0: 8-byte vectors
+    ((1, 16, 4, 4), "channels_last", torch.bfloat16, 8),
+    ((1, 3, 4, 6), "channels_last", torch.float32, 1),  # C = 3
+    ((1, 4, 8, 8), "contiguous", torch.float64, 2),
+]
+
+
+@pytest.mark.parametrize("shape,layout,dtype,vector", VECTOR_CASES)
+def test_cuda_grid_emulation_takes_vector_and_scalar_paths(shape, layout, dtype, vector):
+    x, w, b = make_inputs(shape, torch.float64, layout)
+    x = x.to(dtype)
+    atol = 1e-11 if dtype == torch.float64 else (2e-5 if dtype == torch.float32 else 0.06)
+    # pad 0 keeps the output plane equal to the input's, so the vector width is
+    # decided by the input alone.
+    trace_f, trace_b = check_emulation(x, w, b, 0, "reflect", atol)
+    assert trace_f[0] == vector and trace_b[0] == vector
+    # The same values one element off a 16-byte boundary take the scalar path
+    # and give the same result.
+    x_off = misaligned(x)
+    trace_f, trace_b = check_emulation(x_off, w, b, 0, "reflect", atol)
+    assert trace_f[0] == 1 and trace_b[0] == 1
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_grid_emulation_merges_many_parts(layout):
+    """A shape large enough that each channel is reduced in several blocks
+    and the finalize kernel merges their partials (lanes and tree)."""
+    x, w, b = make_inputs((2, 4, 64, 48), torch.float64, layout)
+    trace_f, trace_b = check_emulation(x, w, b, 1, "reflect", 1e-11)
+    assert trace_f[1] > 1 and trace_b[1] > 1, "one part per channel: the merge order went untested"
+    assert trace_f[1] == trace_b[1]
+    # Deterministic: a second run is bitwise identical.
+    mode = 1
+    g = torch.randn(2, 4, 66, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    if layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    first, _, _ = emulate(x, w, b, 1, mode, g)
+    second, _, _ = emulate(x, w, b, 1, mode, g)
+    for a, e in zip(first, second):
+        assert torch.equal(a, e)
+
+
+def test_cuda_grid_emulation_half_precision_close_to_float32():
+    x, w, b = make_inputs((1, 16, 9, 12), torch.float32, "channels_last")
+    for dtype in (torch.bfloat16, torch.float16):
+        check_emulation(x.to(dtype), w, b, 1, "reflect", 0.06)
+
+
+# CUDA twins of the emulation tests: the GPU must compute exactly what the
+# emulation computes (same plan, same merge order, no multiply-add
+# contraction), on both paths, and replay identically from a CUDA graph.
+TWIN_CASES = [((1, 8, 17, 19), 1), ((2, 132, 9, 10), 1), ((1, 16, 32, 32), 0), ((1, 4, 64, 48), 3), ((3, 3, 5, 7), 2)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,pad", TWIN_CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [False, True], ids=["aligned", "misaligned"])
+def test_cuda_equals_grid_emulation_bitwise(shape, pad, layout, dtype, offset):
+    x, w, b = make_inputs(shape, torch.float32, layout)
+    x = x.to(dtype)
+    ho, wo = shape[2] + 2 * pad, shape[3] + 2 * pad
+    g = torch.randn(shape[0], shape[1], ho, wo, generator=torch.Generator().manual_seed(4)).to(dtype)
+    if layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    want, trace_f, _ = emulate(misaligned(x) if offset else x, w, b, pad, 1, misaligned(g) if offset else g)
+    xc, gc = x.cuda(), g.cuda()
+    if offset:
+        xc, gc = misaligned(xc), misaligned(gc)
+    wc, bc = w.cuda(), b.cuda()
+    y, mean, invstd = torch.ops.dip_fast.bn_act_forward(xc, wc, bc, 1e-5, 0.2, pad, 1)
+    dx, dw, db = torch.ops.dip_fast.bn_act_backward(gc, xc, wc, bc, mean, invstd, 0.2, pad, 1)
+    for name, got, exp in zip(("y", "mean", "invstd", "dx", "dw", "db"), (y, mean, invstd, dx, dw, db), want):
+        assert torch.equal(got.cpu(), exp), f"{name} differs from the emulated grid (V={trace_f[0]})"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_graph_replay_is_bitwise_eager(layout):
+    x, w, b = (t.cuda() for t in make_inputs((2, 32, 33, 31), torch.float32, layout))
+    g = torch.randn(2, 32, 35, 33, device="cuda")
+    if layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+
+    def run():
+        y, mean, invstd = torch.ops.dip_fast.bn_act_forward(x, w, b, 1e-5, 0.2, 1, 1)
+        return (y, *torch.ops.dip_fast.bn_act_backward(g, x, w, b, mean, invstd, 0.2, 1, 1))
+
+    eager = [t.clone() for t in run()]
+    again = run()
+    for a, e in zip(again, eager):
+        assert torch.equal(a, e), "two eager runs differ: the kernels are not deterministic"
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, e in zip(captured, eager):
+            assert torch.equal(a, e)

@@ -498,3 +498,67 @@ def test_cuda_large_batch_of_planes():
     y = ops.downsample(x, 2)
     y_c = ops.downsample(x.cpu(), 2)
     torch.testing.assert_close(y.cpu(), y_c, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# The CUDA kernels' per-thread phases, run over their launch grid on the CPU.
+# The emulation ops return a trace [blocks, shared bytes, fewest writes, most writes].
+# ---------------------------------------------------------------------------
+def _emulated(x, g, factor, kernel="lanczos3", phase=0.5):
+    taps, pad = ops.downsample_taps(factor, kernel, phase)
+    taps = taps.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    y, trace_f = torch.ops.dip_fast._lanczos_downsample_emulated(x, taps, factor, pad)
+    gx, trace_b = torch.ops.dip_fast._lanczos_downsample_backward_emulated(g, taps, factor, pad, x.shape[2], x.shape[3])
+    want_y = torch.ops.dip_fast.lanczos_downsample(x, taps, factor, pad)
+    want_gx = torch.ops.dip_fast.lanczos_downsample_backward(g, taps, factor, pad, x.shape[2], x.shape[3])
+    return (y, gx), (want_y, want_gx), trace_f.tolist(), trace_b.tolist()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 37, 29), (2, 2, 70, 41), (1, 4, 20, 35)])
+@pytest.mark.parametrize("factor", [2, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_grid_emulation_matches_cpu_op(shape, factor, layout):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(*shape, generator=gen, dtype=torch.float64)
+    taps, pad = ops.downsample_taps(factor, "lanczos3", 0.5)
+    ho, wo = ((s + 2 * pad - taps.numel()) // factor + 1 for s in shape[2:])
+    g = torch.rand(shape[0], shape[1], ho, wo, generator=gen, dtype=torch.float64)
+    if layout == "channels_last":
+        x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+    (y, gx), (want_y, want_gx), trace_f, trace_b = _emulated(x, g, factor)
+    torch.testing.assert_close(y, want_y, rtol=0, atol=1e-13)
+    torch.testing.assert_close(gx, want_gx, rtol=0, atol=1e-13)
+    for trace in (trace_f, trace_b):
+        assert trace[2] == 1 and trace[3] == 1, f"outputs written {trace[2]}..{trace[3]} times, not once"
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cuda_grid_emulation_several_tiles_and_planes():
+    """A forward tile of 32 columns and a backward tile of 32 rows are exceeded,
+    so blocks meet at tile edges; the float32 path rounds like the CPU op."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.rand(2, 3, 150, 140, generator=gen)
+    g = torch.rand(2, 3, 75, 70, generator=gen)
+    (y, gx), (want_y, want_gx), trace_f, trace_b = _emulated(x, g, 2)
+    assert trace_f[0] > 1 and trace_b[0] > 1
+    torch.testing.assert_close(y, want_y, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gx, want_gx, rtol=0, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_equals_grid_emulation_bitwise(layout, dtype):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.rand(2, 3, 67, 45, generator=gen).to(dtype)
+    g = torch.rand(2, 3, 17, 12, generator=gen).to(dtype)
+    if layout == "channels_last":
+        x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+    taps, pad = ops.downsample_taps(4, "lanczos3", 0.5)
+    taps = taps.float()
+    want_y, _ = torch.ops.dip_fast._lanczos_downsample_emulated(x, taps, 4, pad)
+    want_gx, _ = torch.ops.dip_fast._lanczos_downsample_backward_emulated(g, taps, 4, pad, 67, 45)
+    y = torch.ops.dip_fast.lanczos_downsample(x.cuda(), taps.cuda(), 4, pad)
+    gx = torch.ops.dip_fast.lanczos_downsample_backward(g.cuda(), taps.cuda(), 4, pad, 67, 45)
+    assert torch.equal(y.cpu(), want_y) and torch.equal(gx.cpu(), want_gx)

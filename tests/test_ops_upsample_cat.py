@@ -168,20 +168,84 @@ def test_cuda_matches_cpu(dtype):
 
 # ---------------------------------------------------------------------------
 # The CUDA kernels' per-thread code, run over their launch grid on the CPU.
+# The emulation ops return a trace [V, fewest writes, most writes].
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", SHAPES)
+def check_emulation(skip, deep, mode, atol):
+    """Emulated forward and backward against PyTorch; every output element written once. Returns the traces."""
+    code = UPSAMPLE_MODES[mode]
+    out, trace_f = torch.ops.dip_fast._upsample_cat_emulated(skip, deep, code)
+    sr, dr = (t.detach().double().clone().requires_grad_(True) for t in (skip, deep))
+    want_out = expected(sr, dr, mode)
+    torch.testing.assert_close(out.double(), want_out, atol=atol, rtol=atol)
+    grad = torch.randn(want_out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grad_in = grad.to(out.dtype)
+    if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
+        grad_in = grad_in.contiguous(memory_format=torch.channels_last)
+    gs, gd, trace_b = torch.ops.dip_fast._upsample_cat_backward_emulated(grad_in, skip.shape[1], code)
+    want = torch.autograd.grad(want_out, (sr, dr), grad, allow_unused=True)
+    for name, a, e in zip(("skip", "deep"), (gs, gd), want):
+        if e is not None and e.numel():
+            torch.testing.assert_close(a.double(), e, atol=atol, rtol=atol, msg=f"gradient of {name}")
+    for trace in (trace_f.tolist(), trace_b.tolist()):
+        assert trace[1] == 1 and trace[2] == 1, f"outputs written {trace[1]}..{trace[2]} times, not once"
+    return trace_f.tolist(), trace_b.tolist()
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(1, 4, 128, 3, 5), (2, 8, 4, 5, 6)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "non_contiguous"])
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
 def test_cuda_grid_emulation_matches_pytorch(shape, layout, mode):
     skip, deep = make_inputs(*shape, torch.float64, layout)
-    code = UPSAMPLE_MODES[mode]
-    out = torch.ops.dip_fast._upsample_cat_emulated(skip, deep, code)
-    sr, dr = (t.clone().requires_grad_(True) for t in (skip, deep))
-    want_out = expected(sr, dr, mode)
-    torch.testing.assert_close(out, want_out, atol=1e-12, rtol=1e-12)
-    grad = layout_as(torch.randn(want_out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), layout)
-    got = torch.ops.dip_fast._upsample_cat_backward_emulated(grad, shape[1], code)
-    want = torch.autograd.grad(want_out, (sr, dr), grad, allow_unused=True)
-    for name, a, e in zip(("skip", "deep"), got, want):
-        if e is not None and e.numel():
-            torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12, msg=f"gradient of {name}")
+    check_emulation(skip, deep, mode, 1e-12)
+
+
+def misaligned(t):
+    """The same values, on t's device, in storage one element past a 16-byte boundary (same layout)."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        n, c, h, w = t.shape
+        view = flat[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    else:
+        view = flat[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+# (shape, layout, dtype) -> the vector width the plan must pick when aligned.
+VECTOR_CASES = [
+    ((1, 4, 8, 8, 8), "contiguous", torch.float32, 4),    # deep planes of 64
+    ((1, 2, 3, 3, 3), "contiguous", torch.float32, 1),    # deep planes of 9
+    ((1, 4, 8, 3, 6), "channels_last", torch.float32, 4),  # Cs = 4, Cd = 8
+    ((1, 6, 2, 3, 3), "channels_last", torch.float32, 2),  # Cs = 6: 8-byte vectors
+    ((1, 16, 8, 2, 3), "channels_last", torch.bfloat16, 8),
+    ((1, 3, 4, 2, 2), "channels_last", torch.float32, 1),  # Cs = 3
+]
+
+
+@pytest.mark.parametrize("shape,layout,dtype,vector", VECTOR_CASES)
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_cuda_grid_emulation_takes_vector_and_scalar_paths(shape, layout, dtype, vector, mode):
+    skip, deep = make_inputs(*shape, torch.float64, layout)
+    skip, deep = skip.to(dtype), deep.to(dtype)
+    atol = 1e-6 if dtype == torch.float32 else 0.02
+    trace_f, trace_b = check_emulation(skip, deep, mode, atol)
+    assert trace_f[0] == vector and trace_b[0] == vector
+    trace_f, _ = check_emulation(misaligned(skip), misaligned(deep), mode, atol)
+    assert trace_f[0] == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8, 8), (2, 3, 5, 7, 9), (1, 16, 8, 5, 6)])
+@pytest.mark.parametrize("offset", [False, True], ids=["aligned", "misaligned"])
+def test_cuda_equals_grid_emulation_bitwise(layout, dtype, shape, offset):
+    skip, deep = (t.to(dtype) for t in make_inputs(*shape, torch.float32, layout))
+    grad = layout_as(torch.randn(shape[0], shape[1] + shape[2], 2 * shape[3], 2 * shape[4]), layout).to(dtype)
+    move = (lambda t: misaligned(t)) if offset else (lambda t: t)
+    want_out, _ = torch.ops.dip_fast._upsample_cat_emulated(move(skip), move(deep), 1)
+    want_gs, want_gd, _ = torch.ops.dip_fast._upsample_cat_backward_emulated(move(grad), shape[1], 1)
+    out = torch.ops.dip_fast.upsample_cat(move(skip.cuda()), move(deep.cuda()), 1)
+    gs, gd = torch.ops.dip_fast.upsample_cat_backward(move(grad.cuda()), shape[1], 1)
+    for name, got, exp in (("out", out, want_out), ("grad_skip", gs, want_gs), ("grad_deep", gd, want_gd)):
+        assert torch.equal(got.cpu(), exp), f"{name} differs from the emulated grid"

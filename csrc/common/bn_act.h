@@ -3,7 +3,6 @@
 // the per-element forward and backward formulas.
 #pragma once
 
-#include "layout.h"
 #include "macros.h"
 #include "leaky_relu.h"
 
@@ -53,22 +52,6 @@ DIP_HD void welford_add(acc_t& count, acc_t& mean, acc_t& m2, acc_t x) {
   const acc_t delta = x - mean;
   mean += delta / count;
   m2 += delta * (x - mean);
-}
-
-// The gradient reaching source element (n, c, h, w) of a padded output: the
-// sum of dy over every padded position that copied it (1 to 9 positions for
-// reflection, 1 for zeros). A gather, so no atomics are needed.
-template <typename scalar_t, typename acc_t>
-DIP_HD acc_t fold_pad_grad(const scalar_t* dy, const Strides4& s, long long n, long long c, int h, int w, int H,
-                           int W, int pad, int mode) {
-  int rows[3], cols[3];
-  const int nr = pad_preimage(h, H, pad, mode, rows);
-  const int nc = pad_preimage(w, W, pad, mode, cols);
-  acc_t g = acc_t(0);
-  for (int r = 0; r < nr; ++r) {
-    for (int q = 0; q < nc; ++q) g += static_cast<acc_t>(dy[offset4(s, n, c, rows[r], cols[q])]);
-  }
-  return g;
 }
 
 // y = act((x - mean) * scale + beta), with scale = gamma * invstd folded once

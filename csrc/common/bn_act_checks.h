@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 
 #include "bn_act.h"
-#include "bn_act_grid.h"
 #include "alloc.h"
 #include "checks.h"
 
@@ -42,15 +41,10 @@ inline BnActGeometry bn_act_geometry(const at::Tensor& x, const at::Tensor& weig
               x.sizes());
   TORCH_CHECK(pad_mode != kPadReflect || (pad < H && pad < W),
               "dip_fast: reflection pad ", pad, " must be smaller than the image (", H, "x", W, ")");
-  TORCH_CHECK(x.numel() < (int64_t(1) << 31) && (H + 2 * pad) < (int64_t(1) << 30),
-              "dip_fast: x is too large for 32-bit spatial indexing");
+  // The CUDA kernels index planes and rows with 32-bit integers.
+  TORCH_CHECK(N * C * (H + 2 * pad) * (W + 2 * pad) < (int64_t(1) << 31),
+              "dip_fast: x is too large for 32-bit indexing (the padded output needs fewer than 2^31 elements)");
   return BnActGeometry{N, C, H, W, H + 2 * pad, W + 2 * pad, static_cast<int>(pad), static_cast<int>(pad_mode)};
-}
-
-// The launch description the grid functions of bn_act_grid.h take.
-inline BnActShape bn_act_shape(const BnActGeometry& g, at::MemoryFormat fmt) {
-  return BnActShape{static_cast<int>(g.N), static_cast<int>(g.C), static_cast<int>(g.H), static_cast<int>(g.W),
-                    g.pad, g.mode, fmt == at::MemoryFormat::ChannelsLast};
 }
 
 inline void bn_act_check_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,

@@ -4,7 +4,6 @@
 
 #include <ATen/ATen.h>
 
-#include "layout.h"
 
 #define DIP_CHECK_DEVICE(t, dev, name)                                        \
   TORCH_CHECK((t).device().type() == (dev), "dip_fast: ", name,              \
@@ -30,9 +29,6 @@
               "-D, got ", (t).dim(), "-D")
 
 namespace dip_fast {
-
-// A 4-D tensor's strides, as the per-element functions of csrc/common take them.
-inline Strides4 strides4_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 // The memory layout an op works in and returns: channels_last when the input
 // is (only) channels_last-contiguous, NCHW otherwise. The fake kernels in

@@ -11,6 +11,19 @@
 #define DIP_HD inline
 #endif
 
+// DIP_UNROLL asks nvcc to unroll a loop of constant trip count fully, so that
+// the arrays it indexes stay in registers instead of local memory (GCC
+// unrolls such loops by itself at -O3 and would warn about the pragma).
+// DIP_NO_UNROLL keeps a loop rolled where unrolling only multiplies live
+// predicates and registers.
+#if defined(__CUDA_ARCH__)
+#define DIP_UNROLL _Pragma("unroll")
+#define DIP_NO_UNROLL _Pragma("unroll 1")
+#else
+#define DIP_UNROLL
+#define DIP_NO_UNROLL
+#endif
+
 // DIP_CPU_CLONES marks a CPU hot loop to be compiled three times, for
 // AVX-512 (x86-64-v4), AVX2 + FMA (x86-64-v3) and the baseline, with the best
 // one picked when the library loads (GCC's function multi-versioning, an

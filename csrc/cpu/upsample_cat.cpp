@@ -294,50 +294,11 @@ std::tuple<at::Tensor, at::Tensor> upsample_cat_backward_cpu(const at::Tensor& g
   return {call.grad_skip, call.grad_deep};
 }
 
-// ------------------------------------------- CUDA launch grid, emulated ---
-// The per-element functions that csrc/cuda/upsample_cat.cu runs, one call
-// per CUDA thread, replayed here for every index (tests only).
-
-at::Tensor forward_emulated(const at::Tensor& skip, const at::Tensor& deep, int64_t mode) {
-  DIP_CHECK_DEVICE(skip, at::kCPU, "skip");
-  DIP_CHECK_DEVICE(deep, at::kCPU, "deep");
-  auto call = upsample_cat_forward_call(skip, deep, mode);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, deep.scalar_type(), "upsample_cat_forward_emulated", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    for (long long e = 0; e < call.out.numel(); ++e) {
-      upsample_cat_forward_element<scalar_t, acc_t>(e, call.skip.const_data_ptr<scalar_t>(), strides4_of(call.skip),
-                                                    call.deep.const_data_ptr<scalar_t>(), strides4_of(call.deep),
-                                                    call.out.data_ptr<scalar_t>(), strides4_of(call.out), call.shape);
-    }
-  });
-  return call.out;
-}
-
-std::tuple<at::Tensor, at::Tensor> backward_emulated(const at::Tensor& grad_out, int64_t skip_channels, int64_t mode) {
-  DIP_CHECK_DEVICE(grad_out, at::kCPU, "grad_out");
-  auto call = upsample_cat_backward_call(grad_out, skip_channels, mode);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "upsample_cat_backward_emulated", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = call.grad.const_data_ptr<scalar_t>();
-    for (long long e = 0; e < call.grad_skip.numel(); ++e) {
-      upsample_cat_grad_skip_element<scalar_t>(e, gp, strides4_of(call.grad), call.grad_skip.data_ptr<scalar_t>(),
-                                               strides4_of(call.grad_skip), call.shape);
-    }
-    for (long long e = 0; e < call.grad_deep.numel(); ++e) {
-      upsample_cat_grad_deep_element<scalar_t, acc_t>(e, gp, strides4_of(call.grad), call.grad_deep.data_ptr<scalar_t>(),
-                                                      strides4_of(call.grad_deep), call.shape);
-    }
-  });
-  return {call.grad_skip, call.grad_deep};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dip_fast, CPU, m) {
   m.impl("upsample_cat", &upsample_cat_forward_cpu);
   m.impl("upsample_cat_backward", &upsample_cat_backward_cpu);
-  m.impl("_upsample_cat_emulated", &forward_emulated);
-  m.impl("_upsample_cat_backward_emulated", &backward_emulated);
 }
 
 }  // namespace dip_fast

@@ -1,8 +1,9 @@
-// CUDA kernels of upsample_cat: one thread per output element, running the
-// per-element functions of csrc/common/upsample_cat.h (which the CPU
-// emulation op replays in the CI tests).
-//   forward      each element of out: a skip value, or 4 deep values blended
-//   grad_skip    each element: a copy of grad_out's skip channels
+// CUDA kernels of upsample_cat: thin shells around the per-thread functions of
+// csrc/common/upsample_cat_grid.h over the tilings planned by
+// upsample_cat_plan.h (the CPU emulation op replays the same plan in CI).
+//   forward      out: skip planes / channels copied as vectors, deep values
+//                blended from their 1 or 4 sources
+//   grad_skip    a vector copy of grad_out's skip channels
 //   grad_deep    each element: a gather of the <= 4 x 4 output gradients
 //                that read it (no atomics, deterministic)
 // Everything runs on the current stream with no host synchronisation.
@@ -15,42 +16,70 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 
-#include "../common/upsample_cat.h"
 #include "../common/upsample_cat_checks.h"
-#include "launch.cuh"
+#include "../common/upsample_cat_grid.h"
+#include "../common/upsample_cat_plan.h"
+#include "../common/vector_dispatch.h"
 
 namespace dip_fast {
 namespace {
 
-template <typename scalar_t, typename acc_t>
-__global__ void upsample_cat_forward_kernel(const scalar_t* __restrict__ skip, Strides4 ss,
-                                            const scalar_t* __restrict__ deep, Strides4 sd, scalar_t* __restrict__ out,
-                                            Strides4 so, UpsampleCatShape shape, long long total) {
-  for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<long long>(blockDim.x) * gridDim.x) {
-    upsample_cat_forward_element<scalar_t, acc_t>(e, skip, ss, deep, sd, out, so, shape);
+// One kernel per layout and pass; Layout selects the per-thread function.
+enum class Layout { kNchw, kChannelsLast };
+
+template <typename scalar_t, typename acc_t, int V, Layout L>
+__global__ void __launch_bounds__(kTileThreads) upsample_cat_forward_kernel(const scalar_t* __restrict__ skip,
+                                                                            const scalar_t* __restrict__ deep,
+                                                                            scalar_t* __restrict__ out, Tiling g,
+                                                                            UpsampleCatDims d) {
+  if constexpr (L == Layout::kChannelsLast) {
+    upsample_cat_forward_thread_cl<scalar_t, acc_t, V, false>(skip, deep, out, g, d, blockIdx.x, blockIdx.y,
+                                                              threadIdx.x, nullptr);
+  } else {
+    upsample_cat_forward_thread_nchw<scalar_t, acc_t, V, false>(skip, deep, out, g, d, blockIdx.x, threadIdx.x,
+                                                                nullptr);
   }
 }
 
-template <typename scalar_t>
-__global__ void upsample_cat_grad_skip_kernel(const scalar_t* __restrict__ grad, Strides4 sg,
-                                              scalar_t* __restrict__ grad_skip, Strides4 sgs, UpsampleCatShape shape,
-                                              long long total) {
-  for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<long long>(blockDim.x) * gridDim.x) {
-    upsample_cat_grad_skip_element<scalar_t>(e, grad, sg, grad_skip, sgs, shape);
+template <typename scalar_t, int V, Layout L>
+__global__ void __launch_bounds__(kTileThreads) upsample_cat_grad_skip_kernel(const scalar_t* __restrict__ grad,
+                                                                              scalar_t* __restrict__ grad_skip,
+                                                                              Tiling g, UpsampleCatDims d) {
+  if constexpr (L == Layout::kChannelsLast) {
+    upsample_cat_grad_skip_thread_cl<scalar_t, V, false>(grad, grad_skip, g, d, blockIdx.x, blockIdx.y, threadIdx.x,
+                                                         nullptr);
+  } else {
+    upsample_cat_grad_skip_thread_nchw<scalar_t, V, false>(grad, grad_skip, g, d, blockIdx.x, threadIdx.x, nullptr);
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void upsample_cat_grad_deep_kernel(const scalar_t* __restrict__ grad, Strides4 sg,
-                                              scalar_t* __restrict__ grad_deep, Strides4 sgd, UpsampleCatShape shape,
-                                              long long total) {
-  for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<long long>(blockDim.x) * gridDim.x) {
-    upsample_cat_grad_deep_element<scalar_t, acc_t>(e, grad, sg, grad_deep, sgd, shape);
+template <typename scalar_t, typename acc_t, int V, Layout L>
+__global__ void __launch_bounds__(kTileThreads) upsample_cat_grad_deep_kernel(const scalar_t* __restrict__ grad,
+                                                                              scalar_t* __restrict__ grad_deep,
+                                                                              Tiling g, UpsampleCatDims d) {
+  if constexpr (L == Layout::kChannelsLast) {
+    upsample_cat_grad_deep_thread_cl<scalar_t, acc_t, V, false>(grad, grad_deep, g, d, blockIdx.x, blockIdx.y,
+                                                                threadIdx.x, nullptr);
+  } else {
+    upsample_cat_grad_deep_thread_nchw<scalar_t, acc_t, V, false>(grad, grad_deep, g, d, blockIdx.x, threadIdx.x,
+                                                                  nullptr);
   }
+}
+
+// Calls f with std::integral_constant<Layout, L> for the tiling's layout.
+template <typename F>
+void with_layout(const Tiling& t, F&& f) {
+  if (t.cl) {
+    f(std::integral_constant<Layout, Layout::kChannelsLast>{});
+  } else {
+    f(std::integral_constant<Layout, Layout::kNchw>{});
+  }
+}
+
+inline dim3 grid_of(const Tiling& t) {
+  return dim3(static_cast<unsigned>(tiling_blocks_x(t)), static_cast<unsigned>(tiling_blocks_y(t)));
 }
 
 at::Tensor upsample_cat_forward_cuda(const at::Tensor& skip, const at::Tensor& deep, int64_t mode) {
@@ -58,15 +87,21 @@ at::Tensor upsample_cat_forward_cuda(const at::Tensor& skip, const at::Tensor& d
   DIP_CHECK_DEVICE(deep, at::kCUDA, "deep");
   const c10::cuda::CUDAGuard guard(deep.device());
   auto call = upsample_cat_forward_call(skip, deep, mode);
-  const long long total = call.out.numel();
-  if (total == 0) return call.out;
+  if (call.out.numel() == 0) return call.out;
+  const UpsampleCatPlan p = upsample_cat_forward_plan(call);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, deep.scalar_type(), "upsample_cat_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    upsample_cat_forward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        call.skip.const_data_ptr<scalar_t>(), strides4_of(call.skip), call.deep.const_data_ptr<scalar_t>(),
-        strides4_of(call.deep), call.out.data_ptr<scalar_t>(), strides4_of(call.out), call.shape, total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_vector_width<scalar_t>(p.V, [&](auto vw) {
+      constexpr int V = decltype(vw)::value;
+      with_layout(p.main, [&](auto lay) {
+        upsample_cat_forward_kernel<scalar_t, acc_t, V, decltype(lay)::value>
+            <<<grid_of(p.main), p.main.threads, 0, stream>>>(call.skip.const_data_ptr<scalar_t>(),
+                                                             call.deep.const_data_ptr<scalar_t>(),
+                                                             call.out.data_ptr<scalar_t>(), p.main, p.dims);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
   });
   return call.out;
 }
@@ -76,22 +111,26 @@ std::tuple<at::Tensor, at::Tensor> upsample_cat_backward_cuda(const at::Tensor& 
   DIP_CHECK_DEVICE(grad_out, at::kCUDA, "grad_out");
   const c10::cuda::CUDAGuard guard(grad_out.device());
   auto call = upsample_cat_backward_call(grad_out, skip_channels, mode);
+  const UpsampleCatPlan p = upsample_cat_backward_plan(call);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "upsample_cat_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const long long n_skip = call.grad_skip.numel(), n_deep = call.grad_deep.numel();
-    if (n_skip > 0) {
-      upsample_cat_grad_skip_kernel<scalar_t><<<blocks_for(n_skip), kThreads, 0, stream>>>(
-          call.grad.const_data_ptr<scalar_t>(), strides4_of(call.grad), call.grad_skip.data_ptr<scalar_t>(),
-          strides4_of(call.grad_skip), call.shape, n_skip);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (n_deep > 0) {
-      upsample_cat_grad_deep_kernel<scalar_t, acc_t><<<blocks_for(n_deep), kThreads, 0, stream>>>(
-          call.grad.const_data_ptr<scalar_t>(), strides4_of(call.grad), call.grad_deep.data_ptr<scalar_t>(),
-          strides4_of(call.grad_deep), call.shape, n_deep);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    with_vector_width<scalar_t>(p.V, [&](auto vw) {
+      constexpr int V = decltype(vw)::value;
+      with_layout(p.main, [&](auto lay) {
+        constexpr Layout L = decltype(lay)::value;
+        if (call.grad_skip.numel() > 0) {
+          upsample_cat_grad_skip_kernel<scalar_t, V, L><<<grid_of(p.skip), p.skip.threads, 0, stream>>>(
+              call.grad.const_data_ptr<scalar_t>(), call.grad_skip.data_ptr<scalar_t>(), p.skip, p.dims);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        if (call.grad_deep.numel() > 0) {
+          upsample_cat_grad_deep_kernel<scalar_t, acc_t, V, L><<<grid_of(p.main), p.main.threads, 0, stream>>>(
+              call.grad.const_data_ptr<scalar_t>(), call.grad_deep.data_ptr<scalar_t>(), p.main, p.dims);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+    });
   });
   return {call.grad_skip, call.grad_deep};
 }

@@ -1,0 +1,118 @@
+// CPU emulation of the CUDA launch grids of lanczos_downsample (tests only).
+//
+// Replays every block, plane and thread of the plan that csrc/cuda/lanczos.cu
+// launches (csrc/common/lanczos_plan.h), phase by phase with a fresh shared
+// tile per block, calling the same per-thread functions
+// (csrc/common/lanczos_grid.h), threads in reverse order within a phase.
+// Besides the output, each entry point returns a trace (int64):
+//   [blocks, shared bytes, fewest writes, most writes]
+// with the writes counted per output element, so a test can check that each
+// element is written exactly once.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../common/alloc.h"
+#include "../common/lanczos_checks.h"
+#include "../common/lanczos_grid.h"
+#include "../common/lanczos_plan.h"
+
+namespace dip_fast {
+namespace {
+
+at::Tensor make_trace(const LanczosPlan& p, const std::vector<int>& counts) {
+  const auto mm = std::minmax_element(counts.begin(), counts.end());
+  const int64_t lo = counts.empty() ? 0 : *mm.first, hi = counts.empty() ? 0 : *mm.second;
+  const int64_t blocks = int64_t(p.grid_x) * p.grid_y * p.grid_z;
+  return at::tensor(std::vector<int64_t>{blocks, static_cast<int64_t>(p.shared_bytes), lo, hi}, at::kLong);
+}
+
+// Runs phase1 then phase2 (each over all threads, in reverse) for every block
+// and every plane that block loops over, with a shared tile per block.
+template <typename acc_t, typename Phase1, typename Phase2>
+void replay(const LanczosPlan& p, const acc_t* taps, Phase1&& phase1, Phase2&& phase2) {
+  const int T = kLanczosThreads;
+  std::vector<acc_t> shared(p.shared_bytes / sizeof(acc_t));
+  std::copy(taps, taps + p.d.K, shared.begin());
+  acc_t* tile = shared.data() + p.d.K;
+  for (int bz = 0; bz < p.grid_z; ++bz) {
+    for (int by = 0; by < p.grid_y; ++by) {
+      for (int bx = 0; bx < p.grid_x; ++bx) {
+        for (int plane = bz; plane < p.d.planes; plane += p.grid_z) {
+          for (int t = T - 1; t >= 0; --t) phase1(shared.data(), tile, bx, by, plane, t, T);
+          for (int t = T - 1; t >= 0; --t) phase2(shared.data(), tile, bx, by, plane, t, T);
+        }
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& x, const at::Tensor& taps, int64_t factor,
+                                                    int64_t pad) {
+  lanczos::check_args(x, "x", taps, factor, pad, at::kCPU);
+  const int64_t K = taps.numel();
+  lanczos::check_extent(x.size(2), K, pad, "height");
+  lanczos::check_extent(x.size(3), K, pad, "width");
+  const auto fmt = working_memory_format(x);
+  const auto xc = x.contiguous(fmt);
+  const auto tc = taps.contiguous();
+  const LanczosPlan p = lanczos_forward_plan(xc, fmt == at::MemoryFormat::ChannelsLast, K, factor, pad);
+  auto y = new_output({x.size(0), x.size(1), p.d.Ho, p.d.Wo}, x.options(), fmt);
+  std::vector<int> counts(static_cast<size_t>(y.numel()), 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lanczos_downsample_emulated", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    replay<acc_t>(
+        p, tc.const_data_ptr<acc_t>(),
+        [&](const acc_t* tp, acc_t* tile, int bx, int by, int plane, int t, int T) {
+          lanczos_fwd_vertical_thread<scalar_t, acc_t>(xp, tp, tile, p.d, bx, by, plane, t, T);
+        },
+        [&](const acc_t* tp, acc_t* tile, int bx, int by, int plane, int t, int T) {
+          lanczos_fwd_horizontal_thread<scalar_t, acc_t, true>(tp, tile, yp, p.d, bx, by, plane, t, T, counts.data());
+        });
+  });
+  return {y, make_trace(p, counts)};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_emulated(const at::Tensor& grad_out, const at::Tensor& taps,
+                                                     int64_t factor, int64_t pad, int64_t height, int64_t width) {
+  lanczos::check_backward_args(grad_out, taps, factor, pad, height, width, at::kCPU);
+  const int64_t K = taps.numel();
+  const auto fmt = working_memory_format(grad_out);
+  const auto gc = grad_out.contiguous(fmt);
+  const auto tc = taps.contiguous();
+  const LanczosPlan p =
+      lanczos_backward_plan(gc, fmt == at::MemoryFormat::ChannelsLast, K, factor, pad, height, width);
+  auto gx = new_output({grad_out.size(0), grad_out.size(1), height, width}, grad_out.options(), fmt);
+  std::vector<int> counts(static_cast<size_t>(gx.numel()), 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(),
+                                  "lanczos_downsample_backward_emulated", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    scalar_t* xp = gx.data_ptr<scalar_t>();
+    replay<acc_t>(
+        p, tc.const_data_ptr<acc_t>(),
+        [&](const acc_t* tp, acc_t* tile, int bx, int by, int plane, int t, int T) {
+          lanczos_bwd_horizontal_thread<scalar_t, acc_t>(gp, tp, tile, p.d, bx, by, plane, t, T);
+        },
+        [&](const acc_t* tp, acc_t* tile, int bx, int by, int plane, int t, int T) {
+          lanczos_bwd_vertical_thread<scalar_t, acc_t, true>(tp, tile, xp, p.d, bx, by, plane, t, T, counts.data());
+        });
+  });
+  return {gx, make_trace(p, counts)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dip_fast, CPU, m) {
+  m.impl("_lanczos_downsample_emulated", &forward_emulated);
+  m.impl("_lanczos_downsample_backward_emulated", &backward_emulated);
+}
+
+}  // namespace dip_fast
