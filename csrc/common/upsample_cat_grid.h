@@ -63,7 +63,7 @@ DIP_HD bool upsample_preimage_slot(int i, int n, int mode, int k, int& o, acc_t&
 // The gradients reaching deep element (i, j) of L consecutive channels, from
 // grad_out (gp: those channels' first element at pixel (0, 0); gstride: the
 // element stride between grad_out pixels): the weighted sum of the <= 4 x 4
-// outputs that read it, each read as one L-element pack.
+// outputs that read it, each read as one L-element pack, in ascending order.
 template <typename scalar_t, typename acc_t, int L>
 DIP_HD void upsample_grad_values(const scalar_t* gp, int i, int j, int H, int W, int gstride, int mode, acc_t* out) {
   DIP_UNROLL for (int l = 0; l < L; ++l) out[l] = acc_t(0);
@@ -73,16 +73,14 @@ DIP_HD void upsample_grad_values(const scalar_t* gp, int i, int j, int H, int W,
     int r;
     acc_t wr;
     if (!upsample_preimage_slot<acc_t>(i, H / 2, mode, a, r, wr)) continue;
-    acc_t row[L];
-    DIP_UNROLL for (int l = 0; l < L; ++l) row[l] = acc_t(0);
     DIP_NO_UNROLL for (int b = 0; b < 4; ++b) {
       int q;
       acc_t wc;
       if (!upsample_preimage_slot<acc_t>(j, W / 2, mode, b, q, wc)) continue;
+      const acc_t w = wr * wc;  // exact: the weights are multiples of 1/4
       const Pack<scalar_t, L> p = load_pack<scalar_t, L>(gp + (r * W + q) * gstride);
-      DIP_UNROLL for (int l = 0; l < L; ++l) row[l] += wc * static_cast<acc_t>(p.v[l]);
+      DIP_UNROLL for (int l = 0; l < L; ++l) out[l] += w * static_cast<acc_t>(p.v[l]);
     }
-    DIP_UNROLL for (int l = 0; l < L; ++l) out[l] += wr * row[l];
   }
 }
 
@@ -235,7 +233,9 @@ DIP_HD void upsample_cat_grad_deep_thread_nchw(const scalar_t* grad, scalar_t* g
   const scalar_t* gp = grad + (static_cast<long long>(n) * (d.Cs + d.Cd) + d.Cs + cd) * d.H * d.W;
   scalar_t* dp = grad_deep + static_cast<long long>(plane) * len;
   const int base = static_cast<int>(q) * g.tile + t * V;
-  DIP_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
+  // Rolled: each slot already gathers up to 16 values, enough loads in
+  // flight; unrolled, ptxas spilled.
+  DIP_NO_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
     const int e = base + u * g.threads * V;
     if (e >= len) continue;
     uint32_t i0, j0;
@@ -270,7 +270,9 @@ DIP_HD void upsample_cat_grad_deep_thread_cl(const scalar_t* grad, scalar_t* gra
   const scalar_t* gimg = grad + static_cast<long long>(n) * d.H * d.W * C + d.Cs + c;
   const long long first_pixel = static_cast<long long>(row) * g.cols;
   const int j0 = static_cast<int>(q) * g.tile + static_cast<int>(r);
-  DIP_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
+  // Rolled: each slot already gathers up to 16 values, enough loads in
+  // flight; unrolled, ptxas spilled.
+  DIP_NO_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
     const int j = j0 + u * g.R;
     if (j >= g.cols) continue;
     acc_t v[V];

@@ -26,6 +26,11 @@
 namespace dip_fast {
 namespace {
 
+// The grad_deep gathers ask for at least 4 resident blocks per SM, which caps
+// registers at 64 a thread: without the bound ptxas aimed some of their
+// variants at 32 registers and spilled (make cuda-report).
+constexpr int kMinBlocks = 4;
+
 // One kernel per layout and pass; Layout selects the per-thread function.
 enum class Layout { kNchw, kChannelsLast };
 
@@ -56,7 +61,7 @@ __global__ void __launch_bounds__(kTileThreads) upsample_cat_grad_skip_kernel(co
 }
 
 template <typename scalar_t, typename acc_t, int V, Layout L>
-__global__ void __launch_bounds__(kTileThreads) upsample_cat_grad_deep_kernel(const scalar_t* __restrict__ grad,
+__global__ void __launch_bounds__(kTileThreads, kMinBlocks) upsample_cat_grad_deep_kernel(const scalar_t* __restrict__ grad,
                                                                               scalar_t* __restrict__ grad_deep,
                                                                               Tiling g, UpsampleCatDims d) {
   if constexpr (L == Layout::kChannelsLast) {
