@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import _ops, degenerate, io, tasks
+from . import _ops, auto_step, degenerate, io, tasks
 from .early_stop import DiscrepancyRule
 from .fit import StepInfo, fit
 from .metrics import psnr as _psnr
@@ -114,6 +114,9 @@ class RestoreInfo:
             observation down to its noise; None when the rule was off.
         stop_summary: one plain sentence on why the run ended and how sure
             the rule is.
+        step_mode: how the steps ran: ``'eager'`` or ``'graph'`` (eager when
+            a graph capture failed).
+        precision: the step's precision: ``'fp32'``, ``'tf32'`` or ``'bf16'``.
     """
 
     task: str
@@ -140,6 +143,8 @@ class RestoreInfo:
     stop_noise_sigma: Optional[float] = None
     stop_residual_ratio: Optional[float] = None
     stop_summary: str = ""
+    step_mode: str = "eager"
+    precision: str = "fp32"
 
 
 # --------------------------------------------------------------------------
@@ -520,12 +525,15 @@ def restore(
             returns the fixed-count result (``info.stop_fallback``).
             ``'never'``: run all ``iterations``.  ``iterations`` is the
             maximum either way; ``info`` says why the run ended.
-        step_mode: ``'auto'`` (default: eager until a GPU run has recorded
-            the CUDA graph's parity), ``'eager'``, or ``'graph'`` (CUDA only:
-            the whole step replayed as one CUDA graph; see :mod:`dip_fast.step`).
-        precision: ``'auto'`` (default: fp32 until a GPU run has recorded
-            bf16's parity), ``'fp32'``, ``'tf32'`` or ``'bf16'`` (autocast and
-            channels_last; weights and statistics stay fp32).
+        step_mode: ``'auto'`` (default), ``'eager'``, or ``'graph'`` (CUDA
+            only: the whole step replayed as one CUDA graph; see
+            :mod:`dip_fast.step`).
+        precision: ``'auto'`` (default), ``'fp32'``, ``'tf32'`` or ``'bf16'``
+            (autocast and channels_last; weights and statistics stay fp32).
+            On CUDA, ``'auto'`` runs the fastest step with recorded quality
+            parity with eager fp32 (:data:`dip_fast.auto_step.RECORDED_PARITY`,
+            empty until a GPU run records it); elsewhere, and until then,
+            eager fp32.  ``info.step_mode`` and ``info.precision`` say what ran.
 
     Returns:
         The restored image, of the same kind as ``image``: uint8 in gives
@@ -669,10 +677,12 @@ def restore(
         rule = DiscrepancyRule(None if noise_level is None else (noise_level / 255.0) ** 2,
                                tolerance=EARLY_STOP_TOLERANCE, patience=EARLY_STOP_PATIENCE)
 
+    # 'auto' comes from the recorded GPU parity evidence, one table for every caller (dip_fast.auto_step).
+    step_mode, precision = auto_step.choose(dev, step_mode, precision)
     info = RestoreInfo(
         task=task, preset=chosen.name, backend=backend_name, device=str(dev), seed=seed,
         iterations=chosen.iterations, sigma=used_sigma, reg_noise_std=chosen.reg_noise_std,
-        padded_size=padded_hw, estimated_memory=need or 0, stop=stop,
+        padded_size=padded_hw, estimated_memory=need or 0, stop=stop, step_mode=step_mode, precision=precision,
         stop_noise_sigma=math.sqrt(rule.noise_var) * 255.0 if rule is not None and rule.usable else None,
     )
 
@@ -724,7 +734,7 @@ def restore(
                 stop="auto" if rule is not None else "never",
                 stop_window=EARLY_STOP_WINDOW, stop_patience=EARLY_STOP_PATIENCE,
                 stop_bound=rule.bound if rule is not None else None,
-                step_mode=step_mode, precision="fp32" if precision == "auto" else precision, **kwargs,
+                step_mode=info.step_mode, precision=info.precision, **kwargs,
             )
         finally:
             stopper.close()
@@ -739,6 +749,7 @@ def restore(
         _explain_stop(info, rule, result, term, estimate)
     info.psnr_history = list(result.psnr_ref_avg_history or result.psnr_ref_history)
     info.steps = result.steps
+    info.step_mode = result.step_mode
     info.stop_reason = "callback" if result.stop_reason == "should_stop" else result.stop_reason
     info.interrupted = result.interrupted
     info.wall_time = result.wall_time

@@ -106,6 +106,10 @@ class WindowedVariance:
         :attr:`residual` holds the current window mean's residual.
         """
         x = out.detach().to(torch.float32)
+        # Once the patience has run out the run is over, but the host learns it only at its next read
+        # of the step log (up to sync_every steps later on a GPU): the choice is frozen so that those
+        # extra steps cannot replace it, and every read interval returns what reading each step would.
+        ended = (self.best_step >= 0) & (self.count - 1 - self.best_step >= self.patience)
         pos = torch.remainder(self.count, self.window).reshape(1)
         old = self.ring.index_select(0, pos)[0]
         self.ring.index_copy_(0, pos, x.unsqueeze(0))
@@ -119,7 +123,7 @@ class WindowedVariance:
         full = self.count >= self.window
         var = torch.where(full, spread / (self.window * self._elements), torch.full_like(spread, float("nan")))
         self.variance.copy_(var)
-        improved = full & (var < self.min_variance)
+        improved = full & ~ended & (var < self.min_variance)
         if residual_fn is not None:
             res = residual_fn((self.total / self.window).to(torch.float32)).double()
             self.residual.copy_(torch.where(full, res, torch.full_like(res, float("nan"))))

@@ -66,7 +66,8 @@ nothing, and every 50 steps on CUDA), fills the histories, calls
 are polled every step (they need no device value); ``psnr_target`` and
 early stopping act at the next read, so a run may go up to
 ``sync_every - 1`` steps past the point where they fired (the early-stopped
-estimate is the one of the detected step regardless).
+estimate is the one of the detected step regardless: the device tracker
+stops accepting new windows once its patience has run out).
 
 Early stopping (``stop='auto'``)
 --------------------------------
@@ -90,6 +91,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn as nn
 
+from . import auto_step
 from .early_stop import EarlyStopState
 from .step import STAT_FIELDS, STEP_MODES, StepRunner, precision_settings
 
@@ -197,12 +199,12 @@ class FitResult:
     step_mode: str = "eager"
 
 
-def _resolve_step_mode(step_mode: str, device: torch.device) -> str:
+def _resolve_step_mode(step_mode: str, device: torch.device, precision: str) -> str:
     if step_mode not in STEP_MODES + ("auto",):
         raise ValueError(f"step_mode must be one of {STEP_MODES + ('auto',)}, got {step_mode!r}")
     # 'graph' becomes the CUDA default only once a GPU run has recorded its parity with eager.
     if step_mode == "auto":
-        return "eager"
+        return auto_step.choose(device, "auto", precision)[0]
     if step_mode == "graph" and device.type != "cuda":
         warnings.warn(
             f"dip_fast: step_mode='graph' needs a CUDA device, the run is on {device}; running the step eagerly",
@@ -285,8 +287,9 @@ def fit(
         max_time: wall-clock budget in seconds, checked before every step.
         optimizer: custom optimizer over ``net``'s parameters (default Adam).
         step_mode: ``'eager'``, ``'graph'`` (one CUDA graph per step, CUDA
-            only; elsewhere a warning and eager) or ``'auto'`` (eager until a
-            GPU parity run makes graph the CUDA default).
+            only; elsewhere a warning and eager) or ``'auto'`` (the fastest mode
+            recorded with parity at this precision in
+            :data:`dip_fast.auto_step.RECORDED_PARITY`; eager until then).
         precision: ``'fp32'``, ``'tf32'`` or ``'bf16'`` (see :mod:`dip_fast.step`).
         sync_every: steps between reads of the step log (default 1 on the
             CPU, 50 on CUDA).
@@ -317,7 +320,7 @@ def fit(
         sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else 1
     if sync_every < 1:
         raise ValueError(f"sync_every must be >= 1, got {sync_every!r}")
-    mode = _resolve_step_mode(step_mode, device)
+    mode = _resolve_step_mode(step_mode, device, precision)
 
     t0 = time.perf_counter()
     net.train()

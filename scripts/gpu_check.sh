@@ -19,6 +19,10 @@
 #   steps    bench/compare.py: reference, fast (NCHW and channels_last) eager steps and
 #            the fast CUDA-graph steps in fp32, TF32 and bf16, interleaved, at 256, 512,
 #            1024, with the card's measured matmul peak (FLOP/s per variant against it)
+#   profile  bench/step_profile.py: a kernel-level profile of the CUDA-graph step (bf16 and TF32)
+#            at 512 and 256, device time grouped into convolution, bn_act, upsample_cat, loss,
+#            Adam and other by kernel name (on the CPU: the eager step's ops), added to the
+#            steps JSON under kernel_profile
 #   compile  bench/compare.py again with torch.compile(reference) in the rotation
 #            (--autotune: compile_autotune, mode max-autotune, beside it); written after each size
 #   ops      bench/compare.py --no-steps: fused BN-act, upsample_cat (and Lanczos, if built) vs PyTorch,
@@ -58,7 +62,7 @@
 #   --image PATH      the e2e image (default ../shared/data/dip/denoising/F16_GT.png
 #                     relative to the repository root, else scikit-image's astronaut)
 #   --budget SECONDS  overall time budget (default 570; 1200 with --cpu-only)
-#   --only LIST       comma-separated stages to run (default env,build,kernels,tests,steps,compile,ops,e2e;
+#   --only LIST       comma-separated stages to run (default env,build,kernels,tests,steps,profile,compile,ops,e2e;
 #                     the others: parity, earlystop). A fresh machine needs env,build first.
 #   --data DIR        the sample images (default ../shared/data relative to the repository root):
 #                     DIR/dip/denoising/F16_GT.png and DIR/dip/sr/zebra_GT.png are used. A lent
@@ -74,7 +78,7 @@ DO_BUILD=1
 AUTOTUNE=()
 IMAGE=""
 BUDGET=""
-ONLY="env,build,kernels,tests,steps,compile,ops,e2e"
+ONLY="env,build,kernels,tests,steps,profile,compile,ops,e2e"
 DATA=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -106,6 +110,8 @@ if [ "$CPU_ONLY" = 1 ]; then
   BUDGET="${BUDGET:-1200}"
   [ "$DO_BUILD" = 2 ] || DO_BUILD=0
   STEP_SIZES=(64)
+  PROFILE_SIZES=(64)
+  PROFILE_ROUNDS=2
   COMPILE_SIZES=(64)
   OP_SIZE=64
   E2E_CROP=64
@@ -121,6 +127,8 @@ else
   DEVICE=cuda
   BUDGET="${BUDGET:-570}"
   STEP_SIZES=(256 512 1024)
+  PROFILE_SIZES=(512 256)
+  PROFILE_ROUNDS=5
   COMPILE_SIZES=(256 512 1024)
   OP_SIZE=512
   E2E_CROP=512
@@ -403,6 +411,12 @@ for name in ("cuda-steps.json", "cuda-compile.json", "cpu-steps.json", "cpu-comp
         lines.append(f"| {size} | {ms(d, 'fast')} | {ms(d, 'fast_cl')} | {ms(d, 'reference')} | {ms(d, 'compile')} | "
                      f"{r(d, 'reference/fast')} | {r(d, 'reference/fast_cl')} | {r(d, 'compile/fast')} | {r(d, 'compile/fast_cl')} | {eff} |")
     lines.append("")
+for name in ("cuda-steps.json", "cpu-steps.json"):
+    res = load(name)
+    if res and res.get("kernel_profile", {}).get("sizes"):
+        sys.path.insert(0, "bench")
+        import step_profile  # the category table, as step_profile.py prints it
+        lines += [f"### {name}: kernel_profile", ""] + step_profile.render(res["kernel_profile"]) + [""]
 for name in ("cuda-ops.json", "cpu-ops.json"):
     res = load(name)
     if not res or not res.get("ops"):
@@ -450,6 +464,9 @@ run_stage kernels 130 kernels
 run_stage tests 120 "$PYTHON" -m pytest -q -m cuda tests --tb=long -rfE -p no:cacheprovider
 run_stage steps 150 "$PYTHON" bench/compare.py --device "$DEVICE" --sizes "${STEP_SIZES[@]}" --no-compile \
   --no-ops --repeats "$REPEATS" --warmup "$WARMUP" --out "$OUT/$DEVICE-steps.json" --no-markdown
+# Its own file would be a ninth in $OUT: the profile joins the steps JSON.
+run_stage profile 90 "$PYTHON" bench/step_profile.py --device "$DEVICE" --sizes "${PROFILE_SIZES[@]}" \
+  --rounds "$PROFILE_ROUNDS" --merge-into "$OUT/$DEVICE-steps.json"
 run_stage compile 200 "$PYTHON" bench/compare.py --device "$DEVICE" --sizes "${COMPILE_SIZES[@]}" \
   --compile-sizes "${COMPILE_SIZES[@]}" "${AUTOTUNE[@]}" --no-ops --repeats "$REPEATS" --warmup "$WARMUP" \
   --out "$OUT/$DEVICE-compile.json" --no-markdown
