@@ -177,6 +177,17 @@ def run_case(path: Path, args: argparse.Namespace, sigma: Optional[float], seed:
     }
 
 
+def _rounded(obj: Any) -> Any:
+    """Floats to 6 significant digits: halves the trajectory files, far below any difference that matters."""
+    if isinstance(obj, float):
+        return float(f"{obj:.6g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -217,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"fixed {rec['fixed_psnr']:.2f}, peak {peak:.2f} at {rec['log']['psnr_avg'].index(peak)}, "
                   f"{rec['cpu_s']:.0f} s", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result) + "\n")  # a cut-off run keeps what it measured
+            args.out.write_text(json.dumps(_rounded(result)) + "\n")  # a cut-off run keeps what it measured
     return 0
 
 
