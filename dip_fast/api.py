@@ -484,11 +484,13 @@ def restore(
             quality and speed), a name in :data:`dip_fast.tasks.PRESETS`, or
             a :class:`dip_fast.tasks.Preset`.
         sigma: denoising only: the noise standard deviation in 0-255 units.
-            It only picks the input perturbation (1/30 at 25, 1/20 at 50);
+            It picks the input perturbation (1/30 at 25, 1/20 at 50) and
+            the noise level that ``stop='early'`` compares the residual with;
             estimated with ``skimage.restoration.estimate_sigma`` if omitted.
             The other tasks keep their preset's perturbation (``'jpeg'``:
             1/30, the snail notebook's; compression artefacts are not
-            Gaussian noise, so no level is estimated).
+            Gaussian noise, so no level picks it); with ``stop='early'``
+            jpeg and deblur estimate a level for the rule's check only.
         seed: seeds the network weights, the input and the perturbations.
             On the CPU the same seed gives the same result bit for bit; on
             CUDA only with ``deterministic=True`` (and still not bit for bit
