@@ -103,10 +103,7 @@ DIP_HD void bn_stats_thread_nchw(const scalar_t* x, const Tiling& g, int parts, 
     const scalar_t* xp = x + static_cast<long long>(static_cast<int>(n) * g.C + c) * plane_len;
     const int base = static_cast<int>(q) * g.tile + t * V;
     Pack<scalar_t, V> p[kBnUnroll]{};
-    DIP_UNROLL for (int u = 0; u < kBnUnroll; ++u) {  // all loads first: kBnUnroll in flight
-      const int e = base + u * g.threads * V;
-      if (e < plane_len) p[u] = load_pack<scalar_t, V>(xp + e);
-    }
+    load_slot_packs(xp, base, g.threads * V, plane_len, 1, p);
     DIP_UNROLL for (int u = 0; u < kBnUnroll; ++u) {
       const int e = base + u * g.threads * V;
       if (e >= plane_len) continue;
@@ -134,10 +131,7 @@ DIP_HD void bn_stats_thread_cl(const scalar_t* x, const Tiling& g, int parts, in
     const scalar_t* xr = x + static_cast<long long>(row) * g.cols * g.C + cv * V;
     const int j0 = static_cast<int>(q) * g.tile + r;
     Pack<scalar_t, V> p[kBnUnroll]{};
-    DIP_UNROLL for (int u = 0; u < kBnUnroll; ++u) {
-      const int j = j0 + u * g.R;
-      if (j < g.cols) p[u] = load_pack<scalar_t, V>(xr + static_cast<long long>(j) * g.C);
-    }
+    load_slot_packs(xr, j0, g.R, g.cols, g.C, p);
     DIP_UNROLL for (int u = 0; u < kBnUnroll; ++u) {
       if (j0 + u * g.R >= g.cols) continue;
       cnt += acc_t(1);
@@ -214,6 +208,20 @@ DIP_HD void gather_grad_nchw(const scalar_t* dyp, const Tiling& g, int e, int pa
   }
 }
 
+// Every load of an NCHW backward thread's tile before any use: the x packs
+// and the gathered gradients of its kBnUnroll vector slots.
+template <typename scalar_t, typename acc_t, int V>
+DIP_HD void load_x_and_grad_nchw(const scalar_t* xp, const scalar_t* dyp, const Tiling& g, int base, int len, int pad,
+                                 int mode, int Wo, Pack<scalar_t, V> (&p)[kBnUnroll], acc_t (&gr)[kBnUnroll][V]) {
+  DIP_UNROLL for (int u = 0; u < kBnUnroll; ++u) {
+    const int e = base + u * g.threads * V;
+    if (e < len) {
+      p[u] = load_pack<scalar_t, V>(xp + e);
+      gather_grad_nchw<scalar_t, acc_t, V>(dyp, g, e, pad, mode, Wo, gr[u]);
+    }
+  }
+}
+
 // NCHW backward sums, thread t of block (part, c): a = sum(dz), b = sum(dz * (x - mean)).
 template <typename scalar_t, typename acc_t, int V>
 DIP_HD void bn_backward_thread_nchw(const scalar_t* dy, const scalar_t* x, const Tiling& g, int pad, int mode,
@@ -233,13 +241,7 @@ DIP_HD void bn_backward_thread_nchw(const scalar_t* dy, const scalar_t* x, const
     const int base = static_cast<int>(q) * g.tile + t * V;
     Pack<scalar_t, V> p[kBnUnroll]{};
     acc_t gr[kBnUnroll][V];
-    DIP_UNROLL for (int u = 0; u < kBnUnroll; ++u) {  // every load (x and the dy gather) before any use
-      const int e = base + u * g.threads * V;
-      if (e < plane_len) {
-        p[u] = load_pack<scalar_t, V>(xp + e);
-        gather_grad_nchw<scalar_t, acc_t, V>(dyp, g, e, pad, mode, Wo, gr[u]);
-      }
-    }
+    load_x_and_grad_nchw<scalar_t, acc_t, V>(xp, dyp, g, base, plane_len, pad, mode, Wo, p, gr);
     DIP_UNROLL for (int u = 0; u < kBnUnroll; ++u) {
       const int e = base + u * g.threads * V;
       if (e >= plane_len) continue;
@@ -406,10 +408,7 @@ DIP_HD void bn_normalize_thread_nchw(const scalar_t* x, scalar_t* y, const Tilin
   const int base = static_cast<int>(q) * g.tile + t * V;
   Pack<scalar_t, V> p[kBnUnroll]{};
   if (pad == 0) {  // the output is the input's shape: vector loads of x
-    DIP_UNROLL for (int u = 0; u < kBnUnroll; ++u) {
-      const int e = base + u * g.threads * V;
-      if (e < out_len) p[u] = load_pack<scalar_t, V>(xp + e);
-    }
+    load_slot_packs(xp, base, g.threads * V, out_len, 1, p);
     DIP_UNROLL for (int u = 0; u < kBnUnroll; ++u) {
       const int e = base + u * g.threads * V;
       if (e >= out_len) continue;
@@ -542,13 +541,7 @@ DIP_HD void bn_dx_thread_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* d
   const int base = static_cast<int>(q) * g.tile + t * V;
   Pack<scalar_t, V> p[kBnUnroll]{};
   acc_t gr[kBnUnroll][V];
-  DIP_UNROLL for (int u = 0; u < kBnUnroll; ++u) {
-    const int e = base + u * g.threads * V;
-    if (e < len) {
-      p[u] = load_pack<scalar_t, V>(xp + e);
-      gather_grad_nchw<scalar_t, acc_t, V>(dyp, g, e, pad, mode, Wo, gr[u]);
-    }
-  }
+  load_x_and_grad_nchw<scalar_t, acc_t, V>(xp, dyp, g, base, len, pad, mode, Wo, p, gr);
   DIP_UNROLL for (int u = 0; u < kBnUnroll; ++u) {
     const int e = base + u * g.threads * V;
     if (e >= len) continue;

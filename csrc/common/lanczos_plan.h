@@ -7,6 +7,7 @@
 
 #include <algorithm>
 
+#include "alloc.h"
 #include "lanczos_checks.h"
 #include "lanczos_grid.h"
 
@@ -87,6 +88,42 @@ inline LanczosPlan lanczos_backward_plan(const at::Tensor& grad_out, bool cl, in
   TORCH_CHECK(p.grid_y <= 65535, "dip_fast: image too tall for lanczos_downsample_backward on CUDA (", height,
               " rows)");
   return p;
+}
+
+// The checked inputs, in their working layout, the plan and the (poisoned in
+// tests) output of one call: the common preamble of the CUDA entry points and
+// of their emulation.
+struct LanczosCall {
+  at::Tensor in, taps, out;
+  LanczosPlan plan;
+};
+
+inline LanczosCall lanczos_forward_call(const at::Tensor& x, const at::Tensor& taps, int64_t factor, int64_t pad,
+                                        at::DeviceType device) {
+  lanczos::check_args(x, "x", taps, factor, pad, device);
+  const int64_t K = taps.numel();
+  lanczos::check_extent(x.size(2), K, pad, "height");
+  lanczos::check_extent(x.size(3), K, pad, "width");
+  const auto fmt = working_memory_format(x);
+  LanczosCall c;
+  c.in = x.contiguous(fmt);
+  c.taps = taps.contiguous();
+  c.plan = lanczos_forward_plan(c.in, fmt == at::MemoryFormat::ChannelsLast, K, factor, pad);
+  c.out = new_output({x.size(0), x.size(1), c.plan.d.Ho, c.plan.d.Wo}, x.options(), fmt);
+  return c;
+}
+
+inline LanczosCall lanczos_backward_call(const at::Tensor& grad_out, const at::Tensor& taps, int64_t factor,
+                                         int64_t pad, int64_t height, int64_t width, at::DeviceType device) {
+  lanczos::check_backward_args(grad_out, taps, factor, pad, height, width, device);
+  const auto fmt = working_memory_format(grad_out);
+  LanczosCall c;
+  c.in = grad_out.contiguous(fmt);
+  c.taps = taps.contiguous();
+  c.plan = lanczos_backward_plan(c.in, fmt == at::MemoryFormat::ChannelsLast, taps.numel(), factor, pad, height,
+                                 width);
+  c.out = new_output({grad_out.size(0), grad_out.size(1), height, width}, grad_out.options(), fmt);
+  return c;
 }
 
 }  // namespace dip_fast

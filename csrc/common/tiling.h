@@ -42,6 +42,18 @@ DIP_HD void store_pack(T* p, const Pack<T, V>& v) {
   *reinterpret_cast<Pack<T, V>*>(p) = v;
 }
 
+// The loads-first half of a thread's work: pack u comes from element
+// (first + u * step) * elem_stride of ptr, for the slots below limit (NCHW:
+// vector slots of a plane, elem_stride 1; channels_last: pixels of a row,
+// elem_stride C). All kTileUnroll loads are issued before any is used.
+template <typename T, int V, int U>
+DIP_HD void load_slot_packs(const T* ptr, int first, int step, int limit, long long elem_stride, Pack<T, V> (&p)[U]) {
+  DIP_UNROLL for (int u = 0; u < U; ++u) {
+    const int e = first + u * step;
+    if (e < limit) p[u] = load_pack<T, V>(ptr + static_cast<long long>(e) * elem_stride);
+  }
+}
+
 struct Tiling {
   int N, C, rows, cols;
   bool cl;

@@ -98,10 +98,7 @@ DIP_HD void upsample_cat_forward_thread_nchw(const scalar_t* skip, const scalar_
   if (static_cast<int>(c) < d.Cs) {  // a skip plane: a vector copy
     const scalar_t* sp = skip + (static_cast<long long>(n) * d.Cs + c) * len;
     Pack<scalar_t, V> p[kTileUnroll]{};
-    DIP_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
-      const int e = base + u * g.threads * V;
-      if (e < len) p[u] = load_pack<scalar_t, V>(sp + e);
-    }
+    load_slot_packs(sp, base, g.threads * V, len, 1, p);
     DIP_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
       const int e = base + u * g.threads * V;
       if (e >= len) continue;
@@ -148,10 +145,7 @@ DIP_HD void upsample_cat_forward_thread_cl(const scalar_t* skip, const scalar_t*
   const int j0 = static_cast<int>(q) * g.tile + static_cast<int>(r);
   if (c < d.Cs) {
     Pack<scalar_t, V> p[kTileUnroll]{};
-    DIP_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
-      const int j = j0 + u * g.R;
-      if (j < d.W) p[u] = load_pack<scalar_t, V>(skip + (first_pixel + j) * d.Cs + c);
-    }
+    load_slot_packs(skip + first_pixel * d.Cs + c, j0, g.R, d.W, d.Cs, p);
     DIP_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
       const int j = j0 + u * g.R;
       if (j >= d.W) continue;
@@ -185,10 +179,7 @@ DIP_HD void upsample_cat_grad_skip_thread_nchw(const scalar_t* grad, scalar_t* g
   scalar_t* sp = grad_skip + static_cast<long long>(plane) * len;
   const int base = static_cast<int>(q) * g.tile + t * V;
   Pack<scalar_t, V> p[kTileUnroll]{};
-  DIP_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
-    const int e = base + u * g.threads * V;
-    if (e < len) p[u] = load_pack<scalar_t, V>(gp + e);
-  }
+  load_slot_packs(gp, base, g.threads * V, len, 1, p);
   DIP_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
     const int e = base + u * g.threads * V;
     if (e >= len) continue;
@@ -210,10 +201,7 @@ DIP_HD void upsample_cat_grad_skip_thread_cl(const scalar_t* grad, scalar_t* gra
   const long long first_pixel = static_cast<long long>(row) * d.W;
   const int j0 = static_cast<int>(q) * g.tile + static_cast<int>(r);
   Pack<scalar_t, V> p[kTileUnroll]{};
-  DIP_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
-    const int j = j0 + u * g.R;
-    if (j < d.W) p[u] = load_pack<scalar_t, V>(grad + (first_pixel + j) * C + c);
-  }
+  load_slot_packs(grad + first_pixel * C + c, j0, g.R, d.W, C, p);
   DIP_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
     const int j = j0 + u * g.R;
     if (j >= d.W) continue;

@@ -54,22 +54,15 @@ void replay(const LanczosPlan& p, const acc_t* taps, Phase1&& phase1, Phase2&& p
 
 std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& x, const at::Tensor& taps, int64_t factor,
                                                     int64_t pad) {
-  lanczos::check_args(x, "x", taps, factor, pad, at::kCPU);
-  const int64_t K = taps.numel();
-  lanczos::check_extent(x.size(2), K, pad, "height");
-  lanczos::check_extent(x.size(3), K, pad, "width");
-  const auto fmt = working_memory_format(x);
-  const auto xc = x.contiguous(fmt);
-  const auto tc = taps.contiguous();
-  const LanczosPlan p = lanczos_forward_plan(xc, fmt == at::MemoryFormat::ChannelsLast, K, factor, pad);
-  auto y = new_output({x.size(0), x.size(1), p.d.Ho, p.d.Wo}, x.options(), fmt);
-  std::vector<int> counts(static_cast<size_t>(y.numel()), 0);
+  const LanczosCall c = lanczos_forward_call(x, taps, factor, pad, at::kCPU);
+  const LanczosPlan& p = c.plan;
+  std::vector<int> counts(static_cast<size_t>(c.out.numel()), 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lanczos_downsample_emulated", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* xp = c.in.const_data_ptr<scalar_t>();
+    scalar_t* yp = c.out.data_ptr<scalar_t>();
     replay<acc_t>(
-        p, tc.const_data_ptr<acc_t>(),
+        p, c.taps.const_data_ptr<acc_t>(),
         [&](const acc_t* tp, acc_t* tile, int bx, int by, int plane, int t, int T) {
           lanczos_fwd_vertical_thread<scalar_t, acc_t>(xp, tp, tile, p.d, bx, by, plane, t, T);
         },
@@ -77,27 +70,21 @@ std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& x, const a
           lanczos_fwd_horizontal_thread<scalar_t, acc_t, true>(tp, tile, yp, p.d, bx, by, plane, t, T, counts.data());
         });
   });
-  return {y, make_trace(p, counts)};
+  return {c.out, make_trace(p, counts)};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_emulated(const at::Tensor& grad_out, const at::Tensor& taps,
                                                      int64_t factor, int64_t pad, int64_t height, int64_t width) {
-  lanczos::check_backward_args(grad_out, taps, factor, pad, height, width, at::kCPU);
-  const int64_t K = taps.numel();
-  const auto fmt = working_memory_format(grad_out);
-  const auto gc = grad_out.contiguous(fmt);
-  const auto tc = taps.contiguous();
-  const LanczosPlan p =
-      lanczos_backward_plan(gc, fmt == at::MemoryFormat::ChannelsLast, K, factor, pad, height, width);
-  auto gx = new_output({grad_out.size(0), grad_out.size(1), height, width}, grad_out.options(), fmt);
-  std::vector<int> counts(static_cast<size_t>(gx.numel()), 0);
+  const LanczosCall c = lanczos_backward_call(grad_out, taps, factor, pad, height, width, at::kCPU);
+  const LanczosPlan& p = c.plan;
+  std::vector<int> counts(static_cast<size_t>(c.out.numel()), 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(),
                                   "lanczos_downsample_backward_emulated", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
-    scalar_t* xp = gx.data_ptr<scalar_t>();
+    const scalar_t* gp = c.in.const_data_ptr<scalar_t>();
+    scalar_t* xp = c.out.data_ptr<scalar_t>();
     replay<acc_t>(
-        p, tc.const_data_ptr<acc_t>(),
+        p, c.taps.const_data_ptr<acc_t>(),
         [&](const acc_t* tp, acc_t* tile, int bx, int by, int plane, int t, int T) {
           lanczos_bwd_horizontal_thread<scalar_t, acc_t>(gp, tp, tile, p.d, bx, by, plane, t, T);
         },
@@ -105,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> backward_emulated(const at::Tensor& grad_out,
           lanczos_bwd_vertical_thread<scalar_t, acc_t, true>(tp, tile, xp, p.d, bx, by, plane, t, T, counts.data());
         });
   });
-  return {gx, make_trace(p, counts)};
+  return {c.out, make_trace(p, counts)};
 }
 
 }  // namespace

@@ -70,51 +70,40 @@ __global__ void __launch_bounds__(kLanczosThreads) lanczos_backward_kernel(const
 }
 
 at::Tensor lanczos_downsample_cuda(const at::Tensor& x, const at::Tensor& taps, int64_t factor, int64_t pad) {
-  lanczos::check_args(x, "x", taps, factor, pad, at::kCUDA);
-  const int64_t K = taps.numel();
-  lanczos::check_extent(x.size(2), K, pad, "height");
-  lanczos::check_extent(x.size(3), K, pad, "width");
+  DIP_CHECK_DEVICE(x, at::kCUDA, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto fmt = working_memory_format(x);
-  const auto xc = x.contiguous(fmt);
-  const auto tc = taps.contiguous();
-  const LanczosPlan p = lanczos_forward_plan(xc, fmt == at::MemoryFormat::ChannelsLast, K, factor, pad);
-  auto y = new_output({x.size(0), x.size(1), p.d.Ho, p.d.Wo}, x.options(), fmt);
-  if (y.numel() == 0) return y;
+  const LanczosCall c = lanczos_forward_call(x, taps, factor, pad, at::kCUDA);
+  const LanczosPlan& p = c.plan;
+  if (c.out.numel() == 0) return c.out;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lanczos_downsample_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     lanczos_forward_kernel<scalar_t, acc_t><<<dim3(p.grid_x, p.grid_y, p.grid_z), kLanczosThreads, p.shared_bytes,
-                                              stream>>>(xc.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                                        tc.const_data_ptr<acc_t>(), p.d);
+                                              stream>>>(c.in.const_data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(),
+                                                        c.taps.const_data_ptr<acc_t>(), p.d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return y;
+  return c.out;
 }
 
 at::Tensor lanczos_downsample_backward_cuda(const at::Tensor& grad_out, const at::Tensor& taps, int64_t factor,
                                             int64_t pad, int64_t height, int64_t width) {
-  lanczos::check_backward_args(grad_out, taps, factor, pad, height, width, at::kCUDA);
-  const int64_t K = taps.numel();
+  DIP_CHECK_DEVICE(grad_out, at::kCUDA, "grad_out");
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  const auto fmt = working_memory_format(grad_out);
-  const auto gc = grad_out.contiguous(fmt);
-  const auto tc = taps.contiguous();
-  const LanczosPlan p =
-      lanczos_backward_plan(gc, fmt == at::MemoryFormat::ChannelsLast, K, factor, pad, height, width);
-  auto gx = new_output({grad_out.size(0), grad_out.size(1), height, width}, grad_out.options(), fmt);
-  if (gx.numel() == 0) return gx;
+  const LanczosCall c = lanczos_backward_call(grad_out, taps, factor, pad, height, width, at::kCUDA);
+  const LanczosPlan& p = c.plan;
+  if (c.out.numel() == 0) return c.out;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "lanczos_downsample_backward_cuda",
                                   [&] {
                                     using acc_t = at::opmath_type<scalar_t>;
                                     lanczos_backward_kernel<scalar_t, acc_t>
                                         <<<dim3(p.grid_x, p.grid_y, p.grid_z), kLanczosThreads, p.shared_bytes,
-                                           stream>>>(gc.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
-                                                     tc.const_data_ptr<acc_t>(), p.d);
+                                           stream>>>(c.in.const_data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(),
+                                                     c.taps.const_data_ptr<acc_t>(), p.d);
                                     C10_CUDA_KERNEL_LAUNCH_CHECK();
                                   });
-  return gx;
+  return c.out;
 }
 
 }  // namespace
