@@ -28,11 +28,12 @@ crop are skipped).  Each image belongs to the tuning or the validation split
 by a hash of its file name (:func:`split_of`), fixed before any result was
 seen.
 
-    python bench/early_stop.py --task denoise --sigmas 25 --crop 128 --out bench/results/es-traj-x.json IMAGES...
+    python bench/early_stop.py --task denoise --sigmas 25 --crop 128 --out bench/results/es-traj-x.json.gz IMAGES...
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import io as _io
 import json
@@ -54,6 +55,17 @@ from dip_fast.api import _estimate_sigma, reg_noise_for_sigma  # noqa: E402
 from dip_fast.fit import StepInfo, fit  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_trajectories(path: Path) -> Dict[str, Any]:
+    """A trajectory file, gzip-compressed when its name ends in .gz (per-step logs are large)."""
+    data = path.read_bytes()
+    return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
+
+
+def write_trajectories(path: Path, result: Dict[str, Any]) -> None:
+    text = (json.dumps(result) + "\n").encode()
+    path.write_bytes(gzip.compress(text, mtime=0) if path.suffix == ".gz" else text)
 #: Window lengths whose mean and variance are logged.
 WINDOWS = (50, 100, 200)
 #: Share of images held out for validation (by name hash).
@@ -210,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     images = quality.list_images(args.paths)
     result: Dict[str, Any] = {"schema": "dip_fast-bench-es-trajectories/1", "runs": []}
     if args.out.exists():
-        result = json.loads(args.out.read_text())
+        result = read_trajectories(args.out)
     result.update(environment=quality.environment(torch.device("cpu")),
                   command="bench/early_stop.py " + " ".join(sys.argv[1:] if argv is None else argv))
     done = {(r["image"], r["crop"], r["sigma"], r["task"]) for r in result["runs"]}
@@ -228,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"fixed {rec['fixed_psnr']:.2f}, peak {peak:.2f} at {rec['log']['psnr_avg'].index(peak)}, "
                   f"{rec['cpu_s']:.0f} s", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(_rounded(result)) + "\n")  # a cut-off run keeps what it measured
+            write_trajectories(args.out, _rounded(result))  # a cut-off run keeps what it measured
     return 0
 
 

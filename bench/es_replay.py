@@ -18,7 +18,7 @@ mean gap to 0.01 dB, then the fewest steps on average), and
 reported per task on the validation split beside the fixed count and plain
 ES-WMV.
 
-    python bench/es_replay.py bench/results/es-traj-*.json --out bench/results/es-replay.md
+    python bench/es_replay.py bench/results/es-traj-*.json.gz --out bench/results/es-replay.md
 """
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from dip_fast.early_stop import DiscrepancyRule, replay
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import early_stop  # noqa: E402  (the trajectory files it records)
 
 WINDOWS = (50, 100, 200)
 TOLERANCES = (0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.3, 1.5)
@@ -178,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     runs: List[Dict[str, Any]] = []
     for f in args.files:
-        runs += json.loads(f.read_text())["runs"]
+        runs += early_stop.read_trajectories(f)["runs"]
     tuning = [r for r in runs if r["split"] == "tuning"]
     if not tuning:
         print("no tuning runs", file=sys.stderr)
