@@ -46,18 +46,16 @@ TASK_ALIASES = {
 #: Tasks where a long run fits the noise, so that ``stop='early'`` may end it (see :data:`AUTO_STOP`).
 EARLY_STOP_TASKS = ("denoise", "jpeg", "deblur")
 STOP_CHOICES = ("auto", "never", "early")
-#: What ``stop='auto'`` does per task: ``'early'`` (the discrepancy-gated rule) only where it met every
-#: criterion on the held-out validation runs of ``bench/es_replay.py`` (bench/README.md, "Early
-#: stopping on photographs"), else ``'never'``, the preset's fixed step count.  On those runs the rule
-#: was never worse than the fixed count, but on most photographs the fixed count had not over-fitted
-#: yet, so it saved steps on too few of them (median 100% of the steps, the criterion is 60%): the
-#: fixed count stays the default for every task, and ``stop='early'`` is opt-in.
+#: What ``stop='auto'`` does per task: ``'early'`` (the discrepancy rule) where it beat the preset's
+#: fixed step count on the held-out validation runs of ``bench/es_replay.py`` (bench/README.md, "Early
+#: stopping on photographs"), else ``'never'``, the fixed count.
 AUTO_STOP = {"denoise": "never", "jpeg": "never", "deblur": "never"}
-#: The rule's window, patience and tolerance (:class:`dip_fast.early_stop.DiscrepancyRule`), chosen on the
-#: tuning runs of the same benchmark (windows 50/100/200, tolerances 0.9-1.5, patiences 50-500 tried).
-EARLY_STOP_WINDOW = 200
-EARLY_STOP_PATIENCE = 500
-EARLY_STOP_TOLERANCE = 1.05
+#: The rule's tolerance (:class:`dip_fast.early_stop.DiscrepancyRule`), chosen on the tuning runs of the
+#: same benchmark (0.9-1.05 tried).
+EARLY_STOP_TOLERANCE = 1.0
+#: With ``stop='early'`` and no ``iterations``, the step budget is this multiple of the preset's count:
+#: a run that has not explained the observation by then falls back to the average at the budget.
+EARLY_STOP_BUDGET = 1.0
 STEP_MODE_CHOICES = ("auto", "eager", "graph")
 PRECISION_CHOICES = ("auto", "fp32", "tf32", "bf16")
 
@@ -101,9 +99,8 @@ class RestoreInfo:
         padded_size: the network's (high-resolution) working size ``(H, W)``.
         estimated_memory: estimated peak memory of the run in bytes.
         backtrack_steps: steps at which backtracking restored the weights.
-        stop_step: the step chosen by early stopping: the last of the window
-            of outputs whose mean is returned; None when it did not trigger
-            or was off.
+        stop_step: the step chosen by early stopping (0-based), whose running
+            average is returned; None when it did not trigger or was off.
         stop: the stopping mode that ran: ``'early'`` or ``'never'`` (what
             ``stop='auto'`` resolved to for the task).
         stop_fallback: early stopping ran but accepted no estimate (none
@@ -522,14 +519,18 @@ def restore(
             ``'never'`` won on the validation images of the benchmark
             (:data:`AUTO_STOP`; ``'never'`` for tasks without early stopping).
             ``'early'`` (``'denoise'``, ``'jpeg'``, ``'deblur'`` only): stop
-            without ground truth at the most stable window of outputs among
-            those whose mean explains the observation down to its noise
-            level (the discrepancy principle, see
+            without ground truth at the first step whose running average
+            explains the observation down to its noise level (the
+            discrepancy principle, see
             :class:`dip_fast.early_stop.DiscrepancyRule`), and return that
-            window's mean; when no window qualifies the run completes and
-            returns the fixed-count result (``info.stop_fallback``).
-            ``'never'``: run all ``iterations``.  ``iterations`` is the
-            maximum either way; ``info`` says why the run ended.
+            average; when no step qualifies the run completes and returns
+            the average of its last step (``info.stop_fallback``).  The noise
+            level is the one estimated from the observation (for denoising
+            the smaller of it and ``sigma``: a level set too high would stop
+            before the image is fitted).  ``'never'``: run all
+            ``iterations``.  ``iterations`` is the maximum either way (with
+            ``'early'`` and no ``iterations``, :data:`EARLY_STOP_BUDGET` times
+            the preset's count); ``info`` says why the run ended.
         step_mode: ``'auto'`` (default), ``'eager'``, or ``'graph'`` (CUDA
             only: the whole step replayed as one CUDA graph; see
             :mod:`dip_fast.step`).
@@ -606,6 +607,8 @@ def restore(
     chosen, level = _resolve_preset(preset, task, scale, dev)
     if iterations is not None:
         chosen = chosen.with_overrides(iterations=iterations)
+    elif stop == "early" and EARLY_STOP_BUDGET != 1.0:
+        chosen = chosen.with_overrides(iterations=int(round(chosen.iterations * EARLY_STOP_BUDGET)))
     factor = scale or 1
 
     # ---- image size and memory, before the pixels are converted
@@ -676,11 +679,15 @@ def restore(
             chosen = chosen.with_overrides(reg_noise_std=reg_noise_for_sigma(used_sigma))
     rule: Optional[DiscrepancyRule] = None
     if stop == "early":
-        # The gate's noise level: denoising's sigma; for jpeg and deblur the same wavelet estimate of
-        # the observation's noise (None if it cannot be made: the rule then falls back).
-        noise_level = used_sigma if task == "denoise" else _estimate_sigma(color)
+        # The noise level the residual is held to: the observation's own (wavelet) estimate, which
+        # measures the noise actually present (clipping at 0 and 1 leaves less than a nominal sigma);
+        # a given sigma only lowers it, since a level set too high stops before the image is fitted.
+        # None if it cannot be estimated: the rule then falls back.
+        noise_level = _estimate_sigma(color)
+        if noise_level is not None and task == "denoise" and sigma is not None:
+            noise_level = min(noise_level, float(sigma))
         rule = DiscrepancyRule(None if noise_level is None else (noise_level / 255.0) ** 2,
-                               tolerance=EARLY_STOP_TOLERANCE, patience=EARLY_STOP_PATIENCE)
+                               tolerance=EARLY_STOP_TOLERANCE)
 
     # 'auto' comes from the recorded GPU parity evidence, one table for every caller (dip_fast.auto_step).
     step_mode, precision = auto_step.choose(dev, step_mode, precision)
@@ -736,15 +743,14 @@ def restore(
             result = fit(
                 net, net_input, term, generator=generator, max_time=max_time,
                 callback=stopper.on_step, should_stop=stopper.should_stop,
-                stop="auto" if rule is not None else "never",
-                stop_window=EARLY_STOP_WINDOW, stop_patience=EARLY_STOP_PATIENCE,
+                stop="discrepancy" if rule is not None else "never",
                 stop_bound=rule.bound if rule is not None else None,
                 step_mode=info.step_mode, precision=info.precision, **kwargs,
             )
         finally:
             stopper.close()
 
-    if result.stop_output is not None:  # early stopping: the mean of the most stable window
+    if result.stop_output is not None:  # early stopping: the average of the stopping step
         estimate = result.stop_output
     else:
         estimate = result.output_avg if result.output_avg is not None else result.output
@@ -778,21 +784,17 @@ def _explain_stop(info: RestoreInfo, rule: DiscrepancyRule, result: Any, term: n
     ratio = f"{info.stop_residual_ratio:.2f}" if info.stop_residual_ratio is not None else "n/a"
     if result.stop_step is not None:
         info.stop_summary = (
-            f"stopped: the outputs of steps {result.stop_step + 2 - EARLY_STOP_WINDOW}-{result.stop_step + 1} were "
-            f"the most stable window that explains the observation (residual {ratio} x sigma^2, accepted up to "
-            f"{rule.tolerance:g}) and none steadier came in the next {rule.patience} steps; their mean is returned")
+            f"stopped: at step {result.stop_step + 1} the average explained the observation down to its noise "
+            f"level (residual {ratio} x sigma^2, accepted up to {rule.tolerance:g}; sigma "
+            f"{info.stop_noise_sigma:.1f}); going on would fit the noise, so that average is returned")
     elif not rule.usable:
         info.stop_summary = ("fallback: the noise level could not be estimated, so early stopping cannot tell an "
-                             "under-fitted estimate; the fixed-count result is returned")
-    elif info.stop_fallback and info.stop_residual_ratio > rule.tolerance:
-        info.stop_summary = (
-            f"fallback: no window's mean explained the observation down to {rule.tolerance:g} x sigma^2 "
-            f"(sigma {info.stop_noise_sigma:.1f}); the returned fixed-count result still leaves {ratio} x sigma^2, "
-            f"so it has not fitted the image to the noise level yet and more iterations may improve it")
+                             "under-fitted estimate; the run's last average is returned")
     elif info.stop_fallback:
         info.stop_summary = (
-            f"fallback: the rule did not end the run (the windows that explain the observation were still getting "
-            f"steadier); the fixed-count result is returned and explains the observation (residual {ratio} x sigma^2)")
+            f"fallback: no step's average explained the observation down to {rule.tolerance:g} x sigma^2 "
+            f"(sigma {info.stop_noise_sigma:.1f}); the returned last average still leaves {ratio} x sigma^2, "
+            f"so it has not fitted the image to the noise level yet and more iterations may improve it")
     else:
         info.stop_summary = f"ended before the rule decided ({info.stop_reason}); the result so far is returned"
 
@@ -878,14 +880,10 @@ class _Monitor:
                 self.stop = True
 
     def _stop_signal(self, s: StepInfo) -> Dict[str, str]:
-        """The early-stopping signal for the bar: residual / sigma^2 of the window mean, its variance, the best step."""
-        if s.variance is None or not math.isfinite(s.variance):
+        """The early-stopping signal for the bar: the average's residual / sigma^2 (the rule stops at its tolerance)."""
+        if self.noise_var is None or s.residual is None or not math.isfinite(s.residual):
             return {}
-        post = {"var": f"{s.variance:.1e}"}
-        if self.noise_var is not None and s.residual is not None and math.isfinite(s.residual):
-            post["res/sigma2"] = f"{s.residual / self.noise_var:.2f}"
-        post["best"] = str(s.stop_step + 1) if s.stop_step is not None else "-"
-        return post
+        return {"res/sigma2": f"{s.residual / self.noise_var:.2f}"}
 
     def close(self) -> None:
         self.bar.close()
