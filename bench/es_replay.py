@@ -50,9 +50,13 @@ Setting = Tuple[float, float, str]  # tolerance, budget, noise source (see noise
 
 
 def noise_var(run: Dict[str, Any], source: str) -> Optional[float]:
-    """sigma^2 in [0, 1] units: the estimate restore() makes (``'est'``), or what it holds the residual to
-    when the caller gives the true sigma (``'given'``: the smaller of the two)."""
+    """sigma^2 in [0, 1] units: the estimate restore() makes (``'est'``), or with the true level known
+    (``'given'``): for denoising what restore() holds the residual to when the caller passes sigma (the
+    smaller of the two), for jpeg the real compression error (which no caller knows: a bound on what any
+    JPEG noise estimate could do)."""
     s = run["sigma_est"]
+    if source == "given" and run["task"] == "jpeg":
+        return run["input_mse"]
     if source == "given" and run["sigma"] is not None and s is not None:
         s = min(s, run["sigma"])
     return None if s is None else (s / 255.0) ** 2
@@ -141,7 +145,7 @@ HEADER = ["| rule | runs | mean PSNR dB ± s.e. | mean vs fixed dB | mean gap to
 
 def describe(setting: Setting) -> str:
     tol, budget, src = setting
-    return f"discrepancy rule (tol {tol}, budget {budget}x{', sigma given' if src == 'given' else ''})"
+    return f"discrepancy rule (tol {tol}, budget {budget}x{', true level' if src == 'given' else ''})"
 
 
 def split_tables(runs: List[Dict[str, Any]], chosen: Setting) -> Tuple[List[str], Dict[str, Any]]:
@@ -157,7 +161,7 @@ def split_tables(runs: List[Dict[str, Any]], chosen: Setting) -> Tuple[List[str]
         rows = {"fixed count": summarise([score(r, None) for r in rs])}
         for v in variants:
             rows[describe(v)] = summarise([score(r, v) for r in rs])
-        if all(r["sigma"] is not None for r in rs):
+        if all(r["sigma"] is not None or r["task"] == "jpeg" for r in rs):
             rows[describe((tol, budget, "given"))] = summarise([score(r, (tol, budget, "given")) for r in rs])
         out[split] = rows
         lines += [f"**{split}**", ""] + HEADER + [table_row(k, s) for k, s in rows.items()] + [""]
