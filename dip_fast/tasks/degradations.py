@@ -30,6 +30,7 @@ __all__ = [
     "downscale_array",
     "make_blur_kernel",
     "text_mask",
+    "to_uint8",
 ]
 
 KernelLike = Union[str, np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
@@ -115,13 +116,14 @@ def text_mask(height: int, width: int) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-def _to_uint8(image: np.ndarray) -> np.ndarray:
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A float array in [0, 1] as uint8, rounded to nearest."""
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
 def _resize_array(image: np.ndarray, size: "tuple[int, int]", method: Image.Resampling) -> np.ndarray:
     """Resize a float array in [0, 1] to ``size = (W, H)`` through 8-bit Pillow, as the notebooks did."""
-    return np.asarray(Image.fromarray(_to_uint8(image)).resize(size, method)).astype(np.float32) / 255.0
+    return np.asarray(Image.fromarray(to_uint8(image)).resize(size, method)).astype(np.float32) / 255.0
 
 
 def downscale_array(image: np.ndarray, scale: int) -> np.ndarray:
