@@ -53,10 +53,10 @@ def add_gaussian_noise(
     Examples:
         >>> import torch
         >>> from dip_fast.tasks.degradations import add_gaussian_noise
-        >>> clean = torch.full((1, 3, 8, 8), 0.5)
+        >>> clean = torch.full((1, 3, 64, 64), 0.5)
         >>> noisy = add_gaussian_noise(clean, 25, torch.Generator().manual_seed(0))
-        >>> noisy.shape, bool(noisy.min() >= 0), round(float((noisy - clean).std()) * 255)
-        (torch.Size([1, 3, 8, 8]), True, 25)
+        >>> noisy.shape, bool(noisy.min() >= 0), 23 < float((noisy - clean).std()) * 255 < 27
+        (torch.Size([1, 3, 64, 64]), True, True)
     """
     return _add_noise(image, sigma / 255.0, generator)
 
