@@ -34,7 +34,8 @@ from .memory import estimate_memory
 from .metrics import psnr as _psnr
 from .monitor import ProgressMonitor
 from .observation import Observation, prepare_observation
-from .request import PRECISION_CHOICES, PRESET_LEVELS, STEP_MODE_CHOICES, STOP_CHOICES, RestoreRequest, validate_request
+from .request import PRECISION_CHOICES, PRESET_LEVELS, STEP_MODE_CHOICES, STOP_CHOICES  # noqa: F401  (kept here)
+from .request import RestoreRequest, validate_request
 from .tasks import registry
 
 __all__ = ["RestoreInfo", "estimate_memory", "restore", "PRESET_LEVELS", "TASK_ALIASES"]
@@ -180,27 +181,6 @@ def _run_settings(num_threads: Optional[int], deterministic: bool) -> Iterator[N
         torch.set_num_threads(old_threads)
         torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old_cudnn
-
-
-def _sr_downsampler(backend_name: str, channels: int, factor: int, kernel_type: str) -> Optional[nn.Module]:
-    """The fast backend's Lanczos downsampler for the super-resolution data term, if the op is available.
-
-    This is the single place where ``dip_fast.ops.Downsample`` plugs into
-    restoration: it takes the reference ``Downsampler``'s arguments and
-    replaces it inside :class:`dip_fast.tasks.SuperResolutionTerm`.  None
-    keeps the reference downsampler.
-    """
-    if backend_name != "fast" or not _ops.has_ops("lanczos_downsample", "lanczos_downsample_backward"):
-        return None
-    try:
-        from .ops import Downsample
-    except ImportError:  # a tree without the op's Python wrapper
-        return None
-    try:
-        return Downsample(channels, factor, kernel_type, phase=0.5, preserve_size=True)
-    except Exception as exc:  # an op that does not support these options
-        warnings.warn(f"dip_fast: fast Downsample unavailable ({exc}); using the reference", RuntimeWarning, stacklevel=3)
-        return None
 
 
 def _sr_downsampler(backend_name: str, channels: int, factor: int, kernel_type: str) -> Optional[nn.Module]:

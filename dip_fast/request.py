@@ -17,6 +17,7 @@ Examples:
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from numbers import Real
@@ -161,36 +162,39 @@ def resolve_preset(preset: Any, spec: TaskSpec, scale: Optional[int], device: to
     return chosen, level
 
 
-def validate_request(
-    task: Union[str, Operator] = "denoise",
-    *,
-    mask: Any = None,
-    scale: Optional[int] = None,
-    blur_kernel: Any = None,
-    output_shape: Optional[Tuple[int, int, int]] = None,
-    iterations: Optional[int] = None,
-    preset: Union[str, tasks.Preset] = "auto",
-    sigma: Optional[float] = None,
-    seed: Optional[int] = 0,
-    device: Union[str, torch.device, None] = None,
-    backend: str = "fast",
-    progress: bool = False,
-    callback: Optional[Callable[[int, Dict[str, Any]], Optional[bool]]] = None,
-    return_info: bool = False,
-    max_time: Optional[float] = None,
-    num_threads: Optional[int] = None,
-    deterministic: bool = False,
-    stop: str = "auto",
-    step_mode: str = "auto",
-    precision: str = "auto",
-) -> RestoreRequest:
+#: restore()'s arguments that are images, read in the next stage rather than checked here.
+_IMAGE_ARGUMENTS = ("image", "ground_truth")
+
+
+def _restore_defaults() -> Dict[str, Any]:
+    """restore()'s keyword arguments and their defaults: its signature is the one list of them."""
+    from .api import restore  # api imports this module
+
+    return {name: p.default for name, p in inspect.signature(restore).parameters.items()
+            if name not in _IMAGE_ARGUMENTS}
+
+
+def validate_request(task: Union[str, Operator] = "denoise", **arguments: Any) -> RestoreRequest:
     """Check ``restore()``'s arguments other than its images (``mask`` only for presence) and resolve them.
 
-    Takes ``restore()``'s keywords with the same meaning and defaults.
+    Takes ``restore()``'s keywords, with its defaults for those not given.
 
     Raises:
         ValueError, TypeError: as ``restore()`` does, naming the argument.
     """
+    options = _restore_defaults()
+    unknown = sorted(set(arguments) - set(options))
+    if unknown:
+        raise TypeError(f"restore() got unexpected keyword argument(s) {', '.join(unknown)}")
+    options.update(arguments, task=task)
+    return _validate(**options)
+
+
+def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: Any, iterations: Any, preset: Any,
+              sigma: Any, seed: Any, device: Any, backend: Any, progress: Any, callback: Any, return_info: Any,
+              max_time: Any, num_threads: Any, deterministic: Any, stop: Any, step_mode: Any,
+              precision: Any) -> RestoreRequest:
+    """:func:`validate_request` once every argument has its value."""
     spec, operator = resolve_task(task)
     if iterations is not None:
         iterations = check_int(iterations, "iterations", 1)

@@ -5,7 +5,6 @@ import doctest
 import importlib
 
 import pytest
-import torch
 
 #: Modules whose docstrings carry runnable examples.
 MODULES = [
@@ -19,17 +18,13 @@ MODULES = [
     "dip_fast.tasks.run",
 ]
 
-pytestmark = pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back")
+pytestmark = [pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        module = importlib.import_module(name)
-        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    finally:
-        torch.set_num_threads(old)
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0, f"{name} has no examples"
     assert result.failed == 0

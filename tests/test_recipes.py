@@ -15,19 +15,12 @@ from dip_fast import memory, networks, restore, tasks
 from dip_fast.cli import main
 from dip_fast.networks import Architecture, NetworkSpec
 from dip_fast.tasks import registry
-from dip_fast.tasks.registry import CliFlag, TaskSpec, TermContext
+from dip_fast.tasks.registry import CliFlag, TaskSpec
 
-pytestmark = pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back")
+pytestmark = [pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back"),
+              pytest.mark.usefixtures("one_thread")]
 
 TINY_NET = tasks._net(num_channels_down=[8, 8, 8], num_channels_up=[8, 8, 8], num_channels_skip=[4, 4, 4])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _image(size: int = 20) -> np.ndarray:
