@@ -326,6 +326,27 @@ def run_batch(
             before any file is restored (a failing file only fails its row).
         KeyboardInterrupt: Ctrl-C; the file in progress is not written and
             this process's summary lists the files handled so far.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import numpy as np
+        >>> from PIL import Image
+        >>> from dip_fast.batch import run_batch
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> src = Path(tmp.name) / "in"
+        >>> src.mkdir()
+        >>> pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        >>> Image.fromarray(pixels).save(src / "a.jpg")
+        >>> summary = run_batch(src, Path(tmp.name) / "out", task="denoise", preset="quick", iterations=2,
+        ...                     device="cpu")
+        >>> summary.done, summary.failed, sorted(p.name for p in (Path(tmp.name) / "out").iterdir())
+        (1, 0, ['a.png', 'summary.csv'])
+        >>> run_batch(src, Path(tmp.name) / "out2", task="sr", scale=3)  # checked before any file
+        Traceback (most recent call last):
+        ...
+        ValueError: scale must be even (2, 4, 8, ...): the paper's Lanczos-2 downsampler misaligns odd factors, got 3
+        >>> tmp.cleanup()
     """
     src_dir = _check_dir(in_dir, "IN_DIR")
     out = Path(os.fspath(out_dir))

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from . import io
 from .fit import StepInfo
+
+if TYPE_CHECKING:  # the api imports this module
+    from .api import RestoreInfo
 
 __all__ = ["ProgressMonitor", "format_seconds"]
 
@@ -30,7 +33,7 @@ def format_seconds(s: float) -> str:
 class ProgressMonitor:
     """Per-step bookkeeping of a run: progress bar, PSNR, user callback, CPU time estimate."""
 
-    def __init__(self, info: Any, box: Tuple[int, int, int, int], factor: int,
+    def __init__(self, info: "RestoreInfo", box: Tuple[int, int, int, int], factor: int,
                  gt: Optional[torch.Tensor], callback: Optional[Callable[..., Any]], progress: bool,
                  alpha: Optional[torch.Tensor], spec: io.ImageSpec, *, warn_auto: bool, cpu: bool,
                  max_time: Optional[float], noise_var: Optional[float] = None) -> None:

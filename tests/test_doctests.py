@@ -9,6 +9,8 @@ import pytest
 #: Modules whose docstrings carry runnable examples.
 MODULES = [
     "dip_fast.api",
+    "dip_fast.batch",
+    "dip_fast.cli",
     "dip_fast.memory",
     "dip_fast.networks",
     "dip_fast.request",

@@ -57,6 +57,15 @@ def add_gaussian_noise(
     return degradations._add_noise(image, sigma, generator)
 
 
+def __getattr__(name: str):
+    """Read-only views of the registry under the names this module once kept as tables."""
+    if name == "TASKS":  # tasks of the presets, callable included
+        return registry.task_names()
+    if name == "RESTORE_PRESETS":  # the preset per task and level
+        return restore_presets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_NETWORK",
     "PRESETS",
