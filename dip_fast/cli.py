@@ -130,13 +130,15 @@ def _add_task_command(sub: Any, spec: TaskSpec) -> None:
                        help=flag.help)
 
 
-def _batch_flags() -> Dict[str, Tuple[CliFlag, Tuple[str, ...]]]:
-    """Every task option of ``dip-fast batch``, by option, with the commands of the tasks that take it."""
-    flags: Dict[str, Tuple[CliFlag, Tuple[str, ...]]] = {}
+def _batch_flags() -> Dict[str, Tuple[CliFlag, Tuple[str, ...], Tuple[str, ...]]]:
+    """Every task option of ``dip-fast batch``, by option: its first spec's flag, the commands of the
+    tasks that take it, and of those that need it (tasks may share an option, such as --sigma)."""
+    flags: Dict[str, Tuple[CliFlag, Tuple[str, ...], Tuple[str, ...]]] = {}
     for spec in _cli_tasks():
         for flag in spec.flags:
-            first, commands = flags.get(flag.batch_option, (flag, ()))
-            flags[flag.batch_option] = (first, commands + (spec.command,))
+            first, takes, needs = flags.get(flag.batch_option, (flag, (), ()))
+            needed = (spec.command,) if flag.required else ()
+            flags[flag.batch_option] = (first, takes + (spec.command,), needs + needed)
     return flags
 
 
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--task", required=True, choices=[spec.command for spec in _cli_tasks()],
                      help="what to do to every image")
     _add_run_options(bat, "per image: stop after this long; the result so far is written")
-    for option, (flag, _) in _batch_flags().items():
+    for option, (flag, _, _) in _batch_flags().items():
         bat.add_argument(option, dest=_batch_dest(flag), type=flag.type, metavar=flag.batch_metavar or flag.metavar,
                          help=flag.batch_help)
     bat.add_argument("--ground-truth", metavar="DIR",
@@ -320,11 +322,11 @@ def _run_batch(args: argparse.Namespace) -> int:
     from . import batch
 
     batch_kwargs: Dict[str, Any] = {}
-    for option, (flag, commands) in _batch_flags().items():
+    for option, (flag, takes, needs) in _batch_flags().items():
         value = getattr(args, _batch_dest(flag))
-        if value is not None and args.task not in commands:
-            raise _UserError(f"{option} only applies to --task {' or '.join(commands)}, not --task {args.task}")
-        if flag.required and value is None and args.task in commands:
+        if value is not None and args.task not in takes:
+            raise _UserError(f"{option} only applies to --task {' or '.join(takes)}, not --task {args.task}")
+        if value is None and args.task in needs:
             raise _UserError(f"--task {args.task} needs {option} {flag.batch_needs}".rstrip())
         if value is not None:  # a per-file input comes as a folder, matched to the images by name
             batch_kwargs["masks_dir" if flag.per_file else flag.input] = value
