@@ -4,11 +4,11 @@ Each is one :class:`~dip_fast.tasks.registry.TaskSpec`, registered on import.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch.nn as nn
 
-from .registry import CliFlag, TaskSpec, TermContext, register_task
+from .registry import LEVELS, CliFlag, TaskSpec, TermContext, register_task
 from .terms import DeblurTerm, DenoiseTerm, InpaintTerm, OperatorTerm, SuperResolutionTerm
 
 if TYPE_CHECKING:
@@ -41,6 +41,11 @@ def _operator_term(ctx: TermContext) -> nn.Module:
     if ctx.operator is None:
         raise ValueError("task 'callable' needs an operator")
     return OperatorTerm(ctx.observation, ctx.operator, ctx.box)
+
+
+def _by_level(prefix: str) -> Dict[str, str]:
+    """Presets named ``PREFIX_paper``, ``PREFIX_fast`` and ``PREFIX_quick``."""
+    return {level: f"{prefix}_{level}" for level in LEVELS}
 
 
 def _sr_preset(preset: "Preset", level: str, scale: Optional[int]) -> "Preset":
@@ -117,7 +122,7 @@ DEBLUR = register_task(TaskSpec(
     name="deblur",
     make_term=_deblur_term,
     # The paper has no deblurring notebook: the denoising settings at every level (preset names say so).
-    presets={"paper": "deblur_paper", "fast": "deblur_fast", "quick": "deblur_quick"},
+    presets=_by_level("deblur"),
     required=("blur_kernel",),
     early_stop=True,
     crop_in_term=True,
@@ -159,7 +164,7 @@ the result as JPEG would add new ones).
 OPERATOR = register_task(TaskSpec(
     name="callable",
     make_term=_operator_term,
-    presets={"paper": "callable_paper", "fast": "callable_fast", "quick": "callable_quick"},
+    presets=_by_level("callable"),
     required=("output_shape",),
     crop_in_term=True,
     operator=True,
