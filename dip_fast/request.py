@@ -194,7 +194,7 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
               sigma: Any, seed: Any, device: Any, backend: Any, progress: Any, callback: Any, return_info: Any,
               max_time: Any, num_threads: Any, deterministic: Any, stop: Any, step_mode: Any,
               precision: Any) -> RestoreRequest:
-    """:func:`validate_request` once every argument has its value."""
+    """:func:`validate_request` once every argument has its value (the caller's, of any type until checked)."""
     spec, operator = resolve_task(task)
     if iterations is not None:
         iterations = check_int(iterations, "iterations", 1)

@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "dip_fast.api",
     "dip_fast.batch",
+    "dip_fast.build",
     "dip_fast.cli",
     "dip_fast.memory",
     "dip_fast.networks",
