@@ -49,24 +49,18 @@ class GainTerm(nn.Module):
 
 @pytest.fixture
 def gain_task(monkeypatch):
-    # Step 2, presets per level (here one tiny preset for all three).
-    preset = tasks.Preset(name="gain_tiny", task="denoise", network=TINY_NET, input_depth=4, iterations=3)
-    # Step 3, the spec, registered.
-    spec = TaskSpec(
-        name="gain",
-        aliases=("brighten",),
-        make_term=lambda ctx: GainTerm(ctx.observation),
-        presets={"paper": "gain_tiny", "fast": "gain_tiny", "quick": "gain_tiny"},
-        optional=("sigma",),
-        early_stop=True,
-        command="gain",
-        summary="undo a halved brightness",
-        description="Restore an image whose brightness was halved.",
+    # Step 2, the spec, registered (before its presets: a Preset checks that its task exists).
+    spec = registry.register_task(TaskSpec(
+        name="gain", aliases=("brighten",),
+        make_term=lambda ctx: GainTerm(ctx.observation), presets=dict.fromkeys(("paper", "fast", "quick"), "gain_tiny"),
+        optional=("sigma",), early_stop=True,
+        command="gain", summary="undo a halved brightness", description="Restore an image whose brightness was halved.",
         flags=(CliFlag("sigma", "--sigma", type=float, help="noise level in 0-255 units",
                        batch_help="gain: noise level in 0-255 units"),),
-    )
-    registry.register_task(spec)
-    monkeypatch.setitem(tasks.PRESETS, "gain_tiny", preset.with_overrides(task="gain"))
+    ))
+    # Step 3, presets per level (here one tiny preset for all three).
+    preset = tasks.Preset(name="gain_tiny", task="gain", network=TINY_NET, input_depth=4, iterations=3)
+    monkeypatch.setitem(tasks.PRESETS, preset.name, preset)
     yield spec
     registry.unregister_task("gain")
 
