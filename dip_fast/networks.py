@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from types import MappingProxyType
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
@@ -73,8 +72,9 @@ class NetworkSpec(Mapping[str, Any]):
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str) or not self.arch:
             raise TypeError(f"NetworkSpec.arch must be an architecture name, got {self.arch!r}")
-        # A read-only copy: presets are frozen, and share option dictionaries.
-        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        # A copy of its own: presets share option dictionaries.  A plain dict, not a read-only
+        # proxy, so that presets can still be copied and pickled.
+        object.__setattr__(self, "options", dict(self.options))
 
     def __getitem__(self, key: str) -> Any:
         return self.options[key]
