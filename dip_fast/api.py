@@ -40,14 +40,15 @@ from .tasks import registry
 
 __all__ = ["RestoreInfo", "estimate_memory", "restore", "PRESET_LEVELS", "TASK_ALIASES"]
 
-#: The rule's window, patience and tolerance (:class:`dip_fast.early_stop.DiscrepancyRule`), chosen on the
-#: tuning runs of ``bench/es_replay.py`` (windows 50/100/200, tolerances 0.9-1.5, patiences 50-500 tried).
 #: What ``stop='auto'`` does per task is its spec's ``auto_stop`` (:mod:`dip_fast.tasks.builtin`): ``'early'``
-#: only where the rule met every criterion on the held-out validation runs (bench/README.md, "Early
-#: stopping on photographs"); so far that is no task, and ``stop='early'`` is opt-in.
-EARLY_STOP_WINDOW = 200
-EARLY_STOP_PATIENCE = 500
-EARLY_STOP_TOLERANCE = 1.05
+#: (the discrepancy rule) where it beat the preset's fixed step count on the held-out validation runs of
+#: ``bench/es_replay.py`` (bench/README.md, "Early stopping on photographs"), else ``'never'``, the fixed count.
+#: The rule's tolerance (:class:`dip_fast.early_stop.DiscrepancyRule`), chosen on the tuning runs of the
+#: same benchmark (0.9-1.05 tried).
+EARLY_STOP_TOLERANCE = 1.0
+#: With ``stop='early'`` and no ``iterations``, the step budget is this multiple of the preset's count:
+#: a run that has not explained the observation by then falls back to the average at the budget.
+EARLY_STOP_BUDGET = 1.0
 
 
 def __getattr__(name: str) -> Any:
@@ -89,9 +90,8 @@ class RestoreInfo:
         padded_size: the network's (high-resolution) working size ``(H, W)``.
         estimated_memory: estimated peak memory of the run in bytes.
         backtrack_steps: steps at which backtracking restored the weights.
-        stop_step: the step chosen by early stopping: the last of the window
-            of outputs whose mean is returned; None when it did not trigger
-            or was off.
+        stop_step: the step chosen by early stopping (0-based), whose running
+            average is returned; None when it did not trigger or was off.
         stop: the stopping mode that ran: ``'early'`` or ``'never'`` (what
             ``stop='auto'`` resolved to for the task).
         stop_fallback: early stopping ran but accepted no estimate (none
@@ -327,14 +327,18 @@ def restore(
             (the task's ``auto_stop`` in :mod:`dip_fast.tasks.registry`;
             ``'never'`` for tasks without early stopping).
             ``'early'`` (``'denoise'``, ``'jpeg'``, ``'deblur'`` only): stop
-            without ground truth at the most stable window of outputs among
-            those whose mean explains the observation down to its noise
-            level (the discrepancy principle, see
+            without ground truth at the first step whose running average
+            explains the observation down to its noise level (the
+            discrepancy principle, see
             :class:`dip_fast.early_stop.DiscrepancyRule`), and return that
-            window's mean; when no window qualifies the run completes and
-            returns the fixed-count result (``info.stop_fallback``).
-            ``'never'``: run all ``iterations``.  ``iterations`` is the
-            maximum either way; ``info`` says why the run ended.
+            average; when no step qualifies the run completes and returns
+            the average of its last step (``info.stop_fallback``).  The noise
+            level is the one estimated from the observation (for denoising
+            the smaller of it and ``sigma``: a level set too high would stop
+            before the image is fitted).  ``'never'``: run all
+            ``iterations``.  ``iterations`` is the maximum either way (with
+            ``'early'`` and no ``iterations``, :data:`EARLY_STOP_BUDGET` times
+            the preset's count); ``info`` says why the run ended.
         step_mode: ``'auto'`` (default), ``'eager'``, or ``'graph'`` (CUDA
             only: the whole step replayed as one CUDA graph; see
             :mod:`dip_fast.step`).
@@ -413,11 +417,15 @@ def _pixel_settings(request: RestoreRequest, color: torch.Tensor
             chosen = chosen.with_overrides(reg_noise_std=reg_noise_for_sigma(used_sigma))
     rule: Optional[DiscrepancyRule] = None
     if request.stop == "early":
-        # The gate's noise level: the given or estimated sigma where the task takes one; otherwise the
-        # same wavelet estimate of the observation's noise (None if it cannot be made: the rule then falls back).
-        noise_level = used_sigma if takes_sigma else _estimate_sigma(color)
+        # The noise level the residual is held to: the observation's own (wavelet) estimate, which
+        # measures the noise actually present (clipping at 0 and 1 leaves less than a nominal sigma);
+        # a given sigma only lowers it, since a level set too high stops before the image is fitted.
+        # None if it cannot be estimated: the rule then falls back.
+        noise_level = _estimate_sigma(color)
+        if noise_level is not None and takes_sigma and request.sigma is not None:
+            noise_level = min(noise_level, request.sigma)
         rule = DiscrepancyRule(None if noise_level is None else (noise_level / 255.0) ** 2,
-                               tolerance=EARLY_STOP_TOLERANCE, patience=EARLY_STOP_PATIENCE)
+                               tolerance=EARLY_STOP_TOLERANCE)
     return chosen, used_sigma, rule
 
 
@@ -452,8 +460,7 @@ def _fit(request: RestoreRequest, observed: Observation, run: tasks.Run, info: "
         return fit(
             run.net, run.net_input, run.term, max_time=request.max_time,
             callback=monitor.on_step, should_stop=monitor.should_stop,
-            stop="auto" if rule is not None else "never",
-            stop_window=EARLY_STOP_WINDOW, stop_patience=EARLY_STOP_PATIENCE,
+            stop="discrepancy" if rule is not None else "never",
             stop_bound=rule.bound if rule is not None else None,
             step_mode=info.step_mode, precision=info.precision, **run.fit_kwargs,
         )
@@ -464,7 +471,7 @@ def _fit(request: RestoreRequest, observed: Observation, run: tasks.Run, info: "
 def _finish(request: RestoreRequest, observed: Observation, term: nn.Module, result: FitResult,
             info: "RestoreInfo", rule: Optional[DiscrepancyRule]) -> Any:
     """The estimate cropped and given back in the caller's kind, and ``info`` completed from the fit."""
-    if result.stop_output is not None:  # early stopping: the mean of the most stable window
+    if result.stop_output is not None:  # early stopping: the average of the stopping step
         estimate = result.stop_output
     else:
         estimate = result.output_avg if result.output_avg is not None else result.output
@@ -498,21 +505,17 @@ def _explain_stop(info: RestoreInfo, rule: DiscrepancyRule, result: Any, term: n
     ratio = f"{info.stop_residual_ratio:.2f}" if info.stop_residual_ratio is not None else "n/a"
     if result.stop_step is not None:
         info.stop_summary = (
-            f"stopped: the outputs of steps {result.stop_step + 2 - EARLY_STOP_WINDOW}-{result.stop_step + 1} were "
-            f"the most stable window that explains the observation (residual {ratio} x sigma^2, accepted up to "
-            f"{rule.tolerance:g}) and none steadier came in the next {rule.patience} steps; their mean is returned")
+            f"stopped: at step {result.stop_step + 1} the average explained the observation down to its noise "
+            f"level (residual {ratio} x sigma^2, accepted up to {rule.tolerance:g}; sigma "
+            f"{info.stop_noise_sigma:.1f}); going on would fit the noise, so that average is returned")
     elif not rule.usable:
         info.stop_summary = ("fallback: the noise level could not be estimated, so early stopping cannot tell an "
-                             "under-fitted estimate; the fixed-count result is returned")
-    elif info.stop_fallback and info.stop_residual_ratio > rule.tolerance:
-        info.stop_summary = (
-            f"fallback: no window's mean explained the observation down to {rule.tolerance:g} x sigma^2 "
-            f"(sigma {info.stop_noise_sigma:.1f}); the returned fixed-count result still leaves {ratio} x sigma^2, "
-            f"so it has not fitted the image to the noise level yet and more iterations may improve it")
+                             "under-fitted estimate; the run's last average is returned")
     elif info.stop_fallback:
         info.stop_summary = (
-            f"fallback: the rule did not end the run (the windows that explain the observation were still getting "
-            f"steadier); the fixed-count result is returned and explains the observation (residual {ratio} x sigma^2)")
+            f"fallback: no step's average explained the observation down to {rule.tolerance:g} x sigma^2 "
+            f"(sigma {info.stop_noise_sigma:.1f}); the returned last average still leaves {ratio} x sigma^2, "
+            f"so it has not fitted the image to the noise level yet and more iterations may improve it")
     else:
         info.stop_summary = f"ended before the rule decided ({info.stop_reason}); the result so far is returned"
 

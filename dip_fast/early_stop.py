@@ -22,11 +22,16 @@ our measurements (``bench/README.md``, "Early stopping"), while the window
 mean came within 0.11 dB of the best any window reached (barbara).
 
 ES-WMV alone can return an under-fitted image: the variance also has a
-minimum early on, while the outputs are still smooth.  :class:`DiscrepancyRule`
-therefore admits only windows whose mean explains the observation down to
-its noise level (the discrepancy principle), and falls back to the fixed
-step count when none does; :func:`replay` runs that rule over recorded
-statistics, which is how ``bench/es_replay.py`` tunes and validates it.
+minimum early on, while the outputs are still smooth.  What ``restore``
+uses instead is :class:`DiscrepancyRule`, the discrepancy principle
+(Morozov) applied to the running average that a fixed-count run returns:
+the run stops at the first step whose average explains the observation
+down to its noise level, ``||y - A x||^2 / N <= tolerance * sigma^2``.
+An estimate that still misses content leaves that content in the residual
+on top of the noise, so it is refused however stable the outputs are.
+:class:`DiscrepancyTracker` is its device-side tracker and :func:`replay`
+its host-side mirror over recorded residuals, which is how
+``bench/es_replay.py`` tunes and validates it.
 
 Everything here is tensor arithmetic on the output's device with no host
 synchronisation, so :meth:`WindowedVariance.update` can run inside a CUDA
@@ -48,9 +53,9 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-__all__ = ["DiscrepancyRule", "EarlyStopState", "ReplayDecision", "WindowedVariance", "replay"]
+__all__ = ["DiscrepancyRule", "DiscrepancyTracker", "EarlyStopState", "ReplayDecision", "WindowedVariance", "replay"]
 
-#: ``residual_fn(window_mean) -> scalar tensor``: the data-term residual ``||y - A x||^2 / N``.
+#: ``residual_fn(estimate) -> scalar tensor``: the data-term residual ``||y - A x||^2 / N``.
 ResidualFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -59,8 +64,8 @@ class EarlyStopState:
     """Host copy of the tracker's state (see :meth:`WindowedVariance.read`)."""
 
     steps: int  # outputs seen so far
-    best_step: Optional[int]  # 0-based step of the smallest variance so far (None before the window fills)
-    variance: float  # variance of the current window (NaN before it fills)
+    best_step: Optional[int]  # 0-based step of the estimate kept so far (None: none yet)
+    variance: float  # ES-WMV: variance of the current window (NaN before it fills, and for the discrepancy rule)
 
 
 class WindowedVariance:
@@ -92,18 +97,16 @@ class WindowedVariance:
         self.min_variance = torch.full((), float("inf"), dtype=torch.float64, device=dev)
         self.best_step = torch.full((), -1, dtype=torch.int64, device=dev)
         self.best = torch.zeros(like.shape, dtype=torch.float32, device=dev)
-        self.residual = torch.full((), float("nan"), dtype=torch.float64, device=dev)
+        self.residual = torch.full((), float("nan"), dtype=torch.float64, device=dev)  # not measured by ES-WMV
         self._elements = like.numel()
 
     @torch.no_grad()
-    def update(self, out: torch.Tensor, residual_fn: Optional[ResidualFn] = None,
-               bound: Optional[float] = None) -> None:
-        """Push one step's output; if the window's variance hit a new minimum, keep the window's mean.
+    def update(self, out: torch.Tensor, average: Optional[torch.Tensor] = None,
+               residual_fn: Optional[ResidualFn] = None) -> None:
+        """Push one step's raw output; if the window's variance hit a new minimum, keep the window's mean.
 
-        With ``residual_fn`` and ``bound`` (the discrepancy gate, see
-        :class:`DiscrepancyRule`), only windows whose mean explains the
-        observation, ``residual_fn(mean) <= bound``, may become the best;
-        :attr:`residual` holds the current window mean's residual.
+        ``average`` and ``residual_fn`` are not used: ES-WMV looks at the raw
+        outputs only (the signature is the one every stop tracker has).
         """
         x = out.detach().to(torch.float32)
         # Once the patience has run out the run is over, but the host learns it only at its next read
@@ -125,11 +128,6 @@ class WindowedVariance:
         self.variance.copy_(var)
         improved = full & ~ended & (var < self.min_variance)
         mean = (self.total / self.window).to(torch.float32)
-        if residual_fn is not None:
-            res = residual_fn(mean).double()
-            self.residual.copy_(torch.where(full, res, torch.full_like(res, float("nan"))))
-            # A NaN residual compares False: a non-finite window is never admissible.
-            improved = improved & (self.residual <= (math.inf if bound is None else bound))
         self.min_variance.copy_(torch.where(improved, var, self.min_variance))
         self.best_step.copy_(torch.where(improved, self.count - 1, self.best_step))
         self.best.copy_(torch.where(improved, mean, self.best))
@@ -147,43 +145,52 @@ class WindowedVariance:
 
 
 # --------------------------------------------------------------------------
-# The discrepancy gate: a window is accepted only once it explains the data
+# The discrepancy principle: stop once the average explains the data
 # --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class DiscrepancyRule:
-    """ES-WMV restricted to estimates that explain the observation down to its noise level.
+    """Stop at the first step whose running average explains the observation down to its noise level.
 
-    The variance of the outputs also has a minimum in the under-fitted early
-    phase, when the outputs are still smooth and change slowly; ES-WMV alone
-    then returns a blurred image, sometimes worse than its input.  The
-    discrepancy principle (Morozov) rules that phase out: an estimate ``x``
-    that has fitted the content leaves a residual ``||y - A x||^2 / N`` close
-    to the noise variance ``sigma^2``, while an under-fitted one leaves the
-    missing content on top of it.  So a window counts only once the residual
-    of its mean is at most ``tolerance * sigma^2``; among such windows the
-    one of smallest variance is kept, and the run stops ``patience`` steps
-    after the last new minimum.  If no window is ever accepted (or the noise
-    level is unknown or not finite), the rule *falls back*: the run goes on to
-    its fixed step count and returns what a run without early stopping returns.
+    Deep Image Prior fits the image content first and the noise later, so
+    the residual ``||y - A x||^2 / N`` of its estimate falls towards the noise
+    variance ``sigma^2`` while the content is being fitted, and below it once
+    the noise is.  The discrepancy principle (Morozov) stops an iterative
+    method at the first iterate whose residual reaches
+    ``tolerance * sigma^2``: earlier, content is still missing; later, noise
+    is being fitted.  The rule watches the exponential average (what a
+    fixed-count run returns), whose residual falls smoothly, and returns
+    that average at the stopping step.
+
+    What it guarantees: the returned estimate explains the observation to
+    ``tolerance * sigma^2``, so an under-fitted, smooth phase of the run can
+    never be returned however stable it is.  What it does not: it relies on
+    ``sigma``; an estimate of ``sigma`` that is too high (texture mistaken
+    for noise) stops early, one too low runs to the step budget.  When no
+    step qualifies (the budget ends first, or the noise level is unknown,
+    zero or not finite) the rule *falls back*: the run completes and returns
+    what ``stop='never'`` returns.
 
     Attributes:
         noise_var: ``sigma^2`` of the observation's noise, in ``[0, 1]``
             intensity units squared (``(sigma / 255) ** 2``).
-        tolerance: the gate is ``residual <= tolerance * noise_var``.
-        patience: steps without a new accepted minimum that end the run.
+        tolerance: stop once ``residual <= tolerance * noise_var``.
+
+    Example:
+        >>> rule = DiscrepancyRule(noise_var=(25 / 255) ** 2)
+        >>> rule.admissible(0.9 * rule.noise_var), rule.admissible(1.2 * rule.noise_var)
+        (True, False)
+        >>> replay([0.03, 0.02, 0.009, 0.008], DiscrepancyRule(noise_var=0.01)).stop_step
+        2
     """
 
     noise_var: Optional[float]
-    tolerance: float = 1.05  # restore()'s setting, chosen on the benchmark's tuning runs
-    patience: int = 500
+    tolerance: float = 1.0  # restore()'s setting, chosen on the benchmark's tuning runs
 
     def __post_init__(self) -> None:
         if not (isinstance(self.tolerance, (int, float)) and math.isfinite(self.tolerance) and self.tolerance > 0):
             raise ValueError(f"tolerance must be a positive finite number, got {self.tolerance!r}")
-        if isinstance(self.patience, bool) or int(self.patience) != self.patience or self.patience < 1:
-            raise ValueError(f"patience must be an integer >= 1, got {self.patience!r}")
 
     @property
     def usable(self) -> bool:
@@ -195,9 +202,56 @@ class DiscrepancyRule:
         """The largest accepted residual (NaN when the rule is not usable, which accepts nothing)."""
         return self.tolerance * self.noise_var if self.usable else math.nan
 
-    def admissible(self, residual: float) -> bool:
-        """Whether a window mean with this residual explains the observation (NaN: never)."""
-        return residual <= self.bound  # False for NaN on either side
+    def admissible(self, residual: Optional[float]) -> bool:
+        """Whether an estimate with this residual explains the observation (NaN or None: never)."""
+        return residual is not None and residual <= self.bound  # False for NaN on either side
+
+
+class DiscrepancyTracker:
+    """The device side of :class:`DiscrepancyRule`: remembers the first estimate within ``bound``.
+
+    Args:
+        like: a tensor shaped like one output (its shape and device are used).
+        bound: the largest accepted residual (:attr:`DiscrepancyRule.bound`;
+            NaN accepts nothing).
+
+    After every step call :meth:`update`; once a step's estimate qualifies,
+    :attr:`best_step` holds that step and :attr:`best` the estimate, and
+    later steps change neither (the host may read a few steps late).
+    """
+
+    def __init__(self, like: torch.Tensor, bound: float) -> None:
+        dev = like.device
+        self.bound = float(bound)
+        self.count = torch.zeros((), dtype=torch.int64, device=dev)
+        self.best_step = torch.full((), -1, dtype=torch.int64, device=dev)
+        self.best = torch.zeros(like.shape, dtype=torch.float32, device=dev)
+        self.residual = torch.full((), float("nan"), dtype=torch.float64, device=dev)
+        self.variance = torch.full((), float("nan"), dtype=torch.float64, device=dev)  # not measured by this rule
+
+    @torch.no_grad()
+    def update(self, out: torch.Tensor, average: Optional[torch.Tensor] = None,
+               residual_fn: Optional[ResidualFn] = None) -> None:
+        """Measure the step's estimate (``average``, else ``out``) and keep it if it is the first within the bound."""
+        if residual_fn is None:
+            raise ValueError("the discrepancy rule needs residual_fn")
+        estimate = (average if average is not None else out).detach().to(torch.float32)
+        self.residual.copy_(residual_fn(estimate).double())
+        # A NaN residual compares False: a non-finite estimate never qualifies.
+        first = (self.best_step < 0) & (self.residual <= self.bound)
+        self.best_step.copy_(torch.where(first, self.count, self.best_step))
+        self.best.copy_(torch.where(first, estimate, self.best))
+        self.count.add_(1)
+
+    def read(self) -> EarlyStopState:
+        """Copy the counters to the host (one synchronisation)."""
+        count, best = torch.stack([self.count, self.best_step]).tolist()
+        return EarlyStopState(steps=int(count), best_step=int(best) if best >= 0 else None, variance=math.nan)
+
+    def should_stop(self, state: Optional[EarlyStopState] = None) -> bool:
+        """True once some step's estimate explained the observation."""
+        state = self.read() if state is None else state
+        return state.best_step is not None
 
 
 @dataclass
@@ -205,39 +259,27 @@ class ReplayDecision:
     """What :func:`replay` decided on a logged run."""
 
     steps: int  # steps the run would take
-    stop_step: Optional[int]  # step closing the returned window; None: the fixed-count result is returned
-    reason: str  # 'plateau', 'budget_accepted', 'fallback'
+    stop_step: Optional[int]  # the step whose average is returned; None: the run's last average (fallback)
+    reason: str  # 'discrepancy' or 'fallback'
 
 
-def replay(variance: Sequence[Optional[float]], residual: Sequence[Optional[float]], rule: DiscrepancyRule,
+def replay(residual: Sequence[Optional[float]], rule: DiscrepancyRule,
            iterations: Optional[int] = None) -> ReplayDecision:
-    """Run ``rule`` step by step over logged statistics, seeing only each step's prefix.
+    """Run ``rule`` over logged residuals of the running average, as a live run would.
 
-    ``variance[t]`` and ``residual[t]`` are the window variance and the
-    residual of the window mean after step ``t`` (None or NaN before the
-    window fills).  This is the host-side mirror of what :class:`WindowedVariance`
-    and :func:`dip_fast.fit.fit` do on a live run, for tests and for tuning
-    the rule on recorded trajectories.
+    ``residual[t]`` is ``||y - A x_t||^2 / N`` of the average after step
+    ``t`` (None or NaN where unknown).  This is the host-side mirror of
+    :class:`DiscrepancyTracker` inside :func:`dip_fast.fit.fit`, for tests
+    and for tuning the rule on recorded trajectories; ``iterations`` caps
+    the steps (default: all of them).
 
-    * ``'plateau'``: ``patience`` steps passed without a new accepted minimum;
-      the run stops and returns the window closed at ``stop_step``.
-    * ``'budget_accepted'``: the step budget ran out with an accepted window
-      still the best: that window is returned.
-    * ``'fallback'``: no window was ever accepted; the fixed-count result.
+    * ``'discrepancy'``: step ``stop_step`` explained the observation; the
+      run stops there and returns that step's average.
+    * ``'fallback'``: no step did; the run completes.
     """
-    n = len(variance) if iterations is None else min(iterations, len(variance))
-    if len(residual) < n:
-        raise ValueError(f"residual has {len(residual)} entries, fewer than the {n} steps to replay")
-    best: Optional[int] = None
-    best_var = math.inf
+    n = len(residual) if iterations is None else min(iterations, len(residual))
     for t in range(n):
-        v, r = variance[t], residual[t]
-        v = math.nan if v is None else float(v)
-        r = math.nan if r is None else float(r)
-        if v < best_var and rule.admissible(r):  # NaN compares False
-            best, best_var = t, v
-        if best is not None and t - best >= rule.patience:
-            return ReplayDecision(steps=t + 1, stop_step=best, reason="plateau")
-    if best is None:
-        return ReplayDecision(steps=n, stop_step=None, reason="fallback")
-    return ReplayDecision(steps=n, stop_step=best, reason="budget_accepted")
+        r = residual[t]
+        if rule.admissible(None if r is None else float(r)):
+            return ReplayDecision(steps=t + 1, stop_step=t, reason="discrepancy")
+    return ReplayDecision(steps=n, stop_step=None, reason="fallback")

@@ -69,16 +69,18 @@ early stopping act at the next read, so a run may go up to
 estimate is the one of the detected step regardless: the device tracker
 stops accepting new windows once its patience has run out).
 
-Early stopping (``stop='auto'``)
---------------------------------
-ES-WMV (:mod:`dip_fast.early_stop`): the run ends once the variance of the
-last ``stop_window`` outputs has not reached a new minimum for
-``stop_patience`` steps; ``stop_output`` holds the mean of the outputs in
-the window of smallest variance, and ``stop_step`` the step that closed it.
-With ``stop_bound`` (the discrepancy gate of
-:class:`~dip_fast.early_stop.DiscrepancyRule`) only windows whose mean
-leaves a data-term residual of at most ``stop_bound`` count, so an
-under-fitted stretch of stable outputs can never be returned; if no window
+Early stopping (``stop='auto'`` or ``'discrepancy'``)
+---------------------------------------------------
+``'auto'`` is ES-WMV (:mod:`dip_fast.early_stop`), the rule of Wang et al.:
+the run ends once the variance of the last ``stop_window`` outputs has not
+reached a new minimum for ``stop_patience`` steps; ``stop_output`` holds
+the mean of the outputs in the window of smallest variance, and
+``stop_step`` the step that closed it.
+
+``'discrepancy'`` is :class:`~dip_fast.early_stop.DiscrepancyRule`, what
+``restore(stop='early')`` runs: the run ends at the first step whose running
+average (the output when ``exp_weight`` is None) leaves a data-term residual
+of at most ``stop_bound``; ``stop_output`` is that average.  If no step
 qualifies, the run completes as with ``stop='never'``.
 """
 from __future__ import annotations
@@ -105,7 +107,7 @@ __all__ = [
 ]
 
 CHECK_MODES = ("periodic", "off_period")
-STOP_MODES = ("never", "auto")
+STOP_MODES = ("never", "auto", "discrepancy")
 #: Steps between host reads of the step log on CUDA (``sync_every``'s default there).
 CUDA_SYNC_EVERY = 50
 
@@ -161,10 +163,11 @@ class FitResult:
         psnr_ref_history: PSNR of every step's output against ``reference``.
         psnr_ref_avg_history: same for the averaged output.
         variance_history: ES-WMV window variance of every step (NaN until
-            the window is full); empty unless ``stop='auto'``.
-        residual_history: residual ``mse(degrade(mean), observation)`` of
-            the window's mean at every step when early stopping is gated
-            (``stop_bound``); NaN otherwise, empty unless ``stop='auto'``.
+            the window is full, and for ``stop='discrepancy'``); empty when
+            ``stop='never'``.
+        residual_history: residual ``mse(degrade(average), observation)``
+            of every step's average for ``stop='discrepancy'``; NaN for
+            ``'auto'``, empty for ``'never'``.
         backtrack_steps: steps at which the parameters were restored.
         steps: number of completed steps.
         wall_time: seconds spent in :func:`fit`.
@@ -172,10 +175,11 @@ class FitResult:
             or ``should_stop``.
         stop_reason: ``'completed'``, ``'early_stop'``, ``'psnr_target'``,
             ``'max_time'``, ``'should_stop'`` or ``'keyboard_interrupt'``.
-        stop_step: the step detected by early stopping (``stop='auto'``),
-            or None when it did not fire.
-        stop_output: the mean of the ``stop_window`` outputs up to ``stop_step``
-            (None when it did not fire).
+        stop_step: the step detected by early stopping, or None when it did
+            not fire.
+        stop_output: what early stopping returns: ES-WMV's window mean, or
+            the discrepancy rule's average at ``stop_step`` (None when it did
+            not fire).
         stop_residual: the residual of ``stop_output`` (None when it did not fire).
         step_mode: ``'eager'`` or ``'graph'``: how the steps actually ran.
     """
@@ -273,13 +277,15 @@ def fit(
         psnr_target: stop (``stop_reason='psnr_target'``) once a step's PSNR
             against ``reference`` -- or against the observation when there
             is no reference -- reaches this value.
-        stop: ``'never'`` or ``'auto'`` (ES-WMV early stopping, see the module docstring).
+        stop: ``'never'``, ``'auto'`` (ES-WMV) or ``'discrepancy'`` (see the
+            module docstring).
         stop_window, stop_patience: ES-WMV's window ``W`` and patience ``P``.
-        stop_bound: the discrepancy gate (:class:`dip_fast.early_stop.DiscrepancyRule`'s
-            ``bound``): only windows whose mean leaves a residual
-            ``mse(degrade(mean), observation) <= stop_bound`` may be returned;
-            NaN accepts none, so the run completes (the rule's fallback).
-            None: plain ES-WMV.  Needs ``observation``.
+        stop_bound: the discrepancy rule's bound
+            (:attr:`dip_fast.early_stop.DiscrepancyRule.bound`): the run stops
+            at the first step whose average leaves a residual
+            ``mse(degrade(average), observation) <= stop_bound``; NaN accepts
+            none, so the run completes (the rule's fallback).  Required by,
+            and only used with, ``stop='discrepancy'``; needs ``observation``.
         callback: called with a :class:`StepInfo` each time the step log is
             read; raising ``KeyboardInterrupt`` there stops the loop like Ctrl-C.
         should_stop: polled before every step; True stops the loop.
@@ -313,8 +319,8 @@ def fit(
         raise ValueError("psnr_target needs a reference or an observation")
     if stop not in STOP_MODES:
         raise ValueError(f"stop must be one of {STOP_MODES}, got {stop!r}")
-    if stop_bound is not None and observation is None:
-        raise ValueError("stop_bound needs an observation to measure the residual against")
+    if stop == "discrepancy" and (stop_bound is None or observation is None):
+        raise ValueError("stop='discrepancy' needs stop_bound and an observation to measure the residual against")
     device = net_input.device
     if sync_every is None:
         sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else 1
@@ -330,7 +336,7 @@ def fit(
             exp_weight=exp_weight, observation=observation, degrade=degrade, mask=mask, reference=reference,
             reference_view=reference_view, backtrack_threshold_db=backtrack_threshold_db if backtrack else None,
             early_stop=(stop_window, stop_patience) if stop == "auto" else None,
-            stop_bound=stop_bound if stop == "auto" else None, precision=precision, mode=mode,
+            stop_bound=stop_bound if stop == "discrepancy" else None, precision=precision, mode=mode,
         )
         result = _Loop(runner, iterations, sync_every, t0).run(
             check=(lambda i: is_check_step(i, check_every, check_mode)) if backtrack else (lambda i: False),

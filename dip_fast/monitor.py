@@ -99,14 +99,10 @@ class ProgressMonitor:
                 self.stop = True
 
     def _stop_signal(self, s: StepInfo) -> Dict[str, str]:
-        """The early-stopping signal for the bar: residual / sigma^2 of the window mean, its variance, the best step."""
-        if s.variance is None or not math.isfinite(s.variance):
+        """The early-stopping signal for the bar: the average's residual / sigma^2 (the rule stops at its tolerance)."""
+        if self.noise_var is None or s.residual is None or not math.isfinite(s.residual):
             return {}
-        post = {"var": f"{s.variance:.1e}"}
-        if self.noise_var is not None and s.residual is not None and math.isfinite(s.residual):
-            post["res/sigma2"] = f"{s.residual / self.noise_var:.2f}"
-        post["best"] = str(s.stop_step + 1) if s.stop_step is not None else "-"
-        return post
+        return {"res/sigma2": f"{s.residual / self.noise_var:.2f}"}
 
     def close(self) -> None:
         self.bar.close()

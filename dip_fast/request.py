@@ -162,6 +162,15 @@ def resolve_preset(preset: Any, spec: TaskSpec, scale: Optional[int], device: to
     return chosen, level
 
 
+def _early_stop_budget(preset: tasks.Preset) -> tasks.Preset:
+    """The preset with early stopping's step budget (``EARLY_STOP_BUDGET`` times its count)."""
+    from . import api  # the early-stopping settings live with restore(), which imports this module
+
+    if api.EARLY_STOP_BUDGET == 1.0:
+        return preset
+    return preset.with_overrides(iterations=int(round(preset.iterations * api.EARLY_STOP_BUDGET)))
+
+
 #: restore()'s arguments that are images, read in the next stage rather than checked here.
 _IMAGE_ARGUMENTS = ("image", "ground_truth")
 
@@ -217,14 +226,17 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
     dev = resolve_device(device)
     check_backend(backend)
     chosen, level = resolve_preset(preset, spec, inputs["scale"], dev)
+    stop = spec.auto_stop if stop == "auto" else stop
     if iterations is not None:
         chosen = chosen.with_overrides(iterations=iterations)
+    elif stop == "early":
+        chosen = _early_stop_budget(chosen)
     builder, backend_name = resolve_backend(backend, dev, chosen.network.arch)
     return RestoreRequest(
         task=spec, operator=operator, preset=chosen, level=level, auto_preset=isinstance(preset, str) and preset == "auto",
         device=dev, builder=builder, backend=backend_name, factor=inputs["scale"] or 1,
         blur_kernel=inputs["blur_kernel"], output_shape=inputs["output_shape"], sigma=inputs["sigma"], seed=seed,
-        stop=spec.auto_stop if stop == "auto" else stop, step_mode=step_mode, precision=precision,
+        stop=stop, step_mode=step_mode, precision=precision,
         max_time=max_time, num_threads=num_threads, deterministic=bool(deterministic), progress=bool(progress),
         callback=callback, return_info=bool(return_info),
     )

@@ -12,7 +12,8 @@ the host whenever a loss is logged) than the GPU spends computing.  The
   so the step counter lives on the device);
 * the exponential average of the outputs, the PSNR against the observation,
   the backtracking check (:class:`DeviceBacktracker`) and the early-stopping
-  tracker (:class:`~dip_fast.early_stop.WindowedVariance`);
+  tracker (:class:`~dip_fast.early_stop.WindowedVariance` or
+  :class:`~dip_fast.early_stop.DiscrepancyTracker`);
 * a small ``stats`` vector (:data:`STAT_FIELDS`) that the caller copies into
   a log on the device and reads back every few steps.
 
@@ -41,7 +42,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .early_stop import WindowedVariance
+from .early_stop import DiscrepancyTracker, WindowedVariance
 from .metrics import psnr
 
 __all__ = [
@@ -226,11 +227,11 @@ class StepRunner:
         backtrack_threshold_db: None disables backtracking; else the PSNR
             drop that restores the weights (needs ``observation``).
         early_stop: ``(window, patience)`` for ES-WMV, or None.
-        stop_bound: the discrepancy gate of early stopping (see
-            :class:`~dip_fast.early_stop.DiscrepancyRule`): only windows whose
-            mean has ``mse(degrade(mean), observation) <= stop_bound`` count.
-            None: no gate (plain ES-WMV); NaN: nothing is accepted.  Needs
-            ``observation``.
+        stop_bound: the discrepancy rule instead (see
+            :class:`~dip_fast.early_stop.DiscrepancyRule`): the first step whose
+            estimate (the average, else the output) has
+            ``mse(degrade(estimate), observation) <= stop_bound`` is kept; NaN
+            accepts none.  Needs ``observation``; excludes ``early_stop``.
         precision: one of :data:`PRECISIONS`.
         mode: one of :data:`STEP_MODES`; ``'graph'`` needs CUDA.
 
@@ -274,6 +275,8 @@ class StepRunner:
             raise ValueError("backtracking needs an observation to measure the PSNR against")
         if stop_bound is not None and observation is None:
             raise ValueError("stop_bound needs an observation to measure the residual against")
+        if stop_bound is not None and early_stop is not None:
+            raise ValueError("early_stop (ES-WMV) and stop_bound (the discrepancy rule) exclude each other")
         self.net, self.loss_fn, self.mode, self.precision = net, loss_fn, mode, precision
         self.device = net_input.device
         self.reg_noise_std = float(reg_noise_std)
@@ -307,7 +310,8 @@ class StepRunner:
         self.optimizer = optimizer
         self.early_stop_args = early_stop
         self.stop_bound = None if stop_bound is None else float(stop_bound)
-        self.early_stop: Optional[WindowedVariance] = None  # built on the first step, when the output shape is known
+        # Built on the first step, when the output shape is known.
+        self.early_stop: Optional[Union[WindowedVariance, DiscrepancyTracker]] = None
         self.out: Optional[torch.Tensor] = None
         self.average: Optional[torch.Tensor] = None
         self.stats = torch.full((len(STAT_FIELDS),), float("nan"), device=self.device)
@@ -340,7 +344,9 @@ class StepRunner:
         self.out = torch.empty(out.shape, dtype=torch.float32, device=self.device)
         if self.exp_weight is not None:
             self.average = torch.empty_like(self.out)
-        if self.early_stop_args is not None:
+        if self.stop_bound is not None:
+            self.early_stop = DiscrepancyTracker(self.out, self.stop_bound)
+        elif self.early_stop_args is not None:
             window, patience = self.early_stop_args
             self.early_stop = WindowedVariance(self.out, window=window, patience=patience)
 
@@ -351,7 +357,7 @@ class StepRunner:
         return psnr(view, self.reference)
 
     def _residual(self, image: torch.Tensor) -> torch.Tensor:
-        """The data-term residual ``||y - A x||^2 / N`` of an estimate (all pixels: the gate's sigma^2 is per pixel)."""
+        """The data-term residual ``||y - A x||^2 / N`` of an estimate (all pixels: the rule's sigma^2 is per pixel)."""
         seen = self.degrade(image) if self.degrade is not None else image
         return (seen - self.observation).square().mean()
 
@@ -383,8 +389,7 @@ class StepRunner:
             if self.backtracker is not None:
                 self.backtracker.after_update(check)
             if self.early_stop is not None:
-                gated = self.stop_bound is not None
-                self.early_stop.update(self.out, self._residual if gated else None, self.stop_bound)
+                self.early_stop.update(self.out, self.average, self._residual)
             es = self.early_stop
             row = [
                 loss.detach().float(),

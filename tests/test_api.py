@@ -1,6 +1,8 @@
 """Tests of dip_fast.restore(): input kinds, sizes, seeding, stopping, info, bad input."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -449,30 +451,28 @@ def _small_denoise_preset(iterations: int) -> tasks.Preset:
     )
 
 
-def test_stop_auto_returns_the_detected_estimate(monkeypatch):
+def test_stop_early_returns_the_detected_estimate():
     clean = smooth()
     noisy = np.clip(clean + np.random.default_rng(0).normal(0, 0.15, clean.shape), 0, 1).astype(np.float32)
-    monkeypatch.setattr(dip_fast.api, "EARLY_STOP_WINDOW", 10)
-    monkeypatch.setattr(dip_fast.api, "EARLY_STOP_PATIENCE", 40)
     seen = []
     out, info = restore(noisy, preset=_small_denoise_preset(2000), ground_truth=clean, return_info=True,
                         stop="early", sigma=0.15 * 255, callback=lambda step, d: seen.append(d["psnr"]) and None)
     assert info.stop_reason == "early_stop" and not info.interrupted
-    assert info.stop_step is not None and info.steps - 1 - info.stop_step >= 40 and info.steps < 2000
-    # The image returned is the early-stopped estimate, far better than where the run ended.
-    assert info.psnr > info.psnr_history[-1] + 1
+    # On the CPU the log is read every step, so the run ends at the step the rule chose.
+    assert info.stop_step is not None and info.steps == info.stop_step + 1 < 2000
+    # The image returned is the average of that step, and it is far better than the noisy input.
+    noisy_psnr = -10 * math.log10(float(np.mean((noisy - clean) ** 2)))
+    assert info.psnr == pytest.approx(info.psnr_history[-1], abs=0.05) and info.psnr > noisy_psnr + 3
     assert len(info.psnr_history) == info.steps and seen == pytest.approx(info.psnr_history)
     never, ninfo = restore(noisy, preset=_small_denoise_preset(60), stop="never", return_info=True)
     assert ninfo.stop_step is None and ninfo.steps == 60 and ninfo.stop_reason == "completed"
 
 
-def test_stop_auto_leaves_inpainting_to_its_budget(monkeypatch):
-    monkeypatch.setattr(dip_fast.api, "EARLY_STOP_WINDOW", 2)
-    monkeypatch.setattr(dip_fast.api, "EARLY_STOP_PATIENCE", 1)
+def test_stop_auto_leaves_inpainting_to_its_budget():
     mask = np.ones((32, 32), dtype=bool)
     mask[10:20, 10:20] = False
     _, info = restore(smooth(), task="inpaint", mask=mask, preset="quick", iterations=12, return_info=True)
-    assert info.steps == 12 and info.stop_step is None
+    assert info.steps == 12 and info.stop_step is None and info.stop == "never"
 
 
 def test_step_mode_and_precision_on_cpu():

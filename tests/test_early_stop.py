@@ -1,11 +1,12 @@
-"""The discrepancy-gated stopping rule on small synthetic cases (CPU, seconds).
+"""The discrepancy rule on small synthetic cases (CPU, seconds).
 
 Three behaviours the rule must have (issue "Early stopping that never hurts"):
-an under-fitted window is refused however stable it is, a plateau that
-explains the data is accepted, and a non-finite statistic or noise level
-falls back to the fixed-count result without an error.  Each is checked on
-the host-side replay (what the benchmark tunes), on the device tracker
-(what a run uses), and the two are checked against each other.
+an under-fitted estimate is refused however stable the outputs are, an
+estimate that has come down to the noise level is accepted, and a
+non-finite statistic or noise level falls back to the fixed-count result
+without an error.  Each is checked on the host-side replay (what the
+benchmark tunes), on the device tracker inside ``fit`` (what a run uses),
+and the two are checked against each other.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn as nn
 
 from dip_fast import api, tasks
 from dip_fast.api import restore
-from dip_fast.early_stop import DiscrepancyRule, WindowedVariance, replay
+from dip_fast.early_stop import DiscrepancyRule, DiscrepancyTracker, replay
 from dip_fast.monitor import ProgressMonitor
 from dip_fast.tasks import registry
 from dip_fast.fit import fit
@@ -29,74 +30,58 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SIGMA2 = 0.01  # noise variance of the synthetic cases
 
 
-def _curves(n: int = 400):
-    """Variance and residual of a typical run: an early, stable but under-fitted phase, then a plateau.
-
-    The variance has its global minimum at step 50, while the residual is
-    still 3 sigma^2 (the content is not fitted yet); the residual reaches
-    sigma^2 at step 150, where the variance has a local minimum at 200, and
-    the variance rises afterwards as the noise is fitted.
-    """
+def _residual_curve(n: int = 400) -> list:
+    """The average's residual in a typical run: content fitted by step 150 (sigma^2), then the noise."""
     t = np.arange(n, dtype=float)
-    variance = np.where(t < 100, 1e-4 + 1e-6 * np.abs(t - 50), 1e-3 + 1e-6 * (t - 200) ** 2 / 100)
-    residual = SIGMA2 * np.where(t < 150, 3.0 - 2.0 * t / 150, 1.0 - 0.3 * (t - 150) / 250)
-    return variance.tolist(), residual.tolist()
+    return (SIGMA2 * np.where(t < 150, 3.0 - 2.0 * t / 150, 1.0 - 0.3 * (t - 150) / 250)).tolist()
 
 
-def test_underfitted_window_is_refused():
-    variance, residual = _curves()
-    # Plain ES-WMV (a gate that accepts everything) stops at the under-fitted minimum...
-    plain = replay(variance, [0.0] * len(variance), DiscrepancyRule(SIGMA2, 1.0, patience=100))
-    assert plain.reason == "plateau" and plain.stop_step == 50
-    # ...the gate refuses it and takes the stable window of the fitted phase.
-    gated = replay(variance, residual, DiscrepancyRule(SIGMA2, 1.0, patience=100))
-    assert gated.reason == "plateau" and gated.stop_step == 200 and gated.steps == 301
-    assert residual[gated.stop_step] <= SIGMA2
+def test_underfitted_estimates_are_refused_and_the_first_fitted_one_is_kept():
+    residual = _residual_curve()
+    d = replay(residual, DiscrepancyRule(SIGMA2, 1.0))
+    # Steps 0-149 leave content in the residual (above sigma^2): none is returned.
+    assert d.reason == "discrepancy" and d.stop_step == 150 and d.steps == 151
+    assert all(r > SIGMA2 for r in residual[:150])
+    # A looser tolerance accepts earlier, a stricter one later; both only where the bound holds.
+    assert replay(residual, DiscrepancyRule(SIGMA2, 1.5)).stop_step == 113
+    assert replay(residual, DiscrepancyRule(SIGMA2, 0.9)).stop_step == 234
+
+
+def test_a_plateau_at_the_noise_level_is_accepted():
+    # Flat at 0.98 sigma^2 from step 20 on, as when the content is fitted and the noise fitting is slow.
+    residual = [None] * 3 + [SIGMA2 * (1 + 1 / (1 + t)) for t in range(17)] + [SIGMA2 * 0.98] * 80
+    d = replay(residual, DiscrepancyRule(SIGMA2, 1.0))
+    assert d.reason == "discrepancy" and d.stop_step == 20
 
 
 def test_never_fitted_run_falls_back_to_the_fixed_count():
-    variance, residual = _curves()
-    # A residual that stays 2 sigma^2 above the noise: no window explains the data.
-    d = replay(variance, [2 * SIGMA2] * len(variance), DiscrepancyRule(SIGMA2, 1.0, patience=100))
-    assert d.reason == "fallback" and d.stop_step is None and d.steps == len(variance)
-
-
-def test_plateau_is_accepted():
-    n = 300
-    variance = [None] * 9 + [1e-3 / (1 + t) for t in range(100)] + [1e-5] * (n - 109)  # flat from step 109
-    residual = [None] * 9 + [SIGMA2 * 0.95] * (n - 9)
-    d = replay(variance, residual, DiscrepancyRule(SIGMA2, 1.0, patience=50))
-    assert d.reason == "plateau" and d.stop_step == 108 and d.steps == 159  # the first window of the flat part
-
-
-def test_budget_end_keeps_an_accepted_window():
-    variance, residual = _curves()
-    d = replay(variance, residual, DiscrepancyRule(SIGMA2, 1.0, patience=1000))
-    assert d.reason == "budget_accepted" and d.stop_step == 200 and d.steps == len(variance)
+    d = replay([2 * SIGMA2] * 300, DiscrepancyRule(SIGMA2, 1.0))
+    assert d.reason == "fallback" and d.stop_step is None and d.steps == 300
+    # The budget caps the replay: a crossing after it does not count.
+    assert replay(_residual_curve(), DiscrepancyRule(SIGMA2, 1.0), iterations=150).reason == "fallback"
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, None])
 def test_non_finite_statistics_fall_back(bad):
-    variance, residual = _curves()
-    d = replay([bad] * len(variance), residual, DiscrepancyRule(SIGMA2, 1.0, patience=100))
+    d = replay([bad] * 300, DiscrepancyRule(SIGMA2, 1.0))
     assert d.reason == "fallback" and d.stop_step is None
-    d = replay(variance, [bad] * len(variance), DiscrepancyRule(SIGMA2, 1.0, patience=100))
-    assert d.reason == "fallback" and d.stop_step is None
+    # A non-finite value in the middle is skipped, not taken for a crossing.
+    residual = _residual_curve()
+    residual[100:200] = [bad] * 100
+    assert replay(residual, DiscrepancyRule(SIGMA2, 1.0)).stop_step == 200
 
 
 @pytest.mark.parametrize("noise_var", [None, math.nan, math.inf, 0.0, -1.0])
 def test_unknown_noise_level_falls_back(noise_var):
-    variance, residual = _curves()
-    rule = DiscrepancyRule(noise_var, 1.0, patience=100)
+    rule = DiscrepancyRule(noise_var, 1.0)
     assert not rule.usable and math.isnan(rule.bound)
-    assert replay(variance, residual, rule).reason == "fallback"
+    assert replay(_residual_curve(), rule).reason == "fallback"
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(tolerance=0.0), "tolerance"), (dict(tolerance=math.nan), "tolerance"),
-                                          (dict(patience=0), "patience"), (dict(patience=2.5), "patience")])
-def test_rule_rejects_bad_settings(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        DiscrepancyRule(SIGMA2, **kwargs)
+@pytest.mark.parametrize("tolerance", [0.0, -1.0, math.nan, math.inf, "1"])
+def test_rule_rejects_bad_settings(tolerance):
+    with pytest.raises(ValueError, match="tolerance"):
+        DiscrepancyRule(SIGMA2, tolerance)
 
 
 def _stream(n: int = 120, seed: int = 0):
@@ -112,30 +97,39 @@ def _stream(n: int = 120, seed: int = 0):
     return target, outs
 
 
-def test_device_tracker_matches_the_replay():
-    """WindowedVariance with the gate picks the same window as the host replay of its own statistics."""
+@pytest.mark.parametrize("bound", [math.inf, 0.002, 1e-4, 1e-9, math.nan])
+def test_device_tracker_matches_the_replay(bound):
+    """The tracker keeps the same step as the host replay of its own residuals, and that step's estimate."""
     target, outs = _stream()
     residual_fn = lambda m: (m - target).square().mean()  # noqa: E731
-    for bound in (math.inf, 0.002, 1e-9, math.nan):
-        es = WindowedVariance(target, window=10, patience=1000)
-        variances, residuals, bests = [], [], []
-        for o in outs:
-            es.update(o, residual_fn, bound)
-            state = es.read()
-            variances.append(state.variance)
-            residuals.append(float(es.residual))
-            bests.append(state.best_step)
-        rule = DiscrepancyRule(bound if math.isfinite(bound) else (1.0 if bound > 0 else math.nan), 1.0, 1000)
-        d = replay(variances, residuals, rule)
-        assert d.stop_step == bests[-1]
-        if bound == 0.002:  # the gate moved the choice past the stable start
-            assert bests[-1] is not None and bests[-1] >= 50
-        if bound == 1e-9 or math.isnan(bound):
-            assert bests[-1] is None
-        if bests[-1] is not None:
-            window = torch.stack(outs[bests[-1] - 9 : bests[-1] + 1]).mean(0)
-            torch.testing.assert_close(es.best, window)
-            assert residual_fn(window) <= bound
+    tracker = DiscrepancyTracker(target, bound)
+    residuals, averages = [], []
+    average = outs[0].clone()
+    for t, o in enumerate(outs):
+        average = o.clone() if t == 0 else 0.9 * average + 0.1 * o
+        tracker.update(o, average, residual_fn)
+        residuals.append(float(tracker.residual))
+        averages.append(average)
+    state = tracker.read()
+    d = replay(residuals, DiscrepancyRule(bound if math.isfinite(bound) else (1.0 if bound > 0 else math.nan), 1.0))
+    assert state.best_step == d.stop_step and state.steps == len(outs)
+    assert tracker.should_stop(state) == (d.stop_step is not None)
+    if bound == math.inf:
+        assert d.stop_step == 0
+    if bound in (1e-9,) or math.isnan(bound):
+        assert d.stop_step is None
+    if bound == 0.002:  # the stable but unfitted start is refused
+        assert d.stop_step is not None and d.stop_step >= 30
+    if d.stop_step is not None:
+        torch.testing.assert_close(tracker.best, averages[d.stop_step])
+        assert residual_fn(tracker.best) <= bound
+        # Later steps never replace the kept estimate, though they also qualify.
+        assert any(r <= bound for r in residuals[d.stop_step + 1 :]) or d.stop_step == len(outs) - 1
+
+
+def test_tracker_without_residual_fn_is_an_error():
+    with pytest.raises(ValueError, match="residual_fn"):
+        DiscrepancyTracker(torch.zeros(3), 1.0).update(torch.zeros(3))
 
 
 class _Drift(nn.Module):
@@ -149,30 +143,34 @@ class _Drift(nn.Module):
         return self.x + 0 * z.sum()
 
 
-def test_fit_with_an_unreachable_gate_completes_and_returns_no_stop_output():
+def test_fit_with_an_unreachable_bound_completes_and_returns_no_stop_output():
     target = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     net = _Drift(target.shape)
     res = fit(net, torch.zeros(1, 1, 8, 8), lambda o: ((o - target) ** 2).mean(), iterations=40, lr=1e-4,
-              backtrack=False, observation=target, stop="auto", stop_window=5, stop_patience=5, stop_bound=math.nan)
+              backtrack=False, observation=target, stop="discrepancy", stop_bound=math.nan)
     assert res.stop_reason == "completed" and res.stop_output is None and res.stop_step is None
-    assert len(res.residual_history) == 40 and all(math.isnan(r) for r in res.residual_history[:4])
-    assert all(math.isfinite(r) for r in res.residual_history[4:])
+    assert len(res.residual_history) == 40 and all(math.isfinite(r) for r in res.residual_history)
 
 
-def test_fit_stops_on_an_accepted_plateau():
+@pytest.mark.parametrize("sync_every", [1, 7])
+def test_fit_stops_at_the_first_step_within_the_bound(sync_every):
     target = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     net = _Drift(target.shape)
     res = fit(net, torch.zeros(1, 1, 8, 8), lambda o: ((o - target) ** 2).mean(), iterations=2000, lr=0.05,
-              backtrack=False, observation=target, stop="auto", stop_window=5, stop_patience=20, stop_bound=1e-3)
+              backtrack=False, observation=target, stop="discrepancy", stop_bound=1e-3, sync_every=sync_every)
     assert res.stop_reason == "early_stop" and res.stop_step is not None
-    assert res.stop_residual is not None and res.stop_residual <= 1e-3
+    history = res.residual_history
+    assert history[res.stop_step] <= 1e-3 and all(r > 1e-3 for r in history[: res.stop_step])
+    assert res.stop_step < res.steps < res.stop_step + 1 + sync_every  # read late, but the estimate is the step's
     assert res.stop_residual == pytest.approx(float(((res.stop_output - target) ** 2).mean()), rel=1e-4)
 
 
-def test_stop_bound_needs_an_observation():
+def test_stop_discrepancy_needs_a_bound_and_an_observation():
+    args = (_Drift((1, 3, 8, 8)), torch.zeros(1, 1, 8, 8), lambda o: o.mean())
     with pytest.raises(ValueError, match="stop_bound"):
-        fit(_Drift((1, 3, 8, 8)), torch.zeros(1, 1, 8, 8), lambda o: o.mean(), iterations=1, backtrack=False,
-            stop="auto", stop_bound=1.0)
+        fit(*args, iterations=1, backtrack=False, stop="discrepancy", stop_bound=1.0)
+    with pytest.raises(ValueError, match="stop_bound"):
+        fit(*args, iterations=1, backtrack=False, stop="discrepancy", observation=torch.zeros(1, 3, 8, 8))
 
 
 # ---------------------------------------------------------------- restore()
@@ -194,11 +192,10 @@ def _smooth(h: int = 32, w: int = 32) -> np.ndarray:
 def test_restore_early_reports_its_confidence(monkeypatch):
     clean = _smooth()
     noisy = np.clip(clean + np.random.default_rng(0).normal(0, 0.15, clean.shape), 0, 1).astype(np.float32)
-    monkeypatch.setattr(api, "EARLY_STOP_WINDOW", 10)
-    monkeypatch.setattr(api, "EARLY_STOP_PATIENCE", 40)
     out, info = restore(noisy, preset=_small_preset("denoise", 1500), sigma=0.15 * 255, stop="early",
                         ground_truth=clean, return_info=True)
-    assert info.stop == "early" and info.stop_noise_sigma == pytest.approx(0.15 * 255)
+    # The level held to is the observation's estimate, capped by the given sigma (clipping leaves less noise).
+    assert info.stop == "early" and 0.1 * 255 < info.stop_noise_sigma <= 0.15 * 255 + 1e-9
     assert info.stop_reason == "early_stop" and info.stop_step is not None and not info.stop_fallback
     assert info.stop_residual_ratio <= api.EARLY_STOP_TOLERANCE + 1e-6 and "stopped" in info.stop_summary
     assert info.psnr > 10 * math.log10(1 / 0.15**2)  # better than the noisy input
@@ -247,9 +244,12 @@ def test_progress_bar_shows_the_stopping_signal():
     from dip_fast.fit import StepInfo
 
     s = StepInfo(step=5, loss=0.1, out=torch.zeros(1), out_avg=None, psnr=None, psnr_ref=None, backtracked=False,
-                 elapsed=0.0, net=nn.Identity(), variance=2e-4, residual=0.012, stop_step=3)
+                 elapsed=0.0, net=nn.Identity(), variance=math.nan, residual=0.012, stop_step=None)
     monitor = ProgressMonitor.__new__(ProgressMonitor)
     monitor.noise_var = 0.01
-    assert monitor._stop_signal(s) == {"var": "2.0e-04", "res/sigma2": "1.20", "best": "4"}
-    s.variance = math.nan  # before the window fills: nothing to show
+    assert monitor._stop_signal(s) == {"res/sigma2": "1.20"}
+    s.residual = math.nan  # no residual measured: nothing to show
+    assert monitor._stop_signal(s) == {}
+    monitor.noise_var = None  # the rule is off
+    s.residual = 0.012
     assert monitor._stop_signal(s) == {}

@@ -1,0 +1,73 @@
+"""bench/es_replay.py and bench/early_stop.py: the stopping rule replayed and scored on synthetic trajectories.
+
+A short real recording (a tiny crop, a few steps) checks that the recorder
+still runs against the package, and two synthetic runs with known curves
+check the scores the replay reports.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import early_stop  # noqa: E402
+import es_replay  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(name: str, split: str, cross: int, n: int = 300, preset: int = 200) -> dict:
+    """A run whose average's residual reaches sigma^2 at ``cross`` and whose PSNR peaks there."""
+    sigma = 25.0
+    s2 = (sigma / 255) ** 2
+    t = np.arange(n)
+    residual = s2 * np.where(t < cross, 2.0 - t / cross, 1.0 - 0.2 * (t - cross) / n)
+    psnr = 30.0 - 3e-4 * (t - cross) ** 2
+    return {"image": name, "split": split, "task": "denoise", "crop": 16, "seed": 0, "sigma": sigma,
+            "sigma_est": sigma, "iterations": n, "preset_iterations": preset, "input_psnr": 20.0,
+            "fixed_psnr": float(psnr[preset - 1]), "log": {"res_avg": residual.tolist(), "psnr_avg": psnr.tolist()}}
+
+
+def test_scores_of_a_known_run():
+    early = _run("a.png", "tuning", cross=100)
+    s = es_replay.score(early, (1.0, 1.0, "est"))
+    assert s["reason"] == "discrepancy" and s["stop_step"] == 100 and s["steps"] == pytest.approx(101 / 200)
+    assert s["gap"] == pytest.approx(0.0) and s["vs_fixed"] == pytest.approx(3e-4 * 99**2)
+    fixed = es_replay.score(early, None)
+    assert fixed["steps"] == 1.0 and fixed["vs_fixed"] == 0.0
+    late = _run("b.png", "validation", cross=250)  # fits only after the preset's 200 steps
+    assert es_replay.score(late, (1.0, 1.0, "est"))["reason"] == "fallback"
+    longer = es_replay.score(late, (1.0, 1.5, "est"))
+    assert longer["reason"] == "discrepancy" and longer["stop_step"] == 250 and longer["gap"] < 0  # beats the oracle
+    # Within 0.5 dB of the peak from step 60 on (3e-4 * 41^2 > 0.5 >= 3e-4 * 40^2): 61 steps of 200.
+    assert es_replay.oracle_steps([early]) == [pytest.approx(61 / 200)]
+
+
+def test_report_from_files(tmp_path):
+    path = tmp_path / "traj.json.gz"
+    early_stop.write_trajectories(path, {"schema": "x", "runs": [_run("a.png", "tuning", 100),
+                                                                    _run("b.png", "validation", 250)]})
+    out = tmp_path / "report.md"
+    assert es_replay.main([str(path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Chosen on all 1 tuning runs" in text and "| b.png | validation |" in text
+    numbers = json.loads(out.with_suffix(".json").read_text())
+    assert numbers["chosen"]["noise"] == "est" and "validation" in numbers["groups"]["all"]
+
+
+def test_recorder_runs_on_a_tiny_crop(tmp_path):
+    img = tmp_path / "img.png"
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    Image.fromarray((rng.random((70, 70, 3)) * 255).astype(np.uint8)).save(img)
+    out = tmp_path / "t.json.gz"
+    assert early_stop.main([str(img), "--crop", "64", "--iterations", "12", "--preset", "denoise_quick",
+                            "--backend", "reference", "--out", str(out)]) == 0
+    (run,) = early_stop.read_trajectories(out)["runs"]
+    assert run["iterations"] == 12 and run["preset_iterations"] > 12 and len(run["log"]["res_avg"]) == 12
+    assert run["fixed_psnr"] is not None
