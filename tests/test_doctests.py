@@ -12,6 +12,7 @@ MODULES = [
     "dip_fast.batch",
     "dip_fast.build",
     "dip_fast.cli",
+    "dip_fast.io",
     "dip_fast.memory",
     "dip_fast.networks",
     "dip_fast.request",
