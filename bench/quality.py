@@ -175,7 +175,7 @@ def make_case(path: Path, args: argparse.Namespace, seed: int) -> Dict[str, Any]
     case: Dict[str, Any] = {"image": path.name, "size": [gt_img.height, gt_img.width], "gt": gt}
     if args.task == "denoise":
         gen = torch.Generator().manual_seed(10_000 + seed)
-        case["observation"] = tasks.add_gaussian_noise(gt, args.sigma / 255.0, generator=gen)
+        case["observation"] = tasks.degradations.add_gaussian_noise(gt, args.sigma, generator=gen)
         case["baseline"] = {"name": "noisy", **metrics(to_numpy(case["observation"]), to_numpy(gt), "denoise", 0)}
     else:
         f = args.factor

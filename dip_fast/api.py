@@ -1,74 +1,65 @@
 """One call to restore an image: :func:`restore`.
 
-The data flow is ``restore`` -> :mod:`dip_fast.io` (caller's image to a
-tensor) -> :mod:`dip_fast.tasks` (preset, network, input, data term) ->
-:func:`dip_fast.fit.fit` (the optimisation loop) -> :mod:`dip_fast.io`
-(back to the caller's kind of image).  This module only checks arguments,
-picks settings and wires those steps together.
+``restore`` runs in four stages, each its own function:
+
+1. :func:`dip_fast.request.validate_request` checks every argument and
+   resolves task, preset, device and backend, before any pixel is read;
+2. :func:`dip_fast.observation.prepare_observation` reads the images once,
+   checks the run fits in memory, and pads them for the network;
+3. :func:`dip_fast.tasks.build_run` (shared with :func:`dip_fast.tasks.solve`)
+   builds network, input and data term, and :func:`dip_fast.fit.fit` fits;
+4. :func:`_finish` crops the estimate, fills in the :class:`RestoreInfo`
+   and gives the image back in the caller's kind.
+
+What differs between tasks comes from the task registry
+(:mod:`dip_fast.tasks.registry`); this module only wires the stages together
+and holds the early-stopping settings.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import os
 import random
 import warnings
 from dataclasses import dataclass, field
-from functools import partial
-from numbers import Integral, Real
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from . import _ops, auto_step, degenerate, io, tasks
 from .early_stop import DiscrepancyRule
-from .fit import StepInfo, fit
+from .fit import FitResult, fit
+from .memory import estimate_memory
 from .metrics import psnr as _psnr
-from .reference import skip as reference_skip
+from .monitor import ProgressMonitor
+from .observation import Observation, prepare_observation
+from .request import PRECISION_CHOICES, PRESET_LEVELS, STEP_MODE_CHOICES, STOP_CHOICES  # noqa: F401  (kept here)
+from .request import RestoreRequest, validate_request
+from .tasks import registry
 
 __all__ = ["RestoreInfo", "estimate_memory", "restore", "PRESET_LEVELS", "TASK_ALIASES"]
 
-#: Values of ``preset`` that pick settings by task (see :func:`dip_fast.tasks.preset_for`).
-PRESET_LEVELS = ("auto", "paper", "fast", "quick")
-#: Accepted spellings of each task named by a string (a callable task is a forward operator).
-TASK_ALIASES = {
-    "denoise": "denoise",
-    "inpaint": "inpaint",
-    "super_resolution": "super_resolution",
-    "sr": "super_resolution",
-    "deblur": "deblur",
-    "jpeg": "jpeg",
-}
-
-#: Tasks where a long run fits the noise, so that ``stop='early'`` may end it (see :data:`AUTO_STOP`).
-EARLY_STOP_TASKS = ("denoise", "jpeg", "deblur")
-STOP_CHOICES = ("auto", "never", "early")
-#: What ``stop='auto'`` does per task: ``'early'`` (the discrepancy rule) where it beat the preset's
-#: fixed step count on the held-out validation runs of ``bench/es_replay.py`` (bench/README.md, "Early
-#: stopping on photographs"), else ``'never'``, the fixed count.
-AUTO_STOP = {"denoise": "never", "jpeg": "never", "deblur": "never"}
+#: What ``stop='auto'`` does per task is its spec's ``auto_stop`` (:mod:`dip_fast.tasks.builtin`): ``'early'``
+#: (the discrepancy rule) where it beat the preset's fixed step count on the held-out validation runs of
+#: ``bench/es_replay.py`` (bench/README.md, "Early stopping on photographs"), else ``'never'``, the fixed count.
 #: The rule's tolerance (:class:`dip_fast.early_stop.DiscrepancyRule`), chosen on the tuning runs of the
 #: same benchmark (0.9-1.05 tried).
 EARLY_STOP_TOLERANCE = 1.0
 #: With ``stop='early'`` and no ``iterations``, the step budget is this multiple of the preset's count:
 #: a run that has not explained the observation by then falls back to the average at the budget.
 EARLY_STOP_BUDGET = 1.0
-STEP_MODE_CHOICES = ("auto", "eager", "graph")
-PRECISION_CHOICES = ("auto", "fp32", "tf32", "bf16")
 
-# A CPU run whose measured estimate exceeds this many seconds is announced
-# in a warning even when the caller picked the preset.
-_LONG_RUN_S = 600.0
-# Margin on the estimated peak memory: autograd's transient gradient buffers
-# and the allocator's rounding come on top of the saved activations.
-_MEMORY_MARGIN = 1.5
-# estimate_memory's results by network settings, channels and size: tracing
-# takes about a second on the CPU, which a batch of same-sized images would
-# otherwise pay for every file.
-_MEMORY_ESTIMATES: Dict[str, Optional[int]] = {}
+
+def __getattr__(name: str) -> Any:
+    """Read-only views of the task registry under the names this module once kept as tables."""
+    if name == "TASK_ALIASES":  # accepted spellings of each task named by a string
+        return registry.aliases()
+    if name == "EARLY_STOP_TASKS":
+        return tuple(spec.name for spec in registry.all_tasks() if spec.early_stop)
+    if name == "AUTO_STOP":
+        return {spec.name: spec.auto_stop for spec in registry.all_tasks() if spec.early_stop}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -147,127 +138,6 @@ class RestoreInfo:
     precision: str = "fp32"
 
 
-# --------------------------------------------------------------------------
-# Argument checks
-# --------------------------------------------------------------------------
-
-
-def _check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-    return float(value)
-
-
-def _resolve_task(task: Any) -> Tuple[str, Optional[tasks.Operator]]:
-    """The task's name and, for a callable task, the forward operator."""
-    if callable(task) and not isinstance(task, str):
-        return "callable", task
-    if not isinstance(task, str) or task not in TASK_ALIASES:
-        raise ValueError(
-            "task must be one of 'denoise', 'inpaint', 'super_resolution' (or 'sr'), 'deblur', 'jpeg', "
-            f"or a callable forward operator, got {task!r}"
-        )
-    return TASK_ALIASES[task], None
-
-
-def _check_output_shape(value: Any) -> Tuple[int, int, int]:
-    """``output_shape`` of a callable task: ``(C, H, W)`` with C 1 or 3 and sides of at least ``io.MIN_SIZE``."""
-    if isinstance(value, torch.Size):
-        value = tuple(value)
-    if not isinstance(value, (tuple, list)) or len(value) != 3 or not all(
-        isinstance(v, Integral) and not isinstance(v, bool) for v in value
-    ):
-        raise TypeError(f"output_shape must be a tuple of three integers (C, H, W), got {value!r}")
-    c, h, w = (int(v) for v in value)
-    if c not in (1, 3):
-        raise ValueError(f"output_shape: C must be 1 (grey) or 3 (RGB), got {c}")
-    if min(h, w) < io.MIN_SIZE:
-        raise ValueError(f"output_shape: H and W must be at least {io.MIN_SIZE}, got {h}x{w}")
-    return c, h, w
-
-
-def _output_spec(spec: io.ImageSpec, c: int, h: int, w: int) -> io.ImageSpec:
-    """The observation's spec for an image of another shape, without alpha (a callable task's result)."""
-    layout = spec.layout
-    if spec.kind == "numpy" and c == 3:
-        layout = "HWC"
-    changes: Dict[str, Any] = dict(height=h, width=w, channels=c, has_alpha=False, layout=layout)
-    if spec.kind in ("pil", "path") and c == 3 and spec.bit_depth != 8:
-        # Pillow has no 16-bit or float colour mode: such colour results come back as arrays, as for files.
-        changes.update(kind="numpy", layout="HWC")
-    return dataclasses.replace(spec, **changes)
-
-
-def _resolve_device(device: Any) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} requested, but torch sees no CUDA GPU; use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return dev
-
-
-def _resolve_backend(backend: Any, device: torch.device) -> Tuple[Callable[..., nn.Module], str]:
-    if backend == "reference":
-        return reference_skip, "reference"
-    if backend == "fast":
-        from .nets import skip as fast_skip
-
-        # channels_last on the CPU, where oneDNN's convolutions run faster in it (bench/README.md,
-        # "Latest results: CPU"); NCHW on CUDA until a GPU run says otherwise.
-        make = partial(fast_skip, channels_last=device.type == "cpu")
-        if _ops.has_ops(*_ops.FAST_NETWORK_OPS):
-            return make, "fast"
-        return make, "reference (fast fallback)"
-    raise ValueError(f"backend must be 'fast' or 'reference', got {backend!r}")
-
-
-def _resolve_preset(preset: Any, task: str, scale: Optional[int], device: torch.device) -> Tuple[tasks.Preset, str]:
-    """The settings to run and the level they came from (``'auto'`` resolves by device)."""
-    level = ""
-    if isinstance(preset, tasks.Preset):
-        chosen = preset
-    elif isinstance(preset, str) and preset in PRESET_LEVELS:
-        level = preset
-        if preset == "auto":
-            # The paper's settings take hours on a CPU; see tasks.preset_for.
-            level = "paper" if device.type == "cuda" else "fast"
-        chosen = tasks.preset_for(task, level, scale)
-    elif isinstance(preset, str) and preset in tasks.PRESETS:
-        chosen = tasks.PRESETS[preset]
-    else:
-        raise ValueError(f"preset must be one of {PRESET_LEVELS}, a name in dip_fast.tasks.PRESETS or a Preset, got {preset!r}")
-    if chosen.task != task:
-        raise ValueError(f"preset {chosen.name!r} is for task {chosen.task!r}, not {task!r}")
-    if task == "super_resolution" and chosen.sr_factor != scale:
-        chosen = chosen.with_overrides(sr_factor=scale)
-    return chosen, level
-
-
 def reg_noise_for_sigma(sigma: float) -> float:
     """Input perturbation for a noise level (0-255): the notebook's 1/30 at sigma 25 and 1/20 at 50.
 
@@ -282,71 +152,8 @@ def _estimate_sigma(color: torch.Tensor) -> Optional[float]:
 
     See :func:`dip_fast.degenerate.estimate_sigma` (0, with a warning, for an image without fine detail).
     """
-    # stacklevel 3: the warning points at the caller of restore().
-    return degenerate.estimate_sigma(color, stacklevel=3)
-
-
-def estimate_memory(preset: tasks.Preset, channels: int, size: Tuple[int, int]) -> Optional[int]:
-    """Estimated peak memory in bytes of fitting ``preset``'s network at ``size`` (high-resolution ``H, W``).
-
-    Runs the reference network on the ``meta`` device (shapes only, nothing
-    allocated) and adds up the activations autograd keeps for the backward
-    pass, plus weights, gradients and Adam's two moments, with a margin for
-    transient buffers.  Returns None when the network cannot be traced.
-    """
-    key = repr((preset.input_depth, dict(preset.network), channels, tuple(size)))
-    if key not in _MEMORY_ESTIMATES:
-        _MEMORY_ESTIMATES[key] = _trace_memory(preset, channels, size)
-    return _MEMORY_ESTIMATES[key]
-
-
-def _trace_memory(preset: tasks.Preset, channels: int, size: Tuple[int, int]) -> Optional[int]:
-    """:func:`estimate_memory`, uncached."""
-    saved = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        saved += t.numel() * t.element_size()
-        return t
-
-    try:
-        with torch.device("meta"):
-            net = reference_skip(preset.input_depth, channels, **dict(preset.network))
-            z = torch.empty(1, preset.input_depth, *size)
-        net.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = net(z)
-    except Exception:  # an option without meta support: no estimate rather than a false alarm
-        return None
-    params = sum(p.numel() * p.element_size() for p in net.parameters())
-    inputs = 2 * z.numel() * z.element_size() + 4 * out.numel() * out.element_size()
-    return int(_MEMORY_MARGIN * saved + 4 * params + inputs)
-
-
-def _device_memory(device: torch.device) -> Optional[int]:
-    """Total memory of the device in bytes (physical RAM for the CPU), or None if unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024.0
-    return f"{n:.1f} TiB"
-
-
-def _fmt_seconds(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
+    # stacklevel 4: the warning points at the caller of restore() (through _pixel_settings).
+    return degenerate.estimate_sigma(color, stacklevel=4)
 
 
 # --------------------------------------------------------------------------
@@ -517,7 +324,8 @@ def restore(
         deterministic: use deterministic algorithms (cuDNN included) during the run.
         stop: ``'auto'`` (default): per task, whichever of ``'early'`` and
             ``'never'`` won on the validation images of the benchmark
-            (:data:`AUTO_STOP`; ``'never'`` for tasks without early stopping).
+            (the task's ``auto_stop`` in :mod:`dip_fast.tasks.registry`;
+            ``'never'`` for tasks without early stopping).
             ``'early'`` (``'denoise'``, ``'jpeg'``, ``'deblur'`` only): stop
             without ground truth at the first step whose running average
             explains the observation down to its noise level (the
@@ -553,208 +361,121 @@ def restore(
         ValueError, TypeError, FileNotFoundError: on bad arguments, naming
             the argument and what was expected; ValueError also when the
             estimated memory of the run exceeds the device's.
+
+    Examples:
+        >>> import numpy as np
+        >>> from dip_fast import restore
+        >>> noisy = np.random.default_rng(0).random((16, 16, 3), dtype=np.float32)
+        >>> out, info = restore(noisy, "denoise", preset="quick", iterations=2, device="cpu", return_info=True)
+        >>> out.shape, out.dtype, info.task, info.steps
+        ((16, 16, 3), dtype('float32'), 'denoise', 2)
     """
-    # ---- arguments (cheap checks first, before any pixel is touched)
-    task, operator = _resolve_task(task)
-    if iterations is not None:
-        iterations = _check_int(iterations, "iterations", 1)
-    if max_time is not None:
-        max_time = _check_positive(max_time, "max_time")
-    if num_threads is not None:
-        num_threads = _check_int(num_threads, "num_threads", 1)
-    if seed is not None:
-        seed = _check_int(seed, "seed", 0)
-    stop = _check_choice(stop, "stop", STOP_CHOICES)
-    step_mode = _check_choice(step_mode, "step_mode", STEP_MODE_CHOICES)
-    precision = _check_choice(precision, "precision", PRECISION_CHOICES)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable as callback(step, info), got {type(callback).__name__}")
-    if task == "super_resolution":
-        if scale is None:
-            raise ValueError("scale is required for task='super_resolution' (an even integer such as 4)")
-        scale = _check_int(scale, "scale", 2)
-        if scale % 2:
-            raise ValueError(f"scale must be even (2, 4, 8, ...): the paper's Lanczos-2 downsampler misaligns odd factors, got {scale}")
-    elif scale is not None:
-        raise ValueError(f"scale only applies to task='super_resolution', got scale={scale!r} for task={task!r}")
-    if task == "inpaint" and mask is None:
-        raise ValueError("mask is required for task='inpaint' (1/True = known pixel, same size as the image)")
-    if task != "inpaint" and mask is not None:
-        raise ValueError(f"mask only applies to task='inpaint', got a mask for task={task!r}")
-    kernel = None
-    if task == "deblur":
-        if blur_kernel is None:
-            raise ValueError("blur_kernel is required for task='deblur' ('gaussian:SIGMA', 'box:N' or a 2-D array)")
-        kernel = tasks.make_blur_kernel(blur_kernel, "blur_kernel")
-    elif blur_kernel is not None:
-        raise ValueError(f"blur_kernel only applies to task='deblur', got a blur_kernel for task={task!r}")
-    if task == "callable":
-        if output_shape is None:
-            raise ValueError("output_shape=(C, H, W) is required for a callable task: the shape of the image to recover")
-        output_shape = _check_output_shape(output_shape)
-    elif output_shape is not None:
-        raise ValueError(f"output_shape only applies to a callable task, got output_shape={output_shape!r} for task={task!r}")
-    if sigma is not None:
-        if task != "denoise":
-            raise ValueError(f"sigma only applies to task='denoise', got sigma={sigma!r} for task={task!r}")
-        if isinstance(sigma, bool) or not isinstance(sigma, Real) or not math.isfinite(sigma) or sigma < 0:
-            raise ValueError(f"sigma must be a noise level >= 0 in 0-255 units, got {sigma!r}")
-    if stop == "early" and task not in EARLY_STOP_TASKS:
-        raise ValueError(f"stop='early' applies to tasks {EARLY_STOP_TASKS}, not {task!r}; use 'auto' or 'never'")
-    stop = AUTO_STOP.get(task, "never") if stop == "auto" else stop
-    dev = _resolve_device(device)
-    make_net, backend_name = _resolve_backend(backend, dev)
-    chosen, level = _resolve_preset(preset, task, scale, dev)
-    if iterations is not None:
-        chosen = chosen.with_overrides(iterations=iterations)
-    elif stop == "early" and EARLY_STOP_BUDGET != 1.0:
-        chosen = chosen.with_overrides(iterations=int(round(chosen.iterations * EARLY_STOP_BUDGET)))
-    factor = scale or 1
+    request = validate_request(
+        task, mask=mask, scale=scale, blur_kernel=blur_kernel, output_shape=output_shape, iterations=iterations,
+        preset=preset, sigma=sigma, seed=seed, device=device, backend=backend, progress=progress, callback=callback,
+        return_info=return_info, max_time=max_time, num_threads=num_threads, deterministic=deterministic,
+        stop=stop, step_mode=step_mode, precision=precision,
+    )
+    observed = prepare_observation(request, image, mask, ground_truth)
+    run_seed = random.SystemRandom().randrange(2**63) if request.seed is None else request.seed
+    if observed.constant is not None:
+        return _constant_result(request, observed, run_seed)
 
-    # ---- image size and memory, before the pixels are converted
-    # A callable's observation may be smaller than an image (its operator sets the sizes).
-    source = io.inspect_image(image, "image", min_size=1 if operator is not None else io.MIN_SIZE)
-    spec = source.spec
-    # The generated image before padding, in low-resolution pixels (times `factor`).
-    out_c, out_h, out_w = output_shape or (spec.color_channels, spec.height, spec.width)
-    n_scales = len(chosen.network["num_channels_down"])
-    hr_multiple = 2**n_scales
-    lr_multiple = hr_multiple // math.gcd(hr_multiple, factor)
-    lr_min = -(-2 * hr_multiple // factor)  # the deepest level needs 2x2 pixels for BatchNorm
+    chosen, used_sigma, rule = _pixel_settings(request, observed.color)
+    # 'auto' comes from the recorded GPU parity evidence, one table for every caller (dip_fast.auto_step).
+    step_mode, precision = auto_step.choose(request.device, request.step_mode, request.precision)
+    info = RestoreInfo(
+        task=request.task.name, preset=chosen.name, backend=request.backend, device=str(request.device),
+        seed=run_seed, iterations=chosen.iterations, sigma=used_sigma, reg_noise_std=chosen.reg_noise_std,
+        padded_size=observed.padded_size, estimated_memory=observed.estimated_memory, stop=request.stop,
+        step_mode=step_mode, precision=precision,
+        stop_noise_sigma=math.sqrt(rule.noise_var) * 255.0 if rule is not None and rule.usable else None,
+    )
+    with _run_settings(request.num_threads, request.deterministic):
+        run = _build_run(request, observed, chosen, run_seed)
+        result = _fit(request, observed, run, info, rule)
+    return _finish(request, observed, run.term, result, info, rule)
 
-    def padded_size(h: int, w: int) -> Tuple[int, int]:
-        """The network's working size for an image of ``h x w`` low-resolution pixels."""
-        return tuple(-(-max(n, lr_min) // lr_multiple) * lr_multiple * factor for n in (h, w))
 
-    padded_hw = padded_size(out_h, out_w)
-    need = estimate_memory(chosen, out_c, padded_hw)
-    have = _device_memory(dev)
-    if need is not None and have is not None and need > have:
-        raise ValueError(
-            f"image of {out_h}x{out_w} is too large for {dev}: the run needs about "
-            f"{_fmt_bytes(need)} but the device has {_fmt_bytes(have)}; crop or downscale it, or use a smaller preset"
-        )
+# --------------------------------------------------------------------------
+# The stages after validation and preparation
+# --------------------------------------------------------------------------
 
-    # ---- pixels
-    loaded = io.load_image(image, "image", source=source)
-    spec = loaded.spec  # a file's orientation may have changed the size
-    color = loaded.color
-    c = color.shape[1]
-    if operator is None:
-        out_c, out_h, out_w = c, spec.height, spec.width
-        padded_hw = padded_size(out_h, out_w)
-    m = io.load_mask(mask, spec.height, spec.width, c) if task == "inpaint" else None
-    gt = None
-    if ground_truth is not None:
-        gt = io.load_image(ground_truth, "ground_truth").color
-        want = (out_c, out_h * factor, out_w * factor)
-        if tuple(gt.shape[1:]) != want:
-            raise ValueError(
-                f"ground_truth must be a clean image of the output's shape {want[1]}x{want[2]} with {out_c} "
-                f"colour channel(s), got {gt.shape[2]}x{gt.shape[3]} with {gt.shape[1]}"
-            )
 
-    if seed is None:
-        seed = random.SystemRandom().randrange(2**63)
-    flat = degenerate.constant_value(color, m) if operator is None else None
-    if flat is not None:
-        return _constant_result(
-            flat, loaded.alpha, spec, factor, gt,
-            RestoreInfo(task=task, preset=chosen.name, backend=backend_name, device=str(dev), seed=seed,
-                        iterations=chosen.iterations, stop_reason="constant",
-                        sigma=(float(sigma) if sigma is not None else 0.0) if task == "denoise" else None,
-                        reg_noise_std=chosen.reg_noise_std, padded_size=padded_hw, estimated_memory=need or 0),
-            return_info,
-        )
-
-    # ---- settings that depend on the pixels
-    used_sigma = None
-    if task == "denoise":
-        used_sigma = float(sigma) if sigma is not None else _estimate_sigma(color)
+def _pixel_settings(request: RestoreRequest, color: torch.Tensor
+                    ) -> Tuple[tasks.Preset, Optional[float], Optional[DiscrepancyRule]]:
+    """The settings that depend on the pixels: the noise level, the preset's perturbation, the stopping rule."""
+    chosen, used_sigma = request.preset, None
+    takes_sigma = request.task.accepts("sigma")
+    if takes_sigma:
+        used_sigma = request.sigma if request.sigma is not None else _estimate_sigma(color)
         if used_sigma is None:
             warnings.warn("dip_fast: cannot estimate the noise level (PyWavelets missing); assuming sigma=25",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
             used_sigma = 25.0
-        if level:  # an explicit Preset or registry name keeps its own setting
+        if request.level:  # an explicit Preset or registry name keeps its own setting
             chosen = chosen.with_overrides(reg_noise_std=reg_noise_for_sigma(used_sigma))
     rule: Optional[DiscrepancyRule] = None
-    if stop == "early":
+    if request.stop == "early":
         # The noise level the residual is held to: the observation's own (wavelet) estimate, which
         # measures the noise actually present (clipping at 0 and 1 leaves less than a nominal sigma);
         # a given sigma only lowers it, since a level set too high stops before the image is fitted.
         # None if it cannot be estimated: the rule then falls back.
         noise_level = _estimate_sigma(color)
-        if noise_level is not None and task == "denoise" and sigma is not None:
-            noise_level = min(noise_level, float(sigma))
+        if noise_level is not None and takes_sigma and request.sigma is not None:
+            noise_level = min(noise_level, request.sigma)
         rule = DiscrepancyRule(None if noise_level is None else (noise_level / 255.0) ** 2,
                                tolerance=EARLY_STOP_TOLERANCE)
+    return chosen, used_sigma, rule
 
-    # 'auto' comes from the recorded GPU parity evidence, one table for every caller (dip_fast.auto_step).
-    step_mode, precision = auto_step.choose(dev, step_mode, precision)
-    info = RestoreInfo(
-        task=task, preset=chosen.name, backend=backend_name, device=str(dev), seed=seed,
-        iterations=chosen.iterations, sigma=used_sigma, reg_noise_std=chosen.reg_noise_std,
-        padded_size=padded_hw, estimated_memory=need or 0, stop=stop, step_mode=step_mode, precision=precision,
-        stop_noise_sigma=math.sqrt(rule.noise_var) * 255.0 if rule is not None and rule.usable else None,
+
+def _build_run(request: RestoreRequest, observed: Observation, chosen: tasks.Preset, seed: int) -> tasks.Run:
+    """The data term, with the fast downsampler where it applies, then network and input from ``seed``."""
+    box, factor = observed.box, request.factor
+    term = tasks.make_data_term(chosen, observed.observation, observed.mask, blur_kernel=request.blur_kernel,
+                                operator=request.operator, box=box if request.task.crop_in_term else None)
+    if isinstance(term, tasks.SuperResolutionTerm):
+        fast_ds = _sr_downsampler(request.backend, observed.color.shape[1], factor, chosen.sr_kernel)
+        if fast_ds is not None:
+            term.downsampler = fast_ds.to(request.device)
+    generator = torch.Generator(device=request.device).manual_seed(seed)
+    # Weights come from the global RNG: fork it so the caller's stream is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return tasks.build_run(chosen, term, observed.shape[0], observed.padded_size, backend=request.builder,
+                               generator=generator, reference=observed.ground_truth,
+                               reference_view=lambda x: io.crop(x, box, factor))
+
+
+def _fit(request: RestoreRequest, observed: Observation, run: tasks.Run, info: "RestoreInfo",
+         rule: Optional[DiscrepancyRule]) -> FitResult:
+    """Fit the run under a progress monitor, with the early-stopping rule if any."""
+    cpu = request.device.type == "cpu"
+    monitor = ProgressMonitor(
+        info, observed.box, request.factor, observed.ground_truth, request.callback, request.progress,
+        observed.alpha, observed.spec, warn_auto=request.auto_preset and cpu, cpu=cpu, max_time=request.max_time,
+        noise_var=rule.noise_var if rule is not None and rule.usable else None,
     )
-
-    # ---- pad, build, fit
-    # Deblurring and a callable crop the generated image to `box` inside the
-    # data term, so their forward models see exactly the image (their
-    # observation is not padded); the other tasks fit the padded observation.
-    crop_in_term = task in ("deblur", "callable")
-    generated = color if operator is None else color.new_zeros(1, 1, out_h, out_w)  # only its size matters
-    padded, box = io.pad_to_multiple(generated, lr_multiple, lr_min)
-    obs = (color if crop_in_term else padded).to(dev)
-    m_pad = io.pad_to_multiple(m, lr_multiple, lr_min)[0].to(dev) if m is not None else None
-    gt_dev = gt.to(dev) if gt is not None else None
-    alpha = loaded.alpha
-    if operator is not None:
-        tasks.check_operator(operator, (out_c, out_h, out_w), obs, name="task")
-        spec, alpha = _output_spec(spec, out_c, out_h, out_w), None
-    if alpha is not None and factor > 1:
-        alpha = io.resize_alpha(alpha, factor)
-
-    with _run_settings(num_threads, deterministic):
-        term = tasks.make_data_term(
-            chosen, obs, m_pad, blur_kernel=kernel, operator=operator, box=box if crop_in_term else None
+    try:
+        return fit(
+            run.net, run.net_input, run.term, max_time=request.max_time,
+            callback=monitor.on_step, should_stop=monitor.should_stop,
+            stop="discrepancy" if rule is not None else "never",
+            stop_bound=rule.bound if rule is not None else None,
+            step_mode=info.step_mode, precision=info.precision, **run.fit_kwargs,
         )
-        if isinstance(term, tasks.SuperResolutionTerm):
-            fast_ds = _sr_downsampler(backend_name, c, factor, chosen.sr_kernel)
-            if fast_ds is not None:
-                term.downsampler = fast_ds.to(dev)
-        # Weights come from the global RNG: fork it so the caller's stream is untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = tasks.build_network(chosen, out_c, backend=make_net, device=dev)
-        generator = torch.Generator(device=dev).manual_seed(seed)
-        net_input = tasks.make_input(chosen, padded_hw, generator=generator, device=dev)
+    finally:
+        monitor.close()
 
-        stopper = _Monitor(
-            info, box, factor, gt_dev, callback, progress, alpha, spec,
-            warn_auto=(preset == "auto" and dev.type == "cpu"), cpu=dev.type == "cpu", max_time=max_time,
-            noise_var=rule.noise_var if rule is not None and rule.usable else None,
-        )
-        kwargs = dict(chosen.fit_kwargs())
-        kwargs.update(term.fit_kwargs())
-        if gt_dev is not None:  # PSNR against the ground truth, on the device, every step
-            kwargs.update(reference=gt_dev, reference_view=lambda x: io.crop(x, box, factor))
-        try:
-            result = fit(
-                net, net_input, term, generator=generator, max_time=max_time,
-                callback=stopper.on_step, should_stop=stopper.should_stop,
-                stop="discrepancy" if rule is not None else "never",
-                stop_bound=rule.bound if rule is not None else None,
-                step_mode=info.step_mode, precision=info.precision, **kwargs,
-            )
-        finally:
-            stopper.close()
 
+def _finish(request: RestoreRequest, observed: Observation, term: nn.Module, result: FitResult,
+            info: "RestoreInfo", rule: Optional[DiscrepancyRule]) -> Any:
+    """The estimate cropped and given back in the caller's kind, and ``info`` completed from the fit."""
     if result.stop_output is not None:  # early stopping: the average of the stopping step
         estimate = result.stop_output
     else:
         estimate = result.output_avg if result.output_avg is not None else result.output
-    restored = io.crop(estimate, box, factor)
+    restored = io.crop(estimate, observed.box, request.factor)
     info.stop_step = result.stop_step
     if rule is not None:
         _explain_stop(info, rule, result, term, estimate)
@@ -766,10 +487,10 @@ def restore(
     info.wall_time = result.wall_time
     info.loss_history = list(result.loss_history)
     info.backtrack_steps = list(result.backtrack_steps)
-    if gt_dev is not None:
-        info.psnr = float(_psnr(restored, gt_dev))
-    out = io.from_tensor(restored, alpha, spec)
-    return (out, info) if return_info else out
+    if observed.ground_truth is not None:
+        info.psnr = float(_psnr(restored, observed.ground_truth))
+    out = io.from_tensor(restored, observed.alpha, observed.spec)
+    return (out, info) if request.return_info else out
 
 
 def _explain_stop(info: RestoreInfo, rule: DiscrepancyRule, result: Any, term: nn.Module,
@@ -799,91 +520,17 @@ def _explain_stop(info: RestoreInfo, rule: DiscrepancyRule, result: Any, term: n
         info.stop_summary = f"ended before the rule decided ({info.stop_reason}); the result so far is returned"
 
 
-def _constant_result(flat: torch.Tensor, alpha: Optional[torch.Tensor], spec: io.ImageSpec, factor: int,
-                     gt: Optional[torch.Tensor], info: RestoreInfo, return_info: bool) -> Any:
+def _constant_result(request: RestoreRequest, observed: Observation, seed: int) -> Any:
     """A constant image's restoration: the constant, at the output's size (see ``stop_reason='constant'``)."""
-    _, c, _, _ = flat.shape
-    restored = flat.expand(1, c, spec.height * factor, spec.width * factor).contiguous()
-    if alpha is not None and factor > 1:
-        alpha = io.resize_alpha(alpha, factor)
-    if gt is not None:
-        info.psnr = float(_psnr(restored, gt))  # inf when the ground truth is the same constant
-    out = io.from_tensor(restored, alpha, spec)
-    return (out, info) if return_info else out
-
-
-class _Monitor:
-    """Per-step bookkeeping of a run: progress bar, PSNR, user callback, CPU time estimate."""
-
-    def __init__(self, info: RestoreInfo, box: Tuple[int, int, int, int], factor: int,
-                 gt: Optional[torch.Tensor], callback: Optional[Callable[..., Any]], progress: bool,
-                 alpha: Optional[torch.Tensor], spec: io.ImageSpec, *, warn_auto: bool, cpu: bool,
-                 max_time: Optional[float], noise_var: Optional[float] = None) -> None:
-        self.info, self.box, self.factor, self.gt = info, box, factor, gt
-        self.callback, self.alpha, self.spec = callback, alpha, spec
-        self.warn_auto, self.cpu, self.max_time = warn_auto, cpu, max_time
-        self.noise_var = noise_var  # early stopping's sigma^2: the bar shows the residual against it
-        self.stop = False
-        self._t_first: Optional[float] = None
-        self.bar = tqdm(total=info.iterations, desc=f"dip-fast {info.task}", unit="step",
-                        disable=not progress, dynamic_ncols=True)
-
-    def should_stop(self) -> bool:
-        return self.stop
-
-    def _time_warning(self, s: StepInfo) -> None:
-        # Step 0 pays one-off set-up costs; the second step alone gives the pace.
-        if s.step == 0:
-            self._t_first = s.elapsed
-            return
-        if s.step != 1 or self._t_first is None:
-            return
-        per_step = s.elapsed - self._t_first
-        total = self._t_first + per_step * (self.info.iterations - 1)
-        if self.max_time is not None and self.max_time < total:
-            return  # the caller already bounded the run
-        if self.warn_auto or total > _LONG_RUN_S:
-            why = ("preset='auto' on the CPU uses the cheaper preset "
-                   f"{self.info.preset!r} (the paper's settings would take hours); " if self.warn_auto else "")
-            warnings.warn(
-                f"dip_fast: {why}this run of {self.info.iterations} steps will take about "
-                f"{_fmt_seconds(total)} on the CPU (measured {per_step * 1000:.0f} ms/step). "
-                "Pass iterations=, max_time= or preset='quick' for a shorter run, or use a GPU.",
-                # Point at the caller of restore(): this runs inside fit()'s callback.
-                UserWarning, stacklevel=5,
-            )
-
-    def on_step(self, s: StepInfo) -> None:
-        est = s.out_avg if s.out_avg is not None else s.out
-        est = io.crop(est, self.box, self.factor)
-        value = s.psnr_ref_avg if s.out_avg is not None else s.psnr_ref
-        if self.cpu:
-            self._time_warning(s)
-        if self.bar is not None and not self.bar.disable:
-            post = {"loss": f"{s.loss:.2e}"}
-            if value is not None:
-                post["psnr"] = f"{value:.2f}"
-            post.update(self._stop_signal(s))
-            self.bar.set_postfix(post, refresh=False)
-            self.bar.update(s.step + 1 - self.bar.n)  # the log is read every few steps on a GPU
-        if self.callback is not None:
-            alpha, spec = self.alpha, self.spec
-            payload = {
-                "loss": s.loss,
-                "psnr": value,
-                "elapsed": s.elapsed,
-                "backtracked": s.backtracked,
-                "output": est,
-                "render": lambda est=est: io.from_tensor(est, alpha, spec),
-            }
-            if self.callback(s.step, payload) is True:
-                self.stop = True
-
-    def _stop_signal(self, s: StepInfo) -> Dict[str, str]:
-        """The early-stopping signal for the bar: the average's residual / sigma^2 (the rule stops at its tolerance)."""
-        if self.noise_var is None or s.residual is None or not math.isfinite(s.residual):
-            return {}
-        return {"res/sigma2": f"{s.residual / self.noise_var:.2f}"}
-
-    def close(self) -> None:
-        self.bar.close()
+    preset, spec, factor = request.preset, observed.spec, request.factor
+    sigma = (request.sigma if request.sigma is not None else 0.0) if request.task.accepts("sigma") else None
+    info = RestoreInfo(task=request.task.name, preset=preset.name, backend=request.backend,
+                       device=str(request.device), seed=seed, iterations=preset.iterations, stop_reason="constant",
+                       sigma=sigma, reg_noise_std=preset.reg_noise_std, padded_size=observed.padded_size,
+                       estimated_memory=observed.estimated_memory)
+    flat = observed.constant
+    restored = flat.expand(1, flat.shape[1], spec.height * factor, spec.width * factor).contiguous()
+    if observed.ground_truth is not None:
+        info.psnr = float(_psnr(restored, observed.ground_truth))  # inf when the ground truth is the same constant
+    out = io.from_tensor(restored, observed.alpha, spec)
+    return (out, info) if request.return_info else out

@@ -28,16 +28,16 @@ import csv
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
-import numpy as np
 import torch
 
 from . import io
-from .api import TASK_ALIASES, restore
+from .api import restore
+from .request import PER_FILE, resolve_task, validate_request
+from .tasks import registry
 
 __all__ = [
     "CSV_COLUMNS",
@@ -290,20 +290,6 @@ def distributed(device: Optional[str] = None) -> Iterator[Tuple[int, int, Option
 # --------------------------------------------------------------------------
 
 
-def _probe(task: str, restore_kwargs: Dict[str, Any]) -> None:
-    """Run one step of ``restore`` on a small synthetic image, so that bad arguments fail before any file.
-
-    Every file of a batch would otherwise fail alike (an odd ``scale``, an
-    unknown preset, a missing GPU); the probe's error is the argument's.
-    """
-    # Not constant: restore() returns a constant image without fitting, which would test nothing.
-    image = np.broadcast_to(np.linspace(0.25, 0.75, 16, dtype=np.float32)[:, None, None], (16, 16, 3)).copy()
-    mask = np.ones((16, 16), bool) if TASK_ALIASES.get(task, task) == "inpaint" else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # about the synthetic image, not the user's
-        restore(image, task, mask=mask, callback=lambda step, info: True, **restore_kwargs)
-
-
 def run_batch(
     in_dir: PathLike,
     out_dir: PathLike,
@@ -340,17 +326,39 @@ def run_batch(
             before any file is restored (a failing file only fails its row).
         KeyboardInterrupt: Ctrl-C; the file in progress is not written and
             this process's summary lists the files handled so far.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import numpy as np
+        >>> from PIL import Image
+        >>> from dip_fast.batch import run_batch
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> src = Path(tmp.name) / "in"
+        >>> src.mkdir()
+        >>> pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        >>> Image.fromarray(pixels).save(src / "a.jpg")
+        >>> summary = run_batch(src, Path(tmp.name) / "out", task="denoise", preset="quick", iterations=2,
+        ...                     device="cpu")
+        >>> summary.done, summary.failed, sorted(p.name for p in (Path(tmp.name) / "out").iterdir())
+        (1, 0, ['a.png', 'summary.csv'])
+        >>> run_batch(src, Path(tmp.name) / "out2", task="sr", scale=3)  # checked before any file
+        Traceback (most recent call last):
+        ...
+        ValueError: scale must be even (2, 4, 8, ...): the paper's Lanczos-2 downsampler misaligns odd factors, got 3
+        >>> tmp.cleanup()
     """
     src_dir = _check_dir(in_dir, "IN_DIR")
     out = Path(os.fspath(out_dir))
-    canon = TASK_ALIASES.get(task, task)
+    spec, _ = resolve_task(task)
+    canon = spec.name
     extra = sorted(set(_MANAGED) & set(restore_kwargs))
     if extra:
         raise TypeError(f"run_batch sets {', '.join(extra)} itself, per file")
-    if canon == "inpaint" and masks_dir is None:
-        raise ValueError("task 'inpaint' needs a folder of masks (masks_dir), matched to the images by stem")
-    if canon != "inpaint" and masks_dir is not None:
-        raise ValueError(f"masks only apply to task 'inpaint', got a masks folder for task {task!r}")
+    if "mask" in spec.required and masks_dir is None:
+        raise ValueError(f"{spec.label} needs a folder of masks (masks_dir), matched to the images by stem")
+    if not spec.accepts("mask") and masks_dir is not None:
+        raise ValueError(f"masks only apply to {registry.owners('mask')}, got a masks folder for task {task!r}")
     others = {"IN_DIR": src_dir}
     masks = gts = None
     if masks_dir is not None:
@@ -375,7 +383,9 @@ def run_batch(
     gt_index = _index_by_stem(list_images(gts, "ground-truth folder")) if gts is not None else {}
     if scale is not None:
         restore_kwargs["scale"] = scale
-    _probe(task, restore_kwargs)
+    # Every file would fail alike on a bad argument (an odd scale, an unknown
+    # preset, a missing GPU): check them all once, before any file, running nothing.
+    validate_request(task, mask=PER_FILE if masks is not None else None, **restore_kwargs)
     out.mkdir(parents=True, exist_ok=True)
 
     use_dist = world_size > 1 and _dist_ready()

@@ -21,6 +21,12 @@ def build_info() -> dict[str, Any]:
       ``cuda_available``: whether torch sees a GPU now;
       ``fast_backend``: what ``backend="fast"`` runs, honestly;
       ``fused_options``: the ``skip()`` options the fast network runs fused (empty when it falls back).
+
+    Examples:
+        >>> import dip_fast
+        >>> info = dip_fast.build_info()
+        >>> info["version"] == dip_fast.__version__, isinstance(info["ops"], list)
+        (True, True)
     """
     info: dict[str, Any] = {
         "version": __version__,

@@ -1,5 +1,10 @@
 """The ``dip-fast`` command: restore image files or folders of them, or run the demo.
 
+The task commands (``denoise``, ``inpaint``, ``sr``, ...) and ``batch``'s
+``--task`` choices and task options are generated from the task registry
+(:mod:`dip_fast.tasks.registry`): a registered task with a ``command``
+appears here without an edit to this module.
+
 Every user error (a bad argument, a missing or unreadable file, an output
 that exists) ends with one line on stderr and exit status 2, never a
 traceback; in a batch a bad image only fails its own row (exit status 1).
@@ -12,17 +17,17 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, NoReturn, Optional, Sequence
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from PIL import Image
 
 from . import __version__, io
+from .tasks import registry
+from .tasks.registry import CliFlag, TaskSpec
 
 __all__ = ["main", "build_parser"]
 
 PROG = "dip-fast"
-#: Tasks of ``dip-fast batch`` (passed on to restore(); ``sr`` is super-resolution).
-BATCH_TASKS = ("denoise", "inpaint", "sr", "deblur", "jpeg")
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError)
 
 
@@ -46,37 +51,6 @@ writes the loss/PSNR curve (OUT.curve.png unless a path is given).
 """
 
 _EPILOGS = {
-    "denoise": """examples:
-  dip-fast denoise noisy.png -o clean.png
-  dip-fast denoise noisy.png -o clean.png --sigma 50 --preset paper --device cuda
-  dip-fast denoise noisy.png -o clean.png --ground-truth original.png --plot
-""",
-    "inpaint": """examples:
-  dip-fast inpaint photo.png --mask mask.png -o filled.png
-  dip-fast inpaint photo.png --mask mask.png -o filled.png --iterations 3000 --save-every 500
-
-The mask is an image of the same size: white (or 1) marks known pixels,
-black (0) the pixels to fill in.
-""",
-    "deblur": """examples:
-  dip-fast deblur blurry.png --blur-kernel gaussian:2 -o sharp.png
-  dip-fast deblur blurry.png --blur-kernel box:5 -o sharp.png --stop never --iterations 3000
-
-The blur is assumed known: gaussian:SIGMA (in pixels) or box:N (N odd). The
-image is modelled as the sharp image blurred with reflect-padded borders.
-""",
-    "jpeg": """examples:
-  dip-fast jpeg compressed.jpg -o restored.png
-  dip-fast jpeg compressed.jpg -o restored.png --preset paper --device cuda
-
-Removes JPEG blocking and ringing: the network is fitted to the compressed
-image itself and stopped before it learns the artefacts (write a .png: saving
-the result as JPEG would add new ones).
-""",
-    "sr": """examples:
-  dip-fast sr small.png --scale 4 -o large.png
-  dip-fast sr small.png --scale 8 -o large.png --preset paper --device cuda
-""",
     "batch": """examples:
   dip-fast batch noisy/ clean/ --task denoise
   dip-fast batch photos/ filled/ --task inpaint --masks masks/
@@ -141,8 +115,39 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
+def _cli_tasks() -> Tuple[TaskSpec, ...]:
+    """The registered tasks that have a command."""
+    return tuple(spec for spec in registry.all_tasks() if spec.command)
+
+
+def _add_task_command(sub: Any, spec: TaskSpec) -> None:
+    """The subcommand of one task: the common options, then the task's own."""
+    p = sub.add_parser(spec.command, help=spec.summary, description=spec.description,
+                       epilog=spec.epilog + _COMMON_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_restore_options(p)
+    for flag in spec.flags:
+        p.add_argument(flag.flag, dest=flag.input, type=flag.type, metavar=flag.metavar, required=flag.required,
+                       help=flag.help)
+
+
+def _batch_flags() -> Dict[str, Tuple[CliFlag, Tuple[str, ...], Tuple[str, ...]]]:
+    """Every task option of ``dip-fast batch``, by option: its first spec's flag, the commands of the
+    tasks that take it, and of those that need it (tasks may share an option, such as --sigma)."""
+    flags: Dict[str, Tuple[CliFlag, Tuple[str, ...], Tuple[str, ...]]] = {}
+    for spec in _cli_tasks():
+        for flag in spec.flags:
+            first, takes, needs = flags.get(flag.batch_option, (flag, (), ()))
+            needed = (spec.command,) if flag.required else ()
+            flags[flag.batch_option] = (first, takes + (spec.command,), needs + needed)
+    return flags
+
+
+def _batch_dest(flag: CliFlag) -> str:
+    return flag.batch_option.lstrip("-").replace("-", "_")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``dip-fast`` (subcommands denoise, inpaint, deblur, jpeg, sr, batch, demo)."""
+    """The argument parser of ``dip-fast``: a command per registered task, then batch and demo."""
     parser = _Parser(
         prog=PROG,
         description="Deep Image Prior restoration (Ulyanov et al., CVPR 2018) with fused C++/CUDA kernels.",
@@ -153,32 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     fmt = argparse.RawDescriptionHelpFormatter
-
-    den = sub.add_parser("denoise", help="remove noise", description="Remove noise from an image.",
-                         epilog=_EPILOGS["denoise"] + _COMMON_EPILOG, formatter_class=fmt)
-    _add_restore_options(den)
-    den.add_argument("--sigma", type=float, help="noise level in 0-255 units (default: estimated from the image)")
-
-    inp = sub.add_parser("inpaint", help="fill in missing pixels", description="Fill in the unknown pixels of an image.",
-                         epilog=_EPILOGS["inpaint"] + _COMMON_EPILOG, formatter_class=fmt)
-    _add_restore_options(inp)
-    inp.add_argument("--mask", metavar="M", required=True, help="mask image: white/1 = known pixel, black/0 = fill in")
-
-    dbl = sub.add_parser("deblur", help="remove a known blur", description="Remove a known blur from an image.",
-                         epilog=_EPILOGS["deblur"] + _COMMON_EPILOG, formatter_class=fmt)
-    _add_restore_options(dbl)
-    dbl.add_argument("--blur-kernel", metavar="SPEC", required=True,
-                     help="the blur: gaussian:SIGMA or box:N (N odd)")
-
-    jpg = sub.add_parser("jpeg", help="remove JPEG artefacts",
-                         description="Remove JPEG compression artefacts from an image.",
-                         epilog=_EPILOGS["jpeg"] + _COMMON_EPILOG, formatter_class=fmt)
-    _add_restore_options(jpg)
-
-    sr = sub.add_parser("sr", help="super-resolution", description="Enlarge an image by an even integer factor.",
-                        epilog=_EPILOGS["sr"] + _COMMON_EPILOG, formatter_class=fmt)
-    _add_restore_options(sr)
-    sr.add_argument("--scale", type=int, required=True, help="enlargement factor: 2, 4, 8, ...")
+    for spec in _cli_tasks():
+        _add_task_command(sub, spec)
 
     bat = sub.add_parser("batch", help="restore every image in a folder",
                          description="Restore every image file in IN_DIR into OUT_DIR; resumable, and split "
@@ -186,13 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=_EPILOGS["batch"], formatter_class=fmt)
     bat.add_argument("in_dir", metavar="IN_DIR", help="folder of images (subfolders are not searched)")
     bat.add_argument("out_dir", metavar="OUT_DIR", help="folder for the results and summary.csv (created if missing)")
-    bat.add_argument("--task", required=True, choices=BATCH_TASKS, help="what to do to every image")
+    bat.add_argument("--task", required=True, choices=[spec.command for spec in _cli_tasks()],
+                     help="what to do to every image")
     _add_run_options(bat, "per image: stop after this long; the result so far is written")
-    bat.add_argument("--sigma", type=float, help="denoise: noise level in 0-255 units (default: estimated per image)")
-    bat.add_argument("--scale", type=int, help="sr, required: enlargement factor 2, 4, 8, ...")
-    bat.add_argument("--masks", metavar="DIR", help="inpaint, required: folder of masks named like the images")
-    bat.add_argument("--blur-kernel", metavar="SPEC",
-                     help="deblur, required: the blur kernel, gaussian:SIGMA or box:N (N odd)")
+    for option, (flag, _, _) in _batch_flags().items():
+        bat.add_argument(option, dest=_batch_dest(flag), type=flag.type, metavar=flag.batch_metavar or flag.metavar,
+                         help=flag.batch_help)
     bat.add_argument("--ground-truth", metavar="DIR",
                      help="folder of clean images named like the inputs: PSNR in the summary")
     bat.add_argument("-q", "--quiet", action="store_true", help="report only failures")
@@ -283,18 +263,18 @@ def _write_plot(info: Any, path: Path) -> None:
 def _run_restore(args: argparse.Namespace) -> int:
     from .api import restore
 
-    task = {"denoise": "denoise", "inpaint": "inpaint", "sr": "super_resolution", "deblur": "deblur",
-            "jpeg": "jpeg"}[args.command]
+    spec = registry.by_command(args.command)
     out = Path(args.output)
     in_path = Path(args.input)
-    mask = getattr(args, "mask", None)
+    task_inputs = {flag.input: getattr(args, flag.input) for flag in spec.flags}
+    files = [(flag.flag, task_inputs[flag.input]) for flag in spec.flags if flag.is_file]
     if args.save_every is not None and args.save_every < 1:
         raise _UserError(f"--save-every must be >= 1, got {args.save_every}")
     # Check every input exists before judging the output against them.
-    for label, src in (("IN", args.input), ("--mask", mask), ("--ground-truth", args.ground_truth)):
+    for label, src in [("IN", args.input), *files, ("--ground-truth", args.ground_truth)]:
         if src is not None:
             io.open_image_file(src, label)
-    _check_output(out, [args.input, mask, args.ground_truth], args.force, in_path)
+    _check_output(out, [args.input, *(src for _, src in files), args.ground_truth], args.force, in_path)
     plot_path = None
     if args.plot is not None:
         plot_path = Path(args.plot) if args.plot else out.with_name(f"{out.stem}.curve.png")
@@ -315,15 +295,8 @@ def _run_restore(args: argparse.Namespace) -> int:
 
     kwargs = _run_kwargs(args)
     kwargs.update(ground_truth=args.ground_truth, progress=not args.quiet, callback=callback, return_info=True)
-    if task == "denoise":
-        kwargs["sigma"] = args.sigma
-    elif task == "inpaint":
-        kwargs["mask"] = mask
-    elif task == "deblur":
-        kwargs["blur_kernel"] = args.blur_kernel
-    elif task == "super_resolution":
-        kwargs["scale"] = args.scale
-    result, info = restore(str(in_path), task, **kwargs)
+    kwargs.update(task_inputs)
+    result, info = restore(str(in_path), spec.name, **kwargs)
     io.save_image(result, out, overwrite=args.force)
     if plot_path is not None:
         _write_plot(info, plot_path)
@@ -348,19 +321,19 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     from . import batch
 
-    for flag, value, task in (("--scale", args.scale, "sr"), ("--masks", args.masks, "inpaint"),
-                              ("--blur-kernel", args.blur_kernel, "deblur"), ("--sigma", args.sigma, "denoise")):
-        if value is not None and args.task != task:
-            raise _UserError(f"{flag} only applies to --task {task}, not --task {args.task}")
-    if args.task == "sr" and args.scale is None:
-        raise _UserError("--task sr needs --scale (2, 4, 8, ...)")
-    if args.task == "inpaint" and args.masks is None:
-        raise _UserError("--task inpaint needs --masks DIR (masks named like the images; white = known pixel)")
+    batch_kwargs: Dict[str, Any] = {}
+    for option, (flag, takes, needs) in _batch_flags().items():
+        value = getattr(args, _batch_dest(flag))
+        if value is not None and args.task not in takes:
+            raise _UserError(f"{option} only applies to --task {' or '.join(takes)}, not --task {args.task}")
+        if value is None and args.task in needs:
+            raise _UserError(f"--task {args.task} needs {option} {flag.batch_needs}".rstrip())
+        if value is not None:  # a per-file input comes as a folder, matched to the images by name
+            batch_kwargs["masks_dir" if flag.per_file else flag.input] = value
     kwargs = _run_kwargs(args)
-    if args.sigma is not None:
-        kwargs["sigma"] = args.sigma
-    if args.blur_kernel is not None:
-        kwargs["blur_kernel"] = args.blur_kernel
+    scale = batch_kwargs.pop("scale", None)
+    masks_dir = batch_kwargs.pop("masks_dir", None)
+    kwargs.update(batch_kwargs)
 
     # One line per image on stderr; failures are warnings, shown even with -q.
     logger = logging.getLogger(batch.__name__)
@@ -373,7 +346,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         with batch.distributed(args.device) as (rank, world_size, device):
             kwargs["device"] = device
             summary = batch.run_batch(args.in_dir, args.out_dir, task=args.task, rank=rank, world_size=world_size,
-                                      ground_truth_dir=args.ground_truth, masks_dir=args.masks, scale=args.scale,
+                                      ground_truth_dir=args.ground_truth, masks_dir=masks_dir, scale=scale,
                                       **kwargs)
     finally:
         logger.removeHandler(handler)
@@ -399,6 +372,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``dip-fast``; returns the exit status.
 
     0 ok, 1 some files of a batch failed, 2 user error, 130 interrupted.
+
+    Examples:
+        >>> from dip_fast.cli import main
+        >>> main(["sr", "no-such-file.png", "-o", "big.png", "--scale", "2"])  # one line on stderr
+        2
     """
     parser = build_parser()
     args = parser.parse_args(argv)

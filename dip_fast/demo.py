@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from . import io
 from .api import restore
+from .tasks import degradations
 
 __all__ = ["DemoRow", "CPU_CROP", "CPU_ITERATIONS", "degrade_noise", "downscale", "run_demo", "text_mask"]
 
@@ -65,44 +66,13 @@ class DemoRow:
 # --------------------------------------------------------------------------
 
 
-def degrade_noise(image: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
-    """``clip(image + N(0, sigma/255))`` for a float image in [0, 1] (the denoising notebook's noise)."""
-    rng = np.random.default_rng(seed)
-    return np.clip(image + rng.normal(0.0, sigma / 255.0, image.shape), 0.0, 1.0).astype(np.float32)
+#: The demo's degradations are the shared ones (sigma in 0-255 units), under the names it has always exported.
+degrade_noise = degradations.add_gaussian_noise_array
+text_mask = degradations.text_mask
+downscale = degradations.downscale_array
+bicubic = degradations.bicubic_array
 
-
-def text_mask(height: int, width: int) -> np.ndarray:
-    """A text-overlay mask (False under the letters, True elsewhere), like the paper's inpainting example."""
-    canvas = Image.new("L", (width, height), 255)
-    draw = ImageDraw.Draw(canvas)
-    size = max(8, height // 9)
-    try:
-        font: Any = ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        font = ImageFont.load_default()
-    words = "deep image prior restores what the network can say".split()
-    for row, y in enumerate(range(2, height, max(1, height // 6))):
-        line = " ".join(words[row % 4 :] + words[: row % 4])
-        draw.text((2 - (7 * row) % 20, y), line, fill=0, font=font)
-    return np.asarray(canvas) > 127
-
-
-def downscale(image: np.ndarray, scale: int) -> np.ndarray:
-    """Lanczos (Pillow) downscaling by ``scale``, as the super-resolution notebook made its inputs."""
-    h, w = image.shape[:2]
-    pil = Image.fromarray(_to_uint8(image)).resize((w // scale, h // scale), Image.Resampling.LANCZOS)
-    return np.asarray(pil).astype(np.float32) / 255.0
-
-
-def bicubic(image: np.ndarray, scale: int) -> np.ndarray:
-    """Bicubic (Pillow) upscaling by ``scale``: the super-resolution baseline."""
-    h, w = image.shape[:2]
-    pil = Image.fromarray(_to_uint8(image)).resize((w * scale, h * scale), Image.Resampling.BICUBIC)
-    return np.asarray(pil).astype(np.float32) / 255.0
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+_to_uint8 = degradations.to_uint8
 
 
 # --------------------------------------------------------------------------
@@ -224,61 +194,9 @@ def run_demo(
                   num_threads=num_threads)
     rows: List[DemoRow] = []
 
-    def iters(task: str) -> Optional[int]:
-        return CPU_ITERATIONS[task] if cpu_budget else None
-
-    # Denoising, sigma = 25.
-    noisy = degrade_noise(gt, NOISE_SIGMA, seed)
-    t = time.perf_counter()
-    den, info = restore(noisy, "denoise", sigma=NOISE_SIGMA, ground_truth=gt, iterations=iters("denoise"), **common)
-    rows.append(_row("denoise (sigma=25)", noisy, den, gt, time.perf_counter() - t, info.steps))
-    echo(_line(rows[-1]))
-    _save_png(noisy, out / "denoise_input.png")
-    _save_png(den, out / "denoise_output.png")
-    _save_comparison(
-        [("ground truth", gt), (f"noisy {rows[-1].degraded_psnr:.2f} dB", noisy),
-         (f"restored {rows[-1].restored_psnr:.2f} dB", den)],
-        out / "denoise_comparison.png", "Denoising, sigma = 25",
-    )
-
-    # Inpainting of a text overlay.
-    known = text_mask(h, w)
-    holed = gt * known[:, :, None]
-    t = time.perf_counter()
-    inp, info = restore(holed, "inpaint", mask=known, ground_truth=gt, iterations=iters("inpaint"), **common)
-    rows.append(_row("inpaint (text)", holed, inp, gt, time.perf_counter() - t, info.steps))
-    echo(_line(rows[-1]))
-    _save_png(holed, out / "inpaint_input.png")
-    _save_png(inp, out / "inpaint_output.png")
-    _save_png(known.astype(np.float32)[:, :, None].repeat(3, axis=2), out / "inpaint_mask.png")
-    _save_comparison(
-        [("ground truth", gt), (f"masked {rows[-1].degraded_psnr:.2f} dB", holed),
-         (f"restored {rows[-1].restored_psnr:.2f} dB", inp)],
-        out / "inpaint_comparison.png", "Inpainting of a text overlay",
-    )
-
-    # x4 super-resolution against bicubic upsampling of the same low-resolution image.
-    low = downscale(gt, SR_SCALE)
-    up = bicubic(low, SR_SCALE)
-    hr_gt = gt[: low.shape[0] * SR_SCALE, : low.shape[1] * SR_SCALE]
-    t = time.perf_counter()
-    sr, info = restore(low, "super_resolution", scale=SR_SCALE, ground_truth=hr_gt, iterations=iters("super_resolution"), **common)
-    row = _row("super-resolution x4", up, sr, hr_gt, time.perf_counter() - t, info.steps)
-    # For SR the "degraded" image is the low-resolution input; it is compared
-    # after nearest-neighbour enlargement, and bicubic is the real baseline.
-    nearest = np.kron(low, np.ones((SR_SCALE, SR_SCALE, 1), dtype=np.float32))
-    row.degraded_psnr, row.degraded_ssim = _metrics(nearest, hr_gt)
-    row.baseline, (row.baseline_psnr, row.baseline_ssim) = "bicubic", _metrics(up, hr_gt)
-    rows.append(row)
-    echo(_line(row))
-    _save_png(low, out / "sr_input.png")
-    _save_png(sr, out / "sr_output.png")
-    _save_png(up, out / "sr_bicubic.png")
-    _save_comparison(
-        [("ground truth", hr_gt), (f"input x{SR_SCALE} (nearest) {row.degraded_psnr:.2f} dB", nearest),
-         (f"bicubic {row.baseline_psnr:.2f} dB", up), (f"restored {row.restored_psnr:.2f} dB", sr)],
-        out / "sr_comparison.png", f"Super-resolution x{SR_SCALE}",
-    )
+    iterations = CPU_ITERATIONS if cpu_budget else {}
+    for case in _cases(gt, seed):
+        rows.append(_run_case(case, out, echo, iterations=iterations.get(case.task), **common))
 
     table = format_table(rows, setting)
     total = sum(r.seconds for r in rows)
@@ -288,6 +206,65 @@ def run_demo(
     with io.atomic_path(out / "results.md") as tmp:
         tmp.write_text(table + f"\n\nTotal restoration time: {total:.0f} s\n")
     return rows
+
+
+@dataclass
+class _Case:
+    """One of the demo's restorations: what to degrade, how to restore it, what to write."""
+
+    key: str  # prefix of the files written
+    task: str  # restore()'s task
+    label: str  # its row in the table
+    title: str  # its comparison figure's title
+    degraded: np.ndarray  # restore()'s input
+    gt: np.ndarray  # the clean image of the result's size
+    degraded_label: str  # the input's panel in the figure
+    inputs: Dict[str, Any] = field(default_factory=dict)  # restore()'s task inputs
+    shown: Optional[np.ndarray] = None  # the input as measured and shown, when it differs from `degraded`
+    baseline: Optional[Tuple[str, np.ndarray]] = None  # a classical method's result, for comparison
+    files: Dict[str, np.ndarray] = field(default_factory=dict)  # more images to write, by file name
+
+
+def _cases(gt: np.ndarray, seed: int) -> List[_Case]:
+    """Denoising (sigma = 25), inpainting of a text overlay, and x4 super-resolution against bicubic."""
+    h, w = gt.shape[:2]
+    noisy = degrade_noise(gt, NOISE_SIGMA, seed)
+    known = text_mask(h, w)
+    low = downscale(gt, SR_SCALE)
+    up = bicubic(low, SR_SCALE)
+    return [
+        _Case("denoise", "denoise", "denoise (sigma=25)", "Denoising, sigma = 25", noisy, gt, "noisy",
+              inputs=dict(sigma=NOISE_SIGMA)),
+        _Case("inpaint", "inpaint", "inpaint (text)", "Inpainting of a text overlay", gt * known[:, :, None], gt,
+              "masked", inputs=dict(mask=known),
+              files={"inpaint_mask.png": known.astype(np.float32)[:, :, None].repeat(3, axis=2)}),
+        # The low-resolution input is measured and shown after nearest-neighbour enlargement;
+        # bicubic upsampling of the same image is the real baseline.
+        _Case("sr", "super_resolution", f"super-resolution x{SR_SCALE}", f"Super-resolution x{SR_SCALE}", low,
+              gt[: low.shape[0] * SR_SCALE, : low.shape[1] * SR_SCALE], f"input x{SR_SCALE} (nearest)",
+              inputs=dict(scale=SR_SCALE), shown=np.kron(low, np.ones((SR_SCALE, SR_SCALE, 1), dtype=np.float32)),
+              baseline=("bicubic", up), files={"sr_bicubic.png": up}),
+    ]
+
+
+def _run_case(case: _Case, out: Path, echo: Any, **restore_kwargs: Any) -> DemoRow:
+    """Restore one case, print its row, and write its input, output, extra images and comparison."""
+    t = time.perf_counter()
+    restored, info = restore(case.degraded, case.task, ground_truth=case.gt, **case.inputs, **restore_kwargs)
+    shown = case.degraded if case.shown is None else case.shown
+    row = _row(case.label, shown, restored, case.gt, time.perf_counter() - t, info.steps)
+    panels = [("ground truth", case.gt), (f"{case.degraded_label} {row.degraded_psnr:.2f} dB", shown)]
+    if case.baseline is not None:
+        row.baseline, (row.baseline_psnr, row.baseline_ssim) = case.baseline[0], _metrics(case.baseline[1], case.gt)
+        panels.append((f"{row.baseline} {row.baseline_psnr:.2f} dB", case.baseline[1]))
+    panels.append((f"restored {row.restored_psnr:.2f} dB", restored))
+    echo(_line(row))
+    _save_png(case.degraded, out / f"{case.key}_input.png")
+    _save_png(restored, out / f"{case.key}_output.png")
+    for name, image in case.files.items():
+        _save_png(image, out / name)
+    _save_comparison(panels, out / f"{case.key}_comparison.png", case.title)
+    return row
 
 
 def cpu_threads() -> int:

@@ -21,6 +21,20 @@ Accepted images
 
 ``C`` is 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA).  Alpha is never
 restored: it is passed through unchanged (and resized for super-resolution).
+
+Examples:
+    >>> import numpy as np
+    >>> from dip_fast import io
+    >>> rgba = np.zeros((10, 12, 4), np.uint8)
+    >>> loaded = io.load_image(rgba)
+    >>> tuple(loaded.color.shape), tuple(loaded.alpha.shape), loaded.spec.kind
+    ((1, 3, 10, 12), (1, 1, 10, 12), 'numpy')
+    >>> padded, box = io.pad_to_multiple(loaded.color, 8)
+    >>> tuple(padded.shape[2:]), box
+    ((16, 16), (3, 2, 10, 12))
+    >>> back = io.from_tensor(io.crop(padded, box), loaded.alpha, loaded.spec)
+    >>> back.shape, back.dtype
+    ((10, 12, 4), dtype('uint8'))
 """
 from __future__ import annotations
 

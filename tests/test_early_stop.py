@@ -10,6 +10,7 @@ and the two are checked against each other.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -20,6 +21,8 @@ import torch.nn as nn
 from dip_fast import api, tasks
 from dip_fast.api import restore
 from dip_fast.early_stop import DiscrepancyRule, DiscrepancyTracker, replay
+from dip_fast.monitor import ProgressMonitor
+from dip_fast.tasks import registry
 from dip_fast.fit import fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -210,10 +213,12 @@ def test_restore_early_without_a_noise_level_falls_back(monkeypatch):
 
 def test_restore_stop_auto_follows_the_per_task_default(monkeypatch):
     noisy = _smooth()
-    monkeypatch.setitem(api.AUTO_STOP, "denoise", "never")
+    # The per-task default is the task spec's auto_stop (dip_fast.tasks.builtin).
+    denoise = registry.get_task("denoise")
+    monkeypatch.setitem(registry._TASKS, "denoise", dataclasses.replace(denoise, auto_stop="never"))
     _, info = restore(noisy, preset=_small_preset("denoise", 5), sigma=10, return_info=True)
     assert info.stop == "never" and info.stop_residual_ratio is None and info.stop_summary == ""
-    monkeypatch.setitem(api.AUTO_STOP, "denoise", "early")
+    monkeypatch.setitem(registry._TASKS, "denoise", dataclasses.replace(denoise, auto_stop="early"))
     _, info = restore(noisy, preset=_small_preset("denoise", 5), sigma=10, return_info=True)
     assert info.stop == "early" and info.stop_residual_ratio is not None
 
@@ -240,7 +245,7 @@ def test_progress_bar_shows_the_stopping_signal():
 
     s = StepInfo(step=5, loss=0.1, out=torch.zeros(1), out_avg=None, psnr=None, psnr_ref=None, backtracked=False,
                  elapsed=0.0, net=nn.Identity(), variance=math.nan, residual=0.012, stop_step=None)
-    monitor = api._Monitor.__new__(api._Monitor)
+    monitor = ProgressMonitor.__new__(ProgressMonitor)
     monitor.noise_var = 0.01
     assert monitor._stop_signal(s) == {"res/sigma2": "1.20"}
     s.residual = math.nan  # no residual measured: nothing to show

@@ -1,0 +1,242 @@
+"""The first stage of ``restore()``: every argument checked, before any pixel is read.
+
+:func:`validate_request` is pure -- it reads no file, builds no network and
+runs nothing -- and returns a :class:`RestoreRequest` holding the resolved
+task, preset, device and backend.  ``dip-fast batch`` calls it once to
+reject bad arguments before the first file.
+
+Examples:
+    >>> from dip_fast.request import validate_request
+    >>> request = validate_request("sr", scale=2, preset="quick", device="cpu")
+    >>> request.task.name, request.preset.name, request.preset.sr_factor, request.factor
+    ('super_resolution', 'sr_quick', 2, 2)
+    >>> validate_request("sr", scale=3)
+    Traceback (most recent call last):
+    ...
+    ValueError: scale must be even (2, 4, 8, ...): the paper's Lanczos-2 downsampler misaligns odd factors, got 3
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+
+from . import tasks
+from .networks import Builder, check_backend, resolve_backend
+from .tasks import registry
+from .tasks.inputs import check_inputs, check_int
+from .tasks.registry import TaskSpec
+from .tasks.terms import Operator
+
+__all__ = ["PER_FILE", "PRESET_LEVELS", "RestoreRequest", "validate_request"]
+
+#: Values of ``preset`` that pick settings by task (see :func:`dip_fast.tasks.preset_for`).
+PRESET_LEVELS = ("auto", "paper", "fast", "quick")
+STOP_CHOICES = ("auto", "never", "early")
+STEP_MODE_CHOICES = ("auto", "eager", "graph")
+PRECISION_CHOICES = ("auto", "fp32", "tf32", "bf16")
+
+
+class _PerFile:
+    """Stands for a task input that arrives with each file (a batch's masks): present, checked later."""
+
+    def __repr__(self) -> str:
+        return "<per file>"
+
+
+#: Pass as ``mask=`` (or another image input) to validate arguments whose images come later, per file.
+PER_FILE: Any = _PerFile()
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """A checked ``restore()`` call, less its images (see :func:`validate_request` for the fields' sources).
+
+    Attributes:
+        task: the task's spec.
+        operator: the forward operator of a callable task, else None.
+        preset: the settings to run (``iterations`` applied; adapted to ``scale``).
+        level: the preset level it came from (``'paper'``, ``'fast'``,
+            ``'quick'``), ``''`` for a preset given by name or object.
+        auto_preset: ``preset='auto'`` chose it (the CPU warns about run time).
+        device: the run's device.
+        builder, backend: the network builder and the backend name reported.
+        factor: the output's size over the observation's (``scale`` or 1).
+        blur_kernel: the normalised kernel, for tasks that take one.
+        output_shape: ``(C, H, W)`` of a callable task's result.
+        sigma: the given noise level (0-255), or None.
+        seed: the given seed (None: drawn when the run starts).
+        stop: ``'early'`` or ``'never'`` (``'auto'`` resolved per task).
+        step_mode, precision: as given (``'auto'`` is resolved on the device).
+        max_time, num_threads, deterministic, progress, callback, return_info:
+            as given, checked.
+    """
+
+    task: TaskSpec
+    operator: Optional[Operator]
+    preset: tasks.Preset
+    level: str
+    auto_preset: bool
+    device: torch.device
+    builder: Builder
+    backend: str
+    factor: int
+    blur_kernel: Optional[torch.Tensor]
+    output_shape: Optional[Tuple[int, int, int]]
+    sigma: Optional[float]
+    seed: Optional[int]
+    stop: str
+    step_mode: str
+    precision: str
+    max_time: Optional[float]
+    num_threads: Optional[int]
+    deterministic: bool
+    progress: bool
+    callback: Optional[Callable[[int, Dict[str, Any]], Optional[bool]]]
+    return_info: bool
+
+
+def _check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _check_positive(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def resolve_task(task: Any) -> Tuple[TaskSpec, Optional[Operator]]:
+    """The task's spec and, for a callable task, the forward operator."""
+    if callable(task) and not isinstance(task, str) and registry.operator_task() is not None:
+        return registry.operator_task(), task
+    spec = registry.find_task(task) if isinstance(task, str) else None
+    if spec is None or spec.operator:
+        raise ValueError(f"task must be one of {registry.describe_choices()}, got {task!r}")
+    return spec, None
+
+
+def resolve_device(device: Any) -> torch.device:
+    """The run's device: CUDA when available by default; a named GPU must exist."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} requested, but torch sees no CUDA GPU; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return dev
+
+
+def resolve_preset(preset: Any, spec: TaskSpec, scale: Optional[int], device: torch.device) -> Tuple[tasks.Preset, str]:
+    """The settings to run and the level they came from (``'auto'`` resolves by device)."""
+    level = ""
+    if isinstance(preset, tasks.Preset):
+        chosen = preset
+    elif isinstance(preset, str) and preset in PRESET_LEVELS:
+        # The paper's settings take hours on a CPU; see tasks.preset_for.
+        level = ("paper" if device.type == "cuda" else "fast") if preset == "auto" else preset
+        chosen = tasks.preset_for(spec.name, level, scale)
+    elif isinstance(preset, str) and preset in tasks.PRESETS:
+        chosen = tasks.PRESETS[preset]
+    else:
+        raise ValueError(f"preset must be one of {PRESET_LEVELS}, a name in dip_fast.tasks.PRESETS or a Preset, got {preset!r}")
+    if chosen.task != spec.name:
+        raise ValueError(f"preset {chosen.name!r} is for task {chosen.task!r}, not {spec.name!r}")
+    if not level and spec.adapt_preset is not None:
+        chosen = spec.adapt_preset(chosen, level, scale)
+    return chosen, level
+
+
+def _early_stop_budget(preset: tasks.Preset) -> tasks.Preset:
+    """The preset with early stopping's step budget (``EARLY_STOP_BUDGET`` times its count)."""
+    from . import api  # the early-stopping settings live with restore(), which imports this module
+
+    if api.EARLY_STOP_BUDGET == 1.0:
+        return preset
+    return preset.with_overrides(iterations=int(round(preset.iterations * api.EARLY_STOP_BUDGET)))
+
+
+#: restore()'s arguments that are images, read in the next stage rather than checked here.
+_IMAGE_ARGUMENTS = ("image", "ground_truth")
+
+
+def _restore_defaults() -> Dict[str, Any]:
+    """restore()'s keyword arguments and their defaults: its signature is the one list of them."""
+    from .api import restore  # api imports this module
+
+    return {name: p.default for name, p in inspect.signature(restore).parameters.items()
+            if name not in _IMAGE_ARGUMENTS}
+
+
+def validate_request(task: Union[str, Operator] = "denoise", **arguments: Any) -> RestoreRequest:
+    """Check ``restore()``'s arguments other than its images (``mask`` only for presence) and resolve them.
+
+    Takes ``restore()``'s keywords, with its defaults for those not given.
+
+    Raises:
+        ValueError, TypeError: as ``restore()`` does, naming the argument.
+    """
+    options = _restore_defaults()
+    unknown = sorted(set(arguments) - set(options))
+    if unknown:
+        raise TypeError(f"restore() got unexpected keyword argument(s) {', '.join(unknown)}")
+    options.update(arguments, task=task)
+    return _validate(**options)
+
+
+def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: Any, iterations: Any, preset: Any,
+              sigma: Any, seed: Any, device: Any, backend: Any, progress: Any, callback: Any, return_info: Any,
+              max_time: Any, num_threads: Any, deterministic: Any, stop: Any, step_mode: Any,
+              precision: Any) -> RestoreRequest:
+    """:func:`validate_request` once every argument has its value (the caller's, of any type until checked)."""
+    spec, operator = resolve_task(task)
+    if iterations is not None:
+        iterations = check_int(iterations, "iterations", 1)
+    if max_time is not None:
+        max_time = _check_positive(max_time, "max_time")
+    if num_threads is not None:
+        num_threads = check_int(num_threads, "num_threads", 1)
+    if seed is not None:
+        seed = check_int(seed, "seed", 0)
+    stop = _check_choice(stop, "stop", STOP_CHOICES)
+    step_mode = _check_choice(step_mode, "step_mode", STEP_MODE_CHOICES)
+    precision = _check_choice(precision, "precision", PRECISION_CHOICES)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(step, info), got {type(callback).__name__}")
+    given = dict(mask=mask, scale=scale, blur_kernel=blur_kernel, output_shape=output_shape, sigma=sigma)
+    inputs = check_inputs(spec, given)
+    if stop == "early" and not spec.early_stop:
+        early = tuple(s.name for s in registry.all_tasks() if s.early_stop)
+        raise ValueError(f"stop='early' applies to tasks {early}, not {spec.name!r}; use 'auto' or 'never'")
+    dev = resolve_device(device)
+    check_backend(backend)
+    chosen, level = resolve_preset(preset, spec, inputs["scale"], dev)
+    stop = spec.auto_stop if stop == "auto" else stop
+    if iterations is not None:
+        chosen = chosen.with_overrides(iterations=iterations)
+    elif stop == "early":
+        chosen = _early_stop_budget(chosen)
+    builder, backend_name = resolve_backend(backend, dev, chosen.network.arch)
+    return RestoreRequest(
+        task=spec, operator=operator, preset=chosen, level=level, auto_preset=isinstance(preset, str) and preset == "auto",
+        device=dev, builder=builder, backend=backend_name, factor=inputs["scale"] or 1,
+        blur_kernel=inputs["blur_kernel"], output_shape=inputs["output_shape"], sigma=inputs["sigma"], seed=seed,
+        stop=stop, step_mode=step_mode, precision=precision,
+        max_time=max_time, num_threads=num_threads, deterministic=bool(deterministic), progress=bool(progress),
+        callback=callback, return_info=bool(return_info),
+    )

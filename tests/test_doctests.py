@@ -1,0 +1,34 @@
+"""The ``Examples:`` of the public API's docstrings run as doctests (tiny inputs, a few steps, the CPU)."""
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+#: Modules whose docstrings carry runnable examples.
+MODULES = [
+    "dip_fast.api",
+    "dip_fast.batch",
+    "dip_fast.build",
+    "dip_fast.cli",
+    "dip_fast.io",
+    "dip_fast.memory",
+    "dip_fast.networks",
+    "dip_fast.request",
+    "dip_fast.tasks.degradations",
+    "dip_fast.tasks.presets",
+    "dip_fast.tasks.registry",
+    "dip_fast.tasks.run",
+]
+
+pytestmark = [pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back"),
+              pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"{name} has no examples"
+    assert result.failed == 0
