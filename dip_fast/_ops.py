@@ -1,15 +1,16 @@
-"""Loading the compiled extension and registering autograd and fake kernels.
+"""Loading the compiled extension, and the helpers every op family shares.
 
 The op schemas and the CPU/CUDA kernels live in C++ (``csrc/``) and are
-registered under ``torch.ops.dip_fast`` when ``dip_fast._C`` is imported. This
-module adds what is easier to say in Python:
-
-* an autograd formula per op (``torch.library.register_autograd``), whose
-  backward calls the op's own compiled backward kernel (except for the ops
-  called at every layer, ``bn_act_forward`` and ``upsample_cat``, whose
-  formulas are C++ in ``csrc/autograd.cpp`` to spare the per-call Python), and
-* a fake (meta) kernel per op (``torch.library.register_fake``), so that the
-  ops trace under ``torch.compile`` and ``torch.library.opcheck``.
+registered under ``torch.ops.dip_fast`` when ``dip_fast._C`` is imported, one
+family per file (``csrc/ops/<family>.cpp``, whose C++ autograd kernels sit
+beside the schemas). This module registers nothing itself: each family's
+Python module, ``dip_fast/ops/<family>.py``, registers the family's fake
+(meta) kernels (``torch.library.register_fake``, so the ops trace under
+``torch.compile`` and ``torch.library.opcheck``) and, for the ops whose
+autograd formula is Python, that formula (``torch.library.register_autograd``).
+What is here: loading the module, :func:`has_ops` / :func:`require_extension`
+(does the build register these ops?), the layout rule the fake kernels share
+(:func:`working_memory_format`) and the argument check of tensor inputs.
 
 If the extension cannot be loaded (not built, or built against another torch),
 ``import dip_fast`` still works: ``LOAD_ERROR`` holds the reason, the reference
@@ -72,9 +73,24 @@ def working_memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 #: The ops the fused network (dip_fast.nets.FastSkipNet) needs; without them it falls back to the reference.
-FAST_NETWORK_OPS = (
-    "bn_act_forward", "bn_act_backward", "bn_running_stats_update", "upsample_cat", "upsample_cat_backward"
-)
+FAST_NETWORK_OPS = ("bn_act", "_bn_act_backward", "bn_act_running_stats_update", "upsample_cat", "_upsample_cat_backward")
+
+#: Op names from before each family had one name (schema, C++ files and Python module alike), still
+#: answered by :func:`has_ops` for callers not yet updated: old name -> current name.
+RENAMED_OPS = {
+    "leaky_relu_forward": "leaky_relu",
+    "leaky_relu_backward": "_leaky_relu_backward",
+    "bn_act_forward": "bn_act",
+    "bn_act_backward": "_bn_act_backward",
+    "bn_running_stats_update": "bn_act_running_stats_update",
+    "upsample_cat_backward": "_upsample_cat_backward",
+    "lanczos_downsample": "downsample",
+    "lanczos_downsample_backward": "_downsample_backward",
+}
+
+
+def _current_name(name: str) -> str:
+    return RENAMED_OPS.get(name, name)
 
 
 def has_ops(*names: str) -> bool:
@@ -83,14 +99,14 @@ def has_ops(*names: str) -> bool:
     A stale build can load yet lack newer ops; each op family checks its own
     ops before registering Python kernels for them.
     """
-    return _C is not None and all(hasattr(torch.ops.dip_fast, name) for name in names)
+    return _C is not None and all(hasattr(torch.ops.dip_fast, _current_name(name)) for name in names)
 
 
 def require_extension(*names: str) -> None:
     """Raise a RuntimeError saying why, when the compiled ops (or the named ones) are missing."""
     if _C is None:
         raise RuntimeError(f"dip_fast's compiled ops are not available ({LOAD_ERROR})")
-    missing = [name for name in names if not hasattr(torch.ops.dip_fast, name)]
+    missing = [name for name in names if not hasattr(torch.ops.dip_fast, _current_name(name))]
     if missing:
         raise RuntimeError(f"dip_fast's compiled extension lacks {missing}: rebuild it (pip install -e .)")
 

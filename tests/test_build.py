@@ -32,7 +32,7 @@ def test_build_info_keys():
 def test_build_info_lists_registered_ops():
     info = dip_fast.build_info()
     assert info["openmp"], "the CPU kernels should be compiled with OpenMP"
-    assert {"leaky_relu_forward", "leaky_relu_backward"} <= set(info["ops"])
+    assert {"leaky_relu", "_leaky_relu_backward"} <= set(info["ops"])
     for name in info["ops"]:
         assert hasattr(torch.ops.dip_fast, name.split(".")[0])
     if info["cuda_compiled"]:
@@ -44,8 +44,8 @@ def test_build_info_lists_registered_ops():
 def test_kernels_registered_per_device():
     from dip_fast import _ops
 
-    assert _ops._C.has_kernel("leaky_relu_forward", "CPU")
-    assert _ops._C.has_kernel("leaky_relu_forward", "CUDA") == dip_fast.build_info()["cuda_compiled"]
+    assert _ops._C.has_kernel("leaky_relu", "CPU")
+    assert _ops._C.has_kernel("leaky_relu", "CUDA") == dip_fast.build_info()["cuda_compiled"]
 
 
 BLOCK_EXTENSION = """
@@ -110,7 +110,7 @@ def test_extension_file_chosen_by_environment(tmp_path):
     copy = tmp_path / Path(_ops._C.__file__).name
     shutil.copy(_ops._C.__file__, copy)
     code = ("from dip_fast import _ops; import torch; "
-            "print(_ops._C.__file__ if _ops._C else _ops.LOAD_ERROR, hasattr(torch.ops.dip_fast, 'leaky_relu_forward'))")
+            "print(_ops._C.__file__ if _ops._C else _ops.LOAD_ERROR, hasattr(torch.ops.dip_fast, 'leaky_relu'))")
 
     def load(path: Path) -> str:
         env = {**os.environ, _ops.EXTENSION_ENV: str(path)}
