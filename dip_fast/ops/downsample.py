@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .. import _ops
+from .._checks import is_int
 from .._ops import check_float_tensor, require_extension, working_memory_format
 from ..reference.downsampler import downsampler_padding, get_kernel_1d, resolve_kernel
 
@@ -134,7 +135,7 @@ if _ops.has_ops(*_OPS):
 
 
 def _check_factor(factor: object) -> int:
-    if isinstance(factor, bool) or not isinstance(factor, numbers.Integral):
+    if not is_int(factor):
         raise TypeError(f"factor must be an int, got {type(factor).__name__} {factor!r}")
     if factor < 1:
         raise ValueError(f"factor must be >= 1, got {factor}")
@@ -296,7 +297,7 @@ class Downsample(nn.Module):
         preserve_size: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(n_planes, bool) or not isinstance(n_planes, numbers.Integral) or n_planes < 1:
+        if not is_int(n_planes, minimum=1):
             raise ValueError(f"n_planes must be a positive integer, got {n_planes!r}")
         self.n_planes = int(n_planes)
         self.factor = _check_factor(factor)
