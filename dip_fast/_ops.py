@@ -73,7 +73,9 @@ def working_memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 #: The ops the fused network (dip_fast.nets.FastSkipNet) needs; without them it falls back to the reference.
-FAST_NETWORK_OPS = ("bn_act", "_bn_act_backward", "bn_act_running_stats_update", "upsample_cat", "_upsample_cat_backward")
+FAST_NETWORK_OPS = (
+    "bn_act", "_bn_act_backward", "bn_act_running_stats_update", "upsample_cat", "_upsample_cat_backward"
+)
 
 #: Op names from before each family had one name (schema, C++ files and Python module alike), still
 #: answered by :func:`has_ops` for callers not yet updated: old name -> current name.

@@ -130,8 +130,8 @@ def test_cuda_matches_cpu(dtype):
     skip, deep = make_inputs(2, 4, 9, 7, 11, torch.float32, "channels_last")
     grad = torch.randn(2, 13, 14, 22)
     tol = 1e-6 if dtype == torch.float32 else 0.02
-    ladder.cuda_twin(lambda s, d: upsample_cat(s, d, "bilinear"), [skip.requires_grad_(True), deep.requires_grad_(True)],
-                     grad=grad, dtype=dtype, atol=tol)
+    inputs = [skip.requires_grad_(True), deep.requires_grad_(True)]
+    ladder.cuda_twin(lambda s, d: upsample_cat(s, d, "bilinear"), inputs, grad=grad, dtype=dtype, atol=tol)
 
 
 # ---------------------------------------------------------------------------

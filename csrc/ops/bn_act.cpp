@@ -35,10 +35,10 @@
 //
 // Autograd (below, for the Autograd dispatch key, as torchvision does for its
 // ops): C++ rather than torch.library.register_autograd from Python, because
-// bn_act runs at every layer of the network (30 calls per step of the paper's network) and a Python formula costs
-// about 40 us more per call (forward and backward together; measured against
-// ATen's own BatchNorm on a small input), ~1.4 ms of every training step on the
-// CPU. The Function calls the op below autograd for the forward and the
+// bn_act runs at every layer of the network (30 calls per step of the paper's
+// network) and a Python formula costs about 40 us more per call (forward and
+// backward together; measured against ATen's own BatchNorm on a small input),
+// ~1.4 ms of every training step on the CPU. The Function calls the op below autograd for the forward and the
 // family's compiled backward op for the backward; nothing here computes. The
 // fake kernels are in Python (dip_fast/ops/bn_act.py).
 //
