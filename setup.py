@@ -7,6 +7,8 @@ Switches (environment variables, after pytorch_scatter):
   DIP_FAST_DEBUG=1        -O0 -g, for gdb and sanitizers
   DIP_FAST_NATIVE=1       -march=native for the C++ kernels (wider SIMD; the
                           build then only runs on CPUs like the build machine's)
+  DIP_FAST_TEST_OPS=0     leave out the test-only emulation ops
+                          (csrc/cpu/*_emulated.cpp, `_<op>_emulated`); on by default
 
 Without a switch, CUDA is built when torch sees a GPU and a CUDA toolkit is found.
 Install with `pip install --no-build-isolation .` after torch: build isolation
@@ -85,6 +87,22 @@ def pip_cuda_include_dirs() -> list[str]:
     return found
 
 
+def extension_sources(kind: str, test_ops: bool = True) -> list[str]:
+    """The sources of one kind ("cpp" or "cu"), by the layout of csrc/ (csrc/module.cpp explains it).
+
+    C++: the module, every op family's schema file (csrc/ops/) and CPU
+    kernels (csrc/cpu/), the test-only emulations (csrc/cpu/*_emulated.cpp,
+    which also declare their ops) unless ``test_ops`` is False. CUDA:
+    csrc/cuda/*.cu. A new op family needs no edit here.
+    """
+    if kind == "cu":
+        return sorted(glob.glob("csrc/cuda/*.cu"))
+    cpu = sorted(glob.glob("csrc/cpu/*.cpp"))
+    if not test_ops:
+        cpu = [s for s in cpu if not s.endswith("_emulated.cpp")]
+    return ["csrc/module.cpp"] + sorted(glob.glob("csrc/ops/*.cpp")) + cpu
+
+
 def make_extension():
     debug = env_flag("DIP_FAST_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -93,13 +111,13 @@ def make_extension():
     cxx = opt + ["-fopenmp", "-fno-trapping-math"]
     if env_flag("DIP_FAST_NATIVE"):
         cxx.append("-march=native")
-    sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = extension_sources("cpp", test_ops=os.environ.get("DIP_FAST_TEST_OPS", "1") != "0")
     define_macros: list[tuple[str, str | None]] = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra_link = ["-fopenmp"]
 
     if want_cuda():
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += extension_sources("cu")
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
         if not archs and torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()

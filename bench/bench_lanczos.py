@@ -4,7 +4,7 @@ Case: forward + backward (gradient with respect to the image) of the x4
 ``lanczos2`` downsampler, phase 0.5, ``preserve_size=True`` (the
 super-resolution data term), on a 1x3x512x512 float32 image:
 
-* ``fast``: ``dip_fast.ops.Downsample`` (``torch.ops.dip_fast.lanczos_downsample``);
+* ``fast``: ``dip_fast.ops.Downsample`` (``torch.ops.dip_fast.downsample``);
 * ``reference``: ``dip_fast.reference.Downsampler`` (the paper's module:
   ReplicationPad2d, then one dense 3x3-channel conv2d with the 16x16 kernel);
 * ``separable``: plain PyTorch doing what the op does, in separate steps:
@@ -100,8 +100,8 @@ def build(device: torch.device, seed: int = 0) -> Dict[str, Callable[[], None]]:
     xd = x.detach()
 
     def kernels_only() -> None:
-        torch.ops.dip_fast.lanczos_downsample(xd, taps, FACTOR, fast.pad)
-        torch.ops.dip_fast.lanczos_downsample_backward(g, taps, FACTOR, fast.pad, SHAPE[2], SHAPE[3])
+        torch.ops.dip_fast.downsample(xd, taps, FACTOR, fast.pad)
+        torch.ops.dip_fast._downsample_backward(g, taps, FACTOR, fast.pad, SHAPE[2], SHAPE[3])
 
     return {"fast": step(fast), "separable": step(sep), "reference": step(ref), "fast_kernels_only": kernels_only}
 
@@ -119,7 +119,7 @@ def _params():
             yield pytest.param(device, variant, marks=getattr(pytest.mark, device), id=f"{device}-{variant}")
 
 
-@pytest.mark.skipif(not _ops.has_ops("lanczos_downsample"), reason="extension lacks lanczos_downsample")
+@pytest.mark.skipif(not _ops.has_ops("downsample"), reason="extension lacks downsample")
 @pytest.mark.parametrize("device,variant", list(_params()))
 def test_lanczos_x4_fwd_bwd(benchmark, device: str, variant: str) -> None:
     dev = torch.device(device)
@@ -242,8 +242,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if not _ops.has_ops("lanczos_downsample"):
-        print(f"dip_fast extension without lanczos_downsample ({_ops.LOAD_ERROR})", file=sys.stderr)
+    if not _ops.has_ops("downsample"):
+        print(f"dip_fast extension without downsample ({_ops.LOAD_ERROR})", file=sys.stderr)
         return 1
 
     fns = build(device)

@@ -56,6 +56,7 @@ os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import importlib  # noqa: E402
 import datetime as _dt  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -90,7 +91,7 @@ def _import_dip_fast():
     raise RuntimeError(f"could not import dip_fast: {last}")
 
 
-def rerun_if_extension_stale(names: Sequence[str] = ("bn_act_forward", "bn_act_backward"), tries: int = 10) -> bool:
+def rerun_if_extension_stale(names: Sequence[str] = ("bn_act", "_bn_act_backward"), tries: int = 10) -> bool:
     """Start this program again when the loaded extension lacks ``names``.
 
     An extension loaded while it was being rebuilt can miss ops; a loaded
@@ -557,7 +558,7 @@ def _fast_downsampler_class() -> Tuple[Optional[type], Optional[str]]:
 
     The op is written by a colleague; it is looked up where the API module
     expects it (``dip_fast.ops.Downsample``, constructed like the reference
-    ``Downsampler``), then in its module, ``dip_fast.ops.lanczos``.
+    ``Downsampler``), then in its module, ``dip_fast.ops.downsample``.
     """
     try:
         from dip_fast import ops
@@ -566,12 +567,13 @@ def _fast_downsampler_class() -> Tuple[Optional[type], Optional[str]]:
     cls = getattr(ops, "Downsample", None)
     if cls is None:
         try:
-            from dip_fast.ops import lanczos as mod  # type: ignore[attr-defined]
+            # By module path: the package attribute ``dip_fast.ops.downsample`` is the function.
+            mod = importlib.import_module("dip_fast.ops.downsample")
         except Exception as exc:
-            return None, f"no dip_fast.ops.Downsample nor dip_fast.ops.lanczos ({type(exc).__name__}: {exc})"
+            return None, f"no dip_fast.ops.Downsample nor dip_fast.ops.downsample ({type(exc).__name__}: {exc})"
         cls = getattr(mod, "Downsample", None)
         if cls is None:
-            return None, "dip_fast.ops.lanczos has no Downsample"
+            return None, "dip_fast.ops.downsample has no Downsample"
     return cls, None
 
 
@@ -634,14 +636,14 @@ def op_cases(device: torch.device, size: int, seed: int = 0,
     notes: List[str] = []
     cases: List[OpCase] = []
     for dtype in dtypes:
-        if _ops.has_ops("bn_act_forward", "bn_act_backward"):
+        if _ops.has_ops("bn_act", "_bn_act_backward"):
             cases += _bn_act_cases(device, size, seed, dtype)
         elif dtype == dtypes[0]:
-            notes.append("bn_act: the extension lacks bn_act_forward/bn_act_backward")
-        if _ops.has_ops("upsample_cat", "upsample_cat_backward"):
+            notes.append("bn_act: the extension lacks bn_act/_bn_act_backward")
+        if _ops.has_ops("upsample_cat", "_upsample_cat_backward"):
             cases += _upsample_cat_cases(device, size, seed, dtype)
         elif dtype == dtypes[0]:
-            notes.append("upsample_cat: the extension lacks upsample_cat/upsample_cat_backward")
+            notes.append("upsample_cat: the extension lacks upsample_cat/_upsample_cat_backward")
     lz, why = _lanczos_cases(device, size, seed)
     cases += lz
     if why:

@@ -161,7 +161,7 @@ def backend_factory(name: str, channels_last: bool):
     if name == "reference":
         return None  # tasks.build_network's default: the reference skip()
     if name == "fast":
-        if not _ops.has_ops("bn_act_forward", "bn_act_backward"):
+        if not _ops.has_ops("bn_act", "_bn_act_backward"):
             raise RuntimeError(f"the fast backend needs the compiled ops ({_ops.LOAD_ERROR or 'stale build'})")
         return partial(nets.skip, channels_last=channels_last)
     raise ValueError(f"unknown backend {name!r}")

@@ -1,15 +1,16 @@
-"""Loading the compiled extension and registering autograd and fake kernels.
+"""Loading the compiled extension, and the helpers every op family shares.
 
 The op schemas and the CPU/CUDA kernels live in C++ (``csrc/``) and are
-registered under ``torch.ops.dip_fast`` when ``dip_fast._C`` is imported. This
-module adds what is easier to say in Python:
-
-* an autograd formula per op (``torch.library.register_autograd``), whose
-  backward calls the op's own compiled backward kernel (except for the ops
-  called at every layer, ``bn_act_forward`` and ``upsample_cat``, whose
-  formulas are C++ in ``csrc/autograd.cpp`` to spare the per-call Python), and
-* a fake (meta) kernel per op (``torch.library.register_fake``), so that the
-  ops trace under ``torch.compile`` and ``torch.library.opcheck``.
+registered under ``torch.ops.dip_fast`` when ``dip_fast._C`` is imported, one
+family per file (``csrc/ops/<family>.cpp``, whose C++ autograd kernels sit
+beside the schemas). This module registers nothing itself: each family's
+Python module, ``dip_fast/ops/<family>.py``, registers the family's fake
+(meta) kernels (``torch.library.register_fake``, so the ops trace under
+``torch.compile`` and ``torch.library.opcheck``) and, for the ops whose
+autograd formula is Python, that formula (``torch.library.register_autograd``).
+What is here: loading the module, :func:`has_ops` / :func:`require_extension`
+(does the build register these ops?), the layout rule the fake kernels share
+(:func:`working_memory_format`) and the argument check of tensor inputs.
 
 If the extension cannot be loaded (not built, or built against another torch),
 ``import dip_fast`` still works: ``LOAD_ERROR`` holds the reason, the reference
@@ -73,9 +74,8 @@ def working_memory_format(x: torch.Tensor) -> torch.memory_format:
 
 #: The ops the fused network (dip_fast.nets.FastSkipNet) needs; without them it falls back to the reference.
 FAST_NETWORK_OPS = (
-    "bn_act_forward", "bn_act_backward", "bn_running_stats_update", "upsample_cat", "upsample_cat_backward"
+    "bn_act", "_bn_act_backward", "bn_act_running_stats_update", "upsample_cat", "_upsample_cat_backward"
 )
-
 
 def has_ops(*names: str) -> bool:
     """True when the extension is loaded and registers every op in ``names``.

@@ -64,6 +64,6 @@ def _fast_backend_status() -> str:
         "fused network: vendor convolutions with fused BatchNorm + LeakyReLU + reflection pad and fused "
         "upsample + concatenation (dip_fast.nets.FastSkipNet; channels_last on the CPU)"
     )
-    if _ops.has_ops("lanczos_downsample", "lanczos_downsample_backward"):
+    if _ops.has_ops("downsample", "_downsample_backward"):
         status += "; super-resolution uses the fused Lanczos downsampler (dip_fast.ops.Downsample)"
     return status

@@ -49,9 +49,9 @@ spec = importlib.util.spec_from_file_location("_C", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 ops = list(mod.registered_ops())
-assert "leaky_relu_forward" in ops, ops
+assert "leaky_relu" in ops, ops
 x = torch.tensor([-1.0, 2.0])
-y = torch.ops.dip_fast.leaky_relu_forward(x, 0.2)
+y = torch.ops.dip_fast.leaky_relu(x, 0.2)
 assert torch.allclose(y, torch.tensor([-0.2, 2.0])), y
 print(f"CMake build OK: {sys.argv[1]} registers {len(ops)} ops, openmp={mod.openmp()}")
 PYEOF

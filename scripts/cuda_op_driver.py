@@ -143,7 +143,7 @@ def upsample_cat_cases(device: str, gen: torch.Generator) -> int:
 
 
 def lanczos_cases(device: str, gen: torch.Generator) -> int:
-    from dip_fast.ops.lanczos import Downsample
+    from dip_fast.ops.downsample import Downsample
     from dip_fast.reference.downsampler import Downsampler
 
     calls = 0
@@ -161,7 +161,7 @@ def lanczos_cases(device: str, gen: torch.Generator) -> int:
 
 
 def leaky_relu_cases(device: str, gen: torch.Generator) -> int:
-    from dip_fast.ops.activation import leaky_relu
+    from dip_fast.ops.leaky_relu import leaky_relu
 
     calls = 0
     for layout in LAYOUTS:

@@ -32,7 +32,7 @@ def test_build_info_keys():
 def test_build_info_lists_registered_ops():
     info = dip_fast.build_info()
     assert info["openmp"], "the CPU kernels should be compiled with OpenMP"
-    assert {"leaky_relu_forward", "leaky_relu_backward"} <= set(info["ops"])
+    assert {"leaky_relu", "_leaky_relu_backward"} <= set(info["ops"])
     for name in info["ops"]:
         assert hasattr(torch.ops.dip_fast, name.split(".")[0])
     if info["cuda_compiled"]:
@@ -44,8 +44,8 @@ def test_build_info_lists_registered_ops():
 def test_kernels_registered_per_device():
     from dip_fast import _ops
 
-    assert _ops._C.has_kernel("leaky_relu_forward", "CPU")
-    assert _ops._C.has_kernel("leaky_relu_forward", "CUDA") == dip_fast.build_info()["cuda_compiled"]
+    assert _ops._C.has_kernel("leaky_relu", "CPU")
+    assert _ops._C.has_kernel("leaky_relu", "CUDA") == dip_fast.build_info()["cuda_compiled"]
 
 
 BLOCK_EXTENSION = """
@@ -110,7 +110,7 @@ def test_extension_file_chosen_by_environment(tmp_path):
     copy = tmp_path / Path(_ops._C.__file__).name
     shutil.copy(_ops._C.__file__, copy)
     code = ("from dip_fast import _ops; import torch; "
-            "print(_ops._C.__file__ if _ops._C else _ops.LOAD_ERROR, hasattr(torch.ops.dip_fast, 'leaky_relu_forward'))")
+            "print(_ops._C.__file__ if _ops._C else _ops.LOAD_ERROR, hasattr(torch.ops.dip_fast, 'leaky_relu'))")
 
     def load(path: Path) -> str:
         env = {**os.environ, _ops.EXTENSION_ENV: str(path)}
@@ -119,3 +119,54 @@ def test_extension_file_chosen_by_environment(tmp_path):
 
     assert load(copy) == f"{copy} True"
     assert load(tmp_path / "missing.so").startswith(f"ImportError: {_ops.EXTENSION_ENV}=")
+
+
+CSRC = ROOT / "csrc"
+
+
+def op_families() -> list[str]:
+    """The op families: one schema file each, csrc/ops/<family>.cpp."""
+    return sorted(p.stem for p in (CSRC / "ops").glob("*.cpp"))
+
+
+def test_every_op_family_has_one_name_across_its_files():
+    """csrc/ops/<f>.cpp, csrc/cpu/<f>.cpp, csrc/cuda/<f>.cu, dip_fast/ops/<f>.py, tests/test_ops_<f>.py."""
+    families = op_families()
+    assert families, "no op family schema files"
+    for family in families:
+        for path in (CSRC / "cpu" / f"{family}.cpp", CSRC / "cuda" / f"{family}.cu",
+                     ROOT / "dip_fast" / "ops" / f"{family}.py", ROOT / "tests" / f"test_ops_{family}.py"):
+            assert path.is_file(), f"op family {family!r} lacks {path.relative_to(ROOT)}"
+    tests = sorted(p.stem[len("test_ops_"):] for p in (ROOT / "tests").glob("test_ops_*.py"))
+    assert tests == families, "every test_ops_<f>.py names an op family"
+
+
+def test_schemas_are_declared_per_family_in_fragments():
+    """No central TORCH_LIBRARY: each family's schemas in its own fragment; emulation ops only in *_emulated.cpp."""
+    sources = [p for p in CSRC.rglob("*") if p.suffix in (".cpp", ".cu", ".h", ".cuh")]
+    for path in sources:
+        text = path.read_text()
+        assert "TORCH_LIBRARY(" not in text, f"{path.relative_to(ROOT)}: use TORCH_LIBRARY_FRAGMENT"
+        defines = "m.def(" in text
+        if path.parent.name == "ops":
+            assert "TORCH_LIBRARY_FRAGMENT(dip_fast, m)" in text and defines, path.name
+        elif path.name.endswith("_emulated.cpp"):
+            assert "TORCH_LIBRARY_FRAGMENT(dip_fast, m)" in text and "TEST ONLY" in text, path.name
+        else:
+            assert "TORCH_LIBRARY_FRAGMENT(" not in text, (
+                f"{path.relative_to(ROOT)} declares ops outside csrc/ops/ and the emulations"
+            )
+
+
+@requires_extension
+def test_op_names_follow_their_family():
+    """Every op is named after its family; backward and emulation ops are private (leading underscore)."""
+    families = op_families()
+    names = [name.split(".")[0] for name in dip_fast.build_info()["ops"]]
+    for family in families:
+        assert family in names, f"op family {family!r} has no op of its own name"
+    for name in names:
+        public = name.lstrip("_")
+        assert any(public.startswith(family) for family in families), f"{name} belongs to no op family"
+        if "backward" in name or name.endswith("_emulated"):
+            assert name.startswith("_"), f"{name} must be private"

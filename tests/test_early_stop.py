@@ -206,7 +206,7 @@ def test_restore_early_without_a_noise_level_falls_back(monkeypatch):
     blurred = tasks.blur(torch.from_numpy(clean).permute(2, 0, 1)[None], tasks.make_blur_kernel("gaussian:1"))
     monkeypatch.setattr(api, "_estimate_sigma", lambda color: None)  # e.g. PyWavelets missing
     _, info = restore(blurred[0].permute(1, 2, 0).numpy(), task="deblur", blur_kernel="gaussian:1",
-                      preset=_small_preset("deblur", 12), stop="early", return_info=True)
+                      preset=_small_preset("deblur", 12), iterations=12, stop="early", return_info=True)
     assert info.steps == 12 and info.stop_reason == "completed" and info.stop_fallback
     assert info.stop_noise_sigma is None and info.stop_residual_ratio is None and "fallback" in info.stop_summary
 
@@ -223,6 +223,14 @@ def test_restore_stop_auto_follows_the_per_task_default(monkeypatch):
     assert info.stop == "early" and info.stop_residual_ratio is not None
 
 
+def test_stop_early_budget_extends_the_preset_only_without_iterations():
+    noisy = _smooth()
+    _, info = restore(noisy, preset=_small_preset("denoise", 8), sigma=1e-3, stop="early", return_info=True)
+    assert info.iterations == round(8 * api.EARLY_STOP_BUDGET) and info.stop_fallback
+    _, info = restore(noisy, preset=_small_preset("denoise", 8), sigma=1e-3, stop="never", return_info=True)
+    assert info.iterations == 8
+
+
 def test_restore_rejects_early_stopping_where_it_does_not_apply():
     mask = np.ones((32, 32), dtype=bool)
     with pytest.raises(ValueError, match="stop='early'"):
@@ -235,7 +243,8 @@ def test_restore_underfitted_run_falls_back_and_says_so():
     clean = _smooth()
     noisy = np.clip(clean + np.random.default_rng(0).normal(0, 0.05, clean.shape), 0, 1).astype(np.float32)
     # 15 steps: the estimate is nowhere near explaining the image, so nothing may be accepted.
-    _, info = restore(noisy, preset=_small_preset("denoise", 15), sigma=0.05 * 255, stop="early", return_info=True)
+    _, info = restore(noisy, preset=_small_preset("denoise", 15), iterations=15, sigma=0.05 * 255, stop="early",
+                      return_info=True)
     assert info.steps == 15 and info.stop_reason == "completed" and info.stop_step is None and info.stop_fallback
     assert info.stop_residual_ratio > api.EARLY_STOP_TOLERANCE and "more iterations" in info.stop_summary
 

@@ -1,4 +1,4 @@
-"""The fused upsample-and-concatenate op against torch.cat + nn.Upsample(scale_factor=2)."""
+"""The upsample_cat op family against torch.cat + nn.Upsample(scale_factor=2), up the op-test ladder."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,8 @@ import torch
 from dip_fast.ops.upsample_cat import UPSAMPLE_MODES, upsample_cat
 from dip_fast.reference.skip import upsample2x
 
-from .conftest import FUZZ_EXAMPLES, requires_extension
+from . import op_ladder as ladder
+from .conftest import requires_extension
 
 pytestmark = requires_extension
 
@@ -17,38 +18,20 @@ def expected(skip, deep, mode):
     return torch.cat([skip, upsample2x(deep, mode)], dim=1)
 
 
-def layout_as(t, layout):
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "non_contiguous":
-        return torch.cat([t, t], dim=3)[..., ::2]
-    return t
-
-
 def make_inputs(n, cs, cd, h, w, dtype, layout, seed=0):
     g = torch.Generator().manual_seed(seed)
     skip = torch.randn(n, cs, 2 * h, 2 * w, dtype=dtype, generator=g)
     deep = torch.randn(n, cd, h, w, dtype=dtype, generator=g)
-    return layout_as(skip, layout), layout_as(deep, layout)
+    return ladder.as_layout(skip, layout), ladder.as_layout(deep, layout)
 
 
 def compare(n, cs, cd, h, w, dtype, layout, mode, atol, device="cpu"):
     skip, deep = make_inputs(n, cs, cd, h, w, dtype, layout)
     skip, deep = (t.to(device).requires_grad_(True) for t in (skip, deep))
-    out = upsample_cat(skip, deep, mode)
-    assert not torch.isnan(out).any(), "unwritten output elements"
-    grad = layout_as(torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1)), layout).to(device)
-    got = torch.autograd.grad(out, (skip, deep), grad, allow_unused=True)
-
-    sr, dr = (t.detach().clone().requires_grad_(True) for t in (skip, deep))
-    want_out = expected(sr, dr, mode)
-    want = torch.autograd.grad(want_out, (sr, dr), grad, allow_unused=True)
-    torch.testing.assert_close(out, want_out, atol=atol, rtol=atol)
-    for name, a, e in zip(("skip", "deep"), got, want):
-        if e is None or e.numel() == 0:
-            continue
-        assert not torch.isnan(a).any(), f"unwritten gradient of {name}"
-        torch.testing.assert_close(a, e, atol=atol * 10, rtol=atol * 10, msg=f"gradient of {name}")
+    grad = torch.randn(n, cs + cd, 2 * h, 2 * w, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    grad = ladder.as_layout(grad, layout).to(device)
+    out, _ = ladder.assert_matches(lambda s, d: upsample_cat(s, d, mode), lambda s, d: expected(s, d, mode),
+                                   [skip, deep], grad=grad, atol=atol, names=("skip", "deep"))
     if layout == "channels_last" and cd > 1 and h * w > 1:  # otherwise deep is NCHW-contiguous too
         assert out.is_contiguous(memory_format=torch.channels_last)
 
@@ -58,7 +41,7 @@ SHAPES = [(1, 4, 8, 8, 8), (2, 3, 5, 7, 9), (1, 0, 3, 4, 5), (1, 2, 3, 1, 5), (3
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "non_contiguous"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
 def test_matches_pytorch(shape, layout, mode, dtype, atol):
@@ -83,24 +66,22 @@ def test_low_precision_close_to_float32(dtype):
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
 def test_gradcheck_float64(layout, mode):
     skip, deep = make_inputs(2, 2, 3, 3, 4, torch.float64, layout)
-    inputs = (skip.requires_grad_(True), deep.requires_grad_(True))
-    assert torch.autograd.gradcheck(lambda s, d: upsample_cat(s, d, mode), inputs)
-    assert torch.autograd.gradgradcheck(lambda s, d: upsample_cat(s, d, mode), inputs)
+    ladder.gradcheck(lambda s, d: upsample_cat(s, d, mode), [skip.requires_grad_(True), deep.requires_grad_(True)])
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_opcheck(layout):
     skip, deep = make_inputs(2, 3, 4, 3, 5, torch.float32, layout)
     args = (skip.requires_grad_(True), deep.requires_grad_(True), 1)
-    torch.library.opcheck(torch.ops.dip_fast.upsample_cat.default, args)
-    grad = layout_as(torch.randn(2, 7, 6, 10), layout)
-    torch.library.opcheck(torch.ops.dip_fast.upsample_cat_backward.default, (grad, 3, 1))
+    grad = ladder.as_layout(torch.randn(2, 7, 6, 10), layout)
+    ladder.opcheck((torch.ops.dip_fast.upsample_cat.default, args),
+                   (torch.ops.dip_fast._upsample_cat_backward.default, (grad, 3, 1)))
 
 
 def test_torch_compile_traces_the_op():
     skip, deep = make_inputs(1, 2, 3, 4, 4, torch.float32, "contiguous")
-    fn = torch.compile(lambda s, d: upsample_cat(s, d, "bilinear") * 2, backend="eager", fullgraph=True)
-    torch.testing.assert_close(fn(skip, deep), expected(skip, deep, "bilinear") * 2)
+    ladder.compiles(lambda s, d: upsample_cat(s, d, "bilinear") * 2, [skip, deep],
+                    expected=expected(skip, deep, "bilinear") * 2, atol=1e-5, rtol=1.3e-6)
 
 
 def test_bad_arguments():
@@ -119,26 +100,19 @@ def test_bad_arguments():
     with pytest.raises(RuntimeError, match="upsample mode"):
         torch.ops.dip_fast.upsample_cat(skip, deep, 5)
     with pytest.raises(RuntimeError, match="must be even"):
-        torch.ops.dip_fast.upsample_cat_backward(torch.randn(1, 5, 7, 8), 2, 1)
+        torch.ops.dip_fast._upsample_cat_backward(torch.randn(1, 5, 7, 8), 2, 1)
     with pytest.raises(RuntimeError, match="skip_channels"):
-        torch.ops.dip_fast.upsample_cat_backward(torch.randn(1, 5, 8, 8), 5, 1)
+        torch.ops.dip_fast._upsample_cat_backward(torch.randn(1, 5, 8, 8), 5, 1)
 
 
 @pytest.mark.slow
 def test_fuzz_against_pytorch():
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
-
-    @hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None)
-    @hypothesis.given(
-        n=st.integers(1, 3), cs=st.integers(0, 5), cd=st.integers(1, 9), h=st.integers(1, 11), w=st.integers(1, 11),
-        layout=st.sampled_from(["contiguous", "channels_last", "non_contiguous"]),
-        dtype=st.sampled_from([torch.float32, torch.float64]), mode=st.sampled_from(["nearest", "bilinear"]),
-    )
     def check(n, cs, cd, h, w, layout, dtype, mode):
         compare(n, cs, cd, h, w, dtype, layout, mode, 1e-12 if dtype == torch.float64 else 2e-6)
 
-    check()
+    ladder.fuzz(check, n=(1, 3), cs=(0, 5), cd=(1, 9), h=(1, 11), w=(1, 11),
+                layout=["contiguous", "channels_last", "sliced"], dtype=[torch.float32, torch.float64],
+                mode=["nearest", "bilinear"])
 
 
 @pytest.mark.cuda
@@ -155,15 +129,9 @@ def test_cuda_matches_pytorch(shape, layout, mode, dtype, atol):
 def test_cuda_matches_cpu(dtype):
     skip, deep = make_inputs(2, 4, 9, 7, 11, torch.float32, "channels_last")
     grad = torch.randn(2, 13, 14, 22)
-    outs = []
-    for device in ("cpu", "cuda"):
-        s, d = (t.to(device, dtype).requires_grad_(True) for t in (skip, deep))
-        out = upsample_cat(s, d, "bilinear")
-        grads = torch.autograd.grad(out, (s, d), grad.to(device, dtype))
-        outs.append([t.float().cpu() for t in (out, *grads)])
     tol = 1e-6 if dtype == torch.float32 else 0.02
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    inputs = [skip.requires_grad_(True), deep.requires_grad_(True)]
+    ladder.cuda_twin(lambda s, d: upsample_cat(s, d, "bilinear"), inputs, grad=grad, dtype=dtype, atol=tol)
 
 
 # ---------------------------------------------------------------------------
@@ -192,7 +160,7 @@ def check_emulation(skip, deep, mode, atol):
 
 
 @pytest.mark.parametrize("shape", SHAPES + [(1, 4, 128, 3, 5), (2, 8, 4, 5, 6)])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "non_contiguous"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
 def test_cuda_grid_emulation_matches_pytorch(shape, layout, mode):
     skip, deep = make_inputs(*shape, torch.float64, layout)
@@ -241,11 +209,11 @@ def test_cuda_grid_emulation_takes_vector_and_scalar_paths(shape, layout, dtype,
 @pytest.mark.parametrize("offset", [False, True], ids=["aligned", "misaligned"])
 def test_cuda_equals_grid_emulation_bitwise(layout, dtype, shape, offset):
     skip, deep = (t.to(dtype) for t in make_inputs(*shape, torch.float32, layout))
-    grad = layout_as(torch.randn(shape[0], shape[1] + shape[2], 2 * shape[3], 2 * shape[4]), layout).to(dtype)
+    grad = ladder.as_layout(torch.randn(shape[0], shape[1] + shape[2], 2 * shape[3], 2 * shape[4]), layout).to(dtype)
     move = (lambda t: misaligned(t)) if offset else (lambda t: t)
     want_out, _ = torch.ops.dip_fast._upsample_cat_emulated(move(skip), move(deep), 1)
     want_gs, want_gd, _ = torch.ops.dip_fast._upsample_cat_backward_emulated(move(grad), shape[1], 1)
     out = torch.ops.dip_fast.upsample_cat(move(skip.cuda()), move(deep.cuda()), 1)
-    gs, gd = torch.ops.dip_fast.upsample_cat_backward(move(grad.cuda()), shape[1], 1)
+    gs, gd = torch.ops.dip_fast._upsample_cat_backward(move(grad.cuda()), shape[1], 1)
     for name, got, exp in (("out", out, want_out), ("grad_skip", gs, want_gs), ("grad_deep", gd, want_gd)):
         assert torch.equal(got.cpu(), exp), f"{name} differs from the emulated grid"

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from dip_fast import memory, networks, restore, tasks
+from dip_fast import api, memory, networks, restore, tasks
 from dip_fast.cli import main
 from dip_fast.networks import Architecture, NetworkSpec
 from dip_fast.tasks import registry
@@ -68,7 +68,8 @@ def gain_task(monkeypatch):
 def test_recipe_add_a_task_restore(gain_task):
     image = _image() * 0.5
     out, info = restore(image, "brighten", preset="quick", device="cpu", sigma=5, stop="early", return_info=True)
-    assert info.task == "gain" and info.preset == "gain_tiny" and info.steps == 3
+    # stop='early' without iterations: the preset's 3 steps times the early-stopping budget.
+    assert info.task == "gain" and info.preset == "gain_tiny" and info.steps == round(3 * api.EARLY_STOP_BUDGET)
     assert out.shape == image.shape and info.sigma == 5 and info.stop == "early"
     # The registry's messages cover the new task: it takes no mask.
     with pytest.raises(ValueError, match="mask only applies to task='inpaint', got a mask for task='gain'"):

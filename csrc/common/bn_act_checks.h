@@ -113,7 +113,7 @@ inline BnActBackwardCall bn_act_backward_call(const at::Tensor& grad_y, const at
                            new_output({g.C}, x.options().dtype(acc))};
 }
 
-// Arguments of bn_running_stats_update: running stats of one float dtype,
+// Arguments of bn_act_running_stats_update: running stats of one float dtype,
 // batch stats in the accumulation type, all [C] and dense.
 inline void bn_running_stats_check(const at::Tensor& running_mean, const at::Tensor& running_var,
                                    const at::Tensor& mean, const at::Tensor& invstd, double momentum, int64_t count) {

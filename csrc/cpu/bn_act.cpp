@@ -505,9 +505,9 @@ void bn_running_stats_update_cpu(at::Tensor& running_mean, at::Tensor& running_v
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dip_fast, CPU, m) {
-  m.impl("bn_act_forward", &bn_act_forward_cpu);
-  m.impl("bn_act_backward", &bn_act_backward_cpu);
-  m.impl("bn_running_stats_update", &bn_running_stats_update_cpu);
+  m.impl("bn_act", &bn_act_forward_cpu);
+  m.impl("_bn_act_backward", &bn_act_backward_cpu);
+  m.impl("bn_act_running_stats_update", &bn_running_stats_update_cpu);
 }
 
 }  // namespace dip_fast

@@ -29,6 +29,17 @@
 #include "../common/bn_act_plan.h"
 #include "../common/vector_dispatch.h"
 
+// TEST ONLY. The schemas of the emulation ops live here, beside their only
+// kernels, not in csrc/ops/bn_act.cpp: they are no part of the op family's
+// interface (private names, `_` prefix and `_emulated` suffix), and a build
+// without this file (DIP_FAST_TEST_OPS=0) has none of them.
+TORCH_LIBRARY_FRAGMENT(dip_fast, m) {
+  m.def("_bn_act_emulated(Tensor x, Tensor weight, Tensor bias, float eps, float slope, int pad, int pad_mode)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_bn_act_backward_emulated(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean,"
+        " Tensor invstd, float slope, int pad, int pad_mode) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
 namespace dip_fast {
 namespace {
 
@@ -306,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emulated(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dip_fast, CPU, m) {
-  m.impl("_bn_act_forward_emulated", &forward_emulated);
+  m.impl("_bn_act_emulated", &forward_emulated);
   m.impl("_bn_act_backward_emulated", &backward_emulated);
 }
 

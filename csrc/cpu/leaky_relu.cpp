@@ -69,8 +69,8 @@ at::Tensor leaky_relu_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dip_fast, CPU, m) {
-  m.impl("leaky_relu_forward", &leaky_relu_forward_cpu);
-  m.impl("leaky_relu_backward", &leaky_relu_backward_cpu);
+  m.impl("leaky_relu", &leaky_relu_forward_cpu);
+  m.impl("_leaky_relu_backward", &leaky_relu_backward_cpu);
 }
 
 }  // namespace dip_fast

@@ -298,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor> upsample_cat_backward_cpu(const at::Tensor& g
 
 TORCH_LIBRARY_IMPL(dip_fast, CPU, m) {
   m.impl("upsample_cat", &upsample_cat_forward_cpu);
-  m.impl("upsample_cat_backward", &upsample_cat_backward_cpu);
+  m.impl("_upsample_cat_backward", &upsample_cat_backward_cpu);
 }
 
 }  // namespace dip_fast

@@ -22,6 +22,15 @@
 #include "../common/upsample_cat_plan.h"
 #include "../common/vector_dispatch.h"
 
+// TEST ONLY. The schemas of the emulation ops live here, beside their only
+// kernels, not in csrc/ops/upsample_cat.cpp: they are no part of the op family's
+// interface (private names, `_` prefix and `_emulated` suffix), and a build
+// without this file (DIP_FAST_TEST_OPS=0) has none of them.
+TORCH_LIBRARY_FRAGMENT(dip_fast, m) {
+  m.def("_upsample_cat_emulated(Tensor skip, Tensor deep, int mode) -> (Tensor, Tensor)");
+  m.def("_upsample_cat_backward_emulated(Tensor grad_out, int skip_channels, int mode) -> (Tensor, Tensor, Tensor)");
+}
+
 namespace dip_fast {
 namespace {
 

@@ -355,9 +355,9 @@ void bn_running_stats_update_cuda(at::Tensor& running_mean, at::Tensor& running_
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dip_fast, CUDA, m) {
-  m.impl("bn_act_forward", &bn_act_forward_cuda);
-  m.impl("bn_act_backward", &bn_act_backward_cuda);
-  m.impl("bn_running_stats_update", &bn_running_stats_update_cuda);
+  m.impl("bn_act", &bn_act_forward_cuda);
+  m.impl("_bn_act_backward", &bn_act_backward_cuda);
+  m.impl("bn_act_running_stats_update", &bn_running_stats_update_cuda);
 }
 
 }  // namespace dip_fast

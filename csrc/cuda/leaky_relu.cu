@@ -79,8 +79,8 @@ at::Tensor leaky_relu_backward_cuda(const at::Tensor& grad_out, const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dip_fast, CUDA, m) {
-  m.impl("leaky_relu_forward", &leaky_relu_forward_cuda);
-  m.impl("leaky_relu_backward", &leaky_relu_backward_cuda);
+  m.impl("leaky_relu", &leaky_relu_forward_cuda);
+  m.impl("_leaky_relu_backward", &leaky_relu_backward_cuda);
 }
 
 }  // namespace dip_fast

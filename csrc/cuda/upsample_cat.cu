@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> upsample_cat_backward_cuda(const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(dip_fast, CUDA, m) {
   m.impl("upsample_cat", &upsample_cat_forward_cuda);
-  m.impl("upsample_cat_backward", &upsample_cat_backward_cuda);
+  m.impl("_upsample_cat_backward", &upsample_cat_backward_cuda);
 }
 
 }  // namespace dip_fast

@@ -1,4 +1,4 @@
-"""Fused BatchNorm (training mode) + LeakyReLU + pad: registration and wrapper.
+"""The bn_act op family, fused BatchNorm (training mode) + LeakyReLU + pad: fake kernels and wrapper.
 
 ``batch_norm_act(x, weight, bias, ...)`` computes, in two passes over ``x``,
 
@@ -36,7 +36,7 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _register() -> None:
-    @torch.library.register_fake("dip_fast::bn_act_forward")
+    @torch.library.register_fake("dip_fast::bn_act")
     def _(x, weight, bias, eps, slope, pad, pad_mode):
         n, c, h, w = x.shape
         fmt = working_memory_format(x)
@@ -44,7 +44,7 @@ def _register() -> None:
         stats = x.new_empty((c,), dtype=_acc_dtype(x))
         return y, stats, stats.clone()
 
-    @torch.library.register_fake("dip_fast::bn_act_backward")
+    @torch.library.register_fake("dip_fast::_bn_act_backward")
     def _(grad_y, x, weight, bias, mean, invstd, slope, pad, pad_mode):
         fmt = working_memory_format(x)
         return (
@@ -53,11 +53,11 @@ def _register() -> None:
             bias.new_empty(bias.shape),
         )
 
-    # The autograd formula is C++ (csrc/autograd.cpp): this op runs 30 times per training step, and a
+    # The autograd formula is C++ (csrc/ops/bn_act.cpp, beside the schemas): this op runs 30 times per training step, and a
     # Python formula costs ~40 us more per call.
 
 
-_OPS = ("bn_act_forward", "bn_act_backward", "bn_running_stats_update")
+_OPS = ("bn_act", "_bn_act_backward", "bn_act_running_stats_update")
 if _ops.has_ops(*_OPS):
     _register()
 
@@ -104,7 +104,7 @@ def batch_norm_act(
     if pad_mode == "reflect" and pad >= min(x.shape[2], x.shape[3]):
         raise ValueError(f"reflection pad {pad} must be smaller than the image, got {tuple(x.shape[2:])}")
     require_extension(*_OPS)
-    y, mean, invstd = torch.ops.dip_fast.bn_act_forward(
+    y, mean, invstd = torch.ops.dip_fast.bn_act(
         x, weight, bias, float(eps), float(slope), pad, PAD_MODES[pad_mode]
     )
     if running_mean is not None or running_var is not None:
@@ -119,4 +119,4 @@ def _update_running_stats(mean, invstd, eps, x, running_mean, running_var, momen
     # The op updates both; a missing one gets a scratch buffer.
     running_mean = running_mean if running_mean is not None else torch.zeros_like(running_var)
     running_var = running_var if running_var is not None else torch.ones_like(running_mean)
-    torch.ops.dip_fast.bn_running_stats_update(running_mean, running_var, mean, invstd, float(momentum), float(eps), count)
+    torch.ops.dip_fast.bn_act_running_stats_update(running_mean, running_var, mean, invstd, float(momentum), float(eps), count)

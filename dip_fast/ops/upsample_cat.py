@@ -1,4 +1,4 @@
-"""Upsample-and-concatenate: the join of the hourglass's two branches, in one op.
+"""The upsample_cat op family, upsample-and-concatenate: the join of the hourglass's two branches, in one op.
 
 ``upsample_cat(skip, deep, mode)`` returns
 
@@ -10,8 +10,8 @@ concatenation buffer: the upsampled tensor is never materialised, and no
 ``torch.cat`` copy follows. The backward copies the skip channels' gradient
 out and gathers the deep channels' gradient through the transposed
 upsampling taps. The op is linear, so autograd saves nothing but the skip's
-channel count. See ``csrc/ops.cpp`` for the memory-pass count and
-``csrc/autograd.cpp`` for the autograd formulas.
+channel count. See ``csrc/ops/upsample_cat.cpp`` for the schemas, the
+memory-pass count and the autograd formulas (C++).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _register() -> None:
         out = deep.new_empty((n, skip.shape[1] + cd, 2 * h, 2 * w))
         return out.contiguous(memory_format=working_memory_format(deep))
 
-    @torch.library.register_fake("dip_fast::upsample_cat_backward")
+    @torch.library.register_fake("dip_fast::_upsample_cat_backward")
     def _(grad_out, skip_channels, mode):
         n, c, hh, ww = grad_out.shape
         fmt = working_memory_format(grad_out)
@@ -42,10 +42,10 @@ def _register() -> None:
         return grad_skip, grad_deep
 
     # The autograd formulas (backward, and the backward's own derivative, the forward op) are C++
-    # (csrc/autograd.cpp), like bn_act's: no Python runs per call.
+    # (csrc/ops/upsample_cat.cpp), like bn_act's: no Python runs per call.
 
 
-_OPS = ("upsample_cat", "upsample_cat_backward")
+_OPS = ("upsample_cat", "_upsample_cat_backward")
 if _ops.has_ops(*_OPS):
     _register()
 

@@ -48,6 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._checks import is_int
+
 __all__ = [
     "KERNEL_TYPES",
     "Downsampler",
@@ -63,7 +65,7 @@ _BASE_TYPES = ("lanczos", "gauss", "box")
 
 
 def _check_factor(factor: int) -> int:
-    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+    if not is_int(factor, minimum=1):
         raise ValueError(f"factor must be a positive integer, got {factor!r}")
     return int(factor)
 
@@ -87,7 +89,7 @@ def _taps_1d(
     phase = _check_phase(phase)
     if kernel_type not in _BASE_TYPES:
         raise ValueError(f"kernel_type must be one of {_BASE_TYPES}, got {kernel_type!r}")
-    if isinstance(kernel_width, bool) or not isinstance(kernel_width, (int, np.integer)) or kernel_width < 1:
+    if not is_int(kernel_width, minimum=1):
         raise ValueError(f"kernel_width must be a positive integer, got {kernel_width!r}")
     kernel_width = int(kernel_width)
 
@@ -258,7 +260,7 @@ class Downsampler(nn.Module):
         preserve_size: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(n_planes, bool) or not isinstance(n_planes, (int, np.integer)) or n_planes < 1:
+        if not is_int(n_planes, minimum=1):
             raise ValueError(f"n_planes must be a positive integer, got {n_planes!r}")
         factor = _check_factor(factor)
         phase = _check_phase(phase)

@@ -1,4 +1,10 @@
-"""LeakyReLU op family: registration (fake, autograd) and the public wrapper."""
+"""The leaky_relu op family: fake kernels, autograd formulas and the public wrapper.
+
+Schemas: csrc/ops/leaky_relu.cpp; kernels: csrc/cpu/leaky_relu.cpp and
+csrc/cuda/leaky_relu.cu. The autograd formulas are here (Python), not in C++:
+the op runs once per step, so the per-call cost of a Python formula does not
+show.
+"""
 from __future__ import annotations
 
 import torch
@@ -10,11 +16,11 @@ __all__ = ["leaky_relu"]
 
 
 def _register() -> None:
-    @torch.library.register_fake("dip_fast::leaky_relu_forward")
+    @torch.library.register_fake("dip_fast::leaky_relu")
     def _(x: torch.Tensor, slope: float) -> torch.Tensor:
         return torch.empty_like(x, memory_format=working_memory_format(x))
 
-    @torch.library.register_fake("dip_fast::leaky_relu_backward")
+    @torch.library.register_fake("dip_fast::_leaky_relu_backward")
     def _(grad_out: torch.Tensor, x: torch.Tensor, slope: float) -> torch.Tensor:
         return torch.empty_like(x, memory_format=working_memory_format(x))
 
@@ -25,9 +31,9 @@ def _register() -> None:
 
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return torch.ops.dip_fast.leaky_relu_backward(grad_out, x, ctx.slope), None
+        return torch.ops.dip_fast._leaky_relu_backward(grad_out, x, ctx.slope), None
 
-    torch.library.register_autograd("dip_fast::leaky_relu_forward", backward, setup_context=setup_context)
+    torch.library.register_autograd("dip_fast::leaky_relu", backward, setup_context=setup_context)
 
     # The backward op is differentiable too (for double backward / gradgradcheck):
     # it is linear in grad_out with the same mask, and piecewise constant in x.
@@ -38,12 +44,12 @@ def _register() -> None:
 
     def backward_bwd(ctx, grad_grad: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return torch.ops.dip_fast.leaky_relu_backward(grad_grad, x, ctx.slope), None, None
+        return torch.ops.dip_fast._leaky_relu_backward(grad_grad, x, ctx.slope), None, None
 
-    torch.library.register_autograd("dip_fast::leaky_relu_backward", backward_bwd, setup_context=setup_context_bwd)
+    torch.library.register_autograd("dip_fast::_leaky_relu_backward", backward_bwd, setup_context=setup_context_bwd)
 
 
-_OPS = ("leaky_relu_forward", "leaky_relu_backward")
+_OPS = ("leaky_relu", "_leaky_relu_backward")
 if _ops.has_ops(*_OPS):
     _register()
 
@@ -57,4 +63,4 @@ def leaky_relu(x: torch.Tensor, slope: float = 0.2) -> torch.Tensor:
     """
     check_float_tensor(x, "x")
     require_extension(*_OPS)
-    return torch.ops.dip_fast.leaky_relu_forward(x, float(slope))
+    return torch.ops.dip_fast.leaky_relu(x, float(slope))

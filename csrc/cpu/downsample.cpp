@@ -1,5 +1,5 @@
 // CPU kernels of the separable filter-and-decimate op pair
-// (lanczos_downsample, lanczos_downsample_backward).
+// (downsample, _downsample_backward).
 //
 // Order of the passes: vertical first, then horizontal. Rows are the
 // contiguous direction, so the vertical pass is a weighted sum of K whole
@@ -57,8 +57,8 @@
 
 #include "../common/alloc.h"
 #include "../common/checks.h"
-#include "../common/lanczos.h"
-#include "../common/lanczos_checks.h"
+#include "../common/downsample.h"
+#include "../common/downsample_checks.h"
 #include "../common/macros.h"  // DIP_CPU_CLONES
 
 namespace dip_fast {
@@ -412,7 +412,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const at::opmath_typ
   });
 }
 
-at::Tensor lanczos_downsample_cpu(const at::Tensor& x, const at::Tensor& taps, int64_t factor, int64_t pad) {
+at::Tensor downsample_cpu(const at::Tensor& x, const at::Tensor& taps, int64_t factor, int64_t pad) {
   lanczos::check_args(x, "x", taps, factor, pad, at::kCPU);
   const int64_t K = taps.numel();
   const int64_t H = x.size(2), W = x.size(3);
@@ -424,14 +424,14 @@ at::Tensor lanczos_downsample_cpu(const at::Tensor& x, const at::Tensor& taps, i
   const Geometry g = make_geometry(xc, fmt, K, factor, pad, H, W);
   auto y = new_output({x.size(0), x.size(1), g.Ho, g.Wo}, x.options(), fmt);
   if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lanczos_downsample_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "downsample_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t>(g, xc.const_data_ptr<scalar_t>(), tc.const_data_ptr<acc_t>(), y.data_ptr<scalar_t>());
   });
   return y;
 }
 
-at::Tensor lanczos_downsample_backward_cpu(const at::Tensor& grad_out, const at::Tensor& taps, int64_t factor,
+at::Tensor downsample_backward_cpu(const at::Tensor& grad_out, const at::Tensor& taps, int64_t factor,
                                            int64_t pad, int64_t height, int64_t width) {
   lanczos::check_backward_args(grad_out, taps, factor, pad, height, width, at::kCPU);
   const int64_t K = taps.numel();
@@ -441,7 +441,7 @@ at::Tensor lanczos_downsample_backward_cpu(const at::Tensor& grad_out, const at:
   const Geometry g = make_geometry(gc, fmt, K, factor, pad, height, width);
   auto gx = new_output({grad_out.size(0), grad_out.size(1), height, width}, grad_out.options(), fmt);
   if (gx.numel() == 0) return gx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "lanczos_downsample_backward_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "downsample_backward_cpu",
                                   [&] {
                                     using acc_t = at::opmath_type<scalar_t>;
                                     backward_kernel<scalar_t>(g, gc.const_data_ptr<scalar_t>(),
@@ -453,8 +453,8 @@ at::Tensor lanczos_downsample_backward_cpu(const at::Tensor& grad_out, const at:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dip_fast, CPU, m) {
-  m.impl("lanczos_downsample", &lanczos_downsample_cpu);
-  m.impl("lanczos_downsample_backward", &lanczos_downsample_backward_cpu);
+  m.impl("downsample", &downsample_cpu);
+  m.impl("_downsample_backward", &downsample_backward_cpu);
 }
 
 }  // namespace dip_fast

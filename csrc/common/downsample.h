@@ -1,5 +1,5 @@
 // Index and tap math of the separable filter-and-decimate op
-// (lanczos_downsample), shared by the CPU and CUDA kernels.
+// (downsample), shared by the CPU and CUDA kernels.
 //
 // Along one axis of length `len` the op computes, for output o,
 //

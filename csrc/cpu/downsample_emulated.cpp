@@ -1,9 +1,9 @@
-// CPU emulation of the CUDA launch grids of lanczos_downsample (tests only).
+// CPU emulation of the CUDA launch grids of downsample (tests only).
 //
-// Replays every block, plane and thread of the plan that csrc/cuda/lanczos.cu
-// launches (csrc/common/lanczos_plan.h), phase by phase with a fresh shared
+// Replays every block, plane and thread of the plan that csrc/cuda/downsample.cu
+// launches (csrc/common/downsample_plan.h), phase by phase with a fresh shared
 // tile per block, calling the same per-thread functions
-// (csrc/common/lanczos_grid.h), threads in reverse order within a phase.
+// (csrc/common/downsample_grid.h), threads in reverse order within a phase.
 // Besides the output, each entry point returns a trace (int64):
 //   [blocks, shared bytes, fewest writes, most writes]
 // with the writes counted per output element, so a test can check that each
@@ -18,9 +18,19 @@
 #include <vector>
 
 #include "../common/alloc.h"
-#include "../common/lanczos_checks.h"
-#include "../common/lanczos_grid.h"
-#include "../common/lanczos_plan.h"
+#include "../common/downsample_checks.h"
+#include "../common/downsample_grid.h"
+#include "../common/downsample_plan.h"
+
+// TEST ONLY. The schemas of the emulation ops live here, beside their only
+// kernels, not in csrc/ops/downsample.cpp: they are no part of the op family's
+// interface (private names, `_` prefix and `_emulated` suffix), and a build
+// without this file (DIP_FAST_TEST_OPS=0) has none of them.
+TORCH_LIBRARY_FRAGMENT(dip_fast, m) {
+  m.def("_downsample_emulated(Tensor x, Tensor taps, int factor, int pad) -> (Tensor, Tensor)");
+  m.def("_downsample_backward_emulated(Tensor grad_out, Tensor taps, int factor, int pad, int height, int width)"
+        " -> (Tensor, Tensor)");
+}
 
 namespace dip_fast {
 namespace {
@@ -57,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& x, const a
   const LanczosCall c = lanczos_forward_call(x, taps, factor, pad, at::kCPU);
   const LanczosPlan& p = c.plan;
   std::vector<int> counts(static_cast<size_t>(c.out.numel()), 0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lanczos_downsample_emulated", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "downsample_emulated", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = c.in.const_data_ptr<scalar_t>();
     scalar_t* yp = c.out.data_ptr<scalar_t>();
@@ -79,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> backward_emulated(const at::Tensor& grad_out,
   const LanczosPlan& p = c.plan;
   std::vector<int> counts(static_cast<size_t>(c.out.numel()), 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(),
-                                  "lanczos_downsample_backward_emulated", [&] {
+                                  "downsample_backward_emulated", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = c.in.const_data_ptr<scalar_t>();
     scalar_t* xp = c.out.data_ptr<scalar_t>();
@@ -98,8 +108,8 @@ std::tuple<at::Tensor, at::Tensor> backward_emulated(const at::Tensor& grad_out,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dip_fast, CPU, m) {
-  m.impl("_lanczos_downsample_emulated", &forward_emulated);
-  m.impl("_lanczos_downsample_backward_emulated", &backward_emulated);
+  m.impl("_downsample_emulated", &forward_emulated);
+  m.impl("_downsample_backward_emulated", &backward_emulated);
 }
 
 }  // namespace dip_fast

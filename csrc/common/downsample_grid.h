@@ -1,6 +1,6 @@
-// Per-thread work of the CUDA kernels of lanczos_downsample, as plain
-// functions of (block, plane, thread) indices: csrc/cuda/lanczos.cu launches
-// them, csrc/cpu/lanczos_emulated.cpp replays every block, plane and thread of
+// Per-thread work of the CUDA kernels of downsample, as plain
+// functions of (block, plane, thread) indices: csrc/cuda/downsample.cu launches
+// them, csrc/cpu/downsample_emulated.cpp replays every block, plane and thread of
 // the same plan on the CPU (tests).
 //
 // Forward, one block per tile of kLanczosFwdRows x tile_cols outputs of a plane:
@@ -25,7 +25,7 @@
 #pragma once
 
 #include "fast_divmod.h"
-#include "lanczos.h"
+#include "downsample.h"
 #include "tiling.h"
 
 namespace dip_fast {

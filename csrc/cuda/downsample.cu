@@ -1,9 +1,9 @@
 // CUDA kernels of the separable filter-and-decimate op pair
-// (lanczos_downsample, lanczos_downsample_backward): the same math as the CPU
-// file through csrc/common/lanczos.h. The two-phase tile design (a pass into
+// (downsample, _downsample_backward): the same math as the CPU
+// file through csrc/common/downsample.h. The two-phase tile design (a pass into
 // shared memory, then the other axis from it) and the per-thread phases are
-// in csrc/common/lanczos_grid.h, the launch plans in lanczos_plan.h; both are
-// shared with the CPU emulation of the grid (csrc/cpu/lanczos_emulated.cpp,
+// in csrc/common/downsample_grid.h, the launch plans in lanczos_plan.h; both are
+// shared with the CPU emulation of the grid (csrc/cpu/downsample_emulated.cpp,
 // tested in CI). x and grad_out are made dense in their working memory format
 // (NCHW or channels_last). Accumulation in float for float / half / bfloat16,
 // double for double. Launched on the current stream, no host synchronisation.
@@ -18,10 +18,10 @@
 
 #include "../common/alloc.h"
 #include "../common/checks.h"
-#include "../common/lanczos.h"
-#include "../common/lanczos_checks.h"
-#include "../common/lanczos_grid.h"
-#include "../common/lanczos_plan.h"
+#include "../common/downsample.h"
+#include "../common/downsample_checks.h"
+#include "../common/downsample_grid.h"
+#include "../common/downsample_plan.h"
 
 namespace dip_fast {
 namespace {
@@ -69,14 +69,14 @@ __global__ void __launch_bounds__(kLanczosThreads) lanczos_backward_kernel(const
   }
 }
 
-at::Tensor lanczos_downsample_cuda(const at::Tensor& x, const at::Tensor& taps, int64_t factor, int64_t pad) {
+at::Tensor downsample_cuda(const at::Tensor& x, const at::Tensor& taps, int64_t factor, int64_t pad) {
   DIP_CHECK_DEVICE(x, at::kCUDA, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const LanczosCall c = lanczos_forward_call(x, taps, factor, pad, at::kCUDA);
   const LanczosPlan& p = c.plan;
   if (c.out.numel() == 0) return c.out;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lanczos_downsample_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "downsample_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     lanczos_forward_kernel<scalar_t, acc_t><<<dim3(p.grid_x, p.grid_y, p.grid_z), kLanczosThreads, p.shared_bytes,
                                               stream>>>(c.in.const_data_ptr<scalar_t>(), c.out.data_ptr<scalar_t>(),
@@ -86,7 +86,7 @@ at::Tensor lanczos_downsample_cuda(const at::Tensor& x, const at::Tensor& taps, 
   return c.out;
 }
 
-at::Tensor lanczos_downsample_backward_cuda(const at::Tensor& grad_out, const at::Tensor& taps, int64_t factor,
+at::Tensor downsample_backward_cuda(const at::Tensor& grad_out, const at::Tensor& taps, int64_t factor,
                                             int64_t pad, int64_t height, int64_t width) {
   DIP_CHECK_DEVICE(grad_out, at::kCUDA, "grad_out");
   const c10::cuda::CUDAGuard guard(grad_out.device());
@@ -94,7 +94,7 @@ at::Tensor lanczos_downsample_backward_cuda(const at::Tensor& grad_out, const at
   const LanczosPlan& p = c.plan;
   if (c.out.numel() == 0) return c.out;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "lanczos_downsample_backward_cuda",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "downsample_backward_cuda",
                                   [&] {
                                     using acc_t = at::opmath_type<scalar_t>;
                                     lanczos_backward_kernel<scalar_t, acc_t>
@@ -109,8 +109,8 @@ at::Tensor lanczos_downsample_backward_cuda(const at::Tensor& grad_out, const at
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dip_fast, CUDA, m) {
-  m.impl("lanczos_downsample", &lanczos_downsample_cuda);
-  m.impl("lanczos_downsample_backward", &lanczos_downsample_backward_cuda);
+  m.impl("downsample", &downsample_cuda);
+  m.impl("_downsample_backward", &downsample_backward_cuda);
 }
 
 }  // namespace dip_fast

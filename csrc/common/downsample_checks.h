@@ -5,7 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "checks.h"
-#include "lanczos.h"
+#include "downsample.h"
 
 namespace dip_fast {
 namespace lanczos {

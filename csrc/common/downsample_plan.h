@@ -1,5 +1,5 @@
-// The launch plans of lanczos_downsample's CUDA kernels (host code only),
-// shared by csrc/cuda/lanczos.cu and its CPU emulation, so the emulation
+// The launch plans of downsample's CUDA kernels (host code only),
+// shared by csrc/cuda/downsample.cu and its CPU emulation, so the emulation
 // replays exactly the grids the GPU runs.
 #pragma once
 
@@ -8,8 +8,8 @@
 #include <algorithm>
 
 #include "alloc.h"
-#include "lanczos_checks.h"
-#include "lanczos_grid.h"
+#include "downsample_checks.h"
+#include "downsample_grid.h"
 
 namespace dip_fast {
 
@@ -40,7 +40,7 @@ inline LanczosDims lanczos_dims(const at::Tensor& t, bool cl, int64_t K, int64_t
 }
 
 inline void lanczos_check_32bit(int64_t n, int64_t c, int64_t h, int64_t w) {
-  TORCH_CHECK(n * c * h * w < (int64_t(1) << 31), "dip_fast: lanczos_downsample input too large for 32-bit indexing");
+  TORCH_CHECK(n * c * h * w < (int64_t(1) << 31), "dip_fast: downsample input too large for 32-bit indexing");
 }
 
 inline LanczosPlan lanczos_forward_plan(const at::Tensor& x, bool cl, int64_t K, int64_t factor, int64_t pad) {
@@ -52,7 +52,7 @@ inline LanczosPlan lanczos_forward_plan(const at::Tensor& x, bool cl, int64_t K,
   auto bytes = [&](int cols) { return acc_size * (K + size_t(kLanczosFwdRows) * ((cols - 1) * size_t(factor) + K)); };
   int cols = kLanczosFwdCols;
   while (cols > 1 && bytes(cols) > kLanczosMaxShared) cols /= 2;
-  TORCH_CHECK(bytes(cols) <= kLanczosMaxShared, "dip_fast: lanczos_downsample on CUDA supports up to ",
+  TORCH_CHECK(bytes(cols) <= kLanczosMaxShared, "dip_fast: downsample on CUDA supports up to ",
               kLanczosMaxShared / acc_size / (kLanczosFwdRows + 1), " taps, got ", K);
   p.d.tile_cols = cols;
   p.d.tcols = static_cast<int>((cols - 1) * factor + K);
@@ -62,7 +62,7 @@ inline LanczosPlan lanczos_forward_plan(const at::Tensor& x, bool cl, int64_t K,
   p.grid_x = (p.d.Wo + cols - 1) / cols;
   p.grid_y = (p.d.Ho + kLanczosFwdRows - 1) / kLanczosFwdRows;
   p.grid_z = std::min(p.d.planes, kLanczosMaxGridZ);
-  TORCH_CHECK(p.grid_y <= 65535, "dip_fast: image too tall for lanczos_downsample on CUDA (", p.d.Ho, " output rows)");
+  TORCH_CHECK(p.grid_y <= 65535, "dip_fast: image too tall for downsample on CUDA (", p.d.Ho, " output rows)");
   return p;
 }
 
@@ -83,9 +83,9 @@ inline LanczosPlan lanczos_backward_plan(const at::Tensor& grad_out, bool cl, in
   }
   const size_t acc_size = grad_out.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
   p.shared_bytes = acc_size * (K + size_t(max_rows) * kLanczosBwdCols);
-  TORCH_CHECK(p.shared_bytes <= kLanczosMaxShared, "dip_fast: lanczos_downsample_backward on CUDA: the kernel (", K,
+  TORCH_CHECK(p.shared_bytes <= kLanczosMaxShared, "dip_fast: _downsample_backward on CUDA: the kernel (", K,
               " taps, factor ", factor, ") needs more shared memory than available");
-  TORCH_CHECK(p.grid_y <= 65535, "dip_fast: image too tall for lanczos_downsample_backward on CUDA (", height,
+  TORCH_CHECK(p.grid_y <= 65535, "dip_fast: image too tall for _downsample_backward on CUDA (", height,
               " rows)");
   return p;
 }

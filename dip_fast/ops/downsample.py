@@ -1,9 +1,13 @@
-"""Separable filter-and-decimate (the paper's ``Downsampler``) as one custom op.
+"""The downsample op family: separable filter-and-decimate (the paper's ``Downsampler``) as one custom op.
+
+Schemas: csrc/ops/downsample.cpp; kernels: csrc/cpu/downsample.cpp and
+csrc/cuda/downsample.cu. The autograd formulas are here (Python): the op runs
+once per step.
 
 ``downsample(x, factor, kernel="lanczos2", phase=0.5, preserve_size=True)``
 equals ``dip_fast.reference.Downsampler(C, factor, kernel, phase,
 preserve_size=preserve_size)(x)``: the same kernels, the same replication
-padding and the same output size. It runs as ``torch.ops.dip_fast.lanczos_downsample``:
+padding and the same output size. It runs as ``torch.ops.dip_fast.downsample``:
 
 * separable: every kernel of the paper is an outer product ``k k^T`` of a
   normalised 1-D kernel ``k`` (:func:`dip_fast.reference.get_kernel_1d`), so
@@ -40,6 +44,7 @@ import torch
 from torch import nn
 
 from .. import _ops
+from .._checks import is_int
 from .._ops import check_float_tensor, require_extension, working_memory_format
 from ..reference.downsampler import downsampler_padding, get_kernel_1d, resolve_kernel
 
@@ -57,7 +62,7 @@ KERNEL_PHASES: Dict[str, Tuple[float, ...]] = {
 }
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_OPS = ("lanczos_downsample", "lanczos_downsample_backward")
+_OPS = ("downsample", "_downsample_backward")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,7 +74,7 @@ def _output_size(n, k: int, factor: int, pad: int):
 
 
 def _register() -> None:
-    @torch.library.register_fake("dip_fast::lanczos_downsample")
+    @torch.library.register_fake("dip_fast::downsample")
     def _(x, taps, factor, pad):
         torch._check(x.dim() == 4, lambda: f"x must be 4-D, got {x.dim()}-D")
         torch._check(taps.dim() == 1, lambda: f"taps must be 1-D, got {taps.dim()}-D")
@@ -78,7 +83,7 @@ def _register() -> None:
         size = (n, c, _output_size(h, k, factor, pad), _output_size(w, k, factor, pad))
         return torch.empty(size, dtype=x.dtype, device=x.device, memory_format=working_memory_format(x))
 
-    @torch.library.register_fake("dip_fast::lanczos_downsample_backward")
+    @torch.library.register_fake("dip_fast::_downsample_backward")
     def _(grad_out, taps, factor, pad, height, width):
         torch._check(grad_out.dim() == 4, lambda: f"grad_out must be 4-D, got {grad_out.dim()}-D")
         n, c = grad_out.shape[:2]
@@ -96,10 +101,10 @@ def _register() -> None:
         factor, pad, height, width = ctx.args
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.dip_fast.lanczos_downsample_backward(grad_out, taps, factor, pad, height, width)
+            grad_x = torch.ops.dip_fast._downsample_backward(grad_out, taps, factor, pad, height, width)
         return grad_x, None, None, None
 
-    torch.library.register_autograd("dip_fast::lanczos_downsample", backward, setup_context=setup_context)
+    torch.library.register_autograd("dip_fast::downsample", backward, setup_context=setup_context)
 
     # The backward op is linear in grad_out; its own transpose is the forward op.
     def setup_context_bwd(ctx, inputs, output) -> None:
@@ -112,11 +117,11 @@ def _register() -> None:
         factor, pad = ctx.args
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = torch.ops.dip_fast.lanczos_downsample(grad_grad_x, taps, factor, pad)
+            grad = torch.ops.dip_fast.downsample(grad_grad_x, taps, factor, pad)
         return grad, None, None, None, None, None
 
     torch.library.register_autograd(
-        "dip_fast::lanczos_downsample_backward", backward_bwd, setup_context=setup_context_bwd
+        "dip_fast::_downsample_backward", backward_bwd, setup_context=setup_context_bwd
     )
 
 
@@ -130,7 +135,7 @@ if _ops.has_ops(*_OPS):
 
 
 def _check_factor(factor: object) -> int:
-    if isinstance(factor, bool) or not isinstance(factor, numbers.Integral):
+    if not is_int(factor):
         raise TypeError(f"factor must be an int, got {type(factor).__name__} {factor!r}")
     if factor < 1:
         raise ValueError(f"factor must be >= 1, got {factor}")
@@ -205,7 +210,7 @@ def downsample_taps(
     ``taps`` is the normalised 1-D kernel (float64, CPU; ``outer(taps, taps)``
     is the reference's 2-D kernel) and ``pad`` the replication padding of
     ``preserve_size=True`` (the op takes 0 for the valid correlation). For
-    ``torch.ops.dip_fast.lanczos_downsample(x, taps, factor, pad)`` the taps
+    ``torch.ops.dip_fast.downsample(x, taps, factor, pad)`` the taps
     must be float64 for float64 ``x`` and float32 otherwise, on ``x``'s device.
     """
     factor = _check_factor(factor)
@@ -262,7 +267,7 @@ def downsample(
     phase = _check_kernel_phase(kernel, phase)
     spec = _spec(kernel, factor, phase, kernel_width, support, sigma)
     taps, pad = _prepare(x, factor, spec, bool(preserve_size), f"kernel {kernel!r} at factor {factor}")
-    return torch.ops.dip_fast.lanczos_downsample(x, taps, factor, pad)
+    return torch.ops.dip_fast.downsample(x, taps, factor, pad)
 
 
 class Downsample(nn.Module):
@@ -292,7 +297,7 @@ class Downsample(nn.Module):
         preserve_size: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(n_planes, bool) or not isinstance(n_planes, numbers.Integral) or n_planes < 1:
+        if not is_int(n_planes, minimum=1):
             raise ValueError(f"n_planes must be a positive integer, got {n_planes!r}")
         self.n_planes = int(n_planes)
         self.factor = _check_factor(factor)
@@ -311,7 +316,7 @@ class Downsample(nn.Module):
         taps, pad = _prepare(
             x, self.factor, self._spec, self.preserve_size, f"kernel {self.kernel_type!r} at factor {self.factor}"
         )
-        return torch.ops.dip_fast.lanczos_downsample(x, taps, self.factor, pad)
+        return torch.ops.dip_fast.downsample(x, taps, self.factor, pad)
 
     def extra_repr(self) -> str:
         return (
