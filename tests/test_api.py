@@ -259,7 +259,7 @@ def test_fast_backend_uses_the_fused_downsampler():
 
 def test_return_info_contents():
     clean = rgb8()
-    out, info = restore(clean, preset=tiny(iterations=6), ground_truth=clean, return_info=True)
+    out, info = restore(clean, preset=tiny(iterations=6), ground_truth=clean, stop="never", return_info=True)
     assert isinstance(info, api.RestoreInfo)
     assert info.steps == info.iterations == 6 and info.stop_reason == "completed" and not info.interrupted
     assert len(info.loss_history) == 6 and len(info.psnr_history) == 6
@@ -276,7 +276,7 @@ def test_ground_truth_never_changes_the_result():
 
 
 def test_max_time_returns_result_so_far():
-    out, info = restore(rgb8(), preset=tiny(iterations=10_000), max_time=0.3, return_info=True)
+    out, info = restore(rgb8(), preset=tiny(iterations=10_000), max_time=0.3, stop="never", return_info=True)
     assert out.shape == (20, 24, 3)
     assert info.stop_reason == "max_time" and info.interrupted and 0 <= info.steps < 10_000
 
@@ -286,7 +286,7 @@ def test_ctrl_c_returns_result_so_far():
         if step == 2:
             raise KeyboardInterrupt
 
-    out, info = restore(rgb8(), preset=tiny(iterations=50), callback=interrupt, return_info=True)
+    out, info = restore(rgb8(), preset=tiny(iterations=50), callback=interrupt, stop="never", return_info=True)
     assert out.shape == (20, 24, 3) and info.stop_reason == "keyboard_interrupt" and info.steps == 3
 
 
@@ -299,7 +299,8 @@ def test_callback_sees_every_step_and_can_stop():
         assert isinstance(info["render"](), np.ndarray)
         return step == 3
 
-    _, info = restore(rgb8(), preset=tiny(iterations=20), callback=cb, ground_truth=rgb8(), return_info=True)
+    _, info = restore(rgb8(), preset=tiny(iterations=20), callback=cb, ground_truth=rgb8(), stop="never",
+                      return_info=True)
     assert [s for s, _ in seen] == [0, 1, 2, 3]
     assert seen[0][1] == ["backtracked", "elapsed", "loss", "output", "psnr", "render"]
     assert info.stop_reason == "callback" and info.steps == 4

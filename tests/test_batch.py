@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back")]
 
 # The smallest real runs: the quick preset for 3 steps on one CPU thread.
-FAST = ["--preset", "quick", "--iterations", "3", "--device", "cpu", "--threads", "1"]
+FAST = ["--preset", "quick", "--iterations", "3", "--stop", "never", "--device", "cpu", "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)

@@ -58,7 +58,7 @@ def one_line_error(err: str) -> str:
 
 def test_denoise_writes_output(capsys, image, tmp_path):
     out = tmp_path / "out.png"
-    code, _, err = run(capsys, "denoise", image, "-o", out, "--preset", "tiny_denoise", "--sigma", "25")
+    code, _, err = run(capsys, "denoise", image, "-o", out, "--preset", "tiny_denoise", "--sigma", "25", "--stop", "never")
     assert code == 0, err
     assert Image.open(out).size == (24, 20)
     assert f"wrote {out}" in err and "3 steps" in err
@@ -107,7 +107,7 @@ def test_sixteen_bit_file_stays_sixteen_bit(capsys, tmp_path):
 def test_progress_ground_truth_snapshots_and_plot(capsys, image, tmp_path):
     out = tmp_path / "out.png"
     code, _, err = run(capsys, "denoise", image, "-o", out, "--preset", "tiny_denoise", "--iterations", 4,
-                       "--ground-truth", image, "--save-every", 2, "--plot")
+                       "--ground-truth", image, "--save-every", 2, "--plot", "--stop", "never")
     assert code == 0, err
     assert "loss=" in err and "psnr=" in err and "PSNR" in err
     assert (tmp_path / "out.step00002.png").exists() and (tmp_path / "out.step00004.png").exists()
@@ -117,7 +117,7 @@ def test_progress_ground_truth_snapshots_and_plot(capsys, image, tmp_path):
 def test_max_time_writes_result_so_far(capsys, image, tmp_path):
     out = tmp_path / "out.png"
     code, _, err = run(capsys, "denoise", image, "-o", out, "--preset", "tiny_denoise",
-                       "--iterations", 100000, "--max-time", 0.2)
+                       "--iterations", 100000, "--max-time", 0.2, "--stop", "never")
     assert code == 0, err
     assert out.exists() and "stopped early: max_time" in err
 

@@ -243,7 +243,7 @@ def test_one_pixel_wide_structures_give_finite_settings(kind):
         image[:, ::2] = 255
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the flat-image fallback may say so; it is not under test
-        out, info = restore(image, preset=tiny(), return_info=True)
+        out, info = restore(image, preset=tiny(), stop="never", return_info=True)
     assert math.isfinite(info.sigma) and info.sigma >= 0 and math.isfinite(info.reg_noise_std)
     assert out.shape == image.shape and info.steps == 3 and all(map(math.isfinite, info.loss_history))
 
@@ -251,7 +251,7 @@ def test_one_pixel_wide_structures_give_finite_settings(kind):
 @pytest.mark.parametrize("levels", [(0, 1, 2), (0, 32768, 65535)], ids=["dark", "spread"])
 def test_sixteen_bit_image_with_three_levels(levels):
     image = np.random.default_rng(2).choice(np.array(levels, np.uint16), (32, 32))
-    out, info = restore(image, preset=tiny(), return_info=True)
+    out, info = restore(image, preset=tiny(), stop="never", return_info=True)
     assert out.dtype == np.uint16 and out.shape == image.shape
     assert math.isfinite(info.sigma) and info.sigma >= 0 and math.isfinite(info.reg_noise_std)
     assert all(map(math.isfinite, info.loss_history))

@@ -117,7 +117,7 @@ def test_recipe_add_a_network_architecture(tiny_cnn_arch):
     preset = tasks.get_preset("denoise_quick").with_overrides(
         name="denoise_tiny_cnn", network=NetworkSpec("tiny_cnn", {"width": 6}), input_depth=4, iterations=3)
     image = _image()
-    out, info = restore(image, preset=preset, device="cpu", sigma=10, return_info=True)
+    out, info = restore(image, preset=preset, device="cpu", sigma=10, stop="never", return_info=True)
     assert out.shape == image.shape and info.steps == 3
     assert info.padded_size == image.shape[:2]  # multiple 1: no padding
     assert info.backend == "reference (fast fallback)"  # it has no fused builder

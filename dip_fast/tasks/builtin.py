@@ -65,6 +65,9 @@ DENOISE = register_task(TaskSpec(
     presets={"paper": "denoise_f16_sigma25", "fast": "denoise_fast", "quick": "denoise_quick"},
     optional=("sigma",),
     early_stop=True,
+    # The rule beat the fixed count on the validation photographs (bench/README.md, "Early stopping
+    # on photographs"): +0.41 dB on average at 128x128, never more than 0.40 dB below it.
+    auto_stop="early",
     command="denoise",
     summary="remove noise",
     description="Remove noise from an image.",
