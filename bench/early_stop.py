@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (image loading, crops, environment record)
 
 from dip_fast import tasks  # noqa: E402
+from dip_fast.tasks import degradations  # noqa: E402
 from dip_fast.api import _estimate_sigma, reg_noise_for_sigma  # noqa: E402
 from dip_fast.fit import StepInfo, fit  # noqa: E402
 
@@ -91,14 +92,14 @@ def degrade(gt: torch.Tensor, args: argparse.Namespace, sigma: float, seed: int)
     """The observation for a clean ``(1, 3, H, W)`` crop (sigma in 0-255 units; denoise and deblur)."""
     gen = torch.Generator().manual_seed(10_000 + seed)
     if args.task == "denoise":
-        return tasks.add_gaussian_noise(gt, sigma / 255.0, generator=gen)
+        return degradations.add_gaussian_noise(gt, sigma, generator=gen)
     if args.task == "jpeg":
         img = Image.fromarray((gt[0].permute(1, 2, 0).numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8))
         buf = _io.BytesIO()
         img.save(buf, format="JPEG", quality=args.jpeg_quality)
         return quality.to_tensor(Image.open(buf).convert("RGB"))
     blurred = tasks.blur(gt, tasks.make_blur_kernel(args.blur, "blur"))
-    return tasks.add_gaussian_noise(blurred, args.blur_noise / 255.0, generator=gen)
+    return degradations.add_gaussian_noise(blurred, args.blur_noise, generator=gen)
 
 
 class Recorder:

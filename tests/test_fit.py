@@ -11,6 +11,7 @@ import torch.nn as nn
 from skimage.metrics import peak_signal_noise_ratio
 
 from dip_fast import tasks
+from dip_fast.tasks import degradations
 from dip_fast.fit import FitResult, fit, is_check_step
 from dip_fast.step import DeviceBacktracker, StepRunner
 from dip_fast.metrics import psnr
@@ -158,7 +159,7 @@ def test_loss_goes_down():
 def test_denoising_improves_psnr():
     torch.manual_seed(0)
     clean = smooth_image()
-    noisy = tasks.add_gaussian_noise(clean, 25 / 255, torch.Generator().manual_seed(0))
+    noisy = degradations.add_gaussian_noise(clean, 25, torch.Generator().manual_seed(0))
     noisy_psnr = float(psnr(noisy, clean))
     net = small_net()
     t0 = time.perf_counter()
@@ -373,7 +374,7 @@ def test_solve_runs_each_task():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     clean = smooth_image(16)
-    res, net = tasks.solve(tiny("denoise_f16_sigma25"), tasks.add_gaussian_noise(clean, 0.1, g),
+    res, net = tasks.solve(tiny("denoise_f16_sigma25"), degradations.add_gaussian_noise(clean, 0.1 * 255, g),
                            reference=clean, generator=g)
     assert res.steps == 4 and res.output.shape == (1, 3, 16, 16) and len(res.psnr_ref_history) == 4
     mask = tasks.bernoulli_mask((1, 1, 16, 16), 0.5, g)
@@ -390,7 +391,7 @@ def test_degradation_helpers():
     m = tasks.bernoulli_mask((1, 1, 200, 200), 0.3, g)
     assert set(m.unique().tolist()) <= {0.0, 1.0}
     assert abs(m.mean().item() - 0.3) < 0.02
-    noisy = tasks.add_gaussian_noise(torch.full((1, 3, 64, 64), 0.5), 25 / 255, g)
+    noisy = degradations.add_gaussian_noise(torch.full((1, 3, 64, 64), 0.5), 25, g)
     assert noisy.min() >= 0 and noisy.max() <= 1
     assert abs((noisy - 0.5).std().item() - 25 / 255) < 0.01
     img = torch.arange(70.0).view(1, 7, 10)

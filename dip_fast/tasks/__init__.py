@@ -45,18 +45,6 @@ from .terms import (
 
 
 
-def add_gaussian_noise(
-    image: _torch.Tensor, sigma: float, generator: _Optional[_torch.Generator] = None
-) -> _torch.Tensor:
-    """Deprecated spelling with ``sigma`` as a fraction of the range (``25 / 255``).
-
-    Kept only for callers written before sigma had one unit; new code calls
-    :func:`dip_fast.tasks.degradations.add_gaussian_noise`, which takes
-    sigma in 0-255 units like everything else.
-    """
-    return degradations._add_noise(image, sigma, generator)
-
-
 def __getattr__(name: str):
     """Read-only views of the registry under the names this module once kept as tables."""
     if name == "TASKS":  # tasks of the presets, callable included
@@ -81,7 +69,6 @@ __all__ = [
     "SuperResolutionTerm",
     "TaskSpec",
     "TermContext",
-    "add_gaussian_noise",
     "bernoulli_mask",
     "blur",
     "build_network",
