@@ -409,8 +409,11 @@ def _pixel_settings(request: RestoreRequest, color: torch.Tensor
     """The settings that depend on the pixels: the noise level, the preset's perturbation, the stopping rule."""
     chosen, used_sigma = request.preset, None
     takes_sigma = request.task.accepts("sigma")
+    # The wavelet estimate of the observation's noise, made once for both of its uses below.
+    wanted = (takes_sigma and request.sigma is None) or request.stop == "early"
+    estimate = _estimate_sigma(color) if wanted else None
     if takes_sigma:
-        used_sigma = request.sigma if request.sigma is not None else _estimate_sigma(color)
+        used_sigma = request.sigma if request.sigma is not None else estimate
         if used_sigma is None:
             warnings.warn("dip_fast: cannot estimate the noise level (PyWavelets missing); assuming sigma=25",
                           RuntimeWarning, stacklevel=3)
@@ -423,7 +426,7 @@ def _pixel_settings(request: RestoreRequest, color: torch.Tensor
         # measures the noise actually present (clipping at 0 and 1 leaves less than a nominal sigma);
         # a given sigma only lowers it, since a level set too high stops before the image is fitted.
         # None if it cannot be estimated: the rule then falls back.
-        noise_level = _estimate_sigma(color)
+        noise_level = estimate
         if noise_level is not None and takes_sigma and request.sigma is not None:
             noise_level = min(noise_level, request.sigma)
         rule = DiscrepancyRule(None if noise_level is None else (noise_level / 255.0) ** 2,

@@ -279,7 +279,6 @@ def replay(residual: Sequence[Optional[float]], rule: DiscrepancyRule,
     """
     n = len(residual) if iterations is None else min(iterations, len(residual))
     for t in range(n):
-        r = residual[t]
-        if rule.admissible(None if r is None else float(r)):
+        if rule.admissible(residual[t]):
             return ReplayDecision(steps=t + 1, stop_step=t, reason="discrepancy")
     return ReplayDecision(steps=n, stop_step=None, reason="fallback")

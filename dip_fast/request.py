@@ -166,8 +166,6 @@ def _early_stop_budget(preset: tasks.Preset) -> tasks.Preset:
     """The preset with early stopping's step budget (``EARLY_STOP_BUDGET`` times its count)."""
     from . import api  # the early-stopping settings live with restore(), which imports this module
 
-    if api.EARLY_STOP_BUDGET == 1.0:
-        return preset
     return preset.with_overrides(iterations=int(round(preset.iterations * api.EARLY_STOP_BUDGET)))
 
 
