@@ -110,6 +110,13 @@ class RestoreInfo:
         step_mode: how the steps ran: ``'eager'`` or ``'graph'`` (eager when
             a graph capture failed).
         precision: the step's precision: ``'fp32'``, ``'tf32'`` or ``'bf16'``.
+        restarts: the number of independent runs whose mean was returned.
+        uncertainty: with ``restarts > 1``, the per-pixel standard deviation
+            of the runs' estimates, an ``H x W x C`` float32 numpy array in
+            the image's [0, 1] units (colour channels only); else None.  The
+            other fields describe the first run (``psnr``: of the mean).
+        packed: how many networks were trained in the step that ran this
+            image (1: alone).
     """
 
     task: str
@@ -138,6 +145,9 @@ class RestoreInfo:
     stop_summary: str = ""
     step_mode: str = "eager"
     precision: str = "fp32"
+    restarts: int = 1
+    uncertainty: Optional[Any] = None
+    packed: int = 1
 
 
 def reg_noise_for_sigma(sigma: float) -> float:
@@ -235,8 +245,10 @@ def restore(
     stop: str = "auto",
     step_mode: str = "auto",
     precision: str = "auto",
+    restarts: int = 1,
+    pack: Union[int, str] = "auto",
 ) -> Any:
-    """Restore one image with Deep Image Prior (Ulyanov et al., CVPR 2018).
+    """Restore an image (or a list of images) with Deep Image Prior (Ulyanov et al., CVPR 2018).
 
     A randomly initialised hourglass network is fitted to the degraded image
     alone; stopping early keeps the natural-image part before the network
@@ -248,7 +260,11 @@ def restore(
             (float in [0, 1]).  Grey, grey+alpha, RGB and RGBA; alpha is
             passed through (resized for super-resolution).  Any size from
             8x8 up: the image is reflect-padded to the network's multiple
-            and cropped back.
+            and cropped back.  A list (or tuple) of images returns a list of
+            results, each what ``restore`` of that image alone returns (same
+            seed); images of one size are trained together, up to ``pack``
+            networks in one step (:mod:`dip_fast.packed`).  ``mask`` and
+            ``ground_truth`` are then lists of the same length (or None).
         task: ``'denoise'``, ``'inpaint'``, ``'super_resolution'`` (``'sr'``),
             ``'deblur'`` (needs ``blur_kernel``), ``'jpeg'`` (JPEG artefact
             removal: the denoising data term on the compressed image with the
@@ -350,6 +366,18 @@ def restore(
             parity with eager fp32 (:data:`dip_fast.auto_step.RECORDED_PARITY`,
             empty until a GPU run records it); elsewhere, and until then,
             eager fp32.  ``info.step_mode`` and ``info.precision`` say what ran.
+        restarts: ``K`` independent runs of the image (seeds ``seed`` to
+            ``seed + K - 1``), trained together; their mean is returned
+            (the paper averaged two runs for its best denoising result), with
+            ``info.restarts`` and ``info.uncertainty``, the per-pixel standard
+            deviation across the runs.  The first run is the one
+            ``restarts=1`` makes.  No ``callback`` with ``restarts > 1``.
+        pack: the most networks trained in one step, for ``restarts`` and
+            lists: ``'auto'`` (default) as many as the memory estimate lets
+            fit (at most :data:`dip_fast.many.MAX_PACK_CPU` on the CPU,
+            where larger packs gain nothing, and
+            :data:`dip_fast.many.MAX_PACK_CUDA` on a GPU), or an integer
+            (refused when the pack would not fit in memory).
 
     Returns:
         The restored image, of the same kind as ``image``: uint8 in gives
@@ -376,32 +404,52 @@ def restore(
         task, mask=mask, scale=scale, blur_kernel=blur_kernel, output_shape=output_shape, iterations=iterations,
         preset=preset, sigma=sigma, seed=seed, device=device, backend=backend, progress=progress, callback=callback,
         return_info=return_info, max_time=max_time, num_threads=num_threads, deterministic=deterministic,
-        stop=stop, step_mode=step_mode, precision=precision,
+        stop=stop, step_mode=step_mode, precision=precision, restarts=restarts, pack=pack,
     )
-    observed = prepare_observation(request, image, mask, ground_truth)
     run_seed = random.SystemRandom().randrange(2**63) if request.seed is None else request.seed
+    if isinstance(image, (list, tuple)) or request.restarts > 1:
+        from . import many  # it builds on this module's stages
+
+        return many.restore_many(request, image, mask, ground_truth, run_seed)
+    observed = prepare_observation(request, image, mask, ground_truth)
     if observed.constant is not None:
         return _constant_result(request, observed, run_seed)
-
-    chosen, used_sigma, rule = _pixel_settings(request, observed.color)
-    # 'auto' comes from the recorded GPU parity evidence, one table for every caller (dip_fast.auto_step).
-    step_mode, precision = auto_step.choose(request.device, request.step_mode, request.precision)
-    info = RestoreInfo(
-        task=request.task.name, preset=chosen.name, backend=request.backend, device=str(request.device),
-        seed=run_seed, iterations=chosen.iterations, sigma=used_sigma, reg_noise_std=chosen.reg_noise_std,
-        padded_size=observed.padded_size, estimated_memory=observed.estimated_memory, stop=request.stop,
-        step_mode=step_mode, precision=precision,
-        stop_noise_sigma=math.sqrt(rule.noise_var) * 255.0 if rule is not None and rule.usable else None,
-    )
+    job = _plan_job(request, observed, run_seed)
     with _run_settings(request.num_threads, request.deterministic):
-        run = _build_run(request, observed, chosen, run_seed)
-        result = _fit(request, observed, run, info, rule)
-    return _finish(request, observed, run.term, result, info, rule)
+        run = _build_run(request, observed, job.preset, run_seed)
+        result = _fit(request, observed, run, job.info, job.rule)
+    return _finish(request, observed, run.term, result, job.info, job.rule)
 
 
 # --------------------------------------------------------------------------
 # The stages after validation and preparation
 # --------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One run's settings once its pixels are known: preset, stopping rule and the info to fill."""
+
+    observed: Observation
+    seed: int
+    preset: tasks.Preset
+    rule: Optional[DiscrepancyRule]
+    info: "RestoreInfo"
+
+
+def _plan_job(request: RestoreRequest, observed: Observation, seed: int) -> Job:
+    """The pixel-dependent settings of one run (:func:`_pixel_settings`) and its :class:`RestoreInfo`."""
+    chosen, used_sigma, rule = _pixel_settings(request, observed.color)
+    # 'auto' comes from the recorded GPU parity evidence, one table for every caller (dip_fast.auto_step).
+    step_mode, precision = auto_step.choose(request.device, request.step_mode, request.precision)
+    info = RestoreInfo(
+        task=request.task.name, preset=chosen.name, backend=request.backend, device=str(request.device),
+        seed=seed, iterations=chosen.iterations, sigma=used_sigma, reg_noise_std=chosen.reg_noise_std,
+        padded_size=observed.padded_size, estimated_memory=observed.estimated_memory, stop=request.stop,
+        step_mode=step_mode, precision=precision,
+        stop_noise_sigma=math.sqrt(rule.noise_var) * 255.0 if rule is not None and rule.usable else None,
+    )
+    return Job(observed, seed, chosen, rule, info)
 
 
 def _pixel_settings(request: RestoreRequest, color: torch.Tensor
@@ -452,15 +500,21 @@ def _build_run(request: RestoreRequest, observed: Observation, chosen: tasks.Pre
                                reference_view=lambda x: io.crop(x, box, factor))
 
 
-def _fit(request: RestoreRequest, observed: Observation, run: tasks.Run, info: "RestoreInfo",
-         rule: Optional[DiscrepancyRule]) -> FitResult:
-    """Fit the run under a progress monitor, with the early-stopping rule if any."""
+def _monitor(request: RestoreRequest, observed: Observation, info: "RestoreInfo",
+             rule: Optional[DiscrepancyRule]) -> ProgressMonitor:
+    """The progress bar, the caller's callback and the CPU time warning of a run."""
     cpu = request.device.type == "cpu"
-    monitor = ProgressMonitor(
+    return ProgressMonitor(
         info, observed.box, request.factor, observed.ground_truth, request.callback, request.progress,
         observed.alpha, observed.spec, warn_auto=request.auto_preset and cpu, cpu=cpu, max_time=request.max_time,
         noise_var=rule.noise_var if rule is not None and rule.usable else None,
     )
+
+
+def _fit(request: RestoreRequest, observed: Observation, run: tasks.Run, info: "RestoreInfo",
+         rule: Optional[DiscrepancyRule]) -> FitResult:
+    """Fit the run under a progress monitor, with the early-stopping rule if any."""
+    monitor = _monitor(request, observed, info, rule)
     try:
         return fit(
             run.net, run.net_input, run.term, max_time=request.max_time,
@@ -476,6 +530,14 @@ def _fit(request: RestoreRequest, observed: Observation, run: tasks.Run, info: "
 def _finish(request: RestoreRequest, observed: Observation, term: nn.Module, result: FitResult,
             info: "RestoreInfo", rule: Optional[DiscrepancyRule]) -> Any:
     """The estimate cropped and given back in the caller's kind, and ``info`` completed from the fit."""
+    restored = _complete(request, observed, term, result, info, rule)
+    out = io.from_tensor(restored, observed.alpha, observed.spec)
+    return (out, info) if request.return_info else out
+
+
+def _complete(request: RestoreRequest, observed: Observation, term: nn.Module, result: FitResult,
+              info: "RestoreInfo", rule: Optional[DiscrepancyRule]) -> torch.Tensor:
+    """The run's estimate, cropped to the image (``(1, C, H, W)``), and ``info`` completed from the fit."""
     if result.stop_output is not None:  # early stopping: the average of the stopping step
         estimate = result.stop_output
     else:
@@ -494,8 +556,7 @@ def _finish(request: RestoreRequest, observed: Observation, term: nn.Module, res
     info.backtrack_steps = list(result.backtrack_steps)
     if observed.ground_truth is not None:
         info.psnr = float(_psnr(restored, observed.ground_truth))
-    out = io.from_tensor(restored, observed.alpha, observed.spec)
-    return (out, info) if request.return_info else out
+    return restored
 
 
 def _explain_stop(info: RestoreInfo, rule: DiscrepancyRule, result: Any, term: nn.Module,

@@ -34,18 +34,18 @@ class _StridedConvNCHWWeightGrad(torch.autograd.Function):
     """conv2d (no padding) whose weight gradient runs in NCHW layout."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride: int):
+    def forward(ctx, x, weight, bias, stride: int, groups: int):
         ctx.save_for_backward(x, weight)
-        ctx.stride = stride
+        ctx.stride, ctx.groups = stride, groups
         ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, stride)
+        return F.conv2d(x, weight, bias, stride, 0, 1, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         s = ctx.stride
         bias_sizes = [weight.shape[0]] if ctx.has_bias else None
-        args = ([s, s], [0, 0], [1, 1], False, [0, 0], 1)
+        args = ([s, s], [0, 0], [1, 1], False, [0, 0], ctx.groups)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         if need_x:
@@ -59,15 +59,17 @@ class _StridedConvNCHWWeightGrad(torch.autograd.Function):
             )
             if grad_w is not None:
                 grad_w = grad_w.contiguous(memory_format=torch.channels_last)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int) -> torch.Tensor:
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
+           groups: int = 1) -> torch.Tensor:
     """``F.conv2d`` with the layout-aware backward described in the module docstring.
 
     The special path applies only where it was measured to win: a
     channels_last CPU input, stride > 1, no padding (the fast network pads
-    before its convolutions), grad mode on.
+    before its convolutions), grad mode on.  ``groups`` is ``F.conv2d``'s
+    (a packed network's convolutions are grouped, one group per network).
     """
     special = (
         stride > 1
@@ -85,5 +87,5 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
             dt = torch.get_autocast_dtype("cpu")
             x, weight = x.to(dt), weight.to(dt)
             bias = bias.to(dt) if bias is not None else None
-        return _StridedConvNCHWWeightGrad.apply(x, weight, bias, stride)
-    return F.conv2d(x, weight, bias, stride, padding)
+        return _StridedConvNCHWWeightGrad.apply(x, weight, bias, stride, groups)
+    return F.conv2d(x, weight, bias, stride, padding, 1, groups)

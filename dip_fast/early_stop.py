@@ -49,13 +49,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = ["DiscrepancyRule", "DiscrepancyTracker", "EarlyStopState", "ReplayDecision", "WindowedVariance", "replay"]
 
-#: ``residual_fn(estimate) -> scalar tensor``: the data-term residual ``||y - A x||^2 / N``.
+#: ``residual_fn(estimate) -> tensor``: the data-term residual ``||y - A x||^2 / N`` (per network: ``(K,)``).
 ResidualFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -68,6 +68,17 @@ class EarlyStopState:
     variance: float  # ES-WMV: variance of the current window (NaN before it fills, and for the discrepancy rule)
 
 
+def _per_network(like: torch.Tensor, networks: int) -> Tuple[int, ...]:
+    """The shape that broadcasts a per-network value ``(K,)`` against a tensor shaped like ``like``."""
+    if isinstance(networks, bool) or not isinstance(networks, int) or networks < 1:
+        raise ValueError(f"networks must be an integer >= 1, got {networks!r}")
+    if networks == 1:
+        return (1,) * max(like.dim(), 1)
+    if like.dim() == 0 or like.shape[0] != networks:
+        raise ValueError(f"with networks={networks} the outputs must have {networks} rows, got {tuple(like.shape)}")
+    return (networks,) + (1,) * (like.dim() - 1)
+
+
 class WindowedVariance:
     """Running variance of the last ``window`` outputs and the step where it was smallest.
 
@@ -75,30 +86,45 @@ class WindowedVariance:
         like: a tensor shaped like one output (its shape and device are used).
         window: ``W``, the number of outputs in the window.
         patience: ``P``, how many steps without a new minimum end the run.
+        networks: ``K`` networks trained in one step (:mod:`dip_fast.packed`):
+            ``like`` then has ``K`` rows, one per network, and every
+            statistic is per network (shape ``(K,)``; ``(1,)`` for one network).
 
     After every step call :meth:`update` with the step's raw output;
     :attr:`best` then holds the mean of the window with the smallest
     variance and :attr:`best_step` the step that closed that window.
     """
 
-    def __init__(self, like: torch.Tensor, window: int = 100, patience: int = 1000) -> None:
+    def __init__(self, like: torch.Tensor, window: int = 100, patience: int = 1000, networks: int = 1) -> None:
         if isinstance(window, bool) or int(window) != window or window < 2:
             raise ValueError(f"window must be an integer >= 2, got {window!r}")
         if isinstance(patience, bool) or int(patience) != patience or patience < 1:
             raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
         self.window = int(window)
         self.patience = int(patience)
+        self.networks = networks
+        self._bshape = _per_network(like, networks)
         dev = like.device
+        k = (networks,)
         self.ring = torch.zeros((self.window,) + tuple(like.shape), dtype=torch.float32, device=dev)
         self.total = torch.zeros(like.shape, dtype=torch.float64, device=dev)
-        self.total_sq = torch.zeros((), dtype=torch.float64, device=dev)
+        self.total_sq = torch.zeros(k, dtype=torch.float64, device=dev)
         self.count = torch.zeros((), dtype=torch.int64, device=dev)
-        self.variance = torch.full((), float("nan"), dtype=torch.float64, device=dev)
-        self.min_variance = torch.full((), float("inf"), dtype=torch.float64, device=dev)
-        self.best_step = torch.full((), -1, dtype=torch.int64, device=dev)
+        self.variance = torch.full(k, float("nan"), dtype=torch.float64, device=dev)
+        self.min_variance = torch.full(k, float("inf"), dtype=torch.float64, device=dev)
+        self.best_step = torch.full(k, -1, dtype=torch.int64, device=dev)
         self.best = torch.zeros(like.shape, dtype=torch.float32, device=dev)
-        self.residual = torch.full((), float("nan"), dtype=torch.float64, device=dev)  # not measured by ES-WMV
-        self._elements = like.numel()
+        self.residual = torch.full(k, float("nan"), dtype=torch.float64, device=dev)  # not measured by ES-WMV
+        self._elements = like.numel() // networks
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-network sum: ``(K,)``."""
+        return t.reshape(self.networks, -1).sum(1)
+
+    @property
+    def fired(self) -> torch.Tensor:
+        """``(K,)`` bool: the patience has run out (the network's choice is final)."""
+        return (self.best_step >= 0) & (self.count - 1 - self.best_step >= self.patience)
 
     @torch.no_grad()
     def update(self, out: torch.Tensor, average: Optional[torch.Tensor] = None,
@@ -112,17 +138,17 @@ class WindowedVariance:
         # Once the patience has run out the run is over, but the host learns it only at its next read
         # of the step log (up to sync_every steps later on a GPU): the choice is frozen so that those
         # extra steps cannot replace it, and every read interval returns what reading each step would.
-        ended = (self.best_step >= 0) & (self.count - 1 - self.best_step >= self.patience)
+        ended = self.fired
         pos = torch.remainder(self.count, self.window).reshape(1)
         old = self.ring.index_select(0, pos)[0]
         self.ring.index_copy_(0, pos, x.unsqueeze(0))
         # Before the window is full the slot held zeros, so subtracting it is a no-op.
         x64, old64 = x.double(), old.double()
         self.total.add_(x64).sub_(old64)
-        self.total_sq.add_(x64.square().sum() - old64.square().sum())
+        self.total_sq.add_(self._sum(x64.square()) - self._sum(old64.square()))
         self.count.add_(1)
         # sum ||x_i - mean||^2 = sum ||x_i||^2 - ||sum x_i||^2 / W
-        spread = (self.total_sq - self.total.square().sum() / self.window).clamp_min(0.0)
+        spread = (self.total_sq - self._sum(self.total.square()) / self.window).clamp_min(0.0)
         full = self.count >= self.window
         var = torch.where(full, spread / (self.window * self._elements), torch.full_like(spread, float("nan")))
         self.variance.copy_(var)
@@ -130,18 +156,22 @@ class WindowedVariance:
         mean = (self.total / self.window).to(torch.float32)
         self.min_variance.copy_(torch.where(improved, var, self.min_variance))
         self.best_step.copy_(torch.where(improved, self.count - 1, self.best_step))
-        self.best.copy_(torch.where(improved, mean, self.best))
+        self.best.copy_(torch.where(improved.reshape(self._bshape), mean, self.best))
+
+    def read_all(self) -> List[EarlyStopState]:
+        """Copy the counters to the host (one synchronisation): one state per network."""
+        count = self.count.double().expand(self.networks)
+        rows = torch.stack([count, self.best_step.double(), self.variance], dim=1).tolist()
+        return [EarlyStopState(steps=int(c), best_step=int(b) if b >= 0 else None, variance=v) for c, b, v in rows]
 
     def read(self) -> EarlyStopState:
-        """Copy the counters to the host (one synchronisation)."""
-        count, best, var = torch.stack([self.count.double(), self.best_step.double(), self.variance]).tolist()
-        return EarlyStopState(steps=int(count), best_step=int(best) if best >= 0 else None, variance=var)
+        """:meth:`read_all` of the first (or only) network."""
+        return self.read_all()[0]
 
     def should_stop(self, state: Optional[EarlyStopState] = None) -> bool:
         """True once ``patience`` steps have passed without a new minimum of the variance."""
         state = self.read() if state is None else state
         return state.best_step is not None and state.steps - 1 - state.best_step >= self.patience
-
 
 
 # --------------------------------------------------------------------------
@@ -213,21 +243,34 @@ class DiscrepancyTracker:
     Args:
         like: a tensor shaped like one output (its shape and device are used).
         bound: the largest accepted residual (:attr:`DiscrepancyRule.bound`;
-            NaN accepts nothing).
+            NaN accepts nothing); a sequence of ``K`` bounds for ``K`` networks.
+        networks: ``K`` networks trained in one step, as for
+            :class:`WindowedVariance`; ``residual_fn`` then returns ``(K,)``.
 
     After every step call :meth:`update`; once a step's estimate qualifies,
     :attr:`best_step` holds that step and :attr:`best` the estimate, and
     later steps change neither (the host may read a few steps late).
     """
 
-    def __init__(self, like: torch.Tensor, bound: float) -> None:
+    def __init__(self, like: torch.Tensor, bound: Union[float, Sequence[float]], networks: int = 1) -> None:
+        self.networks = networks
+        self._bshape = _per_network(like, networks)
         dev = like.device
-        self.bound = float(bound)
+        k = (networks,)
+        bounds = [float(b) for b in bound] if isinstance(bound, (list, tuple)) else [float(bound)] * networks
+        if len(bounds) != networks:
+            raise ValueError(f"bound has {len(bounds)} entries for {networks} networks")
+        self.bound = torch.tensor(bounds, dtype=torch.float64, device=dev)
         self.count = torch.zeros((), dtype=torch.int64, device=dev)
-        self.best_step = torch.full((), -1, dtype=torch.int64, device=dev)
+        self.best_step = torch.full(k, -1, dtype=torch.int64, device=dev)
         self.best = torch.zeros(like.shape, dtype=torch.float32, device=dev)
-        self.residual = torch.full((), float("nan"), dtype=torch.float64, device=dev)
-        self.variance = torch.full((), float("nan"), dtype=torch.float64, device=dev)  # not measured by this rule
+        self.residual = torch.full(k, float("nan"), dtype=torch.float64, device=dev)
+        self.variance = torch.full(k, float("nan"), dtype=torch.float64, device=dev)  # not measured by this rule
+
+    @property
+    def fired(self) -> torch.Tensor:
+        """``(K,)`` bool: the network's estimate has been accepted."""
+        return self.best_step >= 0
 
     @torch.no_grad()
     def update(self, out: torch.Tensor, average: Optional[torch.Tensor] = None,
@@ -236,17 +279,22 @@ class DiscrepancyTracker:
         if residual_fn is None:
             raise ValueError("the discrepancy rule needs residual_fn")
         estimate = (average if average is not None else out).detach().to(torch.float32)
-        self.residual.copy_(residual_fn(estimate).double())
+        self.residual.copy_(residual_fn(estimate).double().reshape(self.networks))
         # A NaN residual compares False: a non-finite estimate never qualifies.
         first = (self.best_step < 0) & (self.residual <= self.bound)
         self.best_step.copy_(torch.where(first, self.count, self.best_step))
-        self.best.copy_(torch.where(first, estimate, self.best))
+        self.best.copy_(torch.where(first.reshape(self._bshape), estimate, self.best))
         self.count.add_(1)
 
+    def read_all(self) -> List[EarlyStopState]:
+        """Copy the counters to the host (one synchronisation): one state per network."""
+        count = int(self.count)
+        return [EarlyStopState(steps=count, best_step=int(b) if b >= 0 else None, variance=math.nan)
+                for b in self.best_step.tolist()]
+
     def read(self) -> EarlyStopState:
-        """Copy the counters to the host (one synchronisation)."""
-        count, best = torch.stack([self.count, self.best_step]).tolist()
-        return EarlyStopState(steps=int(count), best_step=int(best) if best >= 0 else None, variance=math.nan)
+        """:meth:`read_all` of the first (or only) network."""
+        return self.read_all()[0]
 
     def should_stop(self, state: Optional[EarlyStopState] = None) -> bool:
         """True once some step's estimate explained the observation."""

@@ -85,10 +85,11 @@ qualifies, the run completes as with ``stop='never'``.
 """
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -103,6 +104,7 @@ __all__ = [
     "FitResult",
     "StepInfo",
     "fit",
+    "fit_packed",
     "is_check_step",
 ]
 
@@ -146,6 +148,7 @@ class StepInfo:
     variance: Optional[float] = None  # early stopping: the window's variance (NaN until it fills)
     residual: Optional[float] = None  # early stopping: ||y - A mean||^2 / N of the window's mean
     stop_step: Optional[int] = None  # early stopping: the best accepted window so far
+    network: int = 0  # which network of a packed run (fit_packed calls back once per network)
 
 
 @dataclass
@@ -219,7 +222,7 @@ def _resolve_step_mode(step_mode: str, device: torch.device, precision: str) -> 
     return step_mode
 
 
-def fit(
+def _fit(
     net: nn.Module,
     net_input: torch.Tensor,
     loss_fn: LossFn,
@@ -250,7 +253,8 @@ def fit(
     step_mode: str = "eager",
     precision: str = "fp32",
     sync_every: Optional[int] = None,
-) -> FitResult:
+    networks: int = 1,
+) -> List[FitResult]:
     """Fit ``net`` so that ``loss_fn(net(net_input))`` is small: the DIP loop.
 
     Args:
@@ -299,10 +303,11 @@ def fit(
         precision: ``'fp32'``, ``'tf32'`` or ``'bf16'`` (see :mod:`dip_fast.step`).
         sync_every: steps between reads of the step log (default 1 on the
             CPU, 50 on CUDA).
+        networks: the number of networks ``net`` packs (see :func:`fit_packed`).
 
     Returns:
-        A :class:`FitResult`.  Ctrl-C (``KeyboardInterrupt``) during the loop
-        does not propagate: the result so far comes back with
+        One :class:`FitResult` per network.  Ctrl-C (``KeyboardInterrupt``)
+        during the loop does not propagate: the result so far comes back with
         ``interrupted=True``.
     """
     if iterations < 0:
@@ -337,33 +342,82 @@ def fit(
             reference_view=reference_view, backtrack_threshold_db=backtrack_threshold_db if backtrack else None,
             early_stop=(stop_window, stop_patience) if stop == "auto" else None,
             stop_bound=stop_bound if stop == "discrepancy" else None, precision=precision, mode=mode,
+            networks=networks,
         )
-        result = _Loop(runner, iterations, sync_every, t0).run(
+        results = _Loop(runner, iterations, sync_every, t0).run(
             check=(lambda i: is_check_step(i, check_every, check_mode)) if backtrack else (lambda i: False),
             psnr_target=psnr_target, callback=callback, should_stop=should_stop, max_time=max_time,
         )
-    if result.output.is_cuda:
+    if results[0].output.is_cuda:
         # Asynchronous kernels must finish for the wall time to mean anything.
-        torch.cuda.synchronize(result.output.device)
-    result.wall_time = time.perf_counter() - t0
-    return result
+        torch.cuda.synchronize(results[0].output.device)
+    for result in results:
+        result.wall_time = time.perf_counter() - t0
+    return results
+
+
+def fit(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, **settings: Any) -> FitResult:
+    # The documentation and signature are _fit's, less ``networks`` (set below).
+    if "networks" in settings:
+        raise TypeError("fit() runs one network; use fit_packed() for a packed one")
+    return _fit(net, net_input, loss_fn, **settings)[0]
+
+
+fit.__doc__ = (_fit.__doc__ or "").replace(
+    "One :class:`FitResult` per network.", "A :class:`FitResult`."
+).replace("        networks: the number of networks ``net`` packs (see :func:`fit_packed`).\n", "")
+_signature = inspect.signature(_fit)
+fit.__signature__ = _signature.replace(  # type: ignore[attr-defined]
+    parameters=[p for name, p in _signature.parameters.items() if name != "networks"], return_annotation=FitResult
+)
+
+
+def fit_packed(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, *, networks: int,
+               **settings: Any) -> List[FitResult]:
+    """:func:`fit` for ``K = networks`` networks packed in ``net`` (:mod:`dip_fast.packed`), trained in one step.
+
+    ``net_input`` is ``(1, K * C, H, W)`` (the networks' inputs concatenated
+    along channels); ``loss_fn`` gets the ``K`` outputs ``(K, C, H, W)`` and
+    returns the ``(K,)`` data terms.  ``observation``, ``mask`` and
+    ``reference`` have ``K`` rows; ``generator`` may be ``K`` generators
+    (one per network, for runs that equal separate ones); ``stop_bound``
+    may be ``K`` bounds.  Everything else is :func:`fit`'s, applied per
+    network: averaging, backtracking (a drop restores only that network's
+    weights), early stopping (a network that stops is frozen while the
+    others go on; the loop ends when all have stopped), ``psnr_target``
+    (the loop ends when all have reached it) and the histories.  ``callback``
+    is called once per network at each read, with ``StepInfo.network`` set.
+
+    Returns:
+        ``K`` :class:`FitResult` objects, network ``k``'s at index ``k``.
+    """
+    return _fit(net, net_input, loss_fn, networks=networks, **settings)
 
 
 class _Loop:
-    """The host side of :func:`fit`: runs steps, logs their stats on the device, reads them back in batches."""
+    """The host side of :func:`fit`: runs steps, logs their stats on the device, reads them back in batches.
+
+    One :class:`FitResult` per network of the runner (one, unless the
+    network is packed); the loop ends when ``iterations`` are done, when
+    every network's early stopping (or ``psnr_target``) has fired, or on an
+    interruption.
+    """
 
     def __init__(self, runner: StepRunner, iterations: int, sync_every: int, t0: float) -> None:
         self.runner, self.iterations, self.sync_every, self.t0 = runner, iterations, sync_every, t0
-        self.log = torch.empty((min(sync_every, max(iterations, 1)), len(STAT_FIELDS)), device=runner.device)
+        k = runner.networks
+        self.log = torch.empty((min(sync_every, max(iterations, 1)), k, len(STAT_FIELDS)), device=runner.device)
         self.pending = 0  # rows of the log not read yet
-        self.result = FitResult(output=runner.net_input.new_empty(0), output_avg=None)
+        self.results = [FitResult(output=runner.net_input.new_empty(0), output_avg=None) for _ in range(k)]
+        self.done = [False] * k  # early stopping or the PSNR target fired for this network
         self.track_observation = runner.observation is not None
         self.track_reference = runner.reference is not None
 
     def run(self, *, check: Callable[[int], bool], psnr_target: Optional[float],
             callback: Optional[Callable[[StepInfo], None]], should_stop: Optional[Callable[[], bool]],
-            max_time: Optional[float]) -> FitResult:
-        runner, result = self.runner, self.result
+            max_time: Optional[float]) -> List[FitResult]:
+        runner, results = self.runner, self.results
+        reason = None
         # True while parameters are being written (update or restore): an
         # interrupt then may leave them half-written, so the final forward is
         # not trusted and the output of the step being applied is returned.
@@ -371,10 +425,10 @@ class _Loop:
         try:
             for step in range(self.iterations):
                 if max_time is not None and time.perf_counter() - self.t0 >= max_time:
-                    result.stop_reason = "max_time"
+                    reason = "max_time"
                     break
                 if should_stop is not None and should_stop():
-                    result.stop_reason = "should_stop"
+                    reason = "should_stop"
                     break
                 writing = True
                 runner.step(check(step))
@@ -385,67 +439,75 @@ class _Loop:
                     if self._read(callback, psnr_target):
                         break
         except KeyboardInterrupt:
-            result.stop_reason = "keyboard_interrupt"
-        result.interrupted = result.stop_reason in ("keyboard_interrupt", "max_time", "should_stop")
+            reason = "keyboard_interrupt"
         if self.pending:  # steps since the last read (an early break)
             self._read(None, None)
-        result.step_mode = "graph" if runner.graphed else "eager"
-        if runner.average is not None and result.steps:
-            result.output_avg = runner.average.clone()
         if writing and runner.out is not None:
-            result.output = runner.out.clone()
+            outputs = runner.out.clone()
         else:
             with torch.no_grad():
-                result.output = runner.forward().detach()
-        return result
+                outputs = runner.forward().detach()
+        for k, result in enumerate(results):
+            if reason is not None and not self.done[k]:
+                result.stop_reason = reason
+            result.interrupted = result.stop_reason in ("keyboard_interrupt", "max_time", "should_stop")
+            result.step_mode = "graph" if runner.graphed else "eager"
+            if runner.average is not None and result.steps:
+                result.output_avg = runner.average[k : k + 1].clone()
+            result.output = outputs[k : k + 1].clone()
+        return results
 
     def _read(self, callback: Optional[Callable[[StepInfo], None]], psnr_target: Optional[float]) -> bool:
-        """Read the pending log rows into the result; return True when the loop should stop."""
-        rows = self.log[: self.pending].tolist()  # the one host synchronisation
+        """Read the pending log rows into the results; return True when the loop should stop."""
+        log = self.log[: self.pending].tolist()  # the one host synchronisation
         self.pending = 0
-        result, runner = self.result, self.runner
-        stop = False
-        for row in rows:
-            step = result.steps
-            result.steps += 1
-            result.loss_history.append(row[_COL["loss"]])
-            if self.track_observation:
-                result.psnr_history.append(row[_COL["psnr"]])
-            if self.track_reference:
-                result.psnr_ref_history.append(row[_COL["psnr_ref"]])
-                if runner.average is not None:
-                    result.psnr_ref_avg_history.append(row[_COL["psnr_ref_avg"]])
-            if row[_COL["backtracked"]] == 1.0:
-                result.backtrack_steps.append(step)
-            if runner.early_stop is not None:
-                result.variance_history.append(row[_COL["variance"]])
-                result.residual_history.append(row[_COL["residual"]])
-            if psnr_target is not None and not stop:
-                measured = row[_COL["psnr_ref"]] if self.track_reference else row[_COL["psnr"]]
-                if measured >= psnr_target:
-                    result.stop_reason, stop = "psnr_target", True
-        last = rows[-1]
+        runner = self.runner
         es = runner.early_stop
-        if es is not None and not stop:
-            best = last[_COL["stop_step"]]
-            state = EarlyStopState(steps=result.steps, best_step=int(best) if best >= 0 else None,
-                                   variance=last[_COL["variance"]])
-            if es.should_stop(state):
-                result.stop_reason, stop = "early_stop", True
-                result.stop_step = state.best_step
-                result.stop_output = es.best.clone()
-                result.stop_residual = result.residual_history[state.best_step]
-        if callback is not None:
-            callback(StepInfo(
-                step=result.steps - 1, loss=last[_COL["loss"]], out=runner.out.clone(),
-                out_avg=runner.average.clone() if runner.average is not None else None,
-                psnr=last[_COL["psnr"]] if self.track_observation else None,
-                psnr_ref=last[_COL["psnr_ref"]] if self.track_reference else None,
-                psnr_ref_avg=last[_COL["psnr_ref_avg"]] if self.track_reference and runner.average is not None
-                else None,
-                backtracked=last[_COL["backtracked"]] == 1.0, elapsed=time.perf_counter() - self.t0, net=runner.net,
-                variance=last[_COL["variance"]] if es is not None else None,
-                residual=last[_COL["residual"]] if es is not None else None,
-                stop_step=int(last[_COL["stop_step"]]) if es is not None and last[_COL["stop_step"]] >= 0 else None,
-            ))
-        return stop
+        for k, result in enumerate(self.results):
+            rows = [entry[k] for entry in log]
+            for row in rows:
+                step = result.steps
+                result.steps += 1
+                result.loss_history.append(row[_COL["loss"]])
+                if self.track_observation:
+                    result.psnr_history.append(row[_COL["psnr"]])
+                if self.track_reference:
+                    result.psnr_ref_history.append(row[_COL["psnr_ref"]])
+                    if runner.average is not None:
+                        result.psnr_ref_avg_history.append(row[_COL["psnr_ref_avg"]])
+                if row[_COL["backtracked"]] == 1.0:
+                    result.backtrack_steps.append(step)
+                if es is not None:
+                    result.variance_history.append(row[_COL["variance"]])
+                    result.residual_history.append(row[_COL["residual"]])
+                if psnr_target is not None and not self.done[k]:
+                    measured = row[_COL["psnr_ref"]] if self.track_reference else row[_COL["psnr"]]
+                    if measured >= psnr_target:
+                        result.stop_reason, self.done[k] = "psnr_target", True
+            last = rows[-1]
+            if es is not None and not self.done[k]:
+                best = last[_COL["stop_step"]]
+                state = EarlyStopState(steps=result.steps, best_step=int(best) if best >= 0 else None,
+                                       variance=last[_COL["variance"]])
+                if es.should_stop(state):
+                    result.stop_reason, self.done[k] = "early_stop", True
+                    result.stop_step = state.best_step
+                    result.stop_output = es.best[k : k + 1].clone()
+                    result.stop_residual = result.residual_history[state.best_step]
+            if callback is not None:
+                callback(StepInfo(
+                    step=result.steps - 1, loss=last[_COL["loss"]], out=runner.out[k : k + 1].clone(),
+                    out_avg=runner.average[k : k + 1].clone() if runner.average is not None else None,
+                    psnr=last[_COL["psnr"]] if self.track_observation else None,
+                    psnr_ref=last[_COL["psnr_ref"]] if self.track_reference else None,
+                    psnr_ref_avg=last[_COL["psnr_ref_avg"]] if self.track_reference and runner.average is not None
+                    else None,
+                    backtracked=last[_COL["backtracked"]] == 1.0, elapsed=time.perf_counter() - self.t0,
+                    net=runner.net,
+                    variance=last[_COL["variance"]] if es is not None else None,
+                    residual=last[_COL["residual"]] if es is not None else None,
+                    stop_step=int(last[_COL["stop_step"]]) if es is not None and last[_COL["stop_step"]] >= 0
+                    else None,
+                    network=k,
+                ))
+        return all(self.done)

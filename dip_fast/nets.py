@@ -96,12 +96,14 @@ class FastSkipNet(SkipNet):
     """:class:`~dip_fast.reference.skip.SkipNet` with a fused forward (see the module docstring).
 
     Args:
-        config: the normalised network configuration.
+        config: the normalised network configuration (of one network).
         channels_last: run the network in channels_last layout (the output is returned contiguous).
+        networks: ``K`` networks packed in one module, as for
+            :class:`~dip_fast.reference.skip.SkipNet` (:mod:`dip_fast.packed`).
     """
 
-    def __init__(self, config: SkipConfig, channels_last: bool = False) -> None:
-        super().__init__(config)
+    def __init__(self, config: SkipConfig, channels_last: bool = False, networks: int = 1) -> None:
+        super().__init__(config, networks)
         self.channels_last = False
         if channels_last:
             self.set_channels_last()
@@ -121,7 +123,7 @@ class FastSkipNet(SkipNet):
     # output padded by `out_pad` for the consumer's convolution.
     def _block(self, block: ConvBlock, x: torch.Tensor, out_pad: int, crop: int = 0) -> torch.Tensor:
         conv = block.conv
-        y = conv2d(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0])
+        y = conv2d(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], conv.groups)
         if crop:
             y = y[:, :, crop : y.shape[2] - crop, crop : y.shape[3] - crop]
         slope = _block_slope(block)
@@ -139,15 +141,16 @@ class FastSkipNet(SkipNet):
             pads.append(_conv_pad(self.skip[str(i)]))
         return max(pads)
 
-    @staticmethod
-    def _join(s: Optional[torch.Tensor], d: torch.Tensor, mode: str) -> torch.Tensor:
-        """cat([s, upsample2x(d)]): one fused pass when the sizes match, the reference's crop-and-cat otherwise."""
+    def _join(self, s: Optional[torch.Tensor], d: torch.Tensor, mode: str) -> torch.Tensor:
+        """cat([s, upsample2x(d)]) (per network when packed): one fused pass when the sizes match, the reference's crop-and-cat otherwise."""
         n, _, h, w = d.shape
         if mode in UPSAMPLE_MODES and (s is None or tuple(s.shape[2:]) == (2 * h, 2 * w)):
             skip = s if s is not None else d.new_empty((n, 0, 2 * h, 2 * w))
-            return upsample_cat(skip, d, mode)
+            if self.networks == 1:  # TEMP until the grouped op lands
+                return upsample_cat(skip, d, mode)
+            return upsample_cat(skip, d, mode, groups=self.networks)
         d = upsample2x(d, mode)
-        return center_crop_cat([s, d]) if s is not None else d
+        return center_crop_cat([s, d], self.networks) if s is not None else d
 
     def _level(self, i: int, x: torch.Tensor) -> torch.Tensor:  # x is padded by _input_pad(i)
         c = self.config
@@ -182,10 +185,9 @@ class FastSkipNet(SkipNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map the input ``z`` of shape ``(N, num_input_channels, H, W)`` to an image."""
-        if x.dim() != 4 or x.shape[1] != self.config.num_input_channels:
-            raise ValueError(
-                f"expected input of shape (N, {self.config.num_input_channels}, H, W), got {tuple(x.shape)}"
-            )
+        channels = self.networks * self.config.num_input_channels
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(f"expected input of shape (N, {channels}, H, W), got {tuple(x.shape)}")
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         p = self._input_pad(0)

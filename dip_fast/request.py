@@ -74,6 +74,9 @@ class RestoreRequest:
         step_mode, precision: as given (``'auto'`` is resolved on the device).
         max_time, num_threads, deterministic, progress, callback, return_info:
             as given, checked.
+        restarts: independent runs per image (their mean is returned).
+        pack: the most networks trained in one step (``'auto'``: as many as
+            fit, see :func:`dip_fast.api.restore`).
     """
 
     task: TaskSpec
@@ -98,6 +101,8 @@ class RestoreRequest:
     progress: bool
     callback: Optional[Callable[[int, Dict[str, Any]], Optional[bool]]]
     return_info: bool
+    restarts: int = 1
+    pack: Union[int, str] = "auto"
 
 
 def _check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
@@ -200,7 +205,7 @@ def validate_request(task: Union[str, Operator] = "denoise", **arguments: Any) -
 def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: Any, iterations: Any, preset: Any,
               sigma: Any, seed: Any, device: Any, backend: Any, progress: Any, callback: Any, return_info: Any,
               max_time: Any, num_threads: Any, deterministic: Any, stop: Any, step_mode: Any,
-              precision: Any) -> RestoreRequest:
+              precision: Any, restarts: Any, pack: Any) -> RestoreRequest:
     """:func:`validate_request` once every argument has its value (the caller's, of any type until checked)."""
     spec, operator = resolve_task(task)
     if iterations is not None:
@@ -212,6 +217,14 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
     if seed is not None:
         seed = check_int(seed, "seed", 0)
     stop = _check_choice(stop, "stop", STOP_CHOICES)
+    restarts = check_int(restarts, "restarts", 1)
+    if isinstance(pack, str) and pack != "auto":
+        raise ValueError(f"pack must be 'auto' or an integer >= 1, got {pack!r}")
+    if not isinstance(pack, str):
+        pack = check_int(pack, "pack", 1)
+    if callback is not None and restarts > 1:
+        raise ValueError("callback applies to a single run; restarts > 1 runs several (drop the callback or use "
+                         "restarts=1)")
     step_mode = _check_choice(step_mode, "step_mode", STEP_MODE_CHOICES)
     precision = _check_choice(precision, "precision", PRECISION_CHOICES)
     if callback is not None and not callable(callback):
@@ -236,5 +249,5 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
         blur_kernel=inputs["blur_kernel"], output_shape=inputs["output_shape"], sigma=inputs["sigma"], seed=seed,
         stop=stop, step_mode=step_mode, precision=precision,
         max_time=max_time, num_threads=num_threads, deterministic=bool(deterministic), progress=bool(progress),
-        callback=callback, return_info=bool(return_info),
+        callback=callback, return_info=bool(return_info), restarts=restarts, pack=pack,
     )

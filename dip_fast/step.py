@@ -150,6 +150,19 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _rows(t: torch.Tensor, networks: int) -> torch.Tensor:
+    """``t`` (a parameter's data) as ``(K, n)``: row ``k`` is network ``k``'s slice of a packed parameter.
+
+    Packed parameters stack the networks along their first dimension, which
+    stays outermost in memory in both layouts (NCHW and channels_last), so
+    each network's slice is one dense run of the storage.
+    """
+    if t.is_contiguous():
+        return t.view(networks, -1)
+    n = t.numel() // networks
+    return t.as_strided((networks, n), (n, 1))
+
+
 class DeviceBacktracker:
     """Backtracking on the device: snapshot the weights at good checks, restore them after a PSNR drop.
 
@@ -162,50 +175,79 @@ class DeviceBacktracker:
     Adam's moments keep the dropped step's gradient (the paper's notebooks
     do not restore them either).
 
+    With ``networks=K`` (a packed network, :mod:`dip_fast.packed`) every
+    decision is per network: PSNRs are ``(K,)``, and a drop restores only
+    that network's slice of the weights.  :meth:`freeze` then holds a
+    network's weights where they are from now on (its run has stopped while
+    the others go on); ``threshold_db=None`` keeps only that.
+
     All decisions are ``torch.where`` on device flags: nothing is read back
     to the host, so a check can sit inside a CUDA graph.  ``active`` is a
     Python bool (eager runs call the methods only on check steps) or a
     device bool tensor (a graph captured once for every step).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], threshold_db: float = 5.0) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], threshold_db: Optional[float] = 5.0,
+                 networks: int = 1) -> None:
         params = list(params)
         if not params:
             raise ValueError("backtracking needs at least one parameter")
-        self.threshold_db = float(threshold_db)
+        self.threshold_db = None if threshold_db is None else float(threshold_db)
+        self.networks = networks
         flat = flatten_parameters(params)
-        self._live: List[torch.Tensor] = [flat] if flat is not None else [p.detach() for p in params]
+        if networks == 1:
+            self._live: List[torch.Tensor] = [flat] if flat is not None else [p.detach() for p in params]
+        else:  # one row per network in every parameter (the flat buffer holds parameter after parameter)
+            self._live = [_rows(p.detach(), networks) for p in params]
         self._saved = [t.detach().clone() for t in self._live]
         dev = params[0].device
-        self.has_snapshot = torch.zeros((), dtype=torch.bool, device=dev)
-        self.last_psnr = torch.zeros((), dtype=torch.float32, device=dev)
-        self.dropped = torch.zeros((), dtype=torch.bool, device=dev)
+        self.has_snapshot = torch.zeros(networks, dtype=torch.bool, device=dev)
+        self.last_psnr = torch.zeros(networks, dtype=torch.float32, device=dev)
+        self.dropped = torch.zeros(networks, dtype=torch.bool, device=dev)
+        self.frozen = torch.zeros(networks, dtype=torch.bool, device=dev)
+
+    @staticmethod
+    def _b(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The ``(K,)`` mask shaped to broadcast over ``t`` (rows ``(K, n)``, or any shape for one network)."""
+        return mask.reshape((-1,) + (1,) * (t.dim() - 1))
+
+    def _hold(self, mask: torch.Tensor) -> None:
+        for saved, live in zip(self._saved, self._live):
+            live.copy_(torch.where(self._b(mask, live), saved, live))
 
     @torch.no_grad()
     def before_update(self, value: torch.Tensor, active: Flag = True) -> None:
-        """Decide whether the step at PSNR ``value`` (0-d tensor) is dropped; snapshot if it is accepted."""
-        if active is False:
+        """Decide whether the step at PSNR ``value`` (``(K,)``) is dropped; snapshot where it is accepted."""
+        if active is False or self.threshold_db is None:
             self.dropped.zero_()
             return
-        value = value.to(torch.float32)
+        value = value.to(torch.float32).reshape(self.networks)
         # "not (>=)" so that a NaN PSNR counts as a drop.
-        drop = self.has_snapshot & ~(value - self.last_psnr >= -self.threshold_db)
-        keep = ~drop & ~torch.isnan(value)
+        drop = self.has_snapshot & ~(value - self.last_psnr >= -self.threshold_db) & ~self.frozen
+        keep = ~drop & ~torch.isnan(value) & ~self.frozen
         if isinstance(active, torch.Tensor):
             drop, keep = drop & active, keep & active
         for saved, live in zip(self._saved, self._live):
-            saved.copy_(torch.where(keep, live, saved))
+            saved.copy_(torch.where(self._b(keep, live), live, saved))
         self.last_psnr.copy_(torch.where(keep, value, self.last_psnr))
         self.has_snapshot.logical_or_(keep)
         self.dropped.copy_(drop)
 
     @torch.no_grad()
     def after_update(self, active: Flag = True) -> None:
-        """Put the snapshot back if :meth:`before_update` dropped this step."""
-        if active is False:
-            return
+        """Put the snapshot back where :meth:`before_update` dropped this step, and hold frozen networks."""
+        if self.networks > 1:
+            self._hold(self.dropped | self.frozen)
+        elif active is not False:
+            self._hold(self.dropped)
+
+    @torch.no_grad()
+    def freeze(self, mask: torch.Tensor) -> None:
+        """Hold the networks in ``mask`` (``(K,)`` bool) at their current weights from now on."""
+        new = mask & ~self.frozen
         for saved, live in zip(self._saved, self._live):
-            live.copy_(torch.where(self.dropped, saved, live))
+            saved.copy_(torch.where(self._b(new, live), live, saved))
+        self.frozen.logical_or_(mask)
 
 
 class StepRunner:
@@ -234,11 +276,24 @@ class StepRunner:
             accepts none.  Needs ``observation``; excludes ``early_stop``.
         precision: one of :data:`PRECISIONS`.
         mode: one of :data:`STEP_MODES`; ``'graph'`` needs CUDA.
+        networks: ``K``, the number of networks ``net`` packs
+            (:mod:`dip_fast.packed`).  ``net_input`` and the network's output
+            are then ``(1, K * C, H, W)``, which the runner sees as ``K`` images
+            ``(K, C, H, W)``: ``loss_fn`` gets those and returns the ``(K,)``
+            per-network data terms (their sum is differentiated, so each
+            network gets its own gradient); ``observation``, ``mask`` and
+            ``reference`` have ``K`` rows (or one, shared); ``generator`` may
+            be a sequence of ``K`` generators, one per network's input
+            perturbation; ``stop_bound`` may be a sequence of ``K`` bounds.
+            Averaging, backtracking and early stopping are per network, and a
+            network whose early stopping fired is frozen (weights and
+            average) while the others go on.
 
-    After :meth:`step`, :attr:`out` holds the step's output (float32),
-    :attr:`average` the running average (or None) and :attr:`stats` the
-    values of :data:`STAT_FIELDS`.  These are buffers overwritten by the
-    next step: clone what you keep.
+    After :meth:`step`, :attr:`out` holds the step's output (float32,
+    ``(K, C, H, W)``), :attr:`average` the running average (or None) and
+    :attr:`stats` the values of :data:`STAT_FIELDS`, one row per network
+    (``(K, len(STAT_FIELDS))``).  These are buffers overwritten by the next
+    step: clone what you keep.
     """
 
     def __init__(
@@ -248,8 +303,8 @@ class StepRunner:
         loss_fn: LossFn,
         *,
         lr: float = 0.01,
-        reg_noise_std: float = 0.0,
-        generator: Optional[torch.Generator] = None,
+        reg_noise_std: Union[float, Sequence[float]] = 0.0,
+        generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None,
         optimizer: Optional[torch.optim.Optimizer] = None,
         exp_weight: Optional[float] = None,
         observation: Optional[torch.Tensor] = None,
@@ -259,11 +314,15 @@ class StepRunner:
         reference_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         backtrack_threshold_db: Optional[float] = None,
         early_stop: Optional[Tuple[int, int]] = None,
-        stop_bound: Optional[float] = None,
+        stop_bound: Optional[Union[float, Sequence[float]]] = None,
         precision: str = "fp32",
         mode: str = "eager",
+        networks: int = 1,
     ) -> None:
-        if reg_noise_std < 0:
+        stds = [float(v) for v in reg_noise_std] if isinstance(reg_noise_std, (list, tuple)) else None
+        if stds is not None and len(stds) != networks:
+            raise ValueError(f"reg_noise_std: got {len(stds)} values for {networks} networks")
+        if min(stds) < 0 if stds is not None else reg_noise_std < 0:
             raise ValueError(f"reg_noise_std must be >= 0, got {reg_noise_std!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -277,9 +336,23 @@ class StepRunner:
             raise ValueError("stop_bound needs an observation to measure the residual against")
         if stop_bound is not None and early_stop is not None:
             raise ValueError("early_stop (ES-WMV) and stop_bound (the discrepancy rule) exclude each other")
+        if isinstance(networks, bool) or not isinstance(networks, int) or networks < 1:
+            raise ValueError(f"networks must be an integer >= 1, got {networks!r}")
+        if net_input.dim() != 4 or net_input.shape[0] != 1 or net_input.shape[1] % networks:
+            raise ValueError(
+                f"net_input must be (1, K * C, H, W) with K = networks = {networks}, got {tuple(net_input.shape)}"
+            )
+        generators = list(generator) if isinstance(generator, (list, tuple)) else None
+        if generators is not None and len(generators) != networks:
+            raise ValueError(f"generator: got {len(generators)} generators for {networks} networks")
+        self.networks = networks
+        self._generators = generators
         self.net, self.loss_fn, self.mode, self.precision = net, loss_fn, mode, precision
         self.device = net_input.device
-        self.reg_noise_std = float(reg_noise_std)
+        # One std for all networks, or one per network (packed runs of different images).
+        self.reg_noise_std = max(stds) if stds is not None else float(reg_noise_std)
+        self._stds = (torch.tensor(stds, dtype=torch.float32, device=net_input.device).reshape(-1, 1)
+                      if stds is not None and len(set(stds)) > 1 else None)
         self.generator = generator
         self.exp_weight = exp_weight
         self.observation = observation.detach() if observation is not None else None
@@ -301,21 +374,23 @@ class StepRunner:
         self.params = [p for p in net.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("net has no trainable parameters")
-        # Flatten before the optimizer exists so that its state is built for the final views.
+        # Flatten before the optimizer exists so that its state is built for the final views.  Packed
+        # networks always need the snapshot store: a network that stops is held at its weights.
         self.backtracker = (
-            DeviceBacktracker(self.params, backtrack_threshold_db) if backtrack_threshold_db is not None else None
+            DeviceBacktracker(self.params, backtrack_threshold_db, networks)
+            if backtrack_threshold_db is not None or networks > 1 else None
         )
         if optimizer is None:
             optimizer = default_adam(self.params, lr, capturable=self.device.type == "cuda")
         self.optimizer = optimizer
         self.early_stop_args = early_stop
-        self.stop_bound = None if stop_bound is None else float(stop_bound)
+        self.stop_bound = stop_bound
         # Built on the first step, when the output shape is known.
         self.early_stop: Optional[Union[WindowedVariance, DiscrepancyTracker]] = None
         self.out: Optional[torch.Tensor] = None
         self.average: Optional[torch.Tensor] = None
-        self.stats = torch.full((len(STAT_FIELDS),), float("nan"), device=self.device)
-        self._nan = torch.full((), float("nan"), device=self.device)
+        self.stats = torch.full((networks, len(STAT_FIELDS)), float("nan"), device=self.device)
+        self._nan = torch.full((networks,), float("nan"), device=self.device)
         self._check = torch.zeros((), dtype=torch.bool, device=self.device)
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._side_stream: Optional[torch.cuda.Stream] = None  # for the graph mode's warm-up steps
@@ -331,43 +406,67 @@ class StepRunner:
     def _perturbed_input(self) -> torch.Tensor:
         if self._noise is None:
             return self.net_input
-        self._noise.normal_(generator=self.generator)
+        if self._generators is None:
+            self._noise.normal_(generator=self.generator)
+        else:  # each network's perturbation from its own generator: what it would draw alone
+            rows = self._noise.view(self.networks, -1)
+            for k, g in enumerate(self._generators):
+                rows[k].normal_(generator=g)
+        if self._stds is not None:
+            return self.net_input + (self._noise.view(self.networks, -1) * self._stds).view_as(self._noise)
         return self.net_input + self.reg_noise_std * self._noise
 
+    def _images(self, out: torch.Tensor) -> torch.Tensor:
+        """The network's output ``(1, K * C, H, W)`` as the ``K`` networks' images ``(K, C, H, W)``."""
+        if self.networks == 1:
+            return out
+        return out.reshape(self.networks, out.shape[1] // self.networks, out.shape[2], out.shape[3])
+
     def forward(self, x: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The network's output for ``x`` (default the unperturbed ``z``) at the run's precision, as float32."""
+        """The output for ``x`` (default the unperturbed ``z``) at the run's precision, as float32 ``(K, C, H, W)``."""
         x = self.net_input if x is None else x
         with self._autocast():
-            return self.net(x).float()
+            return self._images(self.net(x).float())
 
     def _allocate(self, out: torch.Tensor) -> None:
         self.out = torch.empty(out.shape, dtype=torch.float32, device=self.device)
         if self.exp_weight is not None:
             self.average = torch.empty_like(self.out)
         if self.stop_bound is not None:
-            self.early_stop = DiscrepancyTracker(self.out, self.stop_bound)
+            self.early_stop = DiscrepancyTracker(self.out, self.stop_bound, networks=self.networks)
         elif self.early_stop_args is not None:
             window, patience = self.early_stop_args
-            self.early_stop = WindowedVariance(self.out, window=window, patience=patience)
+            self.early_stop = WindowedVariance(self.out, window=window, patience=patience, networks=self.networks)
 
     def _psnr_ref(self, image: torch.Tensor) -> torch.Tensor:
         if self.reference is None:
             return self._nan
         view = self.reference_view(image) if self.reference_view is not None else image
-        return psnr(view, self.reference)
+        return psnr(view, self.reference.expand_as(view), per_image=True)
 
     def _residual(self, image: torch.Tensor) -> torch.Tensor:
-        """The data-term residual ``||y - A x||^2 / N`` of an estimate (all pixels: the rule's sigma^2 is per pixel)."""
+        """Per network, the data-term residual ``||y - A x||^2 / N`` of an estimate (all pixels: sigma^2 is per pixel)."""
         seen = self.degrade(image) if self.degrade is not None else image
-        return (seen - self.observation).square().mean()
+        return (seen - self.observation).square().reshape(seen.shape[0], -1).mean(1)
+
+    def _data_terms(self, out: torch.Tensor) -> torch.Tensor:
+        """``loss_fn``'s value: ``(K,)``, one data term per network."""
+        loss = self.loss_fn(out)
+        if self.networks == 1:
+            if loss.dim() != 0:
+                raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+            return loss.reshape(1)
+        if tuple(loss.shape) != (self.networks,):
+            raise ValueError(f"loss_fn must return one data term per network, shape ({self.networks},), "
+                             f"got {tuple(loss.shape)}")
+        return loss
 
     def _body(self, check: Flag) -> None:
         with self._autocast():
-            out = self.net(self._perturbed_input())
-            loss = self.loss_fn(out)
-        if loss.dim() != 0:
-            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-        loss.backward()
+            out = self._images(self.net(self._perturbed_input()))
+            losses = self._data_terms(out)
+        # The sum: each network's parameters get the gradient of its own data term only.
+        losses.sum().backward()
         with torch.no_grad():
             if self.out is None:
                 self._allocate(out)
@@ -377,11 +476,16 @@ class StepRunner:
                 if first:
                     self.average.copy_(self.out)
                 else:
+                    # A frozen network's average stays what its early stopping saw.
+                    before = self.average.clone() if self.networks > 1 else None
                     self.average.mul_(self.exp_weight).add_(self.out, alpha=1.0 - self.exp_weight)
+                    if before is not None:
+                        frozen = self.backtracker.frozen.reshape(-1, 1, 1, 1)
+                        self.average.copy_(torch.where(frozen, before, self.average))
             value = self._nan
             if self.observation is not None:
                 seen = self.degrade(self.out) if self.degrade is not None else self.out
-                value = psnr(seen, self.observation, mask=self.mask)
+                value = psnr(seen, self.observation.expand_as(seen), mask=self.mask, per_image=True)
             if self.backtracker is not None:
                 self.backtracker.before_update(value, check)
         self.optimizer.step()
@@ -390,9 +494,11 @@ class StepRunner:
                 self.backtracker.after_update(check)
             if self.early_stop is not None:
                 self.early_stop.update(self.out, self.average, self._residual)
+                if self.networks > 1:
+                    self.backtracker.freeze(self.early_stop.fired)
             es = self.early_stop
             row = [
-                loss.detach().float(),
+                losses.detach().float(),
                 value,
                 self._psnr_ref(self.out),
                 self._psnr_ref(self.average) if self.average is not None else self._nan,
@@ -401,7 +507,7 @@ class StepRunner:
                 es.best_step.float() if es is not None else self._nan,
                 es.residual.float() if es is not None else self._nan,
             ]
-            self.stats.copy_(torch.stack(row))
+            self.stats.copy_(torch.stack(row, dim=1))
 
     # ------------------------------------------------------------------ modes
 

@@ -157,6 +157,9 @@ class ConvBlock(nn.Module):
         pad: ``'zero'`` (conv padding) or ``'reflection'`` (``nn.ReflectionPad2d``).
         downsample_mode: see :data:`DOWNSAMPLE_MODES`.
         act_fun: see :func:`make_act`.
+        groups: ``G`` independent blocks side by side (a packed network,
+            :mod:`dip_fast.packed`): the convolution is grouped, ``G x`` the
+            channels, and BatchNorm, per channel, is per block anyway.
 
     Attributes ``pad`` and ``downsample`` are ``None`` when unused.
     """
@@ -171,6 +174,7 @@ class ConvBlock(nn.Module):
         pad: str = "zero",
         downsample_mode: str = "stride",
         act_fun: ActFun = "LeakyReLU",
+        groups: int = 1,
     ) -> None:
         super().__init__()
         if pad not in PADS:
@@ -179,7 +183,7 @@ class ConvBlock(nn.Module):
             raise ValueError(f"downsample_mode must be one of {DOWNSAMPLE_MODES}, got {downsample_mode!r}")
         downsample = None
         if stride != 1 and downsample_mode != "stride":
-            downsample = _make_downsampler(downsample_mode, out_channels, stride)
+            downsample = _make_downsampler(downsample_mode, groups * out_channels, stride)
             stride = 1
         to_pad = (kernel_size - 1) // 2
         self.pad: Optional[nn.Module] = None
@@ -187,9 +191,10 @@ class ConvBlock(nn.Module):
             # A zero-width reflection pad (1x1 convs) is a no-op; omit it.
             self.pad = nn.ReflectionPad2d(to_pad)
         conv_padding = 0 if pad == "reflection" else to_pad
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=conv_padding, bias=bias)
+        self.conv = nn.Conv2d(groups * in_channels, groups * out_channels, kernel_size, stride,
+                              padding=conv_padding, bias=bias, groups=groups)
         self.downsample: Optional[nn.Module] = downsample
-        self.bn = nn.BatchNorm2d(out_channels)
+        self.bn = nn.BatchNorm2d(groups * out_channels)
         self.act = make_act(act_fun)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,11 +214,14 @@ def upsample2x(x: torch.Tensor, mode: str) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
-def center_crop_cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def center_crop_cat(tensors: Sequence[torch.Tensor], groups: int = 1) -> torch.Tensor:
     """Concatenate along channels after centre-cropping to the smallest H and W.
 
     The crop offset is ``(size - target) // 2`` in each dimension, as in the
     paper's ``Concat``; tensors already at the target size are untouched.
+    With ``groups=G`` every tensor holds ``G`` groups of channels (a packed
+    network) and the concatenation is per group: group ``g`` of the result
+    is the concatenation of the inputs' groups ``g``.
     """
     th = min(t.shape[2] for t in tensors)
     tw = min(t.shape[3] for t in tensors)
@@ -222,7 +230,11 @@ def center_crop_cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         dh = (t.shape[2] - th) // 2
         dw = (t.shape[3] - tw) // 2
         cropped.append(t[:, :, dh : dh + th, dw : dw + tw])
-    return torch.cat(cropped, dim=1)
+    if groups == 1:
+        return torch.cat(cropped, dim=1)
+    n = cropped[0].shape[0]
+    grouped = [t.reshape(n, groups, t.shape[1] // groups, th, tw) for t in cropped]
+    return torch.cat(grouped, dim=2).reshape(n, -1, th, tw)
 
 
 def _per_scale(name: str, value: Any, n: int, kind: type) -> Tuple[Any, ...]:
@@ -288,15 +300,29 @@ class SkipConfig:
 class SkipNet(nn.Module):
     """The paper's skip network; build it with :func:`skip`.
 
+    Args:
+        config: the normalised :class:`SkipConfig` (of one network).
+        networks: ``K`` independent networks of this configuration packed
+            into one module (:mod:`dip_fast.packed`): every convolution is
+            grouped ``K`` ways, the input is ``(N, K * C_in, H, W)`` (network
+            ``k``'s input in channels ``[k C_in, (k + 1) C_in)``) and so is
+            the output.  Use :func:`dip_fast.packed.pack` to build one from
+            ``K`` networks.
+
     Attributes:
         config: the normalised :class:`SkipConfig`.
+        networks: ``K``.
         skip, down, inner, concat_bn, up, up1x1, out: see the module docstring.
     """
 
-    def __init__(self, config: SkipConfig) -> None:
+    def __init__(self, config: SkipConfig, networks: int = 1) -> None:
         super().__init__()
+        if isinstance(networks, bool) or not isinstance(networks, int) or networks < 1:
+            raise ValueError(f"networks must be an integer >= 1, got {networks!r}")
         self.config = config
+        self.networks = networks
         c = config
+        k = networks
         n = c.n_scales
         self.skip = nn.ModuleDict()
         self.down = nn.ModuleList()
@@ -310,30 +336,31 @@ class SkipNet(nn.Module):
         # stride/avg/max downsampling; the paper's Lanczos downsampler also
         # drew (and then overwrote) a conv init, which is not replayed here.
         for i in range(n):
-            self.concat_bn.append(nn.BatchNorm2d(c.concat_channels(i)))
+            self.concat_bn.append(nn.BatchNorm2d(k * c.concat_channels(i)))
             if c.num_channels_skip[i] != 0:
                 self.skip[str(i)] = ConvBlock(
                     c.in_channels(i), c.num_channels_skip[i], c.filter_skip_size[i],
-                    bias=c.need_bias, pad=c.pad, act_fun=c.act_fun,
+                    bias=c.need_bias, pad=c.pad, act_fun=c.act_fun, groups=k,
                 )
             self.down.append(ConvBlock(
                 c.in_channels(i), c.num_channels_down[i], c.filter_size_down[i], stride=2,
                 bias=c.need_bias, pad=c.pad, downsample_mode=c.downsample_mode[i], act_fun=c.act_fun,
+                groups=k,
             ))
             self.inner.append(ConvBlock(
                 c.num_channels_down[i], c.num_channels_down[i], c.filter_size_down[i],
-                bias=c.need_bias, pad=c.pad, act_fun=c.act_fun,
+                bias=c.need_bias, pad=c.pad, act_fun=c.act_fun, groups=k,
             ))
             self.up.append(ConvBlock(
                 c.concat_channels(i), c.num_channels_up[i], c.filter_size_up[i],
-                bias=c.need_bias, pad=c.pad, act_fun=c.act_fun,
+                bias=c.need_bias, pad=c.pad, act_fun=c.act_fun, groups=k,
             ))
             if c.need1x1_up:
                 self.up1x1.append(ConvBlock(
                     c.num_channels_up[i], c.num_channels_up[i], 1,
-                    bias=c.need_bias, pad=c.pad, act_fun=c.act_fun,
+                    bias=c.need_bias, pad=c.pad, act_fun=c.act_fun, groups=k,
                 ))
-        self.out = nn.Conv2d(c.num_channels_up[0], c.num_output_channels, 1, bias=c.need_bias)
+        self.out = nn.Conv2d(k * c.num_channels_up[0], k * c.num_output_channels, 1, bias=c.need_bias, groups=k)
 
     def _level(self, i: int, x: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -343,7 +370,7 @@ class SkipNet(nn.Module):
         if i < c.n_scales - 1:
             d = self._level(i + 1, d)
         d = upsample2x(d, c.upsample_mode[i])
-        y = center_crop_cat([s, d]) if s is not None else d
+        y = center_crop_cat([s, d], self.networks) if s is not None else d
         y = self.up[i](self.concat_bn[i](y))
         if c.need1x1_up:
             y = self.up1x1[i](y)
@@ -351,10 +378,9 @@ class SkipNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map the input ``z`` of shape ``(N, num_input_channels, H, W)`` to an image."""
-        if x.dim() != 4 or x.shape[1] != self.config.num_input_channels:
-            raise ValueError(
-                f"expected input of shape (N, {self.config.num_input_channels}, H, W), got {tuple(x.shape)}"
-            )
+        channels = self.networks * self.config.num_input_channels
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(f"expected input of shape (N, {channels}, H, W), got {tuple(x.shape)}")
         y = self.out(self._level(0, x))
         return torch.sigmoid(y) if self.config.need_sigmoid else y
 

@@ -15,7 +15,7 @@ the task registry's business (:mod:`dip_fast.tasks.registry`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,7 @@ __all__ = [
     "InpaintTerm",
     "Operator",
     "OperatorTerm",
+    "PackedTerm",
     "SuperResolutionTerm",
     "check_operator",
     "mse",
@@ -240,3 +241,52 @@ def check_operator(
         raise ValueError(f"{name} returned a tensor on {out.device}; it must stay on the run's device {observation.device}")
     if not out.requires_grad:
         raise ValueError(f"{name} must be differentiable (torch operations on its input); its output has no gradient")
+
+
+class PackedTerm(nn.Module):
+    """The data terms of ``K`` runs packed in one step (:func:`dip_fast.fit.fit_packed`).
+
+    Called on the ``K`` networks' images ``(K, C, H, W)``, it returns the
+    ``(K,)`` data terms, term ``k`` applied to image ``k`` alone: each
+    network's loss is exactly what its own run computes.  The observations
+    must have one shape (runs of one task at one size).
+
+    Example:
+        >>> import torch
+        >>> terms = [DenoiseTerm(torch.zeros(1, 3, 8, 8)), DenoiseTerm(torch.ones(1, 3, 8, 8))]
+        >>> PackedTerm(terms)(torch.zeros(2, 3, 8, 8)).tolist()
+        [0.0, 1.0]
+    """
+
+    def __init__(self, terms: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not terms:
+            raise ValueError("PackedTerm needs at least one term")
+        shapes = {tuple(t.observation.shape) for t in terms}
+        if len(shapes) != 1:
+            raise ValueError(f"packed runs need observations of one shape, got {sorted(shapes)}")
+        self.terms = nn.ModuleList(terms)
+        self.register_buffer("observation", torch.cat([t.observation for t in terms]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([term(x[k : k + 1]) for k, term in enumerate(self.terms)])
+
+    def _degrade(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_term_degrade(term, x[k : k + 1]) for k, term in enumerate(self.terms)])
+
+    def fit_kwargs(self) -> Dict[str, Any]:
+        """:func:`~dip_fast.fit.fit_packed`'s arguments for the observations: ``K`` rows each."""
+        kwargs = [t.fit_kwargs() for t in self.terms]
+        masks = [kw["mask"] for kw in kwargs]
+        mask = None
+        if any(m is not None for m in masks):  # a run without a mask knows every pixel
+            like = self.observation[:1]
+            mask = torch.cat([(m if m is not None else torch.ones_like(like)).expand_as(like) for m in masks])
+        degrade = self._degrade if any(kw["degrade"] is not None for kw in kwargs) else None
+        return {"observation": self.observation, "mask": mask, "degrade": degrade}
+
+
+def _term_degrade(term: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the term compares with its observation: ``degrade(x)``, or ``x`` for terms without one."""
+    degrade = term.fit_kwargs()["degrade"]
+    return degrade(x) if degrade is not None else x

@@ -1,0 +1,176 @@
+"""Several runs at once: ``restore()`` of a list of images, and ``restarts``.
+
+Each image (each restart of an image) is one *job*: its own observation,
+seed, preset and stopping rule, as ``restore()`` of that image alone would
+plan it.  Jobs whose networks work at one size are trained together,
+``pack`` at a time, as one packed network (:mod:`dip_fast.packed`) through
+:func:`dip_fast.fit.fit_packed`: every network keeps its own averaging,
+backtracking and early stopping, and a packed run equals the separate runs
+(to the rounding of a grouped convolution).
+
+Images of different sizes are grouped by working size rather than padded to
+a common one: padding would change each image's result (the network would
+fit a larger, mostly mirrored image) and spend steps on the padding, while
+grouping keeps every result what its own ``restore()`` returns.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import api, io, tasks
+from .fit import FitResult, fit_packed
+from .memory import device_memory, format_bytes
+from .observation import Observation, prepare_observation
+from .packed import pack as pack_networks, packable
+from .request import RestoreRequest
+
+__all__ = ["MAX_PACK_CPU", "MAX_PACK_CUDA", "pack_size", "restore_many"]
+
+#: ``pack='auto'``'s limit on the CPU: the per-image cost of a step is flat from 1 to 4 networks there
+#: (bench/README.md, "Packed networks"), so larger packs only delay the first results.
+MAX_PACK_CPU = 4
+#: ``pack='auto'``'s limit on a GPU.
+MAX_PACK_CUDA = 16
+
+
+def pack_size(request: RestoreRequest, need: int, jobs: int) -> int:
+    """How many of ``jobs`` networks, each needing ``need`` bytes, to train in one step.
+
+    Raises:
+        ValueError: an explicit ``pack`` whose networks would not fit in the device's memory.
+    """
+    have = device_memory(request.device)
+    if request.pack != "auto":
+        k = min(request.pack, jobs)
+        if have is not None and need and k * need > have:
+            raise ValueError(
+                f"pack={request.pack}: {k} networks need about {format_bytes(k * need)} but {request.device} has "
+                f"{format_bytes(have)}; use a smaller pack or pack='auto'")
+        return k
+    limit = MAX_PACK_CUDA if request.device.type == "cuda" else MAX_PACK_CPU
+    if have is not None and need:
+        limit = min(limit, max(1, int(0.8 * have) // need))
+    return max(1, min(limit, jobs))
+
+
+def restore_many(request: RestoreRequest, images: Any, masks: Any, truths: Any, seed: int) -> Any:
+    """``restore()`` of a list of images and/or with ``restarts > 1`` (see :func:`dip_fast.api.restore`)."""
+    single = not isinstance(images, (list, tuple))
+    images = [images] if single else list(images)
+    if not images:
+        raise ValueError("image: got an empty list; pass at least one image")
+    masks = _per_image(masks, "mask", len(images), single)
+    truths = _per_image(truths, "ground_truth", len(images), single)
+    observed = []
+    for i, (image, mask, truth) in enumerate(zip(images, masks, truths)):
+        try:
+            observed.append(prepare_observation(request, image, mask, truth))
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            if single:
+                raise
+            raise type(exc)(f"image {i}: {exc}") from exc
+    outputs: List[Any] = [None] * len(images)
+    jobs: List[Tuple[int, api.Job]] = []
+    for i, obs in enumerate(observed):
+        if obs.constant is not None:
+            outputs[i] = api._constant_result(request, obs, seed)
+            continue
+        jobs.extend((i, api._plan_job(request, obs, seed + r)) for r in range(request.restarts))
+    finished: Dict[int, List[Tuple[torch.Tensor, api.RestoreInfo]]] = {}
+    with api._run_settings(request.num_threads, request.deterministic):
+        for group in _groups(jobs):
+            k = pack_size(request, group[0][1].observed.estimated_memory, len(group))
+            for start in range(0, len(group), k):
+                chunk = group[start : start + k]
+                for (i, _), done in zip(chunk, _run_pack(request, [job for _, job in chunk])):
+                    finished.setdefault(i, []).append(done)
+    for i, runs in finished.items():
+        outputs[i] = _combine(request, observed[i], runs)
+    return outputs[0] if single else outputs
+
+
+def _per_image(value: Any, name: str, n: int, single: bool) -> List[Any]:
+    if single or value is None:
+        return [value] * n
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise ValueError(f"{name} must be a list of {n} entries (one per image) or None, got {type(value).__name__}")
+    return list(value)
+
+
+def _groups(jobs: List[Tuple[int, "api.Job"]]) -> List[List[Tuple[int, "api.Job"]]]:
+    """Jobs that can share a step: one working size and observation shape, in order of first appearance."""
+    groups: Dict[Any, List[Tuple[int, api.Job]]] = {}
+    for entry in jobs:
+        obs = entry[1].observed
+        groups.setdefault((obs.padded_size, tuple(obs.observation.shape), obs.shape[0]), []).append(entry)
+    return list(groups.values())
+
+
+def _run_pack(request: RestoreRequest, jobs: List["api.Job"]) -> List[Tuple[torch.Tensor, "api.RestoreInfo"]]:
+    """Fit ``jobs`` together (alone when one, or when the architecture does not pack); their estimates and infos."""
+    runs = [api._build_run(request, job.observed, job.preset, job.seed) for job in jobs]
+    packed = len(jobs) > 1 and all(packable(run.net) for run in runs)
+    if packed:
+        results = _fit_packed(request, jobs, runs)
+    else:
+        results = [api._fit(request, job.observed, run, job.info, job.rule) for job, run in zip(jobs, runs)]
+    done = []
+    for job, run, result in zip(jobs, runs, results):
+        job.info.packed = len(jobs) if packed else 1
+        done.append((api._complete(request, job.observed, run.term, result, job.info, job.rule), job.info))
+    return done
+
+
+def _fit_packed(request: RestoreRequest, jobs: List["api.Job"], runs: List[tasks.Run]) -> List[FitResult]:
+    """One packed network for the runs, fitted with per-network settings."""
+    term = tasks.PackedTerm([run.term for run in runs])
+    kwargs = dict(runs[0].fit_kwargs)
+    kwargs.update(term.fit_kwargs())
+    kwargs["generator"] = [run.fit_kwargs["generator"] for run in runs]
+    kwargs["reg_noise_std"] = [job.preset.reg_noise_std for job in jobs]
+    references = [run.fit_kwargs.get("reference") for run in runs]
+    kwargs.pop("reference_view", None)
+    kwargs.pop("reference", None)
+    if all(r is not None for r in references):
+        boxes = [job.observed.box for job in jobs]
+        kwargs["reference"] = torch.cat(references)
+        kwargs["reference_view"] = lambda x: torch.cat(
+            [io.crop(x[k : k + 1], box, request.factor) for k, box in enumerate(boxes)])
+    rules = [job.rule for job in jobs]
+    first = jobs[0]
+    monitor = api._monitor(request, first.observed, first.info, first.rule)  # the bar follows the first network
+
+    def on_step(step: Any) -> None:
+        if step.network == 0:
+            monitor.on_step(step)
+
+    try:
+        return fit_packed(
+            pack_networks([run.net for run in runs]), torch.cat([run.net_input for run in runs], dim=1), term,
+            networks=len(runs), max_time=request.max_time, callback=on_step, should_stop=monitor.should_stop,
+            stop="discrepancy" if rules[0] is not None else "never",
+            stop_bound=[rule.bound for rule in rules] if rules[0] is not None else None,
+            step_mode=first.info.step_mode, precision=first.info.precision, **kwargs,
+        )
+    finally:
+        monitor.close()
+
+
+def _combine(request: RestoreRequest, observed: Observation,
+             runs: Sequence[Tuple[torch.Tensor, "api.RestoreInfo"]]) -> Any:
+    """One image's result: its run's estimate, or the mean of its restarts with their spread."""
+    estimates = torch.cat([estimate for estimate, _ in runs])
+    info = runs[0][1]
+    info.restarts = len(runs)
+    mean = estimates.mean(0, keepdim=True)
+    if len(runs) > 1:
+        # unbiased=False: the spread of these runs, not an estimate for a population.
+        info.uncertainty = estimates.std(0, unbiased=False).permute(1, 2, 0).cpu().numpy()
+        if observed.ground_truth is not None:
+            info.psnr = float(api._psnr(mean, observed.ground_truth))
+    out = io.from_tensor(mean, observed.alpha, observed.spec)
+    return (out, info) if request.return_info else out

@@ -1,0 +1,122 @@
+"""Packed networks: K independent generators held as one module and trained in one step.
+
+One 256x256 restoration leaves most of a large GPU idle: the paper's network
+at batch size one is hundreds of small kernels.  Packing ``K`` networks of
+one architecture side by side turns each of those kernels into one ``K``
+times larger:
+
+* every convolution becomes one convolution grouped ``K`` ways (``K x`` the
+  channels; group ``k`` holds network ``k``'s filters, so no filter sees
+  another network's channels);
+* BatchNorm normalises per channel, so per network, exactly;
+* the joins of the hourglass concatenate per group (``upsample_cat(...,
+  groups=K)``), and the output ``(1, K * C, H, W)`` holds network ``k``'s
+  image in channels ``[k C, (k + 1) C)``.
+
+Network ``k`` of a packed module computes exactly what network ``k`` alone
+computes (up to the rounding of a grouped against a plain convolution), and
+since the loss of a packed run is the *sum* of the per-network data terms,
+each network's gradient is its own: a packed run is ``K`` separate runs
+(``tests/test_packed.py`` checks this in float64).  Batch size ``N > 1``
+could not do this: BatchNorm would mix the networks' statistics.
+
+Weights are packed by concatenating every parameter and buffer of the ``K``
+networks along its first dimension, which is the layout of a grouped
+convolution's weight: so a packed module starts from the ``K`` networks'
+own initialisations.
+
+Examples:
+    >>> import torch
+    >>> from dip_fast.reference import skip
+    >>> from dip_fast.packed import pack, unpack
+    >>> nets = [skip(2, 3, [4, 4], [4, 4], [2, 2]) for _ in range(3)]
+    >>> packed = pack(nets)
+    >>> z = torch.rand(3, 2, 16, 16)  # one input per network
+    >>> out = packed(z.reshape(1, 6, 16, 16)).reshape(3, 3, 16, 16)
+    >>> torch.allclose(out[1], nets[1](z[1:2])[0], atol=1e-6)
+    True
+    >>> [n.out.weight.shape for n in unpack(packed)][0]
+    torch.Size([3, 4, 1, 1])
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn as nn
+
+from .reference.skip import SkipNet
+
+__all__ = ["pack", "pack_state_dicts", "packable", "unpack", "unpack_state_dict"]
+
+
+def packable(net: nn.Module) -> bool:
+    """Whether ``net`` is a single (unpacked) network of an architecture that packs (the skip hourglass)."""
+    return isinstance(net, SkipNet) and net.networks == 1
+
+
+def pack_state_dicts(states: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The state dict of the packed module of networks with these state dicts (same keys and shapes).
+
+    Every tensor is concatenated along its first dimension; 0-d buffers
+    (BatchNorm's batch counters) are the same for networks trained in step,
+    and the first network's is kept.
+    """
+    if not states:
+        raise ValueError("pack needs at least one network")
+    keys = list(states[0])
+    for i, s in enumerate(states[1:], 1):
+        if list(s) != keys or any(s[k].shape != states[0][k].shape for k in keys):
+            raise ValueError(f"network {i} does not have the architecture of network 0; only equal networks pack")
+    return {
+        k: states[0][k].clone() if states[0][k].dim() == 0 else torch.cat([s[k] for s in states], dim=0)
+        for k in keys
+    }
+
+
+def unpack_state_dict(state: Dict[str, torch.Tensor], networks: int) -> List[Dict[str, torch.Tensor]]:
+    """The inverse of :func:`pack_state_dicts`: ``networks`` state dicts."""
+    out: List[Dict[str, torch.Tensor]] = [{} for _ in range(networks)]
+    for k, t in state.items():
+        parts = [t] * networks if t.dim() == 0 else torch.chunk(t, networks, dim=0)
+        for i, part in enumerate(parts):
+            out[i][k] = part.clone()
+    return out
+
+
+def pack(nets: Sequence[nn.Module]) -> SkipNet:
+    """One module computing the ``K`` networks ``nets`` at once, starting from their weights.
+
+    The networks must be skip networks (reference or fast) of one
+    configuration; the packed module is of their class, on their device,
+    in training mode like them.  Its input is the ``K`` inputs concatenated
+    along channels, and so is its output.
+    """
+    nets = list(nets)
+    if not nets:
+        raise ValueError("pack needs at least one network")
+    for i, net in enumerate(nets):
+        if not packable(net):
+            raise ValueError(f"network {i} ({type(net).__name__}) is not a single skip network; it cannot be packed")
+        if net.config != nets[0].config or type(net) is not type(nets[0]):
+            raise ValueError(f"network {i} does not have the architecture of network 0; only equal networks pack")
+    first = nets[0]
+    ref = next(first.parameters())
+    kwargs = {"channels_last": True} if getattr(first, "channels_last", False) else {}
+    packed = type(first)(first.config, networks=len(nets), **kwargs).to(device=ref.device, dtype=ref.dtype)
+    packed.load_state_dict(pack_state_dicts([n.state_dict() for n in nets]))
+    packed.train(first.training)
+    return packed
+
+
+def unpack(packed: SkipNet) -> List[SkipNet]:
+    """The ``K`` networks of a packed module, as separate modules of its class (copies of the weights)."""
+    kwargs = {"channels_last": True} if getattr(packed, "channels_last", False) else {}
+    ref = next(packed.parameters())
+    nets = []
+    for state in unpack_state_dict(packed.state_dict(), packed.networks):
+        net = type(packed)(packed.config, **kwargs).to(device=ref.device, dtype=ref.dtype)
+        net.load_state_dict(state)
+        net.train(packed.training)
+        nets.append(net)
+    return nets

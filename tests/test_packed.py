@@ -1,0 +1,226 @@
+"""Packed networks: K networks in one module and one step equal K separate runs.
+
+The exactness tests run in float64 on the CPU (and on CUDA when there is a
+GPU): a packed run of three networks -- different seeds, images and
+inpainting masks -- against three separate runs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dip_fast import restore, tasks
+from dip_fast.fit import fit, fit_packed
+from dip_fast.nets import skip as fast_skip
+from dip_fast.packed import pack, pack_state_dicts, unpack
+from dip_fast.reference import skip as reference_skip
+
+from .conftest import requires_extension
+
+NET = dict(num_channels_down=[8, 8, 8], num_channels_up=[8, 8, 8], num_channels_skip=[4, 4, 4],
+           upsample_mode="bilinear", pad="reflection")
+SIZE = 24
+K = 3
+
+
+def _problem(device: str, builder, channels_last: bool = False):
+    """Three inpainting runs (seed, image and mask differ), float64: their nets, inputs, terms, generators."""
+    runs = []
+    for k in range(K):
+        torch.manual_seed(100 + k)
+        kwargs = {"channels_last": channels_last} if builder is fast_skip else {}
+        net = builder(2, 3, **NET, **kwargs).double().to(device)
+        g = torch.Generator(device).manual_seed(7 + k)
+        z = torch.rand(1, 2, SIZE, SIZE, generator=g, device=device, dtype=torch.float64) * 0.1
+        img = torch.rand(1, 3, SIZE, SIZE, generator=g, device=device, dtype=torch.float64)
+        mask = (torch.rand(1, 1, SIZE, SIZE, generator=g, device=device) > 0.3 + 0.1 * k).double()
+        runs.append((net, z, tasks.InpaintTerm(img, mask), g))
+    return runs
+
+
+# A large learning rate and a zero threshold, so that backtracking fires too.
+SETTINGS = dict(iterations=10, lr=0.1, reg_noise_std=0.03, exp_weight=0.99, check_every=2,
+                backtrack_threshold_db=0.0)
+
+
+def _separate(runs, device):
+    results = []
+    for net, z, term, _ in runs:
+        g = torch.Generator(device).manual_seed(1234 + len(results))
+        results.append(fit(net, z, term, generator=g, **term.fit_kwargs(), **SETTINGS))
+    return results
+
+
+def _packed(runs, device):
+    net = pack([r[0] for r in runs])
+    term = tasks.PackedTerm([r[2] for r in runs])
+    gens = [torch.Generator(device).manual_seed(1234 + k) for k in range(K)]
+    z = torch.cat([r[1] for r in runs], dim=1)
+    return fit_packed(net, z, term, networks=K, generator=gens, **term.fit_kwargs(), **SETTINGS)
+
+
+def _check_equal(separate, packed):
+    assert len(packed) == K
+    for one, many in zip(separate, packed):
+        assert one.steps == many.steps == 10
+        np.testing.assert_allclose(many.loss_history, one.loss_history, rtol=1e-10, atol=0)
+        assert many.backtrack_steps == one.backtrack_steps
+        torch.testing.assert_close(many.output, one.output, rtol=0, atol=1e-9)
+        torch.testing.assert_close(many.output_avg, one.output_avg, rtol=0, atol=1e-9)
+    assert any(r.backtrack_steps for r in separate), "the settings should exercise backtracking"
+
+
+def _exactness(device: str, builder, channels_last: bool = False):
+    separate = _separate(_problem(device, builder, channels_last), device)
+    packed = _packed(_problem(device, builder, channels_last), device)
+    _check_equal(separate, packed)
+
+
+def test_packed_reference_run_equals_separate_runs_float64():
+    _exactness("cpu", reference_skip)
+
+
+@requires_extension
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_packed_fast_run_equals_separate_runs_float64(channels_last):
+    _exactness("cpu", fast_skip, channels_last)
+
+
+@pytest.mark.cuda
+@requires_extension
+def test_packed_fast_run_equals_separate_runs_float64_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    _exactness("cuda", fast_skip)
+
+
+def test_pack_round_trip_and_refusals():
+    nets = [reference_skip(2, 3, **NET) for _ in range(2)]
+    packed = pack(nets)
+    for a, b in zip(unpack(packed), nets):
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert ka == kb and torch.equal(va, vb)
+    with pytest.raises(ValueError, match="network 1"):
+        pack([nets[0], reference_skip(2, 3, num_channels_down=[4], num_channels_up=[4], num_channels_skip=[2])])
+    with pytest.raises(ValueError, match="at least one"):
+        pack([])
+    with pytest.raises(ValueError, match="cannot be packed"):
+        pack([packed])
+    with pytest.raises(ValueError, match="only equal networks"):
+        pack_state_dicts([{"w": torch.zeros(2)}, {"w": torch.zeros(3)}])
+
+
+def test_a_stopped_network_is_frozen_while_the_others_go_on():
+    """Network 1's discrepancy bound is reached at once; networks 0 and 2 never stop."""
+    runs = _problem("cpu", reference_skip)
+    net = pack([r[0] for r in runs])
+    term = tasks.PackedTerm([r[2] for r in runs])
+    z = torch.cat([r[1] for r in runs], dim=1)
+    frozen = {}
+
+    def watch(info):
+        if info.network == 1 and info.step in (2, 7):
+            frozen[info.step] = [p.detach()[p.shape[0] // K : 2 * p.shape[0] // K].clone() for p in net.parameters()]
+
+    results = fit_packed(net, z, term, networks=K, iterations=8, stop="discrepancy",
+                         stop_bound=[float("nan"), 1e9, float("nan")], callback=watch, **term.fit_kwargs())
+    assert results[1].stop_reason == "early_stop" and results[1].stop_step == 0
+    assert results[0].stop_step is None and results[0].steps == 8 and results[2].steps == 8
+    for a, b in zip(frozen[2], frozen[7]):
+        assert torch.equal(a, b)
+    # Its average stopped too: what early stopping returned is its average now.
+    torch.testing.assert_close(results[1].output_avg, results[1].stop_output)
+
+
+def test_packed_loss_must_be_per_network():
+    runs = _problem("cpu", reference_skip)
+    net = pack([r[0] for r in runs])
+    z = torch.cat([r[1] for r in runs], dim=1)
+    with pytest.raises(ValueError, match="one data term per network"):
+        fit_packed(net, z, lambda out: out.mean(), networks=K, iterations=1, backtrack=False)
+    with pytest.raises(ValueError, match="net_input"):
+        fit_packed(net, z[:, :5], lambda out: out.mean((1, 2, 3)), networks=K, iterations=1, backtrack=False)
+
+
+# ----------------------------------------------------------------------------- restore()
+
+QUICK = dict(preset="quick", iterations=6, device="cpu", stop="never", return_info=True)
+
+
+def _images(n, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.random((size, size, 3), dtype=np.float32) for _ in range(n)]
+
+
+def test_restore_of_a_list_equals_restore_of_each_image():
+    """pack=1 runs the images one by one: bit for bit each image's own restore().  Packed, the runs agree
+    to float32 rounding (grouped against plain convolutions; the float64 tests above show the packed step
+    is otherwise exact), which Adam's first, sign-like steps amplify: losses agree loosely, not bitwise."""
+    images = _images(2) + [np.random.default_rng(5).random((20, 44, 3), dtype=np.float32)]
+    one_by_one = restore(images, "denoise", backend="reference", pack=1, **QUICK)
+    together = restore(images, "denoise", backend="reference", **QUICK)
+    for image, (out, info), (packed, packed_info) in zip(images, one_by_one, together):
+        alone, alone_info = restore(image, "denoise", backend="reference", **QUICK)
+        assert info.packed == 1 and packed_info.packed == 3  # all three pad to one working size
+        assert out.shape == packed.shape == image.shape
+        np.testing.assert_array_equal(out, alone)
+        assert info.loss_history == alone_info.loss_history
+        assert packed_info.loss_history[0] == pytest.approx(alone_info.loss_history[0], rel=1e-6)  # same nets, inputs
+        np.testing.assert_allclose(packed_info.loss_history, alone_info.loss_history, rtol=2e-2)
+
+
+def test_restarts_return_the_mean_with_its_spread():
+    image = _images(1)[0]
+    truth = np.clip(image + 0.05, 0, 1)
+    out, info = restore(image, "denoise", restarts=3, pack=1, ground_truth=truth, backend="reference", **QUICK)
+    assert info.restarts == 3 and info.packed == 1 and info.seed == 0
+    assert info.uncertainty.shape == image.shape and info.uncertainty.dtype == np.float32
+    runs = [restore(image, "denoise", seed=s, backend="reference", **QUICK)[0] for s in range(3)]
+    np.testing.assert_allclose(out, np.mean(runs, axis=0), atol=1e-6)
+    np.testing.assert_allclose(info.uncertainty, np.std(runs, axis=0), atol=1e-6)
+    assert info.uncertainty.max() > 0
+    assert info.psnr == pytest.approx(10 * np.log10(1 / np.mean((np.mean(runs, axis=0) - truth) ** 2)), abs=1e-3)
+    # Packed: the same three runs in one step (to float32 rounding, see above).
+    packed, packed_info = restore(image, "denoise", restarts=3, backend="reference", **QUICK)
+    assert packed_info.packed == 3 and packed_info.restarts == 3
+    assert np.abs(packed - out).mean() < 0.01
+
+
+@pytest.mark.parametrize("kwargs, kind, match", [
+    (dict(restarts=0), ValueError, "restarts must be >= 1"),
+    (dict(restarts=1.5), TypeError, "restarts must be an integer"),
+    (dict(pack=0), ValueError, "pack must be >= 1"),
+    (dict(pack="most"), ValueError, "pack must be 'auto' or an integer"),
+    (dict(pack=2, restarts=2, num_threads=1, max_time=1e-9), None, None),
+])
+def test_restore_many_bad_arguments(kwargs, kind, match):
+    image = _images(1)[0]
+    if kind is None:  # a valid call, for contrast
+        restore(image, "denoise", backend="reference", **{**QUICK, **kwargs})
+        return
+    with pytest.raises(kind, match=match):
+        restore(image, "denoise", **{**QUICK, **kwargs})
+
+
+def test_a_bad_image_in_a_list_is_named_by_its_index():
+    images = _images(2)
+    with pytest.raises(ValueError, match="image 1"):
+        restore([images[0], np.zeros((3, 3, 3), np.float32)], "denoise", **QUICK)
+    with pytest.raises(ValueError, match="empty list"):
+        restore([], "denoise", **QUICK)
+    with pytest.raises(ValueError, match="mask must be a list of 2"):
+        restore(images, "inpaint", mask=np.ones((32, 32), bool), **QUICK)
+
+
+def test_a_pack_that_does_not_fit_is_refused(monkeypatch):
+    from dip_fast import many
+
+    monkeypatch.setattr(many, "device_memory", lambda device: 1)
+    with pytest.raises(ValueError, match="pack=2: 2 networks need about"):
+        restore(_images(1)[0], "denoise", restarts=2, pack=2, **QUICK)
+
+
+def test_callback_is_refused_with_restarts():
+    with pytest.raises(ValueError, match="callback"):
+        restore(_images(1)[0], "denoise", restarts=2, callback=lambda step, info: None, **QUICK)
