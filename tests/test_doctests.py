@@ -20,6 +20,7 @@ MODULES = [
     "dip_fast.tasks.presets",
     "dip_fast.tasks.registry",
     "dip_fast.tasks.run",
+    "dip_fast.tiles",
 ]
 
 pytestmark = [pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back"),

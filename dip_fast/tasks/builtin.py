@@ -4,11 +4,11 @@ Each is one :class:`~dip_fast.tasks.registry.TaskSpec`, registered on import.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 import torch.nn as nn
 
-from .registry import LEVELS, CliFlag, TaskSpec, TermContext, register_task
+from .registry import LEVELS, CliFlag, TaskSpec, TermContext, TileRule, register_task
 from .terms import DeblurTerm, DenoiseTerm, InpaintTerm, OperatorTerm, SuperResolutionTerm
 
 if TYPE_CHECKING:
@@ -41,6 +41,22 @@ def _operator_term(ctx: TermContext) -> nn.Module:
     if ctx.operator is None:
         raise ValueError("task 'callable' needs an operator")
     return OperatorTerm(ctx.observation, ctx.operator, ctx.box)
+
+
+def _kernel_overlap(inputs: Mapping[str, Any]) -> Tuple[int, int]:
+    """Deblurring tiles overlap by at least the blur kernel's size ``(rows, cols)``.
+
+    A blurred pixel within a kernel radius of a tile's inner edge mixes in
+    sharp pixels from beyond that edge, which the tile's data term replaces
+    by their reflection, so each tile is unreliable in a band one radius wide
+    along its inner edges.  With an overlap of the kernel's size the two
+    bands of neighbouring tiles are disjoint: every pixel of the overlap is
+    reliable in one of them, and where two tiles meet the blending window
+    (:func:`dip_fast.tiles.window`) gives the unreliable one under half the
+    weight.
+    """
+    kernel = inputs["blur_kernel"]  # checked: a 2-D tensor with odd sides
+    return int(kernel.shape[0]), int(kernel.shape[1])
 
 
 def _by_level(prefix: str) -> Dict[str, str]:
@@ -79,6 +95,7 @@ DENOISE = register_task(TaskSpec(
     flags=(CliFlag("sigma", "--sigma", type=float,
                    help="noise level in 0-255 units (default: estimated from the image)",
                    batch_help="denoise: noise level in 0-255 units (default: estimated per image)"),),
+    tiling=TileRule(),  # the forward model is the identity: a tile of the observation is all a tile needs
 ))
 
 INPAINT = register_task(TaskSpec(
@@ -101,6 +118,7 @@ black (0) the pixels to fill in.
                    batch_flag="--masks", batch_metavar="DIR",
                    batch_help="inpaint, required: folder of masks named like the images",
                    batch_needs="DIR (masks named like the images; white = known pixel)"),),
+    tiling=TileRule(split_inputs=("mask",)),  # pixel by pixel: the mask is cut with the image
 ))
 
 SUPER_RESOLUTION = register_task(TaskSpec(
@@ -119,6 +137,8 @@ SUPER_RESOLUTION = register_task(TaskSpec(
 """,
     flags=(CliFlag("scale", "--scale", type=int, required=True, help="enlargement factor: 2, 4, 8, ...",
                    batch_help="sr, required: enlargement factor 2, 4, 8, ...", batch_needs="(2, 4, 8, ...)"),),
+    # The low-resolution input is tiled; each tile comes back `scale` times larger.
+    tiling=TileRule(scale_input="scale"),
 ))
 
 DEBLUR = register_task(TaskSpec(
@@ -143,6 +163,7 @@ image is modelled as the sharp image blurred with reflect-padded borders.
                    help="the blur: gaussian:SIGMA or box:N (N odd)",
                    batch_help="deblur, required: the blur kernel, gaussian:SIGMA or box:N (N odd)",
                    batch_needs="SPEC (gaussian:SIGMA or box:N, N odd)"),),
+    tiling=TileRule(min_overlap=_kernel_overlap),
 ))
 
 JPEG = register_task(TaskSpec(
@@ -162,6 +183,8 @@ Removes JPEG blocking and ringing: the network is fitted to the compressed
 image itself and stopped before it learns the artefacts (write a .png: saving
 the result as JPEG would add new ones).
 """,
+    # Tile origins on the 8x8 block grid, so each tile sees whole blocks, placed as in the image.
+    tiling=TileRule(align=8),
 ))
 
 OPERATOR = register_task(TaskSpec(
@@ -172,4 +195,5 @@ OPERATOR = register_task(TaskSpec(
     crop_in_term=True,
     operator=True,
     label="a callable task",
+    # No tiling rule: an arbitrary operator may mix every pixel into each observed value.
 ))

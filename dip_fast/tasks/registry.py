@@ -21,7 +21,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,7 @@ __all__ = [
     "INPUT_NAMES",
     "TaskSpec",
     "TermContext",
+    "TileRule",
     "aliases",
     "all_tasks",
     "by_command",
@@ -112,6 +113,40 @@ class CliFlag:
 
 
 @dataclass(frozen=True)
+class TileRule:
+    """How a task's observation is restored in overlapping tiles (see :mod:`dip_fast.tiles`).
+
+    A task has one only if restoring a tile of its observation gives the
+    matching tile of the image, which holds when its forward model is local
+    (each observed pixel depends on nearby image pixels only).
+
+    Attributes:
+        split_inputs: per-pixel task inputs cut into tiles with the
+            observation (the inpainting mask); the others go to every tile.
+        scale_input: the task input holding the output's enlargement factor
+            (super-resolution's ``scale``): output tiles are that many times
+            larger, and so is the plan that blends them.
+        min_overlap: ``min_overlap(inputs)``: the least overlap (one int or
+            ``(rows, cols)``, in observation pixels) the task's checked
+            inputs demand, e.g. the blur kernel's size; None: no demand.
+        align: tile origins lie on this grid where the tile and overlap
+            sizes allow (1: anywhere).
+    """
+
+    split_inputs: Tuple[str, ...] = ()
+    scale_input: Optional[str] = None
+    min_overlap: Optional[Callable[[Mapping[str, Any]], Union[int, Tuple[int, int]]]] = None
+    align: int = 1
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.split_inputs + ((self.scale_input,) if self.scale_input else ())) - set(INPUT_NAMES))
+        if unknown:
+            raise ValueError(f"TileRule: unknown inputs {unknown}; known: {INPUT_NAMES}")
+        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
+            raise ValueError(f"TileRule: align must be an integer >= 1, got {self.align!r}")
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """Everything about one task.
 
@@ -139,6 +174,9 @@ class TaskSpec:
         command: its ``dip-fast`` subcommand (None: not on the command line).
         summary, description, epilog: the subcommand's help texts.
         flags: the subcommand's options for the task inputs.
+        tiling: how :func:`dip_fast.tiles.tile_request` cuts the task's
+            observation into tiles; None (a caller's operator, and any task
+            that does not declare one): the task is not tiled.
     """
 
     name: str
@@ -158,11 +196,17 @@ class TaskSpec:
     description: str = ""
     epilog: str = ""
     flags: Tuple[CliFlag, ...] = field(default_factory=tuple)
+    tiling: Optional[TileRule] = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.required + self.optional) - set(INPUT_NAMES))
         if unknown:
             raise ValueError(f"task {self.name!r}: unknown inputs {unknown}; known: {INPUT_NAMES}")
+        if self.tiling is not None:
+            tiled = set(self.tiling.split_inputs) | ({self.tiling.scale_input} - {None})
+            foreign = sorted(tiled - set(self.required + self.optional))
+            if foreign:
+                raise ValueError(f"task {self.name!r}: its tiling rule names inputs it does not take: {foreign}")
         missing = sorted(set(LEVELS) - set(self.presets))
         if missing:
             raise ValueError(f"task {self.name!r}: no preset for level(s) {missing}")
