@@ -37,6 +37,7 @@ from .observation import Observation, prepare_observation
 from .request import PRECISION_CHOICES, PRESET_LEVELS, STEP_MODE_CHOICES, STOP_CHOICES  # noqa: F401  (kept here)
 from .request import RestoreRequest, validate_request
 from .tasks import registry
+from .tasks.inputs import check_int
 
 __all__ = ["RestoreInfo", "estimate_memory", "restore", "PRESET_LEVELS", "TASK_ALIASES"]
 
@@ -117,6 +118,9 @@ class RestoreInfo:
             other fields describe the first run (``psnr``: of the mean).
         packed: how many networks were trained in the step that ran this
             image (1: alone).
+        tiles: how many tiles the image was restored in (1: whole); the
+            other fields then describe the first tile.
+        tile_size: the tiles' size ``(H, W)`` in observation pixels, or None.
     """
 
     task: str
@@ -148,6 +152,8 @@ class RestoreInfo:
     restarts: int = 1
     uncertainty: Optional[Any] = None
     packed: int = 1
+    tiles: int = 1
+    tile_size: Optional[Tuple[int, int]] = None
 
 
 def reg_noise_for_sigma(sigma: float) -> float:
@@ -247,6 +253,7 @@ def restore(
     precision: str = "auto",
     restarts: int = 1,
     pack: Union[int, str] = "auto",
+    tile: Optional[int] = None,
 ) -> Any:
     """Restore an image (or a list of images) with Deep Image Prior (Ulyanov et al., CVPR 2018).
 
@@ -378,6 +385,16 @@ def restore(
             where larger packs gain nothing, and
             :data:`dip_fast.many.MAX_PACK_CUDA` on a GPU), or an integer
             (refused when the pack would not fit in memory).
+        tile: restore the image in overlapping tiles of this side (in the
+            observation's pixels; at least 16), trained as packs and
+            blended with a smooth window (:mod:`dip_fast.tiles`).  Without
+            it, an image whose estimated run exceeds the device's memory is
+            tiled automatically.  Either way a warning and ``info.tiles``
+            say so.  Each task has a tiling rule: denoising, JPEG and
+            inpainting (the mask with it) tile the image, super-resolution
+            its low-resolution input, deblurring with overlaps at least the
+            kernel's size; a callable task is refused.  Tiles share one
+            noise level, estimated on the whole image.
 
     Returns:
         The restored image, of the same kind as ``image``: uint8 in gives
@@ -407,9 +424,17 @@ def restore(
         stop=stop, step_mode=step_mode, precision=precision, restarts=restarts, pack=pack,
     )
     run_seed = random.SystemRandom().randrange(2**63) if request.seed is None else request.seed
-    if isinstance(image, (list, tuple)) or request.restarts > 1:
-        from . import many  # it builds on this module's stages
+    from . import many  # several runs at once build on this module's stages
 
+    if tile is not None:
+        tile = check_int(tile, "tile", 16)
+        return many.restore_tiled(request, image, mask, ground_truth, run_seed, tile, "tile was given")
+    if not isinstance(image, (list, tuple)):
+        fitting = many.auto_tile(request, image)
+        if fitting is not None:
+            return many.restore_tiled(request, image, mask, ground_truth, run_seed, fitting,
+                                      "the whole image would not fit in the device's memory")
+    if isinstance(image, (list, tuple)) or request.restarts > 1:
         return many.restore_many(request, image, mask, ground_truth, run_seed)
     observed = prepare_observation(request, image, mask, ground_truth)
     if observed.constant is not None:

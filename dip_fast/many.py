@@ -15,20 +15,20 @@ grouping keeps every result what its own ``restore()`` returns.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import dataclasses
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import api, io, tasks
+from . import api, io, tasks, tiles
 from .fit import FitResult, fit_packed
-from .memory import device_memory, format_bytes
-from .observation import Observation, prepare_observation
+from .memory import device_memory, estimate_memory, format_bytes
+from .observation import Observation, Padding, _load_ground_truth, prepare_observation
 from .packed import pack as pack_networks, packable
 from .request import RestoreRequest
 
-__all__ = ["MAX_PACK_CPU", "MAX_PACK_CUDA", "pack_size", "restore_many"]
+__all__ = ["MAX_PACK_CPU", "MAX_PACK_CUDA", "TILE_OVERLAP", "auto_tile", "pack_size", "restore_many", "restore_tiled"]
 
 #: ``pack='auto'``'s limit on the CPU: the per-image cost of a step is flat from 1 to 4 networks there
 #: (bench/README.md, "Packed networks"), so larger packs only delay the first results.
@@ -173,4 +173,85 @@ def _combine(request: RestoreRequest, observed: Observation,
         if observed.ground_truth is not None:
             info.psnr = float(api._psnr(mean, observed.ground_truth))
     out = io.from_tensor(mean, observed.alpha, observed.spec)
+    return (out, info) if request.return_info else out
+
+
+# --------------------------------------------------------------------------
+# Large images in tiles
+# --------------------------------------------------------------------------
+
+#: The least overlap of neighbouring tiles, as a fraction of the tile's side (and at least 16 pixels):
+#: the blend window fades across it, and the network's border effects stay inside it.
+TILE_OVERLAP = 1 / 8
+
+
+def whole_image_need(request: RestoreRequest, image: Any) -> Tuple[Optional[int], Optional[int], Tuple[int, int]]:
+    """The estimated bytes of restoring ``image`` whole, the device's bytes, and the image's size."""
+    source = io.inspect_image(image, "image")
+    c, h, w = request.output_shape or (source.spec.color_channels, source.spec.height, source.spec.width)
+    need = estimate_memory(request.preset, c, Padding.for_request(request).working_size(h, w))
+    return need, device_memory(request.device), (h, w)
+
+
+def auto_tile(request: RestoreRequest, image: Any) -> Optional[int]:
+    """The tile side for an image whose whole run would not fit in memory; None when it fits (or is unknown)."""
+    if request.operator is not None or request.task.tiling is None:
+        return None  # prepare_observation refuses it with the memory message
+    need, have, (h, w) = whole_image_need(request, image)
+    if need is None or have is None or need <= have:
+        return None
+    padding = Padding.for_request(request)
+    side = max(h, w)
+    while side > 32:
+        side //= 2
+        tile_need = estimate_memory(request.preset, 3, padding.working_size(side, side))
+        if tile_need is not None and tile_need <= 0.8 * have:
+            return side
+    return None
+
+
+def restore_tiled(request: RestoreRequest, image: Any, mask: Any, truth: Any, seed: int, tile: int,
+                  why: str) -> Any:
+    """``restore()`` of one image in overlapping tiles of side ``tile``, blended (see :mod:`dip_fast.tiles`)."""
+    if isinstance(image, (list, tuple)):
+        raise ValueError("tile applies to one image; restore the images of a list one by one to tile them")
+    loaded = io.load_image(image, "image")
+    color, spec = loaded.color, loaded.spec
+    extras: Dict[str, Any] = {}
+    if mask is not None:
+        extras["mask"] = io.load_mask(mask, spec.height, spec.width, color.shape[1])[0]
+    if request.task.accepts("scale"):
+        extras["scale"] = request.factor
+    if request.task.accepts("blur_kernel"):
+        extras["blur_kernel"] = request.blur_kernel
+    sigma = request.sigma
+    if request.task.accepts("sigma"):
+        # One noise level for the whole image, so that every tile is restored alike.
+        sigma = sigma if sigma is not None else api._estimate_sigma(color)
+        if sigma is not None:
+            extras["sigma"] = sigma
+    overlap = max(16, int(tile * TILE_OVERLAP))
+    tiled = tiles.tile_request(request.task, color[0], extras, min(tile, max(color.shape[2:])), overlap)
+    warnings.warn(f"dip_fast: restoring the {spec.height}x{spec.width} image in {len(tiled.observations)} "
+                  f"overlapping tiles of {tiled.input_plan.tile_size[0]}x{tiled.input_plan.tile_size[1]} "
+                  f"({why}); info.tiles says so too", RuntimeWarning, stacklevel=3)
+    sub = dataclasses.replace(request, return_info=True, sigma=sigma)
+    masks = [e.get("mask") for e in tiled.extras] if mask is not None else None
+    results = restore_many(sub, list(tiled.observations), masks, None, seed)
+    restored = tiles.blend([out for out, _ in results], tiled.output_plan)[None]
+    info = results[0][1]
+    info.tiles = len(results)
+    info.tile_size = tiled.input_plan.tile_size
+    info.padded_size = tuple(d * request.factor for d in (spec.height, spec.width))
+    info.wall_time = sum(i.wall_time for _, i in results)
+    if info.restarts > 1:
+        stds = [torch.from_numpy(i.uncertainty).permute(2, 0, 1) for _, i in results]
+        info.uncertainty = tiles.blend_std(stds, tiled.output_plan).permute(1, 2, 0).numpy()
+    info.psnr = None
+    if truth is not None:
+        gt = _load_ground_truth(truth, (color.shape[1], spec.height * request.factor, spec.width * request.factor))
+        info.psnr = float(api._psnr(restored.to(gt.device), gt))
+    alpha = io.resize_alpha(loaded.alpha, request.factor) if loaded.alpha is not None and request.factor > 1 \
+        else loaded.alpha
+    out = io.from_tensor(restored.cpu(), alpha, spec)
     return (out, info) if request.return_info else out

@@ -205,7 +205,7 @@ def validate_request(task: Union[str, Operator] = "denoise", **arguments: Any) -
 def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: Any, iterations: Any, preset: Any,
               sigma: Any, seed: Any, device: Any, backend: Any, progress: Any, callback: Any, return_info: Any,
               max_time: Any, num_threads: Any, deterministic: Any, stop: Any, step_mode: Any,
-              precision: Any, restarts: Any, pack: Any) -> RestoreRequest:
+              precision: Any, restarts: Any, pack: Any, tile: Any) -> RestoreRequest:
     """:func:`validate_request` once every argument has its value (the caller's, of any type until checked)."""
     spec, operator = resolve_task(task)
     if iterations is not None:
@@ -218,6 +218,8 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
         seed = check_int(seed, "seed", 0)
     stop = _check_choice(stop, "stop", STOP_CHOICES)
     restarts = check_int(restarts, "restarts", 1)
+    if tile is not None:
+        check_int(tile, "tile", 16)
     if isinstance(pack, str) and pack != "auto":
         raise ValueError(f"pack must be 'auto' or an integer >= 1, got {pack!r}")
     if not isinstance(pack, str):

@@ -224,3 +224,65 @@ def test_a_pack_that_does_not_fit_is_refused(monkeypatch):
 def test_callback_is_refused_with_restarts():
     with pytest.raises(ValueError, match="callback"):
         restore(_images(1)[0], "denoise", restarts=2, callback=lambda step, info: None, **QUICK)
+
+
+# ----------------------------------------------------------------------------- tiles
+
+
+def test_a_run_over_an_imposed_memory_cap_completes_in_tiles(monkeypatch):
+    from dip_fast import memory, many
+    from dip_fast.observation import Padding
+    from dip_fast.request import validate_request
+
+    image = np.random.default_rng(1).random((128, 96, 3), dtype=np.float32)
+    request = validate_request("denoise", **{k: v for k, v in QUICK.items() if k != "return_info"})
+    padding = Padding.for_request(request)
+    whole = memory.estimate_memory(request.preset, 3, padding.working_size(128, 96))
+    half = memory.estimate_memory(request.preset, 3, padding.working_size(64, 64))
+    assert half < whole
+    cap = int((whole + half / 0.8) / 2)  # the whole run does not fit, a 64-pixel tile does
+    for module in (memory, many):
+        monkeypatch.setattr(module, "device_memory", lambda device: cap)
+    with pytest.warns(RuntimeWarning, match=r"in \d+ overlapping tiles of 64x64 \(the whole image would not fit"):
+        out, info = restore(image, "denoise", backend="reference", **QUICK)
+    assert out.shape == image.shape and info.tiles > 1 and info.tile_size == (64, 64)
+    assert np.isfinite(out).all()
+
+
+def test_tiles_blend_what_each_tile_restores():
+    """The tiled result is the windowed blend of the tiles' own restorations, for every task rule kind."""
+    from dip_fast import tiles
+
+    rng = np.random.default_rng(2)
+    image = rng.random((3, 56, 40), dtype=np.float32)
+    with pytest.warns(RuntimeWarning, match="tile was given"):
+        out, info = restore(torch.from_numpy(image), "denoise", tile=32, sigma=20, backend="reference", **QUICK)
+    tiled = tiles.tile_request("denoise", torch.from_numpy(image), {"sigma": 20}, 32, 16)
+    assert info.tiles == len(tiled.observations) and out.shape == (3, 56, 40)
+    alone = [restore(t.clone(), "denoise", sigma=20, backend="reference", pack=1, **QUICK)[0] for t in
+             tiled.observations]
+    # Packed tiles against tiles restored one by one: float32 rounding of the grouped convolutions only.
+    assert (out - tiles.blend(alone, tiled.output_plan)).abs().mean() < 0.01
+
+
+@pytest.mark.parametrize("task, kwargs", [("sr", dict(scale=2)), ("inpaint", "mask")])
+def test_tiles_for_super_resolution_and_inpainting(task, kwargs):
+    rng = np.random.default_rng(3)
+    image = rng.random((40, 48, 3), dtype=np.float32)
+    if kwargs == "mask":
+        kwargs = dict(mask=rng.random((40, 48)) > 0.4)
+    with pytest.warns(RuntimeWarning, match="overlapping tiles"):
+        out, info = restore(image, task, tile=24, restarts=2, backend="reference", **{**QUICK, **kwargs})
+    factor = kwargs.get("scale", 1)
+    assert out.shape == (40 * factor, 48 * factor, 3) and info.tiles > 1
+    assert info.uncertainty.shape == out.shape and (info.uncertainty >= 0).all()
+
+
+def test_tile_refusals():
+    image = np.random.default_rng(4).random((40, 48, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="tile must be >= 16"):
+        restore(image, "denoise", tile=8, **QUICK)
+    with pytest.raises(ValueError, match="cannot be restored in tiles"):
+        restore(image, lambda x: x, output_shape=(3, 40, 48), tile=24, **QUICK)
+    with pytest.raises(ValueError, match="tile applies to one image"):
+        restore([image, image], "denoise", tile=24, **QUICK)
