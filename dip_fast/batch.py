@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 
@@ -290,6 +290,51 @@ def distributed(device: Optional[str] = None) -> Iterator[Tuple[int, int, Option
 # --------------------------------------------------------------------------
 
 
+class _Packer:
+    """With ``pack`` other than 1, restores the batch's files a pack at a time (one packed step per pack).
+
+    A pack whose ``restore()`` fails (one bad file fails the list) is
+    restored file by file instead, so a bad file still fails only its row.
+    """
+
+    def __init__(self, pack: Any, restore_one: Callable[[Path], Any], inputs: Callable[[Path], Any], task: str,
+                 restore_kwargs: Dict[str, Any], todo: List[Path]) -> None:
+        from .many import MAX_PACK_CPU, MAX_PACK_CUDA
+
+        self.restore_one, self.inputs, self.task, self.kwargs = restore_one, inputs, task, restore_kwargs
+        if pack == "auto":  # restore() trims a pack to the memory estimate
+            device = str(restore_kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+            pack = MAX_PACK_CUDA if device.startswith("cuda") else MAX_PACK_CPU
+        self.size = int(pack)
+        self.todo = todo
+        self.done: Dict[Path, Any] = {}
+
+    def result(self, src: Path) -> Any:
+        if self.size == 1:
+            return self.restore_one(src)
+        if src not in self.done:
+            self._run_pack(self.todo[self.todo.index(src):][: self.size])
+        found = self.done.pop(src)
+        return found if found is not None else self.restore_one(src)
+
+    def _run_pack(self, files: List[Path]) -> None:
+        try:
+            pairs = [self.inputs(src) for src in files]
+            results = restore([str(src) for src in files], self.task, mask=_listed([m for m, _ in pairs]),
+                              ground_truth=_listed([g for _, g in pairs]), return_info=True, progress=False,
+                              **self.kwargs)
+        except KeyboardInterrupt:
+            raise
+        except Exception:  # noqa: BLE001 - retried file by file, where each failure names its file
+            results = [None] * len(files)
+        self.done.update(zip(files, results))
+
+
+def _listed(values: List[Optional[str]]) -> Optional[List[Optional[str]]]:
+    """Per-file inputs as restore()'s list argument: None when no file has one."""
+    return None if all(v is None for v in values) else values
+
+
 def run_batch(
     in_dir: PathLike,
     out_dir: PathLike,
@@ -398,6 +443,20 @@ def run_batch(
     io.remove_stale_temporaries(out, own)
     who = f"rank {rank}: " if world_size > 1 else ""
     rows: List[BatchRow] = []
+
+    def inputs(src: Path) -> Tuple[Optional[str], Optional[str]]:
+        mask = _match(mask_index, src.stem, "mask", masks) if masks is not None else None
+        if masks is not None and mask is None:
+            raise FileNotFoundError(f"no mask named '{src.stem}.*' in '{masks}'")
+        gt = _match(gt_index, src.stem, "ground-truth", gts) if gts is not None else None
+        return (None if mask is None else str(mask)), (None if gt is None else str(gt))
+
+    def restore_one(src: Path) -> Any:
+        mask, gt = inputs(src)
+        return restore(str(src), task, mask=mask, ground_truth=gt, return_info=True, progress=False, **restore_kwargs)
+
+    packed = _Packer(restore_kwargs.get("pack", 1), restore_one, inputs, task, restore_kwargs,
+                     [src for src in mine if not output_path(out, src).exists()])
     try:
         for i, src in enumerate(mine, 1):
             where = f"{who}[{i}/{len(mine)}] {src.name}"
@@ -408,13 +467,7 @@ def run_batch(
                 continue
             t0 = time.perf_counter()
             try:
-                mask = _match(mask_index, src.stem, "mask", masks) if masks is not None else None
-                if masks is not None and mask is None:
-                    raise FileNotFoundError(f"no mask named '{src.stem}.*' in '{masks}'")
-                gt = _match(gt_index, src.stem, "ground-truth", gts) if gts is not None else None
-                result, info = restore(str(src), task, mask=None if mask is None else str(mask),
-                                       ground_truth=None if gt is None else str(gt),
-                                       return_info=True, progress=False, **restore_kwargs)
+                result, info = packed.result(src)
                 if info.stop_reason == "keyboard_interrupt":
                     raise KeyboardInterrupt  # restore() keeps Ctrl-C's result; a batch stops instead
                 io.save_image(result, dest)

@@ -91,6 +91,10 @@ def _add_run_options(p: argparse.ArgumentParser, max_time_help: str) -> None:
                         "never: run all iterations")
     p.add_argument("--step-mode", choices=("auto", "eager", "graph"), default="auto",
                    help="graph: replay each step as one CUDA graph (CUDA only; auto = eager for now)")
+    p.add_argument("--restarts", type=int, default=1, metavar="K",
+                   help="average K independent runs, trained together (default 1)")
+    p.add_argument("--tile", type=int, metavar="N",
+                   help="restore in overlapping N x N tiles (automatic when the image does not fit in memory)")
     p.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16"), default="auto",
                    help="arithmetic of the network (auto = fp32 for now)")
 
@@ -100,7 +104,7 @@ def _run_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return dict(iterations=args.iterations, preset=args.preset, device=args.device, seed=args.seed,
                 backend=args.backend, max_time=args.max_time, num_threads=args.threads,
                 deterministic=args.deterministic, stop=args.stop, step_mode=args.step_mode,
-                precision=args.precision)
+                precision=args.precision, restarts=args.restarts, tile=args.tile)
 
 
 def _add_restore_options(p: argparse.ArgumentParser) -> None:
@@ -111,6 +115,8 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, metavar="N", help="also write a snapshot every N steps")
     p.add_argument("--plot", nargs="?", const="", metavar="PNG",
                    help="write the loss (and PSNR) curve as a PNG (default OUT.curve.png)")
+    p.add_argument("--uncertainty", metavar="PNG",
+                   help="with --restarts K > 1: write the per-pixel spread of the runs as a grey image")
     p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
@@ -175,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help=flag.batch_help)
     bat.add_argument("--ground-truth", metavar="DIR",
                      help="folder of clean images named like the inputs: PSNR in the summary")
+    bat.add_argument("--pack", default="1", metavar="K",
+                     help="restore K images (of one size) per training step, or 'auto': as many as fit (default 1)")
     bat.add_argument("-q", "--quiet", action="store_true", help="report only failures")
 
     demo = sub.add_parser("demo", help="restore scikit-image's astronaut three ways",
@@ -231,6 +239,21 @@ def _snapshot_path(out: Path, step: int) -> Path:
     return out.with_name(f"{out.stem}.step{step:05d}{out.suffix}")
 
 
+def _write_uncertainty(std: Any, path: Path, force: bool) -> None:
+    """The runs' per-pixel spread (mean over colour channels) as an 8-bit grey image, scaled to its maximum.
+
+    Scaled, so that where the runs disagree shows whatever the level; the
+    maximum goes into the file name's neighbour on stderr for reading values.
+    """
+    import numpy as np
+
+    grey = std.mean(axis=2)
+    peak = float(grey.max())
+    scaled = grey / peak if peak > 0 else grey
+    io.save_image(np.round(scaled * 255).astype(np.uint8), path, overwrite=force)
+    print(f"wrote {path} (per-pixel std of the runs, white = {peak * 255:.1f} of 255)", file=sys.stderr)
+
+
 def _write_plot(info: Any, path: Path) -> None:
     """Loss (and PSNR) against step, as a PNG written atomically."""
     import matplotlib
@@ -275,6 +298,12 @@ def _run_restore(args: argparse.Namespace) -> int:
         if src is not None:
             io.open_image_file(src, label)
     _check_output(out, [args.input, *(src for _, src in files), args.ground_truth], args.force, in_path)
+    uncertainty_path = Path(args.uncertainty) if args.uncertainty is not None else None
+    if uncertainty_path is not None:
+        if args.restarts < 2:
+            raise _UserError("--uncertainty needs --restarts K with K >= 2 (the spread of one run is not defined)")
+        _check_output(uncertainty_path, [args.input, *(src for _, src in files), args.ground_truth], args.force,
+                      in_path)
     plot_path = None
     if args.plot is not None:
         plot_path = Path(args.plot) if args.plot else out.with_name(f"{out.stem}.curve.png")
@@ -298,6 +327,8 @@ def _run_restore(args: argparse.Namespace) -> int:
     kwargs.update(task_inputs)
     result, info = restore(str(in_path), spec.name, **kwargs)
     io.save_image(result, out, overwrite=args.force)
+    if uncertainty_path is not None:
+        _write_uncertainty(info.uncertainty, uncertainty_path, args.force)
     if plot_path is not None:
         _write_plot(info, plot_path)
     if not args.quiet:
@@ -331,6 +362,13 @@ def _run_batch(args: argparse.Namespace) -> int:
         if value is not None:  # a per-file input comes as a folder, matched to the images by name
             batch_kwargs["masks_dir" if flag.per_file else flag.input] = value
     kwargs = _run_kwargs(args)
+    if args.pack != "auto":
+        try:
+            kwargs["pack"] = int(args.pack)
+        except ValueError:
+            raise _UserError(f"--pack must be an integer >= 1 or 'auto', got {args.pack!r}") from None
+    else:
+        kwargs["pack"] = "auto"
     scale = batch_kwargs.pop("scale", None)
     masks_dir = batch_kwargs.pop("masks_dir", None)
     kwargs.update(batch_kwargs)

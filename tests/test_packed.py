@@ -286,3 +286,49 @@ def test_tile_refusals():
         restore(image, lambda x: x, output_shape=(3, 40, 48), tile=24, **QUICK)
     with pytest.raises(ValueError, match="tile applies to one image"):
         restore([image, image], "denoise", tile=24, **QUICK)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _write_images(folder, n, size=32):
+    from PIL import Image
+
+    folder.mkdir()
+    for i, pixels in enumerate(_images(n, size)):
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(folder / f"im{i}.png")
+
+
+def test_batch_pack_restores_every_file_and_a_bad_file_fails_only_its_row(tmp_path, capsys):
+    from dip_fast.cli import main
+
+    _write_images(tmp_path / "in", 3)
+    (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
+    args = ["batch", str(tmp_path / "in"), str(tmp_path / "out"), "--task", "denoise", "--preset", "quick",
+            "--iterations", "2", "--device", "cpu", "--pack", "2", "-q"]
+    assert main(args) == 1  # the broken file failed
+    done = sorted(p.name for p in (tmp_path / "out").glob("im*.png"))
+    assert done == ["im0.png", "im1.png", "im2.png"]
+    summary = (tmp_path / "out" / "summary.csv").read_text()
+    assert summary.count(",done,") == 3 and summary.count(",failed,") == 1
+    assert main(args[:-3] + ["--pack", "some", "-q"]) == 2
+    assert "--pack must be an integer" in capsys.readouterr().err
+
+
+def test_cli_restarts_write_the_uncertainty(tmp_path, capsys):
+    from PIL import Image
+
+    from dip_fast.cli import main
+
+    _write_images(tmp_path / "in", 1)
+    src = str(tmp_path / "in" / "im0.png")
+    base = ["denoise", src, "-o", str(tmp_path / "out.png"), "--preset", "quick", "--iterations", "2",
+            "--device", "cpu", "-q"]
+    assert main(base + ["--uncertainty", str(tmp_path / "std.png")]) == 2
+    assert "--uncertainty needs --restarts" in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()
+    assert main(base + ["--restarts", "2", "--uncertainty", str(tmp_path / "std.png")]) == 0
+    std = np.asarray(Image.open(tmp_path / "std.png"))
+    assert std.shape == (32, 32) and std.max() == 255
+    assert main(base + ["--restarts", "0", "--force"]) == 2
+    assert "restarts must be >= 1" in capsys.readouterr().err
