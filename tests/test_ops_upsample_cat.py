@@ -1,4 +1,8 @@
-"""The upsample_cat op family against torch.cat + nn.Upsample(scale_factor=2), up the op-test ladder."""
+"""The upsample_cat op family against torch.cat + nn.Upsample(scale_factor=2), up the op-test ladder.
+
+Shapes give the channel counts of one group; ``groups=G`` (packed networks)
+multiplies both by G, and the reference concatenates per group.
+"""
 from __future__ import annotations
 
 import pytest
@@ -13,39 +17,73 @@ from .conftest import requires_extension
 pytestmark = requires_extension
 
 
-def expected(skip, deep, mode):
-    """The unfused composition the op replaces."""
-    return torch.cat([skip, upsample2x(deep, mode)], dim=1)
+def expected(skip, deep, mode, groups=1):
+    """The unfused composition the op replaces: per group, that group's skip channels then its upsampled deep ones."""
+    up = upsample2x(deep, mode)
+    if groups == 1:
+        return torch.cat([skip, up], dim=1)
+    n, _, hh, ww = up.shape
+    cs, cd = skip.shape[1] // groups, up.shape[1] // groups
+    cat = torch.cat([skip.reshape(n, groups, cs, hh, ww), up.reshape(n, groups, cd, hh, ww)], dim=2)
+    return cat.reshape(n, groups * (cs + cd), hh, ww)
 
 
-def make_inputs(n, cs, cd, h, w, dtype, layout, seed=0):
+def make_inputs(n, cs, cd, h, w, dtype, layout, seed=0, groups=1):
+    """skip (n, groups*cs, 2h, 2w) and deep (n, groups*cd, h, w): cs and cd count one group's channels."""
     g = torch.Generator().manual_seed(seed)
-    skip = torch.randn(n, cs, 2 * h, 2 * w, dtype=dtype, generator=g)
-    deep = torch.randn(n, cd, h, w, dtype=dtype, generator=g)
+    skip = torch.randn(n, groups * cs, 2 * h, 2 * w, dtype=dtype, generator=g)
+    deep = torch.randn(n, groups * cd, h, w, dtype=dtype, generator=g)
     return ladder.as_layout(skip, layout), ladder.as_layout(deep, layout)
 
 
-def compare(n, cs, cd, h, w, dtype, layout, mode, atol, device="cpu"):
-    skip, deep = make_inputs(n, cs, cd, h, w, dtype, layout)
+def compare(n, cs, cd, h, w, dtype, layout, mode, atol, device="cpu", groups=1):
+    skip, deep = make_inputs(n, cs, cd, h, w, dtype, layout, groups=groups)
     skip, deep = (t.to(device).requires_grad_(True) for t in (skip, deep))
-    grad = torch.randn(n, cs + cd, 2 * h, 2 * w, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(n, groups * (cs + cd), 2 * h, 2 * w, dtype=dtype, generator=torch.Generator().manual_seed(1))
     grad = ladder.as_layout(grad, layout).to(device)
-    out, _ = ladder.assert_matches(lambda s, d: upsample_cat(s, d, mode), lambda s, d: expected(s, d, mode),
+    out, _ = ladder.assert_matches(lambda s, d: upsample_cat(s, d, mode, groups),
+                                   lambda s, d: expected(s, d, mode, groups),
                                    [skip, deep], grad=grad, atol=atol, names=("skip", "deep"))
-    if layout == "channels_last" and cd > 1 and h * w > 1:  # otherwise deep is NCHW-contiguous too
+    if layout == "channels_last" and groups * cd > 1 and h * w > 1:  # otherwise deep is NCHW-contiguous too
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-# (N, Cs, Cd, h, w): the deep input is h x w, the skip and the output 2h x 2w.
+# (N, Cs, Cd, h, w): the deep input is h x w, the skip and the output 2h x 2w; Cs, Cd per group.
 SHAPES = [(1, 4, 8, 8, 8), (2, 3, 5, 7, 9), (1, 0, 3, 4, 5), (1, 2, 3, 1, 5), (3, 1, 2, 1, 1)]
+#: Packed networks: the plain op, and 2 and 3 groups (3 puts a group boundary inside 8- and 16-byte vectors).
+GROUPS = [1, 2, 3]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
-def test_matches_pytorch(shape, layout, mode, dtype, atol):
-    compare(*shape, dtype, layout, mode, atol)
+@pytest.mark.parametrize("groups", GROUPS)
+def test_matches_pytorch(shape, layout, mode, dtype, atol, groups):
+    compare(*shape, dtype, layout, mode, atol, groups=groups)
+
+
+@pytest.mark.parametrize("layout", ["non_contiguous", "cropped"])
+@pytest.mark.parametrize("groups", GROUPS)
+def test_matches_pytorch_strided_inputs(layout, groups):
+    """The other strided layouts of the ladder: copied to the working layout first, then the same kernels."""
+    compare(2, 3, 5, 7, 9, torch.float64, layout, "bilinear", 1e-12, groups=groups)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("cs", [0, 2])
+def test_groups_interleave_channels(layout, cs):
+    """The packed layout, spelled out: every channel constant, so each output channel names its source."""
+    g, cd = 3, 2
+    skip = torch.arange(g * cs, dtype=torch.float32).view(1, g * cs, 1, 1).expand(1, g * cs, 4, 6)
+    deep = (100 + torch.arange(g * cd, dtype=torch.float32)).view(1, g * cd, 1, 1).expand(1, g * cd, 2, 3)
+    skip, deep = ladder.as_layout(skip.clone(), layout), ladder.as_layout(deep.clone(), layout)
+    out = upsample_cat(skip, deep, "bilinear", groups=g)
+    want = []
+    for k in range(g):  # group k: its skip channels, then its deep channels
+        want += list(range(k * cs, (k + 1) * cs)) + [100 + c for c in range(k * cd, (k + 1) * cd)]
+    assert out.shape == (1, g * (cs + cd), 4, 6)
+    assert torch.equal(out, torch.tensor(want, dtype=torch.float32).view(1, -1, 1, 1).expand_as(out))
 
 
 def test_paper_level_shape_both_modes():
@@ -64,24 +102,29 @@ def test_low_precision_close_to_float32(dtype):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
-def test_gradcheck_float64(layout, mode):
-    skip, deep = make_inputs(2, 2, 3, 3, 4, torch.float64, layout)
-    ladder.gradcheck(lambda s, d: upsample_cat(s, d, mode), [skip.requires_grad_(True), deep.requires_grad_(True)])
+@pytest.mark.parametrize("groups", GROUPS)
+def test_gradcheck_float64(layout, mode, groups):
+    # One image when grouped: the Jacobian grows with the channels; the groups are what is under test.
+    skip, deep = make_inputs(2 if groups == 1 else 1, 2, 3, 3, 4, torch.float64, layout, groups=groups)
+    ladder.gradcheck(lambda s, d: upsample_cat(s, d, mode, groups),
+                     [skip.requires_grad_(True), deep.requires_grad_(True)])
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_opcheck(layout):
-    skip, deep = make_inputs(2, 3, 4, 3, 5, torch.float32, layout)
-    args = (skip.requires_grad_(True), deep.requires_grad_(True), 1)
-    grad = ladder.as_layout(torch.randn(2, 7, 6, 10), layout)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_opcheck(layout, groups):
+    skip, deep = make_inputs(2, 3, 4, 3, 5, torch.float32, layout, groups=groups)
+    args = (skip.requires_grad_(True), deep.requires_grad_(True), 1, groups)
+    grad = ladder.as_layout(torch.randn(2, 7 * groups, 6, 10), layout)
     ladder.opcheck((torch.ops.dip_fast.upsample_cat.default, args),
-                   (torch.ops.dip_fast._upsample_cat_backward.default, (grad, 3, 1)))
+                   (torch.ops.dip_fast._upsample_cat_backward.default, (grad, 3 * groups, 1, groups)))
 
 
-def test_torch_compile_traces_the_op():
-    skip, deep = make_inputs(1, 2, 3, 4, 4, torch.float32, "contiguous")
-    ladder.compiles(lambda s, d: upsample_cat(s, d, "bilinear") * 2, [skip, deep],
-                    expected=expected(skip, deep, "bilinear") * 2, atol=1e-5, rtol=1.3e-6)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_torch_compile_traces_the_op(groups):
+    skip, deep = make_inputs(1, 2, 3, 4, 4, torch.float32, "contiguous", groups=groups)
+    ladder.compiles(lambda s, d: upsample_cat(s, d, "bilinear", groups) * 2, [skip, deep],
+                    expected=expected(skip, deep, "bilinear", groups) * 2, atol=1e-5, rtol=1.3e-6)
 
 
 def test_bad_arguments():
@@ -105,14 +148,46 @@ def test_bad_arguments():
         torch.ops.dip_fast._upsample_cat_backward(torch.randn(1, 5, 8, 8), 5, 1)
 
 
+def test_bad_groups():
+    skip, deep = make_inputs(1, 2, 3, 4, 4, torch.float32, "contiguous", groups=2)  # 4 skip, 6 deep channels
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="groups must be >= 1"):
+            upsample_cat(skip, deep, "bilinear", bad)
+    for bad in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="groups must be an integer"):
+            upsample_cat(skip, deep, "bilinear", bad)
+    with pytest.raises(ValueError, match=r"groups=3 must divide skip's and deep's channel counts, got 4 and 6"):
+        upsample_cat(skip, deep, "bilinear", 3)
+    with pytest.raises(ValueError, match="groups=4 must divide"):
+        upsample_cat(skip, deep, "bilinear", 4)
+    # The compiled ops validate on their own too.
+    with pytest.raises(RuntimeError, match="groups must be >= 1, got 0"):
+        torch.ops.dip_fast.upsample_cat(skip, deep, 1, 0)
+    with pytest.raises(RuntimeError, match=r"groups \(4\) must divide deep's channel count, got 6"):
+        torch.ops.dip_fast.upsample_cat(skip, deep, 1, 4)
+    with pytest.raises(RuntimeError, match=r"groups \(3\) must divide skip's channel count, got 4"):
+        torch.ops.dip_fast.upsample_cat(skip, deep, 1, 3)
+    with pytest.raises(RuntimeError, match="groups must be >= 1"):
+        torch.ops.dip_fast._upsample_cat_backward(torch.randn(1, 10, 8, 8), 4, 1, -1)
+    with pytest.raises(RuntimeError, match=r"groups \(3\) must divide skip_channels \(4\)"):
+        torch.ops.dip_fast._upsample_cat_backward(torch.randn(1, 12, 8, 8), 4, 1, 3)
+    with pytest.raises(RuntimeError, match=r"grad_out's channel count \(10\)"):
+        torch.ops.dip_fast._upsample_cat_backward(torch.randn(1, 10, 8, 8), 4, 1, 4)
+    # The emulation shares the checks.
+    with pytest.raises(RuntimeError, match="groups must be >= 1"):
+        torch.ops.dip_fast._upsample_cat_emulated(skip, deep, 1, 0)
+    with pytest.raises(RuntimeError, match=r"groups \(3\) must divide skip_channels"):
+        torch.ops.dip_fast._upsample_cat_backward_emulated(torch.randn(1, 12, 8, 8), 4, 1, 3)
+
+
 @pytest.mark.slow
 def test_fuzz_against_pytorch():
-    def check(n, cs, cd, h, w, layout, dtype, mode):
-        compare(n, cs, cd, h, w, dtype, layout, mode, 1e-12 if dtype == torch.float64 else 2e-6)
+    def check(n, cs, cd, h, w, layout, dtype, mode, groups):
+        compare(n, cs, cd, h, w, dtype, layout, mode, 1e-12 if dtype == torch.float64 else 2e-6, groups=groups)
 
     ladder.fuzz(check, n=(1, 3), cs=(0, 5), cd=(1, 9), h=(1, 11), w=(1, 11),
                 layout=["contiguous", "channels_last", "sliced"], dtype=[torch.float32, torch.float64],
-                mode=["nearest", "bilinear"])
+                mode=["nearest", "bilinear"], groups=(1, 4))
 
 
 @pytest.mark.cuda
@@ -120,36 +195,39 @@ def test_fuzz_against_pytorch():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
-def test_cuda_matches_pytorch(shape, layout, mode, dtype, atol):
-    compare(*shape, dtype, layout, mode, atol, device="cuda")
+@pytest.mark.parametrize("groups", GROUPS)
+def test_cuda_matches_pytorch(shape, layout, mode, dtype, atol, groups):
+    compare(*shape, dtype, layout, mode, atol, device="cuda", groups=groups)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_matches_cpu(dtype):
-    skip, deep = make_inputs(2, 4, 9, 7, 11, torch.float32, "channels_last")
-    grad = torch.randn(2, 13, 14, 22)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("groups", GROUPS)
+def test_cuda_matches_cpu(dtype, layout, groups):
+    skip, deep = make_inputs(2, 4, 9, 7, 11, torch.float32, layout, groups=groups)
+    grad = ladder.as_layout(torch.randn(2, 13 * groups, 14, 22), layout)
     tol = 1e-6 if dtype == torch.float32 else 0.02
     inputs = [skip.requires_grad_(True), deep.requires_grad_(True)]
-    ladder.cuda_twin(lambda s, d: upsample_cat(s, d, "bilinear"), inputs, grad=grad, dtype=dtype, atol=tol)
+    ladder.cuda_twin(lambda s, d: upsample_cat(s, d, "bilinear", groups), inputs, grad=grad, dtype=dtype, atol=tol)
 
 
 # ---------------------------------------------------------------------------
 # The CUDA kernels' per-thread code, run over their launch grid on the CPU.
 # The emulation ops return a trace [V, fewest writes, most writes].
 # ---------------------------------------------------------------------------
-def check_emulation(skip, deep, mode, atol):
+def check_emulation(skip, deep, mode, atol, groups=1):
     """Emulated forward and backward against PyTorch; every output element written once. Returns the traces."""
     code = UPSAMPLE_MODES[mode]
-    out, trace_f = torch.ops.dip_fast._upsample_cat_emulated(skip, deep, code)
+    out, trace_f = torch.ops.dip_fast._upsample_cat_emulated(skip, deep, code, groups)
     sr, dr = (t.detach().double().clone().requires_grad_(True) for t in (skip, deep))
-    want_out = expected(sr, dr, mode)
+    want_out = expected(sr, dr, mode, groups)
     torch.testing.assert_close(out.double(), want_out, atol=atol, rtol=atol)
     grad = torch.randn(want_out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     grad_in = grad.to(out.dtype)
     if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
         grad_in = grad_in.contiguous(memory_format=torch.channels_last)
-    gs, gd, trace_b = torch.ops.dip_fast._upsample_cat_backward_emulated(grad_in, skip.shape[1], code)
+    gs, gd, trace_b = torch.ops.dip_fast._upsample_cat_backward_emulated(grad_in, skip.shape[1], code, groups)
     want = torch.autograd.grad(want_out, (sr, dr), grad, allow_unused=True)
     for name, a, e in zip(("skip", "deep"), (gs, gd), want):
         if e is not None and e.numel():
@@ -162,9 +240,19 @@ def check_emulation(skip, deep, mode, atol):
 @pytest.mark.parametrize("shape", SHAPES + [(1, 4, 128, 3, 5), (2, 8, 4, 5, 6)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
-def test_cuda_grid_emulation_matches_pytorch(shape, layout, mode):
-    skip, deep = make_inputs(*shape, torch.float64, layout)
-    check_emulation(skip, deep, mode, 1e-12)
+@pytest.mark.parametrize("groups", GROUPS)
+def test_cuda_grid_emulation_matches_pytorch(shape, layout, mode, groups):
+    skip, deep = make_inputs(*shape, torch.float64, layout, groups=groups)
+    check_emulation(skip, deep, mode, 1e-12, groups)
+
+
+def test_cuda_grid_emulation_spans_several_channel_blocks():
+    """channels_last with more channel vectors than a block's 256 threads: groups across blocks along y."""
+    # out: 3 * (8 + 360) channels, grad_deep 3 * 360: over 256 vectors of 4 either way, and a block's
+    # channel range ends inside a group.
+    skip, deep = make_inputs(1, 8, 360, 2, 3, torch.float32, "channels_last", groups=3)
+    trace_f, trace_b = check_emulation(skip, deep, "bilinear", 1e-6, groups=3)
+    assert trace_f[0] == 4 and trace_b[0] == 4
 
 
 def misaligned(t):
@@ -179,41 +267,50 @@ def misaligned(t):
     return view
 
 
-# (shape, layout, dtype) -> the vector width the plan must pick when aligned.
+# (shape, layout, dtype, groups) -> the vector width the plan must pick when aligned (Cs, Cd per group).
 VECTOR_CASES = [
-    ((1, 4, 8, 8, 8), "contiguous", torch.float32, 4),    # deep planes of 64
-    ((1, 2, 3, 3, 3), "contiguous", torch.float32, 1),    # deep planes of 9
-    ((1, 4, 8, 3, 6), "channels_last", torch.float32, 4),  # Cs = 4, Cd = 8
-    ((1, 6, 2, 3, 3), "channels_last", torch.float32, 2),  # Cs = 6: 8-byte vectors
-    ((1, 16, 8, 2, 3), "channels_last", torch.bfloat16, 8),
-    ((1, 3, 4, 2, 2), "channels_last", torch.float32, 1),  # Cs = 3
+    ((1, 4, 8, 8, 8), "contiguous", torch.float32, 1, 4),    # deep planes of 64
+    ((1, 2, 3, 3, 3), "contiguous", torch.float32, 1, 1),    # deep planes of 9
+    ((1, 4, 8, 3, 6), "channels_last", torch.float32, 1, 4),  # Cs = 4, Cd = 8
+    ((1, 6, 2, 3, 3), "channels_last", torch.float32, 1, 2),  # Cs = 6: 8-byte vectors
+    ((1, 16, 8, 2, 3), "channels_last", torch.bfloat16, 1, 8),
+    ((1, 3, 4, 2, 2), "channels_last", torch.float32, 1, 1),  # Cs = 3
+    ((1, 3, 5, 8, 8), "contiguous", torch.float32, 3, 4),    # NCHW groups fold into the batch: planes of 64
+    ((1, 4, 8, 3, 6), "channels_last", torch.float32, 2, 4),  # Cs = 4, Cd = 8 per group
+    ((1, 2, 4, 3, 3), "channels_last", torch.float32, 2, 2),  # 4 + 8 channels, but Cs = 2 within a group
+    ((1, 0, 6, 3, 3), "channels_last", torch.float32, 2, 2),  # 12 deep channels, but Cd = 6 within a group
+    ((1, 8, 4, 2, 3), "channels_last", torch.bfloat16, 2, 4),  # Cd = 4: 8-byte vectors
+    ((1, 2, 6, 2, 2), "channels_last", torch.float32, 3, 2),
+    ((1, 1, 4, 2, 2), "channels_last", torch.float32, 2, 1),  # Cs = 1: the scalar path
 ]
 
 
-@pytest.mark.parametrize("shape,layout,dtype,vector", VECTOR_CASES)
+@pytest.mark.parametrize("shape,layout,dtype,groups,vector", VECTOR_CASES)
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
-def test_cuda_grid_emulation_takes_vector_and_scalar_paths(shape, layout, dtype, vector, mode):
-    skip, deep = make_inputs(*shape, torch.float64, layout)
+def test_cuda_grid_emulation_takes_vector_and_scalar_paths(shape, layout, dtype, groups, vector, mode):
+    skip, deep = make_inputs(*shape, torch.float64, layout, groups=groups)
     skip, deep = skip.to(dtype), deep.to(dtype)
     atol = 1e-6 if dtype == torch.float32 else 0.02
-    trace_f, trace_b = check_emulation(skip, deep, mode, atol)
+    trace_f, trace_b = check_emulation(skip, deep, mode, atol, groups)
     assert trace_f[0] == vector and trace_b[0] == vector
-    trace_f, _ = check_emulation(misaligned(skip), misaligned(deep), mode, atol)
+    trace_f, _ = check_emulation(misaligned(skip), misaligned(deep), mode, atol, groups)
     assert trace_f[0] == 1
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 4, 8, 8, 8), (2, 3, 5, 7, 9), (1, 16, 8, 5, 6)])
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8, 8), (2, 3, 5, 7, 9), (1, 16, 8, 5, 6), (1, 0, 6, 3, 3)])
 @pytest.mark.parametrize("offset", [False, True], ids=["aligned", "misaligned"])
-def test_cuda_equals_grid_emulation_bitwise(layout, dtype, shape, offset):
-    skip, deep = (t.to(dtype) for t in make_inputs(*shape, torch.float32, layout))
-    grad = ladder.as_layout(torch.randn(shape[0], shape[1] + shape[2], 2 * shape[3], 2 * shape[4]), layout).to(dtype)
+@pytest.mark.parametrize("groups", GROUPS)
+def test_cuda_equals_grid_emulation_bitwise(layout, dtype, shape, offset, groups):
+    n, cs, cd, h, w = shape
+    skip, deep = (t.to(dtype) for t in make_inputs(*shape, torch.float32, layout, groups=groups))
+    grad = ladder.as_layout(torch.randn(n, groups * (cs + cd), 2 * h, 2 * w), layout).to(dtype)
     move = (lambda t: misaligned(t)) if offset else (lambda t: t)
-    want_out, _ = torch.ops.dip_fast._upsample_cat_emulated(move(skip), move(deep), 1)
-    want_gs, want_gd, _ = torch.ops.dip_fast._upsample_cat_backward_emulated(move(grad), shape[1], 1)
-    out = torch.ops.dip_fast.upsample_cat(move(skip.cuda()), move(deep.cuda()), 1)
-    gs, gd = torch.ops.dip_fast._upsample_cat_backward(move(grad.cuda()), shape[1], 1)
+    want_out, _ = torch.ops.dip_fast._upsample_cat_emulated(move(skip), move(deep), 1, groups)
+    want_gs, want_gd, _ = torch.ops.dip_fast._upsample_cat_backward_emulated(move(grad), groups * cs, 1, groups)
+    out = torch.ops.dip_fast.upsample_cat(move(skip.cuda()), move(deep.cuda()), 1, groups)
+    gs, gd = torch.ops.dip_fast._upsample_cat_backward(move(grad.cuda()), groups * cs, 1, groups)
     for name, got, exp in (("out", out, want_out), ("grad_skip", gs, want_gs), ("grad_deep", gd, want_gd)):
         assert torch.equal(got.cpu(), exp), f"{name} differs from the emulated grid"

@@ -58,10 +58,17 @@ DIP_HD int upsample_preimage(int i, int n, int mode, int* outs, acc_t* weights) 
   return k;
 }
 
-// The shapes of one call: skip (N, Cs, H, W), deep (N, Cd, H/2, W/2),
-// out / grad_out (N, Cs + Cd, H, W).
+// The shapes of one call with G groups: skip (N, G * Cs, H, W), deep
+// (N, G * Cd, H/2, W/2), out / grad_out (N, G * (Cs + Cd), H, W), where group
+// g's out channels are its Cs skip channels then its Cd upsampled ones (the
+// packed layout of G networks side by side). Cs and Cd count one group's channels.
+//
+// NCHW folds the groups into the batch: (N, G * C, H, W) is (N * G, C, H, W)
+// in memory, so an NCHW shape holds N * G images and G = 1, and the NCHW
+// kernels never see a group. Only channels_last keeps G > 1: a pixel then
+// holds all G groups' channels.
 struct UpsampleCatShape {
-  int N, Cs, Cd, H, W, mode;
+  int N, G, Cs, Cd, H, W, mode;
   bool channels_last;  // the working layout of every tensor of the call
 };
 

@@ -7,7 +7,8 @@
 // - forward: a skip plane (NCHW) or the skip channels of a pixel
 //   (channels_last) are vector copies; a deep output gathers its 1 (nearest)
 //   or 4 (bilinear) source values;
-// - backward: grad_skip is a vector copy of grad_out's first Cs channels;
+// - backward: grad_skip is a vector copy of grad_out's skip channels (each
+//   group's first Cs);
 //   grad_deep gathers the <= 4 x 4 output gradients that read each element
 //   (the transposed taps): no atomics, deterministic.
 #pragma once
@@ -17,14 +18,22 @@
 
 namespace dip_fast {
 
-// Shapes: out / grad_out (N, Cs + Cd, H, W); deep (N, Cd, H / 2, W / 2).
+// Shapes (UpsampleCatShape): out / grad_out (N, G * (Cs + Cd), H, W), skip
+// (N, G * Cs, H, W), deep (N, G * Cd, H / 2, W / 2); Cs and Cd per group.
+// NCHW shapes have the groups folded into N (G = 1), so the NCHW functions
+// below index one group per image; the channels_last ones place a channel
+// vector in its group with one of the divisors (a multiply-high, once per
+// thread: a vector never straddles a group, see upsample_cat_runs).
 struct UpsampleCatDims {
-  int N, Cs, Cd, H, W, mode;
+  int N, G, Cs, Cd, H, W, mode;
+  FastDivmod by_group_C;  // channel of out -> (group, channel within the group's Cs + Cd)
+  FastDivmod by_Cs;       // channel of grad_skip -> (group, channel within the group's Cs)
+  FastDivmod by_Cd;       // channel of grad_deep -> (group, channel within the group's Cd)
 };
 
 // The upsampled values at output (h, w) of L consecutive channels of deep (dp:
 // their first element at pixel (0, 0); dstride: the element stride between
-// deep pixels, 1 in NCHW, Cd in channels_last). Each source is read as one
+// deep pixels, 1 in NCHW, G * Cd in channels_last). Each source is read as one
 // L-element pack.
 template <typename scalar_t, typename acc_t, int L>
 DIP_HD void upsample_values(const scalar_t* dp, int h, int w, int hd, int wd, int dstride, int mode, acc_t* out) {
@@ -84,7 +93,7 @@ DIP_HD void upsample_grad_values(const scalar_t* gp, int i, int j, int H, int W,
   }
 }
 
-// Forward, NCHW, tiling over out (C = Cs + Cd planes of H x W).
+// Forward, NCHW, tiling over out (C = Cs + Cd planes of H x W per image; G = 1).
 template <typename scalar_t, typename acc_t, int V, bool kCount>
 DIP_HD void upsample_cat_forward_thread_nchw(const scalar_t* skip, const scalar_t* deep, scalar_t* out,
                                              const Tiling& g, const UpsampleCatDims& d, int block, int t,
@@ -130,6 +139,8 @@ DIP_HD void upsample_cat_forward_thread_nchw(const scalar_t* skip, const scalar_
 }
 
 // Forward, channels_last, tiling over out rows (n, h); V divides Cs and Cd.
+// Out channel c of group grp is skip channel c - grp * Cd or deep channel
+// c - (grp + 1) * Cs (the other groups' channels of the other tensor precede it).
 template <typename scalar_t, typename acc_t, int V, bool kCount>
 DIP_HD void upsample_cat_forward_thread_cl(const scalar_t* skip, const scalar_t* deep, scalar_t* out,
                                            const Tiling& g, const UpsampleCatDims& d, int block, int group, int t,
@@ -140,12 +151,17 @@ DIP_HD void upsample_cat_forward_thread_cl(const scalar_t* skip, const scalar_t*
   if (cv >= g.Cv) return;
   g.by_tiles.divmod(static_cast<uint32_t>(block), row, q);
   g.by_rows.divmod(row, n, h);
-  const int C = d.Cs + d.Cd, c = cv * V, hd = d.H / 2, wd = d.W / 2;
+  // Element strides between pixels of out, skip and deep: all groups' channels.
+  const int C = d.G * (d.Cs + d.Cd), skip_stride = d.G * d.Cs, deep_stride = d.G * d.Cd;
+  const int c = cv * V, hd = d.H / 2, wd = d.W / 2;
+  uint32_t grp, cg;
+  d.by_group_C.divmod(static_cast<uint32_t>(c), grp, cg);
   const long long first_pixel = static_cast<long long>(row) * d.W;
   const int j0 = static_cast<int>(q) * g.tile + static_cast<int>(r);
-  if (c < d.Cs) {
+  if (static_cast<int>(cg) < d.Cs) {
+    const int cs = c - static_cast<int>(grp) * d.Cd;
     Pack<scalar_t, V> p[kTileUnroll]{};
-    load_slot_packs(skip + first_pixel * d.Cs + c, j0, g.R, d.W, d.Cs, p);
+    load_slot_packs(skip + first_pixel * skip_stride + cs, j0, g.R, d.W, skip_stride, p);
     DIP_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
       const int j = j0 + u * g.R;
       if (j >= d.W) continue;
@@ -154,12 +170,13 @@ DIP_HD void upsample_cat_forward_thread_cl(const scalar_t* skip, const scalar_t*
     }
     return;
   }
-  const scalar_t* dimg = deep + static_cast<long long>(n) * hd * wd * d.Cd + (c - d.Cs);
+  const int cd = c - (static_cast<int>(grp) + 1) * d.Cs;
+  const scalar_t* dimg = deep + static_cast<long long>(n) * hd * wd * deep_stride + cd;
   DIP_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
     const int j = j0 + u * g.R;
     if (j >= d.W) continue;
     acc_t v[V];
-    upsample_values<scalar_t, acc_t, V>(dimg, static_cast<int>(h), j, hd, wd, d.Cd, d.mode, v);
+    upsample_values<scalar_t, acc_t, V>(dimg, static_cast<int>(h), j, hd, wd, deep_stride, d.mode, v);
     Pack<scalar_t, V> o;
     DIP_UNROLL for (int l = 0; l < V; ++l) o.v[l] = static_cast<scalar_t>(v[l]);
     store_pack<scalar_t, V>(out + (first_pixel + j) * C + c, o);
@@ -188,7 +205,8 @@ DIP_HD void upsample_cat_grad_skip_thread_nchw(const scalar_t* grad, scalar_t* g
   }
 }
 
-// grad_skip, channels_last: tiling over grad_skip rows (C = Cs).
+// grad_skip, channels_last: tiling over grad_skip rows (C = G * Cs); channel c
+// of group grp is grad_out channel c + grp * Cd.
 template <typename scalar_t, int V, bool kCount>
 DIP_HD void upsample_cat_grad_skip_thread_cl(const scalar_t* grad, scalar_t* grad_skip, const Tiling& g,
                                              const UpsampleCatDims& d, int block, int group, int t, int* counts) {
@@ -197,16 +215,17 @@ DIP_HD void upsample_cat_grad_skip_thread_cl(const scalar_t* grad, scalar_t* gra
   const int cv = group * g.Cb + static_cast<int>(cvl);
   if (cv >= g.Cv) return;
   g.by_tiles.divmod(static_cast<uint32_t>(block), row, q);
-  const int C = d.Cs + d.Cd, c = cv * V;
+  const int C = d.G * (d.Cs + d.Cd), skip_stride = d.G * d.Cs, c = cv * V;  // C: grad_out's pixel stride
+  const int grp = static_cast<int>(d.by_Cs.div(static_cast<uint32_t>(c)));
   const long long first_pixel = static_cast<long long>(row) * d.W;
   const int j0 = static_cast<int>(q) * g.tile + static_cast<int>(r);
   Pack<scalar_t, V> p[kTileUnroll]{};
-  load_slot_packs(grad + first_pixel * C + c, j0, g.R, d.W, C, p);
+  load_slot_packs(grad + first_pixel * C + c + grp * d.Cd, j0, g.R, d.W, C, p);
   DIP_UNROLL for (int u = 0; u < kTileUnroll; ++u) {
     const int j = j0 + u * g.R;
     if (j >= d.W) continue;
-    store_pack<scalar_t, V>(grad_skip + (first_pixel + j) * d.Cs + c, p[u]);
-    count_stores<kCount>(counts, (first_pixel + j) * d.Cs + c, V);
+    store_pack<scalar_t, V>(grad_skip + (first_pixel + j) * skip_stride + c, p[u]);
+    count_stores<kCount>(counts, (first_pixel + j) * skip_stride + c, V);
   }
 }
 
@@ -244,7 +263,8 @@ DIP_HD void upsample_cat_grad_deep_thread_nchw(const scalar_t* grad, scalar_t* g
   }
 }
 
-// grad_deep, channels_last: tiling over grad_deep rows (n, i) (C = Cd).
+// grad_deep, channels_last: tiling over grad_deep rows (n, i) (C = G * Cd);
+// channel c of group grp is grad_out channel c + (grp + 1) * Cs.
 template <typename scalar_t, typename acc_t, int V, bool kCount>
 DIP_HD void upsample_cat_grad_deep_thread_cl(const scalar_t* grad, scalar_t* grad_deep, const Tiling& g,
                                              const UpsampleCatDims& d, int block, int group, int t, int* counts) {
@@ -254,8 +274,9 @@ DIP_HD void upsample_cat_grad_deep_thread_cl(const scalar_t* grad, scalar_t* gra
   if (cv >= g.Cv) return;
   g.by_tiles.divmod(static_cast<uint32_t>(block), row, q);
   g.by_rows.divmod(row, n, i);
-  const int C = d.Cs + d.Cd, c = cv * V;
-  const scalar_t* gimg = grad + static_cast<long long>(n) * d.H * d.W * C + d.Cs + c;
+  const int C = d.G * (d.Cs + d.Cd), deep_stride = d.G * d.Cd, c = cv * V;  // C: grad_out's pixel stride
+  const int grp = static_cast<int>(d.by_Cd.div(static_cast<uint32_t>(c)));
+  const scalar_t* gimg = grad + static_cast<long long>(n) * d.H * d.W * C + c + (grp + 1) * d.Cs;
   const long long first_pixel = static_cast<long long>(row) * g.cols;
   const int j0 = static_cast<int>(q) * g.tile + static_cast<int>(r);
   // Rolled: each slot already gathers up to 16 values, enough loads in
@@ -267,8 +288,8 @@ DIP_HD void upsample_cat_grad_deep_thread_cl(const scalar_t* grad, scalar_t* gra
     upsample_grad_values<scalar_t, acc_t, V>(gimg, static_cast<int>(i), j, d.H, d.W, C, d.mode, v);
     Pack<scalar_t, V> o;
     DIP_UNROLL for (int l = 0; l < V; ++l) o.v[l] = static_cast<scalar_t>(v[l]);
-    store_pack<scalar_t, V>(grad_deep + (first_pixel + j) * d.Cd + c, o);
-    count_stores<kCount>(counts, (first_pixel + j) * d.Cd + c, V);
+    store_pack<scalar_t, V>(grad_deep + (first_pixel + j) * deep_stride + c, o);
+    count_stores<kCount>(counts, (first_pixel + j) * deep_stride + c, V);
   }
 }
 

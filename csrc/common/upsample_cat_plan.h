@@ -19,11 +19,16 @@ struct UpsampleCatPlan {
 };
 
 inline UpsampleCatDims upsample_cat_dims(const UpsampleCatShape& s) {
-  return UpsampleCatDims{s.N, s.Cs, s.Cd, s.H, s.W, s.mode};
+  UpsampleCatDims d{s.N, s.G, s.Cs, s.Cd, s.H, s.W, s.mode, {}, {}, {}};
+  d.by_group_C = FastDivmod(divisor_or_one(s.Cs + s.Cd));
+  d.by_Cs = FastDivmod(divisor_or_one(s.Cs));
+  d.by_Cd = FastDivmod(divisor_or_one(s.Cd));
+  return d;
 }
 
 // Vectors stay inside a plane (NCHW: H x W and H/2 x W/2 both divisible by V)
-// or inside one tensor's channels (channels_last: V divides Cs and Cd).
+// or inside one group's channels of one tensor (channels_last: V divides the
+// per-group Cs and Cd, so no vector straddles a skip / deep or group boundary).
 inline void upsample_cat_runs(const UpsampleCatShape& s, long long* runs) {
   if (s.channels_last) {
     runs[0] = s.Cs;
@@ -42,7 +47,7 @@ inline UpsampleCatPlan upsample_cat_forward_plan(const UpsampleCatForwardCall& c
   p.V = vector_width_for(static_cast<int>(call.out.element_size()), {&call.skip, &call.deep, &call.out},
                          {runs[0], runs[1]});
   p.dims = upsample_cat_dims(s);
-  p.main = make_tiling(s.N, s.Cs + s.Cd, s.H, s.W, s.channels_last, p.V);
+  p.main = make_tiling(s.N, s.G * (s.Cs + s.Cd), s.H, s.W, s.channels_last, p.V);
   check_tiling_grid(p.main, "upsample_cat");
   return p;
 }
@@ -55,8 +60,8 @@ inline UpsampleCatPlan upsample_cat_backward_plan(const UpsampleCatBackwardCall&
   p.V = vector_width_for(static_cast<int>(call.grad.element_size()), {&call.grad, &call.grad_skip, &call.grad_deep},
                          {runs[0], runs[1]});
   p.dims = upsample_cat_dims(s);
-  p.main = make_tiling(s.N, s.Cd, s.H / 2, s.W / 2, s.channels_last, p.V);
-  p.skip = make_tiling(s.N, s.Cs, s.H, s.W, s.channels_last, p.V);
+  p.main = make_tiling(s.N, s.G * s.Cd, s.H / 2, s.W / 2, s.channels_last, p.V);
+  p.skip = make_tiling(s.N, s.G * s.Cs, s.H, s.W, s.channels_last, p.V);
   check_tiling_grid(p.main, "upsample_cat");
   check_tiling_grid(p.skip, "upsample_cat");
   return p;

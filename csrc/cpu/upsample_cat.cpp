@@ -1,6 +1,9 @@
 // CPU kernels of upsample_cat: out = cat([skip, upsample2x(deep)], dim=1)
 // written in one pass, and its backward (the skip channels' gradient copied
 // out, the deep channels' gradient gathered through the transposed taps).
+// With G groups the concatenation is per group (UpsampleCatShape): NCHW
+// shapes arrive with the groups folded into the batch, so the NCHW loops are
+// those of G = 1; the channels_last loops walk the G groups of each pixel.
 //
 // Two loop orders, each with a unit-stride inner loop:
 //   NCHW           one task per channel plane; bilinear is separable, so each
@@ -115,31 +118,37 @@ void forward_nchw(const scalar_t* skip, const scalar_t* deep, scalar_t* out, con
   });
 }
 
-// Output rows [r0, r1) (row r = row r % H of image r / H).
+// Output rows [r0, r1) (row r = row r % H of image r / H). A pixel holds G
+// groups of Cs + Cd output channels; skip and deep pixels hold G * Cs and G * Cd.
 template <typename scalar_t, typename acc_t>
 DIP_CPU_CLONES void forward_nhwc_rows(const scalar_t* skip, const scalar_t* deep, scalar_t* out,
                                       const UpsampleCatShape& s, const TapTable<acc_t>& rows,
                                       const TapTable<acc_t>& cols, int64_t r0, int64_t r1) {
-  const int C = s.Cs + s.Cd, H = s.H, W = s.W, h = H / 2, w = W / 2, Cs = s.Cs, Cd = s.Cd;
+  const int G = s.G, H = s.H, W = s.W, h = H / 2, w = W / 2, Cs = s.Cs, Cd = s.Cd;
+  const int64_t C = int64_t(G) * (Cs + Cd), skip_stride = int64_t(G) * Cs, deep_stride = int64_t(G) * Cd;
   for (int64_t nr = r0; nr < r1; ++nr) {
     const int64_t n = nr / H;
     const int r = static_cast<int>(nr % H);
     const acc_t a0 = rows.weight[4 * r], a1 = rows.weight[4 * r + 1];
-    const scalar_t* top = deep + (n * h + rows.index[4 * r]) * int64_t(w) * Cd;
-    const scalar_t* bottom = deep + (n * h + rows.index[4 * r + 1]) * int64_t(w) * Cd;
+    const scalar_t* top = deep + (n * h + rows.index[4 * r]) * int64_t(w) * deep_stride;
+    const scalar_t* bottom = deep + (n * h + rows.index[4 * r + 1]) * int64_t(w) * deep_stride;
     for (int q = 0; q < W; ++q) {
       scalar_t* o = out + (nr * W + q) * C;
-      if (Cs > 0) std::memcpy(o, skip + (nr * W + q) * Cs, sizeof(scalar_t) * Cs);
+      const scalar_t* sk = skip + (nr * W + q) * skip_stride;
       const acc_t b0 = cols.weight[4 * q], b1 = cols.weight[4 * q + 1];
-      const scalar_t *t0 = top + int64_t(cols.index[4 * q]) * Cd, *t1 = top + int64_t(cols.index[4 * q + 1]) * Cd;
-      const scalar_t *u0 = bottom + int64_t(cols.index[4 * q]) * Cd,
-                     *u1 = bottom + int64_t(cols.index[4 * q + 1]) * Cd;
-      scalar_t* od = o + Cs;
+      const int64_t q0 = cols.index[4 * q] * deep_stride, q1 = cols.index[4 * q + 1] * deep_stride;
+      for (int g = 0; g < G; ++g) {
+        scalar_t* og = o + int64_t(g) * (Cs + Cd);
+        if (Cs > 0) std::memcpy(og, sk + int64_t(g) * Cs, sizeof(scalar_t) * Cs);
+        const int64_t off = int64_t(g) * Cd;  // the group's first channel in a deep pixel
+        const scalar_t *t0 = top + q0 + off, *t1 = top + q1 + off, *u0 = bottom + q0 + off, *u1 = bottom + q1 + off;
+        scalar_t* od = og + Cs;
 #pragma omp simd
-      for (int c = 0; c < Cd; ++c) {
-        const acc_t t = b0 * static_cast<acc_t>(t0[c]) + b1 * static_cast<acc_t>(t1[c]);
-        const acc_t u = b0 * static_cast<acc_t>(u0[c]) + b1 * static_cast<acc_t>(u1[c]);
-        store(&od[c], a0 * t + a1 * u);
+        for (int c = 0; c < Cd; ++c) {
+          const acc_t t = b0 * static_cast<acc_t>(t0[c]) + b1 * static_cast<acc_t>(t1[c]);
+          const acc_t u = b0 * static_cast<acc_t>(u0[c]) + b1 * static_cast<acc_t>(u1[c]);
+          store(&od[c], a0 * t + a1 * u);
+        }
       }
     }
   }
@@ -149,16 +158,16 @@ template <typename scalar_t, typename acc_t>
 void forward_nhwc(const scalar_t* skip, const scalar_t* deep, scalar_t* out, const UpsampleCatShape& s) {
   const auto rows = forward_taps<acc_t>(s.H, s.mode);
   const auto cols = forward_taps<acc_t>(s.W, s.mode);
-  const int64_t grain = std::max<int64_t>(1, 16384 / (int64_t(s.W) * (s.Cs + s.Cd)));
+  const int64_t grain = std::max<int64_t>(1, 16384 / (int64_t(s.W) * s.G * (s.Cs + s.Cd)));
   at::parallel_for(0, int64_t(s.N) * s.H, grain, [&](int64_t r0, int64_t r1) {
     forward_nhwc_rows<scalar_t, acc_t>(skip, deep, out, s, rows, cols, r0, r1);
   });
 }
 
-at::Tensor upsample_cat_forward_cpu(const at::Tensor& skip, const at::Tensor& deep, int64_t mode) {
+at::Tensor upsample_cat_forward_cpu(const at::Tensor& skip, const at::Tensor& deep, int64_t mode, int64_t groups) {
   DIP_CHECK_DEVICE(skip, at::kCPU, "skip");
   DIP_CHECK_DEVICE(deep, at::kCPU, "deep");
-  auto call = upsample_cat_forward_call(skip, deep, mode);
+  auto call = upsample_cat_forward_call(skip, deep, mode, groups);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, deep.scalar_type(), "upsample_cat_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* sp = call.skip.const_data_ptr<scalar_t>();
@@ -230,13 +239,15 @@ void backward_nchw(const scalar_t* grad, scalar_t* grad_skip, scalar_t* grad_dee
   });
 }
 
-// Source rows [r0, r1) of grad_deep (row r = row r % h of image r / h), channels_last.
+// Source rows [r0, r1) of grad_deep (row r = row r % h of image r / h), channels_last:
+// every group's Cd channels of a source pixel at once (acc holds G * Cd sums).
 template <typename scalar_t, typename acc_t>
 DIP_CPU_CLONES void backward_nhwc_rows(const scalar_t* grad, scalar_t* grad_deep, const UpsampleCatShape& s,
                                        const TapTable<acc_t>& rows, const TapTable<acc_t>& cols, int64_t r0,
                                        int64_t r1) {
-  const int C = s.Cs + s.Cd, H = s.H, W = s.W, h = H / 2, w = W / 2, Cs = s.Cs, Cd = s.Cd;
-  std::vector<acc_t> acc(Cd);
+  const int G = s.G, H = s.H, W = s.W, h = H / 2, w = W / 2, Cs = s.Cs, Cd = s.Cd;
+  const int64_t C = int64_t(G) * (Cs + Cd), deep_stride = int64_t(G) * Cd;
+  std::vector<acc_t> acc(deep_stride);
   for (int64_t ni = r0; ni < r1; ++ni) {
     const int64_t n = ni / h;
     const int i = static_cast<int>(ni % h);
@@ -248,27 +259,37 @@ DIP_CPU_CLONES void backward_nhwc_rows(const scalar_t* grad, scalar_t* grad_deep
         for (int q = 0; q < 4; ++q) {
           const acc_t wq = cols.weight[4 * j + q] * wr;
           if (wq == acc_t(0)) continue;
-          const scalar_t* g = grad + ((n * H + rows.index[4 * i + r]) * W + cols.index[4 * j + q]) * int64_t(C) + Cs;
-          acc_t* a = acc.data();
+          const scalar_t* px = grad + ((n * H + rows.index[4 * i + r]) * W + cols.index[4 * j + q]) * C;
+          for (int grp = 0; grp < G; ++grp) {
+            const scalar_t* g = px + int64_t(grp) * (Cs + Cd) + Cs;  // the group's deep channels
+            acc_t* a = acc.data() + int64_t(grp) * Cd;
 #pragma omp simd
-          for (int c = 0; c < Cd; ++c) a[c] += wq * static_cast<acc_t>(g[c]);
+            for (int c = 0; c < Cd; ++c) a[c] += wq * static_cast<acc_t>(g[c]);
+          }
         }
       }
-      scalar_t* out = grad_deep + (ni * w + j) * int64_t(Cd);
+      scalar_t* out = grad_deep + (ni * w + j) * deep_stride;
+      const acc_t* a = acc.data();
 #pragma omp simd
-      for (int c = 0; c < Cd; ++c) store(&out[c], acc[c]);
+      for (int64_t c = 0; c < deep_stride; ++c) store(&out[c], a[c]);
     }
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void backward_nhwc(const scalar_t* grad, scalar_t* grad_skip, scalar_t* grad_deep, const UpsampleCatShape& s) {
-  const int C = s.Cs + s.Cd, H = s.H, W = s.W, h = H / 2, w = W / 2, Cs = s.Cs;
+  const int G = s.G, H = s.H, W = s.W, h = H / 2, w = W / 2, Cs = s.Cs;
+  const int64_t C = int64_t(G) * (Cs + s.Cd), skip_stride = int64_t(G) * Cs;
   const auto rows = backward_taps<acc_t>(h, s.mode);
   const auto cols = backward_taps<acc_t>(w, s.mode);
-  if (Cs > 0) {
+  if (Cs > 0) {  // each pixel: every group's first Cs channels of grad_out
     at::parallel_for(0, int64_t(s.N) * H * W, std::max<int64_t>(1, 16384 / C), [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) std::memcpy(grad_skip + e * Cs, grad + e * C, sizeof(scalar_t) * Cs);
+      for (int64_t e = e0; e < e1; ++e) {
+        for (int g = 0; g < G; ++g) {
+          std::memcpy(grad_skip + e * skip_stride + int64_t(g) * Cs, grad + e * C + int64_t(g) * (Cs + s.Cd),
+                      sizeof(scalar_t) * Cs);
+        }
+      }
     });
   }
   at::parallel_for(0, int64_t(s.N) * h, std::max<int64_t>(1, 16384 / (int64_t(W) * C)), [&](int64_t r0, int64_t r1) {
@@ -277,9 +298,9 @@ void backward_nhwc(const scalar_t* grad, scalar_t* grad_skip, scalar_t* grad_dee
 }
 
 std::tuple<at::Tensor, at::Tensor> upsample_cat_backward_cpu(const at::Tensor& grad_out, int64_t skip_channels,
-                                                             int64_t mode) {
+                                                             int64_t mode, int64_t groups) {
   DIP_CHECK_DEVICE(grad_out, at::kCPU, "grad_out");
-  auto call = upsample_cat_backward_call(grad_out, skip_channels, mode);
+  auto call = upsample_cat_backward_call(grad_out, skip_channels, mode, groups);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "upsample_cat_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = call.grad.const_data_ptr<scalar_t>();

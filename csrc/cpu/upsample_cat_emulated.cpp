@@ -27,8 +27,8 @@
 // interface (private names, `_` prefix and `_emulated` suffix), and a build
 // without this file (DIP_FAST_TEST_OPS=0) has none of them.
 TORCH_LIBRARY_FRAGMENT(dip_fast, m) {
-  m.def("_upsample_cat_emulated(Tensor skip, Tensor deep, int mode) -> (Tensor, Tensor)");
-  m.def("_upsample_cat_backward_emulated(Tensor grad_out, int skip_channels, int mode) -> (Tensor, Tensor, Tensor)");
+  m.def("_upsample_cat_emulated(Tensor skip, Tensor deep, int mode, int groups=1) -> (Tensor, Tensor)");
+  m.def("_upsample_cat_backward_emulated(Tensor grad_out, int skip_channels, int mode, int groups=1) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace dip_fast {
@@ -50,10 +50,11 @@ void for_each_thread(const Tiling& t, F&& body) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& skip, const at::Tensor& deep, int64_t mode) {
+std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& skip, const at::Tensor& deep, int64_t mode,
+                                                    int64_t groups) {
   DIP_CHECK_DEVICE(skip, at::kCPU, "skip");
   DIP_CHECK_DEVICE(deep, at::kCPU, "deep");
-  auto call = upsample_cat_forward_call(skip, deep, mode);
+  auto call = upsample_cat_forward_call(skip, deep, mode, groups);
   const UpsampleCatPlan p = upsample_cat_forward_plan(call);
   std::vector<int> counts(static_cast<size_t>(call.out.numel()), 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, deep.scalar_type(), "upsample_cat_forward_emulated", [&] {
@@ -75,9 +76,9 @@ std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& skip, cons
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_emulated(const at::Tensor& grad_out, int64_t skip_channels,
-                                                                 int64_t mode) {
+                                                                 int64_t mode, int64_t groups) {
   DIP_CHECK_DEVICE(grad_out, at::kCPU, "grad_out");
-  auto call = upsample_cat_backward_call(grad_out, skip_channels, mode);
+  auto call = upsample_cat_backward_call(grad_out, skip_channels, mode, groups);
   const UpsampleCatPlan p = upsample_cat_backward_plan(call);
   const long long n_skip = call.grad_skip.numel();
   std::vector<int> counts(static_cast<size_t>(n_skip + call.grad_deep.numel()), 0);

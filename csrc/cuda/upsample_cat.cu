@@ -6,6 +6,8 @@
 //   grad_skip    a vector copy of grad_out's skip channels
 //   grad_deep    each element: a gather of the <= 4 x 4 output gradients
 //                that read it (no atomics, deterministic)
+// Groups (packed networks) change no kernel's shape: NCHW folds them into the
+// batch, channels_last threads place their channel vector in its group.
 // Everything runs on the current stream with no host synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -87,11 +89,11 @@ inline dim3 grid_of(const Tiling& t) {
   return dim3(static_cast<unsigned>(tiling_blocks_x(t)), static_cast<unsigned>(tiling_blocks_y(t)));
 }
 
-at::Tensor upsample_cat_forward_cuda(const at::Tensor& skip, const at::Tensor& deep, int64_t mode) {
+at::Tensor upsample_cat_forward_cuda(const at::Tensor& skip, const at::Tensor& deep, int64_t mode, int64_t groups) {
   DIP_CHECK_DEVICE(skip, at::kCUDA, "skip");
   DIP_CHECK_DEVICE(deep, at::kCUDA, "deep");
   const c10::cuda::CUDAGuard guard(deep.device());
-  auto call = upsample_cat_forward_call(skip, deep, mode);
+  auto call = upsample_cat_forward_call(skip, deep, mode, groups);
   if (call.out.numel() == 0) return call.out;
   const UpsampleCatPlan p = upsample_cat_forward_plan(call);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -112,10 +114,10 @@ at::Tensor upsample_cat_forward_cuda(const at::Tensor& skip, const at::Tensor& d
 }
 
 std::tuple<at::Tensor, at::Tensor> upsample_cat_backward_cuda(const at::Tensor& grad_out, int64_t skip_channels,
-                                                              int64_t mode) {
+                                                              int64_t mode, int64_t groups) {
   DIP_CHECK_DEVICE(grad_out, at::kCUDA, "grad_out");
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  auto call = upsample_cat_backward_call(grad_out, skip_channels, mode);
+  auto call = upsample_cat_backward_call(grad_out, skip_channels, mode, groups);
   const UpsampleCatPlan p = upsample_cat_backward_plan(call);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "upsample_cat_backward_cuda", [&] {
