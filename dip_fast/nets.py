@@ -146,8 +146,6 @@ class FastSkipNet(SkipNet):
         n, _, h, w = d.shape
         if mode in UPSAMPLE_MODES and (s is None or tuple(s.shape[2:]) == (2 * h, 2 * w)):
             skip = s if s is not None else d.new_empty((n, 0, 2 * h, 2 * w))
-            if self.networks == 1:  # TEMP until the grouped op lands
-                return upsample_cat(skip, d, mode)
             return upsample_cat(skip, d, mode, groups=self.networks)
         d = upsample2x(d, mode)
         return center_crop_cat([s, d], self.networks) if s is not None else d
