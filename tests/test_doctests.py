@@ -15,11 +15,13 @@ MODULES = [
     "dip_fast.io",
     "dip_fast.memory",
     "dip_fast.networks",
+    "dip_fast.packed",
     "dip_fast.request",
     "dip_fast.tasks.degradations",
     "dip_fast.tasks.presets",
     "dip_fast.tasks.registry",
     "dip_fast.tasks.run",
+    "dip_fast.tasks.terms",
     "dip_fast.tiles",
 ]
 
