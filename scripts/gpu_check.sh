@@ -41,6 +41,7 @@
 #            fp32 eager with its standard error (parity: |mean| <= 0.15 dB on the returned,
 #            averaged output). About 10 minutes of H200 time in all: runs are kept in
 #            .cache/parity (the machine's disk), so a second call finishes a cut-off one.
+#   packed   bench/packed.py: images per hour of K = 1, 4, 16 packed networks at 256x256 (log only)
 #   earlystop bench/early_stop.py on the F16 image at 512x512: ES-WMV's detected step
 #            against the PSNR peak, and the share of the fixed run it takes. Writes
 #            early-stop.json.
@@ -114,6 +115,7 @@ if [ "$CPU_ONLY" = 1 ]; then
   PROFILE_ROUNDS=2
   COMPILE_SIZES=(64)
   OP_SIZE=64
+  PACK_SIZE=64
   E2E_CROP=64
   E2E_ITERS=20
   SR_LIMITS="--crop 64 --iterations 20"
@@ -131,6 +133,7 @@ else
   PROFILE_ROUNDS=5
   COMPILE_SIZES=(256 512 1024)
   OP_SIZE=512
+  PACK_SIZE=256
   E2E_CROP=512
   E2E_ITERS=3000
   SR_LIMITS=""  # the whole zebra image at the preset's step count
@@ -474,6 +477,9 @@ run_stage compile 200 "$PYTHON" bench/compare.py --device "$DEVICE" --sizes "${C
 run_stage ops 90 "$PYTHON" bench/compare.py --device "$DEVICE" --no-steps --op-size "$OP_SIZE" \
   --repeats "$REPEATS" --warmup "$WARMUP" --min-sample-s 0.1 --profile --profile-size "$OP_SIZE" \
   --out "$OUT/$DEVICE-ops.json" --no-markdown
+# Packed networks (#16): images per hour against K; the table goes to the log (no file: $OUT is full).
+run_stage packed 60 "$PYTHON" bench/packed.py --device "$DEVICE" --size "$PACK_SIZE" --ks 1 4 16 --steps 20 \
+  --rounds 3
 run_stage parity 560 parity
 run_stage earlystop 300 earlystop
 run_stage e2e 200 "$PYTHON" bench/quality.py --task denoise --crop "$E2E_CROP" --iterations "$E2E_ITERS" \
