@@ -200,6 +200,10 @@ def auto_tile(request: RestoreRequest, image: Any) -> Optional[int]:
     need, have, (h, w) = whole_image_need(request, image)
     if need is None or have is None or need <= have:
         return None
+    # Tiles need the whole image in memory (as float32, with copies for the tiles and the blend): an image
+    # that alone would not fit is refused instead, by prepare_observation's memory check.
+    if 8 * 4 * 3 * h * w * request.factor ** 2 > have:
+        return None
     padding = Padding.for_request(request)
     side = max(h, w)
     while side > 32:
