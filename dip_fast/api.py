@@ -37,7 +37,6 @@ from .observation import Observation, prepare_observation
 from .request import PRECISION_CHOICES, PRESET_LEVELS, STEP_MODE_CHOICES, STOP_CHOICES  # noqa: F401  (kept here)
 from .request import RestoreRequest, validate_request
 from .tasks import registry
-from .tasks.inputs import check_int
 
 __all__ = ["RestoreInfo", "estimate_memory", "restore", "PRESET_LEVELS", "TASK_ALIASES"]
 
@@ -421,14 +420,13 @@ def restore(
         task, mask=mask, scale=scale, blur_kernel=blur_kernel, output_shape=output_shape, iterations=iterations,
         preset=preset, sigma=sigma, seed=seed, device=device, backend=backend, progress=progress, callback=callback,
         return_info=return_info, max_time=max_time, num_threads=num_threads, deterministic=deterministic,
-        stop=stop, step_mode=step_mode, precision=precision, restarts=restarts, pack=pack,
+        stop=stop, step_mode=step_mode, precision=precision, restarts=restarts, pack=pack, tile=tile,
     )
     run_seed = random.SystemRandom().randrange(2**63) if request.seed is None else request.seed
     from . import many  # several runs at once build on this module's stages
 
-    if tile is not None:
-        tile = check_int(tile, "tile", 16)
-        return many.restore_tiled(request, image, mask, ground_truth, run_seed, tile, "tile was given")
+    if request.tile is not None:
+        return many.restore_tiled(request, image, mask, ground_truth, run_seed, request.tile, "tile was given")
     if not isinstance(image, (list, tuple)):
         fitting = many.auto_tile(request, image)
         if fitting is not None:

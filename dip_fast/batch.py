@@ -36,7 +36,7 @@ import torch
 
 from . import io
 from .api import restore
-from .request import PER_FILE, resolve_task, validate_request
+from .request import PER_FILE, resolve_device, resolve_task, validate_request
 from .tasks import registry
 
 __all__ = [
@@ -303,8 +303,8 @@ class _Packer:
 
         self.restore_one, self.inputs, self.task, self.kwargs = restore_one, inputs, task, restore_kwargs
         if pack == "auto":  # restore() trims a pack to the memory estimate
-            device = str(restore_kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-            pack = MAX_PACK_CUDA if device.startswith("cuda") else MAX_PACK_CPU
+            cuda = resolve_device(restore_kwargs.get("device")).type == "cuda"
+            pack = MAX_PACK_CUDA if cuda else MAX_PACK_CPU
         self.size = int(pack)
         self.todo = todo
         self.done: Dict[Path, Any] = {}

@@ -243,7 +243,7 @@ def _write_uncertainty(std: Any, path: Path, force: bool) -> None:
     """The runs' per-pixel spread (mean over colour channels) as an 8-bit grey image, scaled to its maximum.
 
     Scaled, so that where the runs disagree shows whatever the level; the
-    maximum goes into the file name's neighbour on stderr for reading values.
+    maximum (the value of white) is printed on stderr.
     """
     import numpy as np
 

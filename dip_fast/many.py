@@ -23,8 +23,8 @@ import torch
 
 from . import api, io, tasks, tiles
 from .fit import FitResult, fit_packed
-from .memory import device_memory, estimate_memory, format_bytes
-from .observation import Observation, Padding, _load_ground_truth, prepare_observation
+from .memory import device_memory, format_bytes
+from .observation import Observation, _load_ground_truth, inspect_run, prepare_observation, run_memory
 from .packed import pack as pack_networks, packable
 from .request import RestoreRequest
 
@@ -185,30 +185,22 @@ def _combine(request: RestoreRequest, observed: Observation,
 TILE_OVERLAP = 1 / 8
 
 
-def whole_image_need(request: RestoreRequest, image: Any) -> Tuple[Optional[int], Optional[int], Tuple[int, int]]:
-    """The estimated bytes of restoring ``image`` whole, the device's bytes, and the image's size."""
-    source = io.inspect_image(image, "image")
-    c, h, w = request.output_shape or (source.spec.color_channels, source.spec.height, source.spec.width)
-    need = estimate_memory(request.preset, c, Padding.for_request(request).working_size(h, w))
-    return need, device_memory(request.device), (h, w)
-
-
 def auto_tile(request: RestoreRequest, image: Any) -> Optional[int]:
     """The tile side for an image whose whole run would not fit in memory; None when it fits (or is unknown)."""
     if request.operator is not None or request.task.tiling is None:
         return None  # prepare_observation refuses it with the memory message
-    need, have, (h, w) = whole_image_need(request, image)
+    _, (c, h, w), need = inspect_run(request, image)
+    have = device_memory(request.device)
     if need is None or have is None or need <= have:
         return None
     # Tiles need the whole image in memory (as float32, with copies for the tiles and the blend): an image
     # that alone would not fit is refused instead, by prepare_observation's memory check.
-    if 8 * 4 * 3 * h * w * request.factor ** 2 > have:
+    if 8 * 4 * c * h * w * request.factor ** 2 > have:
         return None
-    padding = Padding.for_request(request)
     side = max(h, w)
     while side > 32:
         side //= 2
-        tile_need = estimate_memory(request.preset, 3, padding.working_size(side, side))
+        tile_need = run_memory(request, c, side, side)
         if tile_need is not None and tile_need <= 0.8 * have:
             return side
     return None

@@ -106,6 +106,21 @@ def _load_ground_truth(ground_truth: io.ImageLike, want: Tuple[int, int, int]) -
     return gt
 
 
+def inspect_run(request: RestoreRequest, image: io.ImageLike) -> Tuple[Any, Tuple[int, int, int], Optional[int]]:
+    """Before any pixel is converted: the image's source, the ``(C, H, W)`` generated and the run's estimated bytes.
+
+    A callable's observation may be smaller than an image (its operator sets the sizes).
+    """
+    source = io.inspect_image(image, "image", min_size=1 if request.operator is not None else io.MIN_SIZE)
+    c, h, w = request.output_shape or (source.spec.color_channels, source.spec.height, source.spec.width)
+    return source, (c, h, w), run_memory(request, c, h, w)
+
+
+def run_memory(request: RestoreRequest, channels: int, height: int, width: int) -> Optional[int]:
+    """The estimated peak bytes of restoring a ``channels x height x width`` image (None if unknown)."""
+    return estimate_memory(request.preset, channels, Padding.for_request(request).working_size(height, width))
+
+
 def prepare_observation(request: RestoreRequest, image: io.ImageLike, mask: Optional[io.ImageLike] = None,
                         ground_truth: Optional[io.ImageLike] = None) -> Observation:
     """Read, check and pad the request's images (see the module docstring).
@@ -115,13 +130,9 @@ def prepare_observation(request: RestoreRequest, image: io.ImageLike, mask: Opti
             image, mask or ground truth, or a run too large for the device.
     """
     operator, factor, dev = request.operator, request.factor, request.device
-    # Size and memory before the pixels are converted.  A callable's
-    # observation may be smaller than an image (its operator sets the sizes).
-    source = io.inspect_image(image, "image", min_size=1 if operator is not None else io.MIN_SIZE)
-    c, h, w = request.output_shape or (source.spec.color_channels, source.spec.height, source.spec.width)
-    padding = Padding.for_request(request)
-    need = estimate_memory(request.preset, c, padding.working_size(h, w))
+    source, (c, h, w), need = inspect_run(request, image)  # size and memory before the pixels are converted
     check_fits(need, dev, h, w)
+    padding = Padding.for_request(request)
 
     loaded = io.load_image(image, "image", source=source)
     spec, color = loaded.spec, loaded.color  # a file's orientation may have changed the size

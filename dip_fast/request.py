@@ -77,6 +77,8 @@ class RestoreRequest:
         restarts: independent runs per image (their mean is returned).
         pack: the most networks trained in one step (``'auto'``: as many as
             fit, see :func:`dip_fast.api.restore`).
+        tile: the side of the tiles to restore the image in, or None (whole,
+            unless it does not fit in memory).
     """
 
     task: TaskSpec
@@ -103,6 +105,7 @@ class RestoreRequest:
     return_info: bool
     restarts: int = 1
     pack: Union[int, str] = "auto"
+    tile: Optional[int] = None
 
 
 def _check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
@@ -219,7 +222,7 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
     stop = _check_choice(stop, "stop", STOP_CHOICES)
     restarts = check_int(restarts, "restarts", 1)
     if tile is not None:
-        check_int(tile, "tile", 16)
+        tile = check_int(tile, "tile", 16)
     if isinstance(pack, str) and pack != "auto":
         raise ValueError(f"pack must be 'auto' or an integer >= 1, got {pack!r}")
     if not isinstance(pack, str):
@@ -251,5 +254,5 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
         blur_kernel=inputs["blur_kernel"], output_shape=inputs["output_shape"], sigma=inputs["sigma"], seed=seed,
         stop=stop, step_mode=step_mode, precision=precision,
         max_time=max_time, num_threads=num_threads, deterministic=bool(deterministic), progress=bool(progress),
-        callback=callback, return_info=bool(return_info), restarts=restarts, pack=pack,
+        callback=callback, return_info=bool(return_info), restarts=restarts, pack=pack, tile=tile,
     )

@@ -177,9 +177,10 @@ class DeviceBacktracker:
 
     With ``networks=K`` (a packed network, :mod:`dip_fast.packed`) every
     decision is per network: PSNRs are ``(K,)``, and a drop restores only
-    that network's slice of the weights.  :meth:`freeze` then holds a
-    network's weights where they are from now on (its run has stopped while
-    the others go on); ``threshold_db=None`` keeps only that.
+    that network's slice of the weights.  With ``freezing=True``,
+    :meth:`freeze` holds a network's weights where they are from then on
+    (its run has stopped while the others go on); ``threshold_db=None``
+    keeps only that.
 
     All decisions are ``torch.where`` on device flags: nothing is read back
     to the host, so a check can sit inside a CUDA graph.  ``active`` is a
@@ -188,12 +189,13 @@ class DeviceBacktracker:
     """
 
     def __init__(self, params: Sequence[torch.Tensor], threshold_db: Optional[float] = 5.0,
-                 networks: int = 1) -> None:
+                 networks: int = 1, freezing: bool = False) -> None:
         params = list(params)
         if not params:
             raise ValueError("backtracking needs at least one parameter")
         self.threshold_db = None if threshold_db is None else float(threshold_db)
         self.networks = networks
+        self.freezing = freezing  # freeze() may be called: frozen networks are held on every step
         flat = flatten_parameters(params)
         if networks == 1:
             self._live: List[torch.Tensor] = [flat] if flat is not None else [p.detach() for p in params]
@@ -236,10 +238,9 @@ class DeviceBacktracker:
     @torch.no_grad()
     def after_update(self, active: Flag = True) -> None:
         """Put the snapshot back where :meth:`before_update` dropped this step, and hold frozen networks."""
-        if self.networks > 1:
-            self._hold(self.dropped | self.frozen)
-        elif active is not False:
-            self._hold(self.dropped)
+        if active is False and not self.freezing:
+            return
+        self._hold(self.dropped | self.frozen)
 
     @torch.no_grad()
     def freeze(self, mask: torch.Tensor) -> None:
@@ -374,11 +375,13 @@ class StepRunner:
         self.params = [p for p in net.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("net has no trainable parameters")
-        # Flatten before the optimizer exists so that its state is built for the final views.  Packed
-        # networks always need the snapshot store: a network that stops is held at its weights.
+        # A packed network whose early stopping fires is frozen (held at its weights and average)
+        # while the others go on; that needs the backtracker's snapshot store even without backtracking.
+        self._freezing = networks > 1 and (early_stop is not None or stop_bound is not None)
+        # Flatten before the optimizer exists so that its state is built for the final views.
         self.backtracker = (
-            DeviceBacktracker(self.params, backtrack_threshold_db, networks)
-            if backtrack_threshold_db is not None or networks > 1 else None
+            DeviceBacktracker(self.params, backtrack_threshold_db, networks, freezing=self._freezing)
+            if backtrack_threshold_db is not None or self._freezing else None
         )
         if optimizer is None:
             optimizer = default_adam(self.params, lr, capturable=self.device.type == "cuda")
@@ -477,7 +480,7 @@ class StepRunner:
                     self.average.copy_(self.out)
                 else:
                     # A frozen network's average stays what its early stopping saw.
-                    before = self.average.clone() if self.networks > 1 else None
+                    before = self.average.clone() if self._freezing else None
                     self.average.mul_(self.exp_weight).add_(self.out, alpha=1.0 - self.exp_weight)
                     if before is not None:
                         frozen = self.backtracker.frozen.reshape(-1, 1, 1, 1)
@@ -494,7 +497,7 @@ class StepRunner:
                 self.backtracker.after_update(check)
             if self.early_stop is not None:
                 self.early_stop.update(self.out, self.average, self._residual)
-                if self.networks > 1:
+                if self._freezing:
                     self.backtracker.freeze(self.early_stop.fired)
             es = self.early_stop
             row = [

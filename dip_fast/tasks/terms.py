@@ -267,26 +267,22 @@ class PackedTerm(nn.Module):
             raise ValueError(f"packed runs need observations of one shape, got {sorted(shapes)}")
         self.terms = nn.ModuleList(terms)
         self.register_buffer("observation", torch.cat([t.observation for t in terms]))
+        self._settings = [t.fit_kwargs() for t in terms]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([term(x[k : k + 1]) for k, term in enumerate(self.terms)])
 
     def _degrade(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([_term_degrade(term, x[k : k + 1]) for k, term in enumerate(self.terms)])
+        """Each image as its own term sees it: ``degrade(x_k)``, or ``x_k`` for terms without one."""
+        return torch.cat([kw["degrade"](x[k : k + 1]) if kw["degrade"] is not None else x[k : k + 1]
+                          for k, kw in enumerate(self._settings)])
 
     def fit_kwargs(self) -> Dict[str, Any]:
         """:func:`~dip_fast.fit.fit_packed`'s arguments for the observations: ``K`` rows each."""
-        kwargs = [t.fit_kwargs() for t in self.terms]
-        masks = [kw["mask"] for kw in kwargs]
+        masks = [kw["mask"] for kw in self._settings]
         mask = None
         if any(m is not None for m in masks):  # a run without a mask knows every pixel
             like = self.observation[:1]
             mask = torch.cat([(m if m is not None else torch.ones_like(like)).expand_as(like) for m in masks])
-        degrade = self._degrade if any(kw["degrade"] is not None for kw in kwargs) else None
+        degrade = self._degrade if any(kw["degrade"] is not None for kw in self._settings) else None
         return {"observation": self.observation, "mask": mask, "degrade": degrade}
-
-
-def _term_degrade(term: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What the term compares with its observation: ``degrade(x)``, or ``x`` for terms without one."""
-    degrade = term.fit_kwargs()["degrade"]
-    return degrade(x) if degrade is not None else x
