@@ -79,7 +79,8 @@ def restore_many(request: RestoreRequest, images: Any, masks: Any, truths: Any, 
         if obs.constant is not None:
             outputs[i] = api._constant_result(request, obs, seed)
             continue
-        jobs.extend((i, api._plan_job(request, obs, seed + r)) for r in range(request.restarts))
+        job = api._plan_job(request, obs, seed)  # the pixel settings (a noise estimate) once per image
+        jobs.extend((i, _restart(job, seed + r)) for r in range(request.restarts))
     finished: Dict[int, List[Tuple[torch.Tensor, api.RestoreInfo]]] = {}
     with api._run_settings(request.num_threads, request.deterministic):
         for group in _groups(jobs):
@@ -91,6 +92,13 @@ def restore_many(request: RestoreRequest, images: Any, masks: Any, truths: Any, 
     for i, runs in finished.items():
         outputs[i] = _combine(request, observed[i], runs)
     return outputs[0] if single else outputs
+
+
+def _restart(job: "api.Job", seed: int) -> "api.Job":
+    """``job`` with another seed and an info of its own (the first restart is ``job`` itself)."""
+    if seed == job.seed:
+        return job
+    return dataclasses.replace(job, seed=seed, info=dataclasses.replace(job.info, seed=seed))
 
 
 def _per_image(value: Any, name: str, n: int, single: bool) -> List[Any]:
