@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from . import _ops, auto_step, degenerate, io, tasks
+from . import _caller, _ops, auto_step, degenerate, io, tasks
 from .early_stop import DiscrepancyRule
 from .fit import FitResult, fit
 from .memory import estimate_memory
@@ -169,8 +169,7 @@ def _estimate_sigma(color: torch.Tensor) -> Optional[float]:
 
     See :func:`dip_fast.degenerate.estimate_sigma` (0, with a warning, for an image without fine detail).
     """
-    # stacklevel 4: the warning points at the caller of restore() (through _pixel_settings).
-    return degenerate.estimate_sigma(color, stacklevel=4)
+    return degenerate.estimate_sigma(color, stacklevel=_caller.stacklevel())  # the caller of restore()
 
 
 # --------------------------------------------------------------------------
@@ -487,7 +486,7 @@ def _pixel_settings(request: RestoreRequest, color: torch.Tensor
         used_sigma = request.sigma if request.sigma is not None else estimate
         if used_sigma is None:
             warnings.warn("dip_fast: cannot estimate the noise level (PyWavelets missing); assuming sigma=25",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=_caller.stacklevel())
             used_sigma = 25.0
         if request.level:  # an explicit Preset or registry name keeps its own setting
             chosen = chosen.with_overrides(reg_noise_std=reg_noise_for_sigma(used_sigma))

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import api, io, tasks, tiles
+from . import _caller, api, io, tasks, tiles
 from .fit import FitResult, fit_packed
 from .memory import device_memory, format_bytes
 from .observation import Observation, _load_ground_truth, inspect_run, prepare_observation, run_memory
@@ -238,7 +238,7 @@ def restore_tiled(request: RestoreRequest, image: Any, mask: Any, truth: Any, se
     tiled = tiles.tile_request(request.task, color[0], extras, min(tile, max(color.shape[2:])), overlap)
     warnings.warn(f"dip_fast: restoring the {spec.height}x{spec.width} image in {len(tiled.observations)} "
                   f"overlapping tiles of {tiled.input_plan.tile_size[0]}x{tiled.input_plan.tile_size[1]} "
-                  f"({why}); info.tiles says so too", RuntimeWarning, stacklevel=3)
+                  f"({why}); info.tiles says so too", RuntimeWarning, stacklevel=_caller.stacklevel())
     sub = dataclasses.replace(request, return_info=True, sigma=sigma)
     masks = [e.get("mask") for e in tiled.extras] if mask is not None else None
     results = restore_many(sub, list(tiled.observations), masks, None, seed)

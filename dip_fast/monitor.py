@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from . import io
+from . import _caller, io
 from .fit import StepInfo
 
 if TYPE_CHECKING:  # the api imports this module
@@ -67,9 +67,7 @@ class ProgressMonitor:
                 f"dip_fast: {why}this run of {self.info.iterations} steps will take about "
                 f"{format_seconds(total)} on the CPU (measured {per_step * 1000:.0f} ms/step). "
                 "Pass iterations=, max_time= or preset='quick' for a shorter run, or use a GPU.",
-                # Point at the caller of restore(): the frames between are on_step, fit's step loop
-                # and fit itself, and api._fit and restore() (a fix to the old count, which stopped in fit).
-                UserWarning, stacklevel=8,
+                UserWarning, stacklevel=_caller.stacklevel(),  # the caller of restore()
             )
 
     def on_step(self, s: StepInfo) -> None:

@@ -332,3 +332,13 @@ def test_cli_restarts_write_the_uncertainty(tmp_path, capsys):
     assert std.shape == (32, 32) and std.max() == 255
     assert main(base + ["--restarts", "0", "--force"]) == 2
     assert "restarts must be >= 1" in capsys.readouterr().err
+
+
+def test_warnings_point_at_the_callers_line_whatever_the_path():
+    """Run-time and tiling notices name the caller's file, for single, packed and tiled runs alike."""
+    image = _images(1, size=64)[0]
+    calls = [dict(), dict(restarts=2), dict(tile=32, preset="quick")]
+    for extra in calls:
+        with pytest.warns(Warning) as record:
+            restore(image, "denoise", iterations=2, device="cpu", stop="never", **extra)
+        assert record and all(w.filename == __file__ for w in record), [(w.filename, str(w.message)) for w in record]
