@@ -385,8 +385,9 @@ def fit_packed(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, *, netw
     network: averaging, backtracking (a drop restores only that network's
     weights), early stopping (a network that stops is frozen while the
     others go on; the loop ends when all have stopped), ``psnr_target``
-    (the loop ends when all have reached it) and the histories.  ``callback``
-    is called once per network at each read, with ``StepInfo.network`` set.
+    (the loop ends when all have reached it) and the histories, which end
+    where the network stopped, as a run alone would.  ``callback`` is called
+    once per running network at each read, with ``StepInfo.network`` set.
 
     Returns:
         ``K`` :class:`FitResult` objects, network ``k``'s at index ``k``.
@@ -464,6 +465,8 @@ class _Loop:
         runner = self.runner
         es = runner.early_stop
         for k, result in enumerate(self.results):
+            if self.done[k]:  # a stopped network of a packed run: frozen, its record ends where a run alone would
+                continue
             rows = [entry[k] for entry in log]
             for row in rows:
                 step = result.steps

@@ -120,12 +120,13 @@ def test_a_stopped_network_is_frozen_while_the_others_go_on():
     frozen = {}
 
     def watch(info):
-        if info.network == 1 and info.step in (2, 7):
+        if info.network == 0 and info.step in (2, 7):  # network 1 has stopped: no calls for it
             frozen[info.step] = [p.detach()[p.shape[0] // K : 2 * p.shape[0] // K].clone() for p in net.parameters()]
 
     results = fit_packed(net, z, term, networks=K, iterations=8, stop="discrepancy",
                          stop_bound=[float("nan"), 1e9, float("nan")], callback=watch, **term.fit_kwargs())
     assert results[1].stop_reason == "early_stop" and results[1].stop_step == 0
+    assert results[1].steps == 1 and len(results[1].loss_history) == 1  # its record ends as a run alone ends
     assert results[0].stop_step is None and results[0].steps == 8 and results[2].steps == 8
     for a, b in zip(frozen[2], frozen[7]):
         assert torch.equal(a, b)
