@@ -43,7 +43,7 @@ class ProgressMonitor:
         self.noise_var = noise_var  # early stopping's sigma^2: the bar shows the residual against it
         self.stop = False
         self._t_first: Optional[float] = None
-        self.bar = tqdm(total=info.iterations, desc=f"dip-fast {info.task}", unit="step",
+        self.bar = tqdm(total=info.iterations, desc=f"dip-fast {info.task} {info.precision}", unit="step",
                         disable=not progress, dynamic_ncols=True)
 
     def should_stop(self) -> bool:

@@ -1,4 +1,4 @@
-"""step_mode='auto' / precision='auto': read from the table of recorded GPU parity (dip_fast.auto_step)."""
+"""step_mode='auto' / precision='auto': read from the table of recorded parity (dip_fast.auto_step)."""
 from __future__ import annotations
 
 import inspect
@@ -17,9 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CUDA = torch.device("cuda")  # only compared by type: no GPU is needed
 
 
-def record(mode: str, precision: str, ms: float, diff: float) -> ParityRecord:
+def record(mode: str, precision: str, ms: float, diff: float, se: float = 0.03, device_type: str = "cuda") -> ParityRecord:
     return ParityRecord(step_mode=mode, precision=precision, ms_per_step=ms, psnr_diff_db=diff,
-                        psnr_diff_se_db=0.03, runs=6, gpu="test card", commit="0000000", source="test")
+                        psnr_diff_se_db=se, runs=6, hardware="test card", commit="0000000", source="test",
+                        device_type=device_type)
 
 
 # The issue-17 H200 times at 512², with made-up parity results: bf16 is the fastest but fails parity.
@@ -30,10 +31,11 @@ TABLE = (
 )
 
 
-def test_auto_is_eager_fp32_while_no_parity_is_recorded():
-    assert auto_step.RECORDED_PARITY == ()  # no GPU run has recorded parity yet: today's behaviour
+def test_auto_is_eager_fp32_without_a_record_with_parity():
+    assert choose(CUDA, records=()) == ("eager", "fp32")
+    assert choose("cpu", records=(), native_bf16=True) == ("eager", "fp32")
+    assert not any(r.device_type == "cuda" for r in auto_step.RECORDED_PARITY)  # no GPU run has recorded parity yet
     assert choose(CUDA) == ("eager", "fp32")
-    assert choose("cpu") == ("eager", "fp32")
     assert choose(CUDA, "graph", "auto") == ("graph", "fp32")
     assert choose(CUDA, "auto", "bf16") == ("eager", "bf16")
 
@@ -54,6 +56,43 @@ def test_the_parity_tolerance_is_the_issues():
     assert record("graph", "bf16", 1.0, 0.15).has_parity and record("graph", "bf16", 1.0, -0.15).has_parity
     assert not record("graph", "bf16", 1.0, 0.151).has_parity
     assert not record("graph", "bf16", 1.0, float("nan")).has_parity
+    # A small mean from too few pairs is not parity: the 95% interval must also lie within +-0.3 dB.
+    assert record("graph", "bf16", 1.0, 0.0, se=0.15).has_parity
+    assert not record("graph", "bf16", 1.0, 0.0, se=0.16).has_parity
+    assert not record("graph", "bf16", 1.0, -0.1, se=0.11).has_parity
+    assert not record("graph", "bf16", 1.0, 0.0, se=float("nan")).has_parity
+
+
+CPU_TABLE = (record("eager", "bf16", 40.0, -0.05, device_type="cpu"),)
+
+
+def test_cpu_runs_bf16_only_with_native_bf16_units_and_a_cpu_record():
+    assert choose("cpu", records=CPU_TABLE, native_bf16=True) == ("eager", "bf16")
+    assert choose("cpu", records=CPU_TABLE, native_bf16=False) == ("eager", "fp32")  # emulated: slower
+    assert choose("cpu", "auto", "fp32", records=CPU_TABLE, native_bf16=True) == ("eager", "fp32")
+    # A CPU record says nothing about CUDA, nor a CUDA record about the CPU.
+    assert choose(CUDA, records=CPU_TABLE) == ("eager", "fp32")
+    assert choose("cpu", records=(record("eager", "bf16", 40.0, 0.0),), native_bf16=True) == ("eager", "fp32")
+    # No parity, no bf16; and no graph on the CPU.
+    assert choose("cpu", records=(record("eager", "bf16", 40.0, -0.4, device_type="cpu"),),
+                  native_bf16=True) == ("eager", "fp32")
+    assert choose("cpu", records=(record("graph", "bf16", 40.0, 0.0, device_type="cpu"),),
+                  native_bf16=True) == ("eager", "fp32")
+
+
+def test_cpu_features_names_the_bf16_units(monkeypatch):
+    from dip_fast import cpu_features
+
+    for caps, units in [({"amx_bf16": True, "amx_tile": True, "avx512_bf16": True}, "AMX"),
+                        ({"avx512_bf16": True}, "AVX512-BF16"), ({"avx2": True}, "none"), ({}, "none")]:
+        monkeypatch.setattr(cpu_features, "capabilities", lambda caps=caps: caps)
+        assert cpu_features.bf16_units() == units
+        assert cpu_features.has_native_bf16() == (units != "none")
+    # restore() asks the CPU: with no bf16 units, 'auto' is fp32 whatever the table holds.
+    monkeypatch.setattr(auto_step, "RECORDED_PARITY", CPU_TABLE)
+    assert choose("cpu") == ("eager", "fp32")
+    monkeypatch.setattr(cpu_features, "capabilities", lambda: {"amx_bf16": True, "amx_tile": True})
+    assert choose("cpu") == ("eager", "bf16")
 
 
 def test_fit_and_restore_read_the_same_table(monkeypatch):
@@ -76,7 +115,10 @@ def test_fit_and_restore_read_the_same_table(monkeypatch):
     assert (info.step_mode, info.precision) == ("eager", "tf32")
 
 
-def test_restore_default_runs_eager_fp32_on_the_cpu():
+def test_restore_default_runs_eager_fp32_on_a_cpu_without_bf16_units(monkeypatch):
+    from dip_fast import cpu_features
+
+    monkeypatch.setattr(cpu_features, "capabilities", lambda: {"avx2": True})
     image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     _, info = restore(image, preset="quick", iterations=1, sigma=25, return_info=True, backend="reference")
     assert (info.step_mode, info.precision) == ("eager", "fp32")
