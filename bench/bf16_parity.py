@@ -30,6 +30,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -68,8 +69,10 @@ def run_pair(path: Path, task: str, seed: int, args: argparse.Namespace) -> Dict
     rec: Dict[str, Any] = {"image": path.name, "task": task, "seed": seed, "crop": args.crop, "baseline": baseline}
     for precision in PRECISIONS:
         t0 = time.perf_counter()
-        out, info = dip_fast.restore(obs.astype(np.float32), task=task, seed=seed, device="cpu",
-                                     precision=precision, num_threads=args.threads, return_info=True, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the CPU run-time notices
+            out, info = dip_fast.restore(obs.astype(np.float32), task=task, seed=seed, device="cpu",
+                                         precision=precision, num_threads=args.threads, return_info=True, **kwargs)
         seconds = time.perf_counter() - t0
         est = np.asarray(out, dtype=np.float64)
         est = est / 255.0 if np.asarray(out).dtype == np.uint8 else est
@@ -131,6 +134,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # so that the environment record names the threads the runs use
     result: Dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
     result["config"] = {"crop": args.crop, "sigma": args.sigma, "tasks": args.tasks, "seeds": args.seeds}
     result["environment"] = {**quality.environment(torch.device("cpu")), "cpu": cpu_features.cpu_name(),
