@@ -192,8 +192,9 @@ def run_demo(
              "on a GPU the demo runs the paper's settings on the full image)")
 
     if not on_gpu and num_threads is None:
-        num_threads = cpu_threads()
-        echo(f"(CPU threads: {num_threads}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+        busy = busy_cores()
+        num_threads = cpu_threads(busy)
+        echo(f"(CPU threads: {num_threads}; {busy:.1f} of {os.cpu_count()} cores busy with other work)")
     common = dict(preset=level, device=str(dev), backend=backend, seed=seed, progress=progress, return_info=True,
                   num_threads=num_threads)
     rows: List[DemoRow] = []
@@ -275,18 +276,46 @@ def _budget_text() -> str:
     return ", ".join(f"{task} {n if n is not None else 'default'}" for task, n in CPU_ITERATIONS.items())
 
 
-def cpu_threads() -> int:
-    """torch's thread count, or 1 when other processes already keep the cores busy.
+def busy_cores(window: float = 0.3) -> float:
+    """How many cores other processes keep busy now.
+
+    Read from two samples of ``/proc/stat`` ``window`` seconds apart (Linux),
+    not from the load average: that is a one-minute mean, still high for a
+    minute after ``make setup``'s compile, which would make the demo that
+    follows it run on one thread.  Elsewhere, the load average.
+    """
+    def sample() -> Optional[Tuple[int, int]]:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    first = sample()
+    if first is None:
+        try:
+            return float(os.getloadavg()[0])
+        except OSError:
+            return 0.0
+    time.sleep(window)
+    second = sample()
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or 1) * (total - idle) / total if total > 0 else 0.0
+
+
+def cpu_threads(busy: Optional[float] = None) -> int:
+    """torch's thread count, or 1 when other processes already keep half the cores busy.
 
     Measured on 2 shared cores: with the load average above 4, two intra-op
     threads made a step 8x slower than one thread (each thread waits for the
-    other at every barrier), while on idle cores two threads are faster.
+    other at every barrier), while on idle cores two threads are faster
+    (the demo: 295 s of restoration with 2 threads, 457 s with 1).
     """
-    try:
-        busy = os.getloadavg()[0] >= 0.5 * (os.cpu_count() or 1)
-    except OSError:
-        busy = False
-    return 1 if busy else torch.get_num_threads()
+    if busy is None:
+        busy = busy_cores()
+    return 1 if busy >= 0.5 * (os.cpu_count() or 1) else torch.get_num_threads()
 
 
 def _row(task: str, degraded: np.ndarray, restored: np.ndarray, gt: np.ndarray, seconds: float, steps: int) -> DemoRow:

@@ -230,3 +230,15 @@ def test_demo_runs_and_writes_everything(capsys, tmp_path, monkeypatch):
         assert {f"{task}_input.png", f"{task}_output.png", f"{task}_comparison.png"} <= names
     assert {"sr_bicubic.png", "results.md"} <= names
     assert "| task |" in out and "bicubic" in out and "128x128 crop" in out
+
+
+def test_demo_threads_follow_the_cores_busy_now(monkeypatch):
+    import torch
+
+    cores = os.cpu_count() or 1
+    assert 0.0 <= demo.busy_cores(window=0.05) <= cores + 1e-6
+    assert demo.cpu_threads(busy=float(cores)) == 1  # every core taken: one thread waits least
+    assert demo.cpu_threads(busy=0.0) == torch.get_num_threads()
+    # The load average lags a minute behind (after `make setup`'s compile, say): it is not what decides.
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert demo.cpu_threads(busy=0.0) == torch.get_num_threads()
