@@ -186,10 +186,16 @@ def test_sigint_during_a_restore_exits_130_and_writes_nothing_partial(tmp_path, 
     src = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(src)
     out = tmp_path / "out.png"
-    # Snapshots every step: the signal may come while one is being written.
+    # Snapshots every step: the signal may come while one is being written. `--stop never`: on this
+    # random image early stopping ends the run by itself after about 200 steps (5 s), and a slow
+    # start would then let it finish before the signal comes.
     argv = [sys.executable, "-m", "dip_fast", "denoise", str(src), "-o", str(out), "--preset", "quick",
-            "--iterations", "100000", "--device", "cpu", "--threads", "1", "--save-every", "1", "-q"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            "--iterations", "100000", "--stop", "never", "--device", "cpu", "--threads", "1",
+            "--save-every", "1", "-q"]
+    # A shell's background job inherits SIGINT ignored, and Python then installs no Ctrl-C handler:
+    # the child resets it, as an interactive terminal would have it.
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob("out.step*.png")):  # the fit has started
