@@ -25,9 +25,6 @@ Runs are appended to ``--out`` as they finish, so an interrupted study resumes.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import statistics
 import sys
 import time
 import warnings
@@ -85,22 +82,17 @@ def run_pair(path: Path, task: str, seed: int, args: argparse.Namespace) -> Dict
     return rec
 
 
-def _stat(values: List[float]) -> Dict[str, float]:
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return {"mean": statistics.fmean(values), "se": se, "n": len(values)}
-
-
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Per task and over all pairs: the PSNR of each precision, the paired difference and the speed ratio."""
     groups = {"all": runs, **{t: [r for r in runs if r["task"] == t] for t in sorted({r["task"] for r in runs})}}
     out: Dict[str, Any] = {}
     for name, rs in groups.items():
         out[name] = {
-            "fp32": _stat([r["fp32"]["psnr"] for r in rs]),
-            "bf16": _stat([r["bf16"]["psnr"] for r in rs]),
-            "baseline": _stat([r["baseline"] for r in rs]),
-            "diff": _stat([r["diff"] for r in rs]),
-            "speedup": _stat([r["fp32"]["ms_per_step"] / r["bf16"]["ms_per_step"] for r in rs]),
+            "fp32": quality.mean_se([r["fp32"]["psnr"] for r in rs]),
+            "bf16": quality.mean_se([r["bf16"]["psnr"] for r in rs]),
+            "baseline": quality.mean_se([r["baseline"] for r in rs]),
+            "diff": quality.mean_se([r["diff"] for r in rs]),
+            "speedup": quality.mean_se([r["fp32"]["ms_per_step"] / r["bf16"]["ms_per_step"] for r in rs]),
         }
     return out
 
@@ -136,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)  # so that the environment record names the threads the runs use
-    result: Dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    result = quality.load_results(args.out)
     result["config"] = {"crop": args.crop, "sigma": args.sigma, "tasks": args.tasks, "seeds": args.seeds}
     result["environment"] = {**quality.environment(torch.device("cpu")), "cpu": cpu_features.cpu_name(),
                              "bf16_units": cpu_features.bf16_units()}
@@ -147,9 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if (path.name, task, seed) in done:
                     continue
                 run = run_pair(path, task, seed, args)
-                result["runs"].append(run)
-                result["summary"] = summarise(result["runs"])
-                args.out.write_text(json.dumps(result, indent=1))
+                quality.add_run(result, run, summarise, args.out)
                 print(f"{path.name} {task} seed {seed}: fp32 {run['fp32']['psnr']:.2f} ({run['fp32']['steps']} steps, "
                       f"{run['fp32']['ms_per_step']:.0f} ms), bf16 {run['bf16']['psnr']:.2f} ({run['bf16']['steps']} steps, "
                       f"{run['bf16']['ms_per_step']:.0f} ms), diff {run['diff']:+.2f} dB", flush=True)

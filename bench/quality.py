@@ -256,6 +256,24 @@ def run_one(case: Dict[str, Any], backend: str, seed: int, args: argparse.Namesp
     return rec
 
 
+def mean_se(values: Sequence[float]) -> Dict[str, float]:
+    """Mean, standard error (NaN for one value) and count: the summary of paired studies."""
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return {"mean": statistics.fmean(values), "se": se, "n": len(values)}
+
+
+def load_results(path: Path) -> Dict[str, Any]:
+    """A resumable study's results file: what an earlier, perhaps interrupted, run wrote, or no runs yet."""
+    return json.loads(path.read_text()) if path.exists() else {"runs": []}
+
+
+def add_run(result: Dict[str, Any], run: Dict[str, Any], summarise, path: Path) -> None:
+    """Append one finished run, update the summary and write the file, so an interrupted study resumes."""
+    result["runs"].append(run)
+    result["summary"] = summarise(result["runs"])
+    path.write_text(json.dumps(result, indent=1))
+
+
 def _mean_sd(v: List[float]) -> Tuple[float, float]:
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 

@@ -67,10 +67,7 @@ def run_case(path: Path, args: argparse.Namespace, seed_set: int) -> Dict[str, A
 
 
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
-    def stat(values: List[float]) -> Dict[str, float]:
-        se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-        return {"mean": statistics.fmean(values), "se": se, "n": len(values)}
-
+    stat = quality.mean_se
     single = [statistics.fmean(r["single"]) for r in runs]
     r2 = [statistics.fmean(r["restarts2"]) for r in runs]
     r4 = [r["restarts4"] for r in runs]
@@ -92,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    result: Dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    result = quality.load_results(args.out)
     result["environment"] = quality.environment(torch.device(args.device))
     done = {(r["image"], r["seed_set"]) for r in result["runs"]}
     for seed_set in range(args.seed_sets):
@@ -100,9 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if (path.name, seed_set) in done:
                 continue
             run = run_case(path, args, seed_set)
-            result["runs"].append(run)
-            result["summary"] = summarise(result["runs"])
-            args.out.write_text(json.dumps(result, indent=1))
+            quality.add_run(result, run, summarise, args.out)
             print(f"{path.name} set {seed_set}: single {statistics.fmean(run['single']):.2f}, "
                   f"restarts=2 {statistics.fmean(run['restarts2']):.2f}, restarts=4 {run['restarts4']:.2f} dB "
                   f"({run['seconds']:.0f} s)", flush=True)

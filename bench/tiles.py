@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 import warnings
@@ -51,10 +50,7 @@ def run_case(path: Path, args: argparse.Namespace, seed: int) -> Dict[str, Any]:
 
 
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
-    def stat(values: List[float]) -> Dict[str, float]:
-        se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-        return {"mean": statistics.fmean(values), "se": se, "n": len(values)}
-
+    stat = quality.mean_se
     return {"whole": stat([r["whole"] for r in runs]), "tiled": stat([r["tiled"] for r in runs]),
             "tiled_minus_whole": stat([r["tiled"] - r["whole"] for r in runs])}
 
@@ -72,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    result: Dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    result = quality.load_results(args.out)
     result["environment"] = quality.environment(torch.device(args.device))
     done = {(r["image"], r["seed"]) for r in result["runs"]}
     for seed in range(args.seeds):
@@ -80,9 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if (path.name, seed) in done:
                 continue
             row = run_case(path, args, seed)
-            result["runs"].append(row)
-            result["summary"] = summarise(result["runs"])
-            args.out.write_text(json.dumps(result, indent=1))
+            quality.add_run(result, row, summarise, args.out)
             print(f"{path.name} seed {seed}: whole {row['whole']:.2f}, tiled {row['tiled']:.2f} dB "
                   f"({row['tiled_tiles']} tiles; {row['whole_seconds']:.0f} s and {row['tiled_seconds']:.0f} s)",
                   flush=True)

@@ -16,7 +16,7 @@ On a GPU the demo runs the paper's settings on the full 512x512 image.  On
 a CPU it restores a 128x128 crop (the face) with the ``'fast'`` presets and
 the step counts of :data:`CPU_ITERATIONS`, chosen so that every task clearly
 beats its baseline and all three finish in about five minutes on two cores
-(bench/README.md, "The demo's CPU settings").
+(README.md, "The demo").
 """
 from __future__ import annotations
 
@@ -294,15 +294,16 @@ def busy_cores(window: float = 0.3) -> float:
         return sum(fields), idle
 
     first = sample()
-    if first is None:
-        try:
-            return float(os.getloadavg()[0])
-        except OSError:
-            return 0.0
-    time.sleep(window)
-    second = sample()
-    total, idle = second[0] - first[0], second[1] - first[1]
-    return (os.cpu_count() or 1) * (total - idle) / total if total > 0 else 0.0
+    if first is not None:
+        time.sleep(window)
+        second = sample()
+        if second is not None:
+            total, idle = second[0] - first[0], second[1] - first[1]
+            return (os.cpu_count() or 1) * (total - idle) / total if total > 0 else 0.0
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return 0.0
 
 
 def cpu_threads(busy: Optional[float] = None) -> int:
