@@ -41,7 +41,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -100,6 +100,24 @@ def degrade(gt: torch.Tensor, args: argparse.Namespace, sigma: float, seed: int)
         return quality.to_tensor(Image.open(buf).convert("RGB"))
     blurred = tasks.blur(gt, tasks.make_blur_kernel(args.blur, "blur"))
     return degradations.add_gaussian_noise(blurred, args.blur_noise, generator=gen)
+
+
+def observation_of(run: Dict[str, Any], image_dirs: Sequence[Path]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The clean crop and the observation of a recorded run, rebuilt from its image (found in ``image_dirs``).
+
+    Degradations are seeded, so this is the run's own observation; the logged input PSNR checks it.
+    """
+    path = next((d / run["image"] for d in image_dirs if (d / run["image"]).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"{run['image']} is in none of {[str(d) for d in image_dirs]}")
+    gt = quality.to_tensor(quality.prepare_gt(quality.load_rgb(path), run["crop"]))
+    how = argparse.Namespace(task=run["task"], jpeg_quality=run.get("jpeg_quality", 10),
+                             blur=run.get("blur", "gaussian:2"), blur_noise=run.get("blur_noise", 5.0))
+    obs = degrade(gt, how, run["sigma"] or 0.0, run["seed"])
+    if abs(_psnr(obs, gt) - run["input_psnr"]) > 1e-3:
+        raise ValueError(f"{run['image']}: the rebuilt observation is not the recorded one "
+                         f"(input PSNR {_psnr(obs, gt):.4f} against {run['input_psnr']:.4f})")
+    return gt, obs
 
 
 class Recorder:
@@ -163,6 +181,8 @@ def run_case(path: Path, args: argparse.Namespace, sigma: Optional[float], seed:
     preset = tasks.get_preset(args.preset)
     if args.task == "denoise":
         preset = preset.with_overrides(reg_noise_std=reg_noise_for_sigma(sigma))
+    if args.lr is not None:
+        preset = preset.with_overrides(lr=args.lr)
     kernel = tasks.make_blur_kernel(args.blur, "blur") if args.task == "deblur" else None
     term = tasks.make_data_term(preset, obs, blur_kernel=kernel)
     forward_model = term.degrade if args.task == "deblur" else (lambda x: x)
@@ -182,7 +202,7 @@ def run_case(path: Path, args: argparse.Namespace, sigma: Optional[float], seed:
     sigma_est = _estimate_sigma(obs)
     return {
         "image": path.name, "split": split_of(path.name), "task": args.task, "crop": args.crop, "seed": seed,
-        "sigma": sigma, "sigma_est": sigma_est, "preset": preset.name, "backend": args.backend,
+        "sigma": sigma, "sigma_est": sigma_est, "preset": preset.name, "lr": preset.lr, "backend": args.backend,
         "iterations": kwargs["iterations"], "preset_iterations": preset_iterations,
         "input_psnr": _psnr(obs, gt), "input_mse": _mse(obs, gt),
         # What stop="never" returns: the average after the preset's count, read from the log when the
@@ -219,6 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--iterations", type=int, default=None,
                    help="default: the preset's; more records what continuing past it would give")
+    p.add_argument("--lr", type=float, default=None, help="default: the preset's learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=quality.BACKENDS, default="fast")
     p.add_argument("--threads", type=int, default=1)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dip_fast.early_stop import DiscrepancyRule, replay
+from dip_fast.noise_level import estimate_sigma
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import early_stop  # noqa: E402  (the trajectory files it records)
@@ -175,7 +176,8 @@ def per_run_table(runs: List[Dict[str, Any]], chosen: Setting) -> List[str]:
         s = score(r, chosen)
         n = preset_steps(r)
         peak_step = r["log"]["psnr_avg"].index(s["oracle"], 0, n)
-        sigma = f"{r['sigma']:g} ({r['sigma_est']:.1f})" if r["sigma"] is not None else f"- ({r['sigma_est']:.1f})"
+        est = f"{r['sigma_est']:.1f}" + (f", was {r['sigma_est_logged']:.1f}" if "sigma_est_logged" in r else "")
+        sigma = f"{r['sigma']:g} ({est})" if r["sigma"] is not None else f"- ({est})"
         lines.append(f"| {r['image']} | {r['split']} | {r['task']} {r['crop']} | {sigma} | {len(r['log']['psnr_avg'])} "
                      f"| {r['input_psnr']:.2f} | {r['fixed_psnr']:.2f} | {s['oracle']:.2f} ({peak_step + 1}) | "
                      f"{s['psnr']:.2f} | {s['n_steps']} | {s['reason']} |")
@@ -197,10 +199,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=None, help="Markdown report (and a .json beside it)")
+    p.add_argument("--reestimate", type=Path, nargs="+", default=None, metavar="DIR",
+                   help="estimate sigma again with restore()'s current estimator, from each run's observation "
+                        "rebuilt from its image in these folders (the logged estimate is kept as sigma_est_logged)")
     args = p.parse_args(argv)
     runs: List[Dict[str, Any]] = []
     for f in args.files:
         runs += early_stop.read_trajectories(f)["runs"]
+    if args.reestimate:
+        for r in runs:
+            _, obs = early_stop.observation_of(r, args.reestimate)
+            r["sigma_est_logged"], r["sigma_est"] = r["sigma_est"], estimate_sigma(obs)
     tuning = [r for r in runs if r["split"] == "tuning"]
     if not tuning:
         print("no tuning runs", file=sys.stderr)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dip_fast import degenerate, metrics
+from dip_fast import metrics, noise_level
 from dip_fast.api import restore
 from dip_fast.cli import main
 
@@ -216,7 +216,7 @@ def test_callable_task_on_a_constant_observation_is_still_fitted():
 
 def test_sigma_of_a_flat_image_falls_back_to_zero_with_a_warning():
     with pytest.warns(UserWarning, match="cannot estimate the noise level.*assuming sigma=0"):
-        sigma = degenerate.estimate_sigma(torch.zeros(1, 3, 16, 16))
+        sigma = noise_level.estimate_sigma(torch.zeros(1, 3, 16, 16))
     assert sigma == 0.0
 
 
@@ -226,7 +226,7 @@ def test_sigma_ignores_channels_without_detail():
     image = np.zeros((48, 48, 3))
     image[..., 0] = red
     _, info = restore(image, preset=tiny(), return_info=True)
-    alone = degenerate.estimate_sigma(torch.from_numpy(red)[None, None])
+    alone = noise_level.estimate_sigma(torch.from_numpy(red)[None, None])
     assert info.sigma == pytest.approx(alone) and info.sigma == pytest.approx(20, rel=0.2)
 
 

@@ -17,6 +17,7 @@ MODULES = [
     "dip_fast.io",
     "dip_fast.memory",
     "dip_fast.networks",
+    "dip_fast.noise_level",
     "dip_fast.packed",
     "dip_fast.request",
     "dip_fast.tasks.degradations",

@@ -204,7 +204,7 @@ def test_restore_early_reports_its_confidence(monkeypatch):
 def test_restore_early_without_a_noise_level_falls_back(monkeypatch):
     clean = _smooth()
     blurred = tasks.blur(torch.from_numpy(clean).permute(2, 0, 1)[None], tasks.make_blur_kernel("gaussian:1"))
-    monkeypatch.setattr(api, "_estimate_sigma", lambda color: None)  # e.g. PyWavelets missing
+    monkeypatch.setattr(api, "_estimate_sigma", lambda color: 0.0)  # an observation that shows no noise
     _, info = restore(blurred[0].permute(1, 2, 0).numpy(), task="deblur", blur_kernel="gaussian:1",
                       preset=_small_preset("deblur", 12), iterations=12, stop="early", return_info=True)
     assert info.steps == 12 and info.stop_reason == "completed" and info.stop_fallback

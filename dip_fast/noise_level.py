@@ -1,0 +1,127 @@
+"""The noise level of an observation, from the statistics of its patches.
+
+:func:`restore` needs sigma twice when the caller does not give it: for the
+input perturbation, and as the level the stopping rule holds the residual to
+(:class:`dip_fast.early_stop.DiscrepancyRule`).  The second use is
+unforgiving: a level set too high stops the run before the image is fitted.
+
+Why not the wavelet estimator (``skimage.restoration.estimate_sigma``, the
+median of the finest diagonal wavelet coefficients)?  Texture also lives in
+those coefficients, so on textured photographs it over-estimates, most at
+low noise.  On 128x128 centre crops of the 68 CBSD68 photographs it was off
+by up to +83% at sigma 15 and +38% at sigma 25 (against the standard
+deviation of the clipped noise actually added), and those crops stopped
+early and under-fitted (``bench/README.md``, "Early stopping").
+
+The estimate here follows Chen, Zhu and Heng ("An Efficient Statistical
+Method for Image Noise Level Estimation", ICCV 2015).  Overlapping colour
+patches of a natural image lie close to a low-dimensional subspace, while
+white noise spreads equally over every direction.  So the smallest
+eigenvalues of the patch covariance are those of the noise alone, each
+close to sigma^2.  Going from all eigenvalues towards fewer, the first tail
+whose mean equals its median (as many values above the mean as below) is
+taken as the noise part, and its mean is sigma^2.  On the same crops it was
+within 1-2.3% (root-mean-square) of the clipped noise at sigma 5-50, never
+more than 1.6% above it at sigma 15-50 and 7% at sigma 5
+(``bench/noise_level.py``, 128x128 and 256x256 crops).  With few patches the
+smallest sample eigenvalues spread below sigma^2, so small images read low
+(about 3% at 64x64): the safe side for the stopping rule.
+
+    >>> import torch
+    >>> from dip_fast.noise_level import estimate_sigma
+    >>> g = torch.Generator().manual_seed(0)
+    >>> clean = torch.linspace(0.2, 0.8, 128).repeat(3, 128, 1)[None]        # a smooth ramp
+    >>> noisy = clean + torch.randn(clean.shape, generator=g) * (20 / 255)
+    >>> round(estimate_sigma(noisy))
+    20
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import List
+
+import torch
+
+__all__ = ["estimate_sigma", "patch_size_for"]
+
+#: Side of the square patches (7x7, as the paper's experiments use 7 or 8).
+PATCH = 7
+#: At most this many patches enter the covariance; larger images are sampled on a regular grid (stride).
+MAX_PATCHES = 1 << 16
+#: Eigenvalues below this share of the largest are exact linear dependences (copied or constant
+#: channels, rows all alike), not noise, which adds variance in every direction.
+RANK_TOLERANCE = 1e-10
+
+
+def patch_size_for(height: int, width: int, channels: int) -> int:
+    """The largest patch side, at most :data:`PATCH`, that leaves at least 3 patches per covariance dimension.
+
+    >>> patch_size_for(128, 128, 3), patch_size_for(16, 16, 3), patch_size_for(3, 3, 3)
+    (7, 4, 0)
+    """
+    for d in range(PATCH, 1, -1):
+        if height >= d and width >= d and (height - d + 1) * (width - d + 1) >= 3 * channels * d * d:
+            return d
+    return 0
+
+
+def _distinct_varying_channels(x: torch.Tensor) -> List[int]:
+    """Indices of the channels of ``(C, H, W)`` that vary and are not an exact copy of an earlier one."""
+    kept: List[int] = []
+    for c in range(x.shape[0]):
+        if bool(x[c].amax() == x[c].amin()):
+            continue
+        if any(torch.equal(x[c], x[k]) for k in kept):
+            continue
+        kept.append(c)
+    return kept
+
+
+def _noise_variance(eigenvalues: torch.Tensor) -> float:
+    """sigma^2 from the ascending eigenvalues of the patch covariance (see the module docstring)."""
+    ev = eigenvalues[eigenvalues > RANK_TOLERANCE * float(eigenvalues[-1].clamp_min(0))]
+    for k in range(ev.numel(), 0, -1):
+        tail = ev[:k]
+        mean = tail.mean()
+        if int((tail > mean).sum()) == int((tail < mean).sum()):
+            return float(mean)
+    return 0.0  # no eigenvalue left: nothing but exact dependences
+
+
+def estimate_sigma(color: torch.Tensor, stacklevel: int = 2) -> float:
+    """Noise level (0-255) of a ``(1, C, H, W)`` image in [0, 1], from its patch covariance.
+
+    Constant channels and exact copies of another channel are left out (a
+    grey photograph stored as RGB holds its noise once, not three times).
+    When nothing is left, or the image is too small for one covariance
+    dimension per 3 patches, the image shows no noise that can be measured:
+    the result is 0, with a ``UserWarning`` saying so.
+
+    Args:
+        color: the observation, ``(1, C, H, W)``.
+        stacklevel: passed to :func:`warnings.warn`, to point at the caller's caller.
+
+    Returns:
+        A finite sigma >= 0.
+    """
+    x = color[0].detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("estimate_sigma: the image holds NaN or infinite values")
+    channels = _distinct_varying_channels(x)
+    d = patch_size_for(x.shape[1], x.shape[2], len(channels)) if channels else 0
+    if d == 0:
+        warnings.warn(
+            "dip_fast: cannot estimate the noise level: the image is flat or too small to show noise; "
+            "assuming sigma=0 (pass sigma= to denoise it anyway)",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+        return 0.0
+    x = x[channels]
+    count = (x.shape[1] - d + 1) * (x.shape[2] - d + 1)
+    stride = max(1, math.ceil(math.sqrt(count / MAX_PATCHES)))
+    patches = torch.nn.functional.unfold(x[None], d, stride=stride)[0]  # (C d d, number of patches)
+    centred = patches - patches.mean(dim=1, keepdim=True)
+    covariance = centred @ centred.T / centred.shape[1]
+    return 255.0 * math.sqrt(max(_noise_variance(torch.linalg.eigvalsh(covariance)), 0.0))

@@ -1,0 +1,69 @@
+"""The noise level estimate that restore() and its stopping rule use (dip_fast.noise_level)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from skimage import data
+
+from dip_fast import noise_level
+from dip_fast.noise_level import estimate_sigma, patch_size_for
+
+
+def _photo(size: int = 128) -> torch.Tensor:
+    """A textured photograph crop (hair, fabric, a flag), ``(1, 3, size, size)`` in [0, 1]."""
+    img = torch.from_numpy(data.astronaut()[:size, 100:100 + size].copy()).permute(2, 0, 1).double() / 255
+    return img[None]
+
+
+def _noisy(clean: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (clean + torch.randn(clean.shape, generator=g, dtype=clean.dtype) * sigma / 255).clamp(0, 1)
+
+
+def _present(noisy: torch.Tensor, clean: torch.Tensor) -> float:
+    return 255 * float((noisy - clean).square().mean().sqrt())
+
+
+@pytest.mark.parametrize("sigma", [5, 15, 25, 50])
+def test_estimate_on_a_textured_photograph_is_within_5_percent_of_the_noise_present(sigma):
+    clean = _photo()
+    noisy = _noisy(clean, sigma)
+    assert estimate_sigma(noisy) == pytest.approx(_present(noisy, clean), rel=0.05)
+
+
+def test_a_clean_photograph_reads_far_below_any_noise_level_worth_denoising():
+    # Texture is not noise: it lies in few patch directions (the wavelet estimator read texture as noise).
+    assert estimate_sigma(_photo()) < 2.0
+
+
+def test_a_grey_image_stored_as_rgb_counts_its_noise_once():
+    grey = _noisy(_photo()[:, :1], 20)
+    assert estimate_sigma(grey.expand(1, 3, -1, -1)) == pytest.approx(estimate_sigma(grey), rel=1e-9)
+
+
+def test_a_large_image_is_sampled_on_a_grid_and_stays_accurate(monkeypatch):
+    clean = torch.nn.functional.interpolate(_photo(256), scale_factor=2, mode="bilinear")
+    noisy = _noisy(clean, 25)
+    full = estimate_sigma(noisy)
+    monkeypatch.setattr(noise_level, "MAX_PATCHES", 16384)  # stride 4 instead of 1
+    assert estimate_sigma(noisy) == pytest.approx(full, rel=0.03)
+    assert full == pytest.approx(_present(noisy, clean), rel=0.05)
+
+
+def test_too_small_an_image_reads_zero_with_a_warning():
+    with pytest.warns(UserWarning, match="flat or too small"):
+        assert estimate_sigma(torch.rand(1, 3, 3, 3)) == 0.0
+
+
+def test_non_finite_pixels_are_refused():
+    x = torch.rand(1, 3, 32, 32)
+    x[0, 1, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        estimate_sigma(x)
+
+
+def test_patch_size_shrinks_for_small_images():
+    assert patch_size_for(128, 128, 3) == 7
+    assert patch_size_for(16, 16, 3) == 4
+    assert patch_size_for(16, 16, 1) == 6
+    assert patch_size_for(1, 100, 3) == 0
