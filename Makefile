@@ -30,6 +30,7 @@ $(PY):
 
 # torch first, then the build and test tools; installing the package itself
 # with --no-build-isolation compiles against this torch, not a second copy.
+# (PyWavelets only for bench/noise_level.py's comparison with the wavelet estimate.)
 $(DEPS_STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q setuptools wheel numpy pillow scikit-image PyWavelets tqdm matplotlib \

@@ -221,7 +221,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     numbers: Dict[str, Any] = {"chosen": {"tolerance": chosen[0], "budget": chosen[1], "noise": chosen[2]},
                                "groups": {}}
     lines = [f"Chosen on all {len(tuning)} tuning runs: tolerance {chosen[0]}, budget {chosen[1]}x the preset's "
-             f"steps, noise level estimated from the observation; {len(runs) - len(tuning)} validation runs; "
+             f"steps, noise level estimated from the observation"
+             f"{' (estimated again with the current estimator)' if args.reestimate else ''}; "
+             f"{len(runs) - len(tuning)} validation runs; "
              f"{longer} of the {len(runs)} runs were recorded past the preset's count.", ""]
     groups: Dict[str, List[Dict[str, Any]]] = {"all": runs}
     for r in runs:
