@@ -47,6 +47,17 @@ def test_scores_of_a_known_run():
     assert es_replay.oracle_steps([early]) == [pytest.approx(61 / 200)]
 
 
+def test_the_fixed_count_follows_the_preset_as_defined_now():
+    from dip_fast import tasks
+
+    run = _run("c.png", "tuning", cross=100, n=5000, preset=1500)
+    run["preset"] = "jpeg_fast"  # recorded when its count was 1500
+    n = tasks.get_preset("jpeg_fast").iterations
+    assert es_replay.preset_steps(run) == n and es_replay.fixed_psnr(run) == run["log"]["psnr_avg"][n - 1]
+    run["log"]["psnr_avg"] = run["log"]["psnr_avg"][:1000]  # recorded for fewer steps: capped there
+    assert es_replay.preset_steps(run) == 1000
+
+
 def test_report_from_files(tmp_path):
     path = tmp_path / "traj.json.gz"
     early_stop.write_trajectories(path, {"schema": "x", "runs": [_run("a.png", "tuning", 100),
@@ -71,3 +82,10 @@ def test_recorder_runs_on_a_tiny_crop(tmp_path):
     (run,) = early_stop.read_trajectories(out)["runs"]
     assert run["iterations"] == 12 and run["preset_iterations"] > 12 and len(run["log"]["res_avg"]) == 12
     assert run["fixed_psnr"] is not None
+    # The observation is rebuilt from the image and the seed (the replay estimates sigma again on it).
+    _, obs = early_stop.observation_of(run, [tmp_path])
+    assert obs.shape == (1, 3, 64, 64)
+    assert es_replay.main([str(out), "--reestimate", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 2  # no tuning
+    run["input_psnr"] += 1.0
+    with pytest.raises(ValueError, match="not the recorded one"):
+        early_stop.observation_of(run, [tmp_path])
