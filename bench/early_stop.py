@@ -252,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out.exists():
         result = read_trajectories(args.out)
     result.update(environment=quality.environment(torch.device("cpu")),
-                  command="bench/early_stop.py " + " ".join(sys.argv[1:] if argv is None else argv))
+                  command=quality.command_line("bench/early_stop.py", argv))
     done = {(r["image"], r["crop"], r["sigma"], r["task"]) for r in result["runs"]}
     for path in images:
         w, h = Image.open(path).size

@@ -42,6 +42,7 @@ import math
 import platform
 import statistics
 import subprocess
+import os
 import sys
 import time
 from functools import partial
@@ -256,6 +257,27 @@ def run_one(case: Dict[str, Any], backend: str, seed: int, args: argparse.Namesp
     return rec
 
 
+def command_line(script: str, argv: Optional[Sequence[str]] = None) -> str:
+    """How a results file was made, with paths as a reader of the repository would type them.
+
+    Paths inside the repository become relative to its root, paths next to it (the shared data) start
+    with ``../``, and any other absolute path keeps only its file name: a results file names no folder
+    of the machine that made it.
+    """
+    words = []
+    for word in (sys.argv[1:] if argv is None else argv):
+        if os.path.isabs(word):
+            path = Path(word).resolve()
+            if path.is_relative_to(REPO_ROOT):
+                word = str(path.relative_to(REPO_ROOT))
+            elif path.is_relative_to(REPO_ROOT.parent):
+                word = "../" + str(path.relative_to(REPO_ROOT.parent))
+            else:
+                word = path.name
+        words.append(word)
+    return " ".join([script] + words)
+
+
 def mean_se(values: Sequence[float]) -> Dict[str, float]:
     """Mean, standard error (NaN for one value) and count: the summary of paired studies."""
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
@@ -421,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result: Dict[str, Any] = {
         "schema": "dip_fast-bench-quality/1",
         "json_name": json_name(out),
-        "command": "bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("bench/quality.py", argv),
         "environment": environment(device),
         "config": {
             "task": args.task,

@@ -102,10 +102,34 @@ def score(case: Dict[str, Any], tolerance: float, budget: float) -> Dict[str, fl
             "fixed_mean": case["mean"]["psnr"][min(case["preset_iterations"], len(case["mean"]["psnr"])) - 1]}
 
 
+def report(cases: List[Dict[str, Any]]) -> str:
+    """Markdown: per crop and on average (mean and standard error of the paired gains), each way of
+    stopping against the single runs, and the best any step of the mean reached (needs the clean image)."""
+    rows = ["| crop | single runs dB | each stops, then mean | mean judged by the rule (steps) | fixed count, mean "
+            "| best step of the mean (step) |", "|---|---|---|---|---|---|"]
+    gains: Dict[str, List[float]] = {"each": [], "mean_rule": [], "fixed": [], "oracle": []}
+    for c in cases:
+        sc = c["scores"]
+        peak = max(c["mean"]["psnr"])
+        g = {"each": c["psnr_each_then_mean"] - sc["single"], "mean_rule": sc["mean_rule"] - sc["single"],
+             "fixed": sc["fixed_mean"] - sc["single"], "oracle": peak - sc["single"]}
+        for k, v in g.items():
+            gains[k].append(v)
+        rows.append(f"| {c['image']} | {sc['single']:.2f} | {g['each']:+.2f} | {g['mean_rule']:+.2f} "
+                    f"({sc['mean_rule_steps']}) | {g['fixed']:+.2f} | {g['oracle']:+.2f} "
+                    f"({c['mean']['psnr'].index(peak) + 1}) |")
+    cells = []
+    for k in ("each", "mean_rule", "fixed", "oracle"):
+        ms = quality.mean_se(gains[k])
+        cells.append(f"{ms['mean']:+.2f} ± {ms['se']:.2f}")
+    rows.append(f"| mean ± s.e. ({len(cases)}) | | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    return "\n".join(rows) + "\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("paths", nargs="+", type=Path, help="clean images or folders")
+    p.add_argument("paths", nargs="*", type=Path, help="clean images or folders")
     p.add_argument("--preset", default="denoise_fast")
     p.add_argument("--sigma", type=float, default=25.0, help="noise level, 0-255")
     p.add_argument("--crop", type=int, default=128)
@@ -116,13 +140,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--backend", choices=quality.BACKENDS, default="fast")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True, help="JSON file of the per-crop scores; appended to")
+    p.add_argument("--report", action="store_true", help="only print the table of the cases in --out")
     args = p.parse_args(argv)
+    if args.report:
+        print(report(json.loads(args.out.read_text())["cases"]))
+        return 0
+    if not args.paths:
+        p.error("give the clean images to record (or --report)")
     torch.set_num_threads(args.threads)
     result: Dict[str, Any] = {"schema": "dip_fast-bench-restart-stop/1", "cases": []}
     if args.out.exists():
         result = json.loads(args.out.read_text())
     result.update(environment=quality.environment(torch.device("cpu")),
-                  command="bench/restart_stop.py " + " ".join(sys.argv[1:] if argv is None else argv))
+                  command=quality.command_line("bench/restart_stop.py", argv))
     done = {(c["image"], c["crop"], c["sigma"], c["seed"]) for c in result["cases"]}
     eargs = argparse.Namespace(task="denoise")
     for path in quality.list_images(args.paths):
@@ -138,6 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result["cases"].append(early_stop._rounded(case))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result) + "\n")
+    print(report(result["cases"]))
     return 0
 
 

@@ -89,3 +89,13 @@ def test_recorder_runs_on_a_tiny_crop(tmp_path):
     run["input_psnr"] += 1.0
     with pytest.raises(ValueError, match="not the recorded one"):
         early_stop.observation_of(run, [tmp_path])
+
+
+def test_results_name_no_folder_of_the_machine_that_made_them():
+    import quality  # noqa: E402  (bench/, on the path above)
+
+    root = quality.REPO_ROOT
+    argv = ["--out", str(root / "bench" / "results" / "x.json"), str(root.parent / "shared" / "data" / "a.png"),
+            "/somewhere/else/b.png", "relative/c.png"]
+    assert quality.command_line("bench/x.py", argv) == ("bench/x.py --out bench/results/x.json "
+                                                         "../shared/data/a.png b.png relative/c.png")
