@@ -49,8 +49,9 @@ __all__ = ["estimate_sigma", "patch_size_for"]
 PATCH = 7
 #: At most this many patches enter the covariance; larger images are sampled on a regular grid (stride).
 MAX_PATCHES = 1 << 16
-#: Eigenvalues below this share of the largest are exact linear dependences (copied or constant
-#: channels, rows all alike), not noise, which adds variance in every direction.
+#: An eigenvalue below this share of the largest is zero: a direction in which the patches do not vary
+#: at all.  White noise varies in every direction, so such an image holds none (a clean synthetic image:
+#: a ramp, stripes, a rendered drawing).
 RANK_TOLERANCE = 1e-10
 
 
@@ -80,13 +81,14 @@ def _distinct_varying_channels(x: torch.Tensor) -> List[int]:
 
 def _noise_variance(eigenvalues: torch.Tensor) -> float:
     """sigma^2 from the ascending eigenvalues of the patch covariance (see the module docstring)."""
-    ev = eigenvalues[eigenvalues > RANK_TOLERANCE * float(eigenvalues[-1].clamp_min(0))]
-    for k in range(ev.numel(), 0, -1):
-        tail = ev[:k]
+    if float(eigenvalues[0]) <= RANK_TOLERANCE * float(eigenvalues[-1]):
+        return 0.0  # some direction without any variance: no white noise
+    for k in range(eigenvalues.numel(), 0, -1):
+        tail = eigenvalues[:k]
         mean = tail.mean()
         if int((tail > mean).sum()) == int((tail < mean).sum()):
             return float(mean)
-    return 0.0  # no eigenvalue left: nothing but exact dependences
+    return float(eigenvalues[0])  # not reached: a single value is its own median
 
 
 def estimate_sigma(color: torch.Tensor, stacklevel: int = 2) -> float:
@@ -94,9 +96,10 @@ def estimate_sigma(color: torch.Tensor, stacklevel: int = 2) -> float:
 
     Constant channels and exact copies of another channel are left out (a
     grey photograph stored as RGB holds its noise once, not three times).
-    When nothing is left, or the image is too small for one covariance
-    dimension per 3 patches, the image shows no noise that can be measured:
-    the result is 0, with a ``UserWarning`` saying so.
+    When nothing is left, when the image is too small for 3 patches per
+    covariance dimension, or when its patches do not vary at all in some
+    direction (white noise varies in all of them), the image shows no noise
+    that can be measured: the result is 0, with a ``UserWarning`` saying so.
 
     Args:
         color: the observation, ``(1, C, H, W)``.
@@ -110,18 +113,20 @@ def estimate_sigma(color: torch.Tensor, stacklevel: int = 2) -> float:
         raise ValueError("estimate_sigma: the image holds NaN or infinite values")
     channels = _distinct_varying_channels(x)
     d = patch_size_for(x.shape[1], x.shape[2], len(channels)) if channels else 0
-    if d == 0:
+    variance = 0.0
+    if d:
+        x = x[channels]
+        count = (x.shape[1] - d + 1) * (x.shape[2] - d + 1)
+        stride = max(1, math.ceil(math.sqrt(count / MAX_PATCHES)))
+        patches = torch.nn.functional.unfold(x[None], d, stride=stride)[0]  # (C d d, number of patches)
+        centred = patches - patches.mean(dim=1, keepdim=True)
+        variance = _noise_variance(torch.linalg.eigvalsh(centred @ centred.T / centred.shape[1]))
+    if variance <= 0.0:
         warnings.warn(
-            "dip_fast: cannot estimate the noise level: the image is flat or too small to show noise; "
-            "assuming sigma=0 (pass sigma= to denoise it anyway)",
+            "dip_fast: cannot estimate the noise level: the image shows no noise (it is flat, too small, or "
+            "free of noise); assuming sigma=0 (pass sigma= to denoise it anyway)",
             UserWarning,
             stacklevel=stacklevel + 1,
         )
         return 0.0
-    x = x[channels]
-    count = (x.shape[1] - d + 1) * (x.shape[2] - d + 1)
-    stride = max(1, math.ceil(math.sqrt(count / MAX_PATCHES)))
-    patches = torch.nn.functional.unfold(x[None], d, stride=stride)[0]  # (C d d, number of patches)
-    centred = patches - patches.mean(dim=1, keepdim=True)
-    covariance = centred @ centred.T / centred.shape[1]
-    return 255.0 * math.sqrt(max(_noise_variance(torch.linalg.eigvalsh(covariance)), 0.0))
+    return 255.0 * math.sqrt(variance)

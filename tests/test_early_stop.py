@@ -211,8 +211,13 @@ def test_restore_early_without_a_noise_level_falls_back(monkeypatch):
     assert info.stop_noise_sigma is None and info.stop_residual_ratio is None and "fallback" in info.stop_summary
 
 
+def _noisy_smooth() -> np.ndarray:
+    clean = _smooth()
+    return np.clip(clean + np.random.default_rng(1).normal(0, 0.05, clean.shape), 0, 1).astype(np.float32)
+
+
 def test_restore_stop_auto_follows_the_per_task_default(monkeypatch):
-    noisy = _smooth()
+    noisy = _noisy_smooth()
     # The per-task default is the task spec's auto_stop (dip_fast.tasks.builtin).
     denoise = registry.get_task("denoise")
     monkeypatch.setitem(registry._TASKS, "denoise", dataclasses.replace(denoise, auto_stop="never"))
@@ -224,7 +229,7 @@ def test_restore_stop_auto_follows_the_per_task_default(monkeypatch):
 
 
 def test_stop_early_budget_extends_the_preset_only_without_iterations():
-    noisy = _smooth()
+    noisy = _noisy_smooth()
     _, info = restore(noisy, preset=_small_preset("denoise", 8), sigma=1e-3, stop="early", return_info=True)
     assert info.iterations == round(8 * api.EARLY_STOP_BUDGET) and info.stop_fallback
     _, info = restore(noisy, preset=_small_preset("denoise", 8), sigma=1e-3, stop="never", return_info=True)

@@ -51,8 +51,25 @@ def test_a_large_image_is_sampled_on_a_grid_and_stays_accurate(monkeypatch):
 
 
 def test_too_small_an_image_reads_zero_with_a_warning():
-    with pytest.warns(UserWarning, match="flat or too small"):
+    with pytest.warns(UserWarning, match="shows no noise"):
         assert estimate_sigma(torch.rand(1, 3, 3, 3)) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["ramp", "stripes", "waves"])
+def test_clean_synthetic_images_read_zero_with_a_warning(kind):
+    # Their patches span few directions; the tail of the spectrum is exact zeros, not noise.
+    t = torch.arange(64, dtype=torch.float64)
+    if kind == "ramp":
+        image = (t / 63).repeat(3, 64, 1)
+    elif kind == "stripes":
+        image = (0.25 + 0.5 * (t % 2)).repeat(3, 64, 1).transpose(1, 2)
+    else:
+        w = torch.outer(torch.sin(t / 3), torch.cos(t / 5))
+        image = torch.stack([0.5 + 0.4 * w, 0.5 + 0.3 * w**2, 0.2 + 0.1 * w])
+    with pytest.warns(UserWarning, match="shows no noise"):
+        assert estimate_sigma(image[None]) == 0.0
+    noisy = _noisy(image[None], 10)
+    assert estimate_sigma(noisy) == pytest.approx(_present(noisy, image[None]), rel=0.05)
 
 
 def test_non_finite_pixels_are_refused():
