@@ -241,6 +241,14 @@ def restore_tiled(request: RestoreRequest, image: Any, mask: Any, truth: Any, se
                   f"({why}); info.tiles says so too", RuntimeWarning, stacklevel=_caller.stacklevel())
     sub = dataclasses.replace(request, return_info=True, sigma=sigma)
     masks = [e.get("mask") for e in tiled.extras] if mask is not None else None
+    if masks is not None:
+        # A tile restored from its own pixels alone needs some of them known; say which, before any run.
+        th, tw = tiled.input_plan.tile_size
+        for (top, left), m in zip(tiled.input_plan.origins, masks):
+            if not bool((m > 0).any()):
+                raise ValueError(f"tile={tile}: the tile at rows {top}-{top + th - 1}, columns {left}-{left + tw - 1} "
+                                 "holds no known pixel of the mask, so it has nothing to inpaint from; use larger "
+                                 "tiles (or none)")
     results = restore_many(sub, list(tiled.observations), masks, None, seed)
     restored = tiles.blend([out for out, _ in results], tiled.output_plan)[None]
     info = results[0][1]

@@ -317,6 +317,14 @@ def test_inpaint_cuts_the_mask_with_the_image():
         tile_request("inpaint", obs, {"mask": mask.numpy()}, tile_size=16)
 
 
+def test_inpaint_refuses_a_tile_without_a_known_pixel_before_any_run():
+    image = torch.rand(1, 3, 96, 96)
+    mask = torch.zeros(1, 1, 96, 96)
+    mask[..., :20] = 1  # only the left strip is known: the tiles right of it have nothing to go on
+    with pytest.raises(ValueError, match=r"tile=32: the tile at rows 0-31, columns 32-63 holds no known pixel"):
+        restore(image, task="inpaint", mask=mask, tile=32, iterations=1, preset="inpaint_quick")
+
+
 @pytest.mark.parametrize("scale", [2, 4])
 def test_sr_tiles_the_low_resolution_input_and_scales_the_output_plan(scale):
     low = torch.rand(3, 20, 36)
