@@ -257,6 +257,15 @@ def run_one(case: Dict[str, Any], backend: str, seed: int, args: argparse.Namesp
     return rec
 
 
+def _portable(path: str) -> str:
+    """One absolute path as :func:`command_line` writes it (the path as given, then with links resolved)."""
+    for candidate in (Path(os.path.normpath(path)), Path(path).resolve()):
+        for base, prefix in ((REPO_ROOT, ""), (REPO_ROOT.parent, "../")):
+            if candidate.is_relative_to(base):
+                return prefix + str(candidate.relative_to(base))
+    return Path(path).name
+
+
 def command_line(script: str, argv: Optional[Sequence[str]] = None) -> str:
     """How a results file was made, with paths as a reader of the repository would type them.
 
@@ -267,13 +276,7 @@ def command_line(script: str, argv: Optional[Sequence[str]] = None) -> str:
     words = []
     for word in (sys.argv[1:] if argv is None else argv):
         if os.path.isabs(word):
-            path = Path(word).resolve()
-            if path.is_relative_to(REPO_ROOT):
-                word = str(path.relative_to(REPO_ROOT))
-            elif path.is_relative_to(REPO_ROOT.parent):
-                word = "../" + str(path.relative_to(REPO_ROOT.parent))
-            else:
-                word = path.name
+            word = _portable(word)
         words.append(word)
     return " ".join([script] + words)
 
