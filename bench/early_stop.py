@@ -102,6 +102,13 @@ def degrade(gt: torch.Tensor, args: argparse.Namespace, sigma: float, seed: int)
     return degradations.add_gaussian_noise(blurred, args.blur_noise, generator=gen)
 
 
+def load_case(path: Path, crop: int, how: argparse.Namespace, sigma: Optional[float],
+              seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The clean centre crop of an image and its seeded observation (``how``: the degradation's settings)."""
+    gt = quality.to_tensor(quality.prepare_gt(quality.load_rgb(path), crop))
+    return gt, degrade(gt, how, sigma or 0.0, seed)
+
+
 def observation_of(run: Dict[str, Any], image_dirs: Sequence[Path]) -> Tuple[torch.Tensor, torch.Tensor]:
     """The clean crop and the observation of a recorded run, rebuilt from its image (found in ``image_dirs``).
 
@@ -110,10 +117,9 @@ def observation_of(run: Dict[str, Any], image_dirs: Sequence[Path]) -> Tuple[tor
     path = next((d / run["image"] for d in image_dirs if (d / run["image"]).is_file()), None)
     if path is None:
         raise FileNotFoundError(f"{run['image']} is in none of {[str(d) for d in image_dirs]}")
-    gt = quality.to_tensor(quality.prepare_gt(quality.load_rgb(path), run["crop"]))
     how = argparse.Namespace(task=run["task"], jpeg_quality=run.get("jpeg_quality", 10),
                              blur=run.get("blur", "gaussian:2"), blur_noise=run.get("blur_noise", 5.0))
-    obs = degrade(gt, how, run["sigma"] or 0.0, run["seed"])
+    gt, obs = load_case(path, run["crop"], how, run["sigma"], run["seed"])
     if abs(_psnr(obs, gt) - run["input_psnr"]) > 1e-3:
         raise ValueError(f"{run['image']}: the rebuilt observation is not the recorded one "
                          f"(input PSNR {_psnr(obs, gt):.4f} against {run['input_psnr']:.4f})")
@@ -176,8 +182,7 @@ class Recorder:
 
 def run_case(path: Path, args: argparse.Namespace, sigma: Optional[float], seed: int) -> Dict[str, Any]:
     """One fixed-count run of one crop and degradation, with its per-step log."""
-    gt = quality.to_tensor(quality.prepare_gt(quality.load_rgb(path), args.crop))
-    obs = degrade(gt, args, sigma or 0.0, seed)
+    gt, obs = load_case(path, args.crop, args, sigma, seed)
     preset = tasks.get_preset(args.preset)
     if args.task == "denoise":
         preset = preset.with_overrides(reg_noise_std=reg_noise_for_sigma(sigma))

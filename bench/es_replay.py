@@ -91,7 +91,7 @@ def score(run: Dict[str, Any], setting: Optional[Setting]) -> Dict[str, Any]:
         cap = min(len(psnr), int(round(n * budget)))
         d = replay(run["log"]["res_avg"], DiscrepancyRule(noise_var(run, src), tol), cap)
         stop = d.stop_step
-        returned = psnr[d.stop_step] if d.stop_step is not None else psnr[cap - 1]
+        returned = psnr[d.steps - 1]  # the average of the last step taken: the stop, or the budget's last
         steps, reason = d.steps, d.reason
     return {"gap": oracle - returned, "vs_fixed": returned - fixed_psnr(run), "vs_input": returned - run["input_psnr"],
             "steps": steps / n, "psnr": returned, "oracle": oracle, "reason": reason, "stop_step": stop,

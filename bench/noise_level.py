@@ -40,7 +40,7 @@ def wavelet(y: torch.Tensor) -> float:
     return 255.0 * statistics.fmean(float(s) for s in wavelet_sigma(img, channel_axis=-1, average_sigmas=False))
 
 
-ESTIMATORS = {"patch-pca": lambda y: estimate_sigma(y), "wavelet": wavelet}
+ESTIMATORS = {"patch-pca": estimate_sigma, "wavelet": wavelet}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

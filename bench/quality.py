@@ -39,10 +39,10 @@ import argparse
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
-import os
 import sys
 import time
 from functools import partial

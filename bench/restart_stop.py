@@ -67,8 +67,7 @@ def record_runs(gt: torch.Tensor, obs: torch.Tensor, args: argparse.Namespace) -
             **kwargs)
         averages.append(torch.cat(steps))  # (T, 3, H, W)
         print(f"  run {k} (seed {seed}) done", flush=True)
-    stack = torch.stack(averages)  # (K, T, 3, H, W)
-    mean = stack.mean(0)
+    mean = sum(averages) / len(averages)
 
     def per_step(x: torch.Tensor) -> Dict[str, List[float]]:
         return {"res": [early_stop._mse(x[t], obs[0]) for t in range(x.shape[0])],
@@ -78,8 +77,7 @@ def record_runs(gt: torch.Tensor, obs: torch.Tensor, args: argparse.Namespace) -
     sigma_est = _estimate_sigma(obs)
     cap = min(int(kwargs["iterations"]), int(round(preset_iterations * args.budget)))
     rule = DiscrepancyRule((sigma_est / 255.0) ** 2, EARLY_STOP_TOLERANCE)
-    own = [replay(r["res"], rule, cap) for r in runs]
-    own_steps = [d.stop_step if d.stop_step is not None else cap - 1 for d in own]
+    own_steps = [replay(r["res"], rule, cap).steps - 1 for r in runs]  # the step whose average is returned
     each = sum(averages[k][t] for k, t in enumerate(own_steps)) / args.runs
     return {
         "sigma_est": sigma_est, "preset_iterations": preset_iterations, "iterations": kwargs["iterations"],
@@ -92,12 +90,9 @@ def score(case: Dict[str, Any], tolerance: float, budget: float) -> Dict[str, fl
     """Single runs, 'each' and 'mean' (see the module docstring) for one recorded case."""
     cap = min(len(case["mean"]["res"]), int(round(case["preset_iterations"] * budget)))
     rule = DiscrepancyRule((case["sigma_est"] / 255.0) ** 2, tolerance)
-    singles = []
-    for r in case["runs"]:
-        d = replay(r["res"], rule, cap)
-        singles.append(r["psnr"][d.stop_step if d.stop_step is not None else cap - 1])
-    d = replay(case["mean"]["res"], rule, cap)
-    t = d.stop_step if d.stop_step is not None else cap - 1
+    # The average returned is that of the last step taken (the stop, or the budget's last step).
+    singles = [r["psnr"][replay(r["res"], rule, cap).steps - 1] for r in case["runs"]]
+    t = replay(case["mean"]["res"], rule, cap).steps - 1
     return {"single": statistics.fmean(singles), "mean_rule": case["mean"]["psnr"][t], "mean_rule_steps": t + 1,
             "fixed_mean": case["mean"]["psnr"][min(case["preset_iterations"], len(case["mean"]["psnr"])) - 1]}
 
@@ -158,8 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for path in quality.list_images(args.paths):
         if (path.name, args.crop, args.sigma, args.seed) in done:
             continue
-        gt = quality.to_tensor(quality.prepare_gt(quality.load_rgb(path), args.crop))
-        obs = early_stop.degrade(gt, eargs, args.sigma, args.seed)
+        gt, obs = early_stop.load_case(path, args.crop, eargs, args.sigma, args.seed)
         print(f"{path.name} sigma={args.sigma}", flush=True)
         case = record_runs(gt, obs, args)
         case.update(image=path.name, split=early_stop.split_of(path.name), crop=args.crop, sigma=args.sigma,

@@ -493,10 +493,10 @@ def _pixel_settings(request: RestoreRequest, color: torch.Tensor
         # the noise actually present (clipping at 0 and 1 leaves less than a nominal sigma); a given
         # sigma only lowers it, since a level set too high stops before the image is fitted.  An
         # image that shows no noise (0) makes the rule unusable, and the run falls back.
-        level = estimate
-        if level is not None and takes_sigma and request.sigma is not None:
+        level = estimate  # made above whenever stop is 'early'
+        if takes_sigma and request.sigma is not None:
             level = min(level, request.sigma)
-        rule = DiscrepancyRule(None if level is None else (level / 255.0) ** 2, tolerance=EARLY_STOP_TOLERANCE)
+        rule = DiscrepancyRule((level / 255.0) ** 2, tolerance=EARLY_STOP_TOLERANCE)
     return chosen, used_sigma, rule
 
 

@@ -85,12 +85,12 @@ def _noise_variance(eigenvalues: torch.Tensor) -> float:
     """sigma^2 from the ascending eigenvalues of the patch covariance (see the module docstring)."""
     if float(eigenvalues[0]) <= RANK_TOLERANCE * float(eigenvalues[-1]):
         return 0.0  # some direction without any variance: no white noise
-    for k in range(eigenvalues.numel(), 0, -1):
+    for k in range(eigenvalues.numel(), 1, -1):
         tail = eigenvalues[:k]
         mean = tail.mean()
         if int((tail > mean).sum()) == int((tail < mean).sum()):
             return float(mean)
-    return float(eigenvalues[0])  # not reached: a single value is its own median
+    return float(eigenvalues[0])  # a single value is its own median
 
 
 def estimate_sigma(color: torch.Tensor, stacklevel: int = 2) -> float:
