@@ -47,6 +47,18 @@ def test_scores_of_a_known_run():
     assert es_replay.oracle_steps([early]) == [pytest.approx(61 / 200)]
 
 
+def test_the_clairvoyant_bound_on_steps():
+    # Fixed count: 30 - 3e-4 * 99^2 = 27.06 dB; every step from 0 on is within 0.5 dB of it.
+    early = _run("a.png", "tuning", cross=100)
+    # Fixed count: 30 - 3e-4 * 51^2; within 0.5 dB of it from step 185 on (3e-4 * 65^2 <= 3e-4 * 51^2 + 0.5 < 3e-4 * 66^2).
+    late = _run("b.png", "validation", cross=250)
+    (s0, g0), (s1, g1) = es_replay.clairvoyant_steps([early, late])
+    assert s0 == pytest.approx(1 / 200) and g0 == pytest.approx(3.0)
+    assert s1 == pytest.approx(186 / 200) and g1 == pytest.approx(3e-4 * (65**2 - 51**2))
+    early["input_psnr"] = 28.0  # the input is now the higher floor: PSNR >= 28 from step 19 on (81^2 * 3e-4 <= 2)
+    assert es_replay.clairvoyant_steps([early])[0][0] == pytest.approx(20 / 200)
+
+
 def test_the_fixed_count_follows_the_preset_as_defined_now():
     from dip_fast import tasks
 
