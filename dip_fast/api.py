@@ -338,7 +338,9 @@ def restore(
             estimate as a ``(1, C, H, W)`` tensor in [0, 1], colour only,
             cropped to the image) and ``render`` (a function returning the
             estimate in the caller's format, alpha included).  Returning
-            True stops the run early, with its result so far.
+            True stops the run early, with its result so far.  One run
+            only: a callback is refused with ``restarts > 1``, a list of
+            images or tiles, where it could follow only one of the runs.
         ground_truth: a clean image of the output's size (and colour
             channels), used only to report PSNR; it never influences the result.
         return_info: return ``(image, RestoreInfo)`` instead of the image.
@@ -377,7 +379,7 @@ def restore(
             (the paper averaged two runs for its best denoising result), with
             ``info.restarts`` and ``info.uncertainty``, the per-pixel standard
             deviation across the runs.  The first run is the one
-            ``restarts=1`` makes.  No ``callback`` with ``restarts > 1``.
+            ``restarts=1`` makes.
         pack: the most networks trained in one step, for ``restarts`` and
             lists: ``'auto'`` (default) as many as the memory estimate lets
             fit (at most :data:`dip_fast.many.MAX_PACK_CPU` on the CPU,

@@ -293,6 +293,9 @@ def _run_restore(args: argparse.Namespace) -> int:
     files = [(flag.flag, task_inputs[flag.input]) for flag in spec.flags if flag.is_file]
     if args.save_every is not None and args.save_every < 1:
         raise _UserError(f"--save-every must be >= 1, got {args.save_every}")
+    if args.save_every and (args.restarts > 1 or args.tile is not None):
+        several = "--restarts K runs" if args.restarts > 1 else "--tile restores the image in"
+        raise _UserError(f"--save-every follows a single run; {several} several (drop one of the two)")
     # Check every input exists before judging the output against them.
     for label, src in [("IN", args.input), *files, ("--ground-truth", args.ground_truth)]:
         if src is not None:

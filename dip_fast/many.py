@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import _caller, api, io, tasks, tiles
-from .fit import FitResult, fit_packed
+from .fit import FitResult, StepInfo, fit_packed
 from .memory import device_memory, format_bytes
 from .observation import Observation, _load_ground_truth, inspect_run, prepare_observation, run_memory
 from .packed import pack as pack_networks, packable
 from .request import RestoreRequest
 
-__all__ = ["MAX_PACK_CPU", "MAX_PACK_CUDA", "TILE_OVERLAP", "auto_tile", "pack_size", "restore_many", "restore_tiled"]
+__all__ = ["MAX_PACK_CPU", "MAX_PACK_CUDA", "TILE_OVERLAP", "auto_tile", "follow_pack", "pack_size", "restore_many",
+           "restore_tiled"]
 
 #: ``pack='auto'``'s limit on the CPU: the per-image cost of a step is flat from 1 to 4 networks there
 #: (bench/README.md, "Packed networks"), so larger packs only delay the first results.
@@ -63,6 +64,10 @@ def restore_many(request: RestoreRequest, images: Any, masks: Any, truths: Any, 
     images = [images] if single else list(images)
     if not images:
         raise ValueError("image: got an empty list; pass at least one image")
+    if request.callback is not None and len(images) > 1:
+        # A pack reports one network per step (follow_pack): the callback would see some images and not others.
+        raise ValueError(f"callback applies to a single run; a list of {len(images)} images runs several (drop the "
+                         "callback, or restore the images one by one)")
     masks = _per_image(masks, "mask", len(images), single)
     truths = _per_image(truths, "ground_truth", len(images), single)
     observed = []
@@ -133,6 +138,31 @@ def _run_pack(request: RestoreRequest, jobs: List["api.Job"]) -> List[Tuple[torc
     return done
 
 
+def follow_pack(on_step: Callable[[StepInfo], None]) -> Callable[[StepInfo], None]:
+    """A pack's step callback that passes ``on_step`` one network per step: the first still running.
+
+    The fit reports every running network at each read, in network order,
+    and a stopped network no longer reports.  Following network 0 alone would
+    freeze the progress bar when it stops first while the others go on.
+
+    >>> from types import SimpleNamespace as S
+    >>> seen = []
+    >>> f = follow_pack(lambda s: seen.append((s.step, s.network)))
+    >>> for step, network in [(0, 0), (0, 1), (1, 0), (1, 1), (2, 1), (3, 1)]:  # network 0 stops after step 1
+    ...     f(S(step=step, network=network))
+    >>> seen
+    [(0, 0), (1, 0), (2, 1), (3, 1)]
+    """
+    shown = [-1]  # the last step passed on
+
+    def follow(step: StepInfo) -> None:
+        if step.step > shown[0]:
+            shown[0] = step.step
+            on_step(step)
+
+    return follow
+
+
 def _fit_packed(request: RestoreRequest, jobs: List["api.Job"], runs: List[tasks.Run]) -> List[FitResult]:
     """One packed network for the runs, fitted with per-network settings."""
     term = tasks.PackedTerm([run.term for run in runs])
@@ -150,12 +180,8 @@ def _fit_packed(request: RestoreRequest, jobs: List["api.Job"], runs: List[tasks
             [io.crop(x[k : k + 1], box, request.factor) for k, box in enumerate(boxes)])
     rules = [job.rule for job in jobs]
     first = jobs[0]
-    monitor = api._monitor(request, first.observed, first.info, first.rule)  # the bar follows the first network
-
-    def on_step(step: Any) -> None:
-        if step.network == 0:
-            monitor.on_step(step)
-
+    monitor = api._monitor(request, first.observed, first.info, first.rule)
+    on_step = follow_pack(monitor.on_step)
     try:
         return fit_packed(
             pack_networks([run.net for run in runs]), torch.cat([run.net_input for run in runs], dim=1), term,
@@ -219,6 +245,10 @@ def restore_tiled(request: RestoreRequest, image: Any, mask: Any, truth: Any, se
     """``restore()`` of one image in overlapping tiles of side ``tile``, blended (see :mod:`dip_fast.tiles`)."""
     if isinstance(image, (list, tuple)):
         raise ValueError("tile applies to one image; restore the images of a list one by one to tile them")
+    if request.callback is not None:
+        # The callback would see one tile's estimate, not the image's (a snapshot of a tile saved as the image).
+        raise ValueError(f"callback applies to a single run, and this image is restored in tiles ({why}); drop the "
+                         "callback")
     loaded = io.load_image(image, "image")
     color, spec = loaded.color, loaded.spec
     extras: Dict[str, Any] = {}

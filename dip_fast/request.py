@@ -230,6 +230,9 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
     if callback is not None and restarts > 1:
         raise ValueError("callback applies to a single run; restarts > 1 runs several (drop the callback or use "
                          "restarts=1)")
+    if callback is not None and tile is not None:
+        raise ValueError("callback applies to a single run; tile= restores the image in several (drop the callback "
+                         "or the tile)")
     step_mode = _check_choice(step_mode, "step_mode", STEP_MODE_CHOICES)
     precision = _check_choice(precision, "precision", PRECISION_CHOICES)
     if callback is not None and not callable(callback):

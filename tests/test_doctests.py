@@ -15,6 +15,7 @@ MODULES = [
     "dip_fast.cli",
     "dip_fast.cpu_features",
     "dip_fast.io",
+    "dip_fast.many",
     "dip_fast.memory",
     "dip_fast.networks",
     "dip_fast.noise_level",

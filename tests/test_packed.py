@@ -222,9 +222,40 @@ def test_a_pack_that_does_not_fit_is_refused(monkeypatch):
         restore(_images(1)[0], "denoise", restarts=2, pack=2, **QUICK)
 
 
-def test_callback_is_refused_with_restarts():
-    with pytest.raises(ValueError, match="callback"):
-        restore(_images(1)[0], "denoise", restarts=2, callback=lambda step, info: None, **QUICK)
+def test_callback_is_refused_where_it_could_follow_only_one_of_several_runs(monkeypatch):
+    """restarts, a list of images and tiles run several networks; a callback would see one of them only."""
+    watch = lambda step, info: None  # noqa: E731
+    with pytest.raises(ValueError, match="callback applies to a single run; restarts > 1"):
+        restore(_images(1)[0], "denoise", restarts=2, callback=watch, **QUICK)
+    with pytest.raises(ValueError, match="callback applies to a single run; a list of 2 images"):
+        restore(_images(2), "denoise", callback=watch, **QUICK)
+    with pytest.raises(ValueError, match="callback applies to a single run; tile="):
+        restore(_images(1, size=64)[0], "denoise", tile=32, callback=watch, **QUICK)
+    calls = []  # a list of one image is one run: its callback is kept
+    restore(_images(1), "denoise", callback=lambda step, info: calls.append(step), **QUICK)
+    assert calls == list(range(QUICK["iterations"]))
+    from dip_fast import many
+
+    monkeypatch.setattr(many, "auto_tile", lambda request, image: 32)  # as for an image too large to fit whole
+    with pytest.raises(ValueError, match=r"restored in tiles \(the whole image would not fit"):
+        restore(_images(1, size=64)[0], "denoise", callback=watch, **QUICK)
+
+
+def test_a_packs_progress_follows_the_networks_still_running():
+    """The bar of a pack whose first network stops early goes on with the others to the last step."""
+    from dip_fast import many
+
+    torch.manual_seed(0)
+    nets = [reference_skip(2, 3, [4, 4], [4, 4], [2, 2]) for _ in range(2)]
+    z = torch.rand(1, 4, 16, 16)
+    obs = torch.rand(2, 3, 16, 16)
+    seen = []
+    # Network 0's bound accepts its first estimate; network 1's (NaN) none, so it runs all 12 steps.
+    fit_packed(pack(nets), z, lambda out: (out - obs).square().flatten(1).mean(1), networks=2, iterations=12,
+               observation=obs, stop="discrepancy", stop_bound=[1e9, float("nan")],
+               callback=many.follow_pack(lambda s: seen.append((s.step, s.network))))
+    assert [step for step, _ in seen] == list(range(12))
+    assert seen[0] == (0, 0) and seen[-1] == (11, 1)
 
 
 # ----------------------------------------------------------------------------- tiles
