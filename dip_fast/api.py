@@ -345,7 +345,9 @@ def restore(
             channels), used only to report PSNR; it never influences the result.
         return_info: return ``(image, RestoreInfo)`` instead of the image.
         max_time: wall-clock budget in seconds; when it runs out the result
-            so far is returned.  Ctrl-C does the same.
+            so far is returned.  Ctrl-C does the same.  It bounds the whole
+            call: runs that go one after another (a list in several packs)
+            share it, each an equal share of the time left when it starts.
         num_threads: CPU threads for the run (the previous setting is restored).
         deterministic: use deterministic algorithms (cuDNN included) during the run.
         stop: ``'auto'`` (default): per task, whichever of ``'early'`` and

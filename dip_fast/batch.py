@@ -318,11 +318,14 @@ class _Packer:
         return found if found is not None else self.restore_one(src)
 
     def _run_pack(self, files: List[Path]) -> None:
+        kwargs = dict(self.kwargs)
+        if kwargs.get("max_time") is not None:  # --max-time is per image, and restore()'s bounds the whole list
+            kwargs["max_time"] *= len(files)
         try:
             pairs = [self.inputs(src) for src in files]
             results = restore([str(src) for src in files], self.task, mask=_listed([m for m, _ in pairs]),
                               ground_truth=_listed([g for _, g in pairs]), return_info=True, progress=False,
-                              **self.kwargs)
+                              **kwargs)
         except KeyboardInterrupt:
             raise
         except Exception:  # noqa: BLE001 - retried file by file, where each failure names its file

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("out_dir", metavar="OUT_DIR", help="folder for the results and summary.csv (created if missing)")
     bat.add_argument("--task", required=True, choices=[spec.command for spec in _cli_tasks()],
                      help="what to do to every image")
-    _add_run_options(bat, "per image: stop after this long; the result so far is written")
+    _add_run_options(bat, "per image: stop after this long (a pack of K images shares K times this); the result "
+                          "so far is written")
     for option, (flag, _, _) in _batch_flags().items():
         bat.add_argument(option, dest=_batch_dest(flag), type=flag.type, metavar=flag.batch_metavar or flag.metavar,
                          help=flag.batch_help)

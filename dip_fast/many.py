@@ -16,8 +16,9 @@ grouping keeps every result what its own ``restore()`` returns.
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -88,15 +89,38 @@ def restore_many(request: RestoreRequest, images: Any, masks: Any, truths: Any, 
         jobs.extend((i, _restart(job, seed + r)) for r in range(request.restarts))
     finished: Dict[int, List[Tuple[torch.Tensor, api.RestoreInfo]]] = {}
     with api._run_settings(request.num_threads, request.deterministic):
+        packs = []
         for group in _groups(jobs):
             k = pack_size(request, group[0][1].observed.estimated_memory, len(group))
-            for start in range(0, len(group), k):
-                chunk = group[start : start + k]
-                for (i, _), done in zip(chunk, _run_pack(request, [job for _, job in chunk])):
-                    finished.setdefault(i, []).append(done)
+            packs += [group[start : start + k] for start in range(0, len(group), k)]
+        for share, chunk in _time_shares(request, packs):
+            for (i, _), done in zip(chunk, _run_pack(share, [job for _, job in chunk])):
+                finished.setdefault(i, []).append(done)
     for i, runs in finished.items():
         outputs[i] = _combine(request, observed[i], runs)
     return outputs[0] if single else outputs
+
+
+def _time_shares(request: RestoreRequest, items: List[Any]) -> Iterator[Tuple[RestoreRequest, Any]]:
+    """Each item (a pack, or a job of a pack that runs its jobs in turn) with the request it runs under.
+
+    ``max_time`` bounds the whole call, not each of its runs: an item gets an
+    equal share of the time left when it starts (so one that stops early leaves
+    its time to the others), and never less than an equal share of the whole,
+    so that none is left without a step when another ran over.
+
+    >>> from types import SimpleNamespace as S
+    >>> [r.max_time for r, _ in _time_shares(S(max_time=None), ["a", "b"])]
+    [None, None]
+    """
+    if request.max_time is None:
+        yield from ((request, item) for item in items)
+        return
+    start = time.perf_counter()
+    for n, item in enumerate(items):
+        left = request.max_time - (time.perf_counter() - start)
+        share = max(left / (len(items) - n), request.max_time / len(items))
+        yield dataclasses.replace(request, max_time=share), item
 
 
 def _restart(job: "api.Job", seed: int) -> "api.Job":
@@ -130,7 +154,8 @@ def _run_pack(request: RestoreRequest, jobs: List["api.Job"]) -> List[Tuple[torc
     if packed:
         results = _fit_packed(request, jobs, runs)
     else:
-        results = [api._fit(request, job.observed, run, job.info, job.rule) for job, run in zip(jobs, runs)]
+        results = [api._fit(share, job.observed, run, job.info, job.rule)
+                   for share, (job, run) in _time_shares(request, list(zip(jobs, runs)))]
     done = []
     for job, run, result in zip(jobs, runs, results):
         job.info.packed = len(jobs) if packed else 1

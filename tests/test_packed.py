@@ -241,6 +241,22 @@ def test_callback_is_refused_where_it_could_follow_only_one_of_several_runs(monk
         restore(_images(1, size=64)[0], "denoise", callback=watch, **QUICK)
 
 
+def test_max_time_bounds_the_whole_call(monkeypatch):
+    """Runs that go one after another (packs, or the jobs of a pack that does not pack) share max_time."""
+    from dip_fast import many
+    from dip_fast.request import validate_request
+
+    request = validate_request("denoise", max_time=9.0)
+    now = [0.0]
+    monkeypatch.setattr(many.time, "perf_counter", lambda: now[0])
+    shares = []
+    for share, item in many._time_shares(request, ["a", "b", "c"]):
+        shares.append(share.max_time)
+        now[0] += {"a": 1.0, "b": 6.0, "c": 0.0}[item]  # a stops early, b runs over its share
+    # a: 9 s left for 3; b: 8 s left for 2; c: 2 s left, but never less than an equal share of the whole.
+    assert shares == [3.0, 4.0, 3.0]
+
+
 def test_a_packs_progress_follows_the_networks_still_running():
     """The bar of a pack whose first network stops early goes on with the others to the last step."""
     from dip_fast import many
@@ -345,6 +361,25 @@ def test_batch_pack_restores_every_file_and_a_bad_file_fails_only_its_row(tmp_pa
     assert summary.count(",done,") == 3 and summary.count(",failed,") == 1
     assert main(args[:-3] + ["--pack", "some", "-q"]) == 2
     assert "--pack must be an integer" in capsys.readouterr().err
+
+
+def test_batch_max_time_is_per_image_in_packs_too(tmp_path, monkeypatch):
+    """restore() bounds a whole list by max_time; the batch's --max-time is per image, so a pack gets K times it."""
+    from dip_fast import batch
+    from dip_fast.cli import main
+
+    seen = []
+    real = batch.restore
+
+    def watch(image, *args, **kwargs):
+        seen.append((len(image) if isinstance(image, list) else 1, kwargs.get("max_time")))
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "restore", watch)
+    _write_images(tmp_path / "in", 3)
+    assert main(["batch", str(tmp_path / "in"), str(tmp_path / "out"), "--task", "denoise", "--preset", "quick",
+                 "--iterations", "2", "--device", "cpu", "--pack", "2", "--max-time", "50", "-q"]) == 0
+    assert seen == [(2, 100.0), (1, 50.0)]
 
 
 def test_cli_restarts_write_the_uncertainty(tmp_path, capsys):
