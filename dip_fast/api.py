@@ -348,6 +348,9 @@ def restore(
             so far is returned.  Ctrl-C does the same.  It bounds the whole
             call: runs that go one after another (a list in several packs)
             share it, each an equal share of the time left when it starts.
+            Ctrl-C ends the pack running and starts no other: the restarts
+            that ran make the result, and a list with an image not started
+            raises ``KeyboardInterrupt``.
         num_threads: CPU threads for the run (the previous setting is restored).
         deterministic: use deterministic algorithms (cuDNN included) during the run.
         stop: ``'auto'`` (default): per task, whichever of ``'early'`` and

@@ -94,10 +94,16 @@ def restore_many(request: RestoreRequest, images: Any, masks: Any, truths: Any, 
             k = pack_size(request, group[0][1].observed.estimated_memory, len(group))
             packs += [group[start : start + k] for start in range(0, len(group), k)]
         for share, chunk in _time_shares(request, packs):
-            for (i, _), done in zip(chunk, _run_pack(share, [job for _, job in chunk])):
+            results = _run_pack(share, [job for _, job in chunk])
+            for (i, _), done in zip(chunk, results):
                 finished.setdefault(i, []).append(done)
+            if any(info.stop_reason == "keyboard_interrupt" for _, info in results):
+                break  # Ctrl-C: no further packs
+    if any(outputs[i] is None and i not in finished for i in range(len(images))):
+        # Ctrl-C returns the results so far, but some images have none: stop the call instead.
+        raise KeyboardInterrupt
     for i, runs in finished.items():
-        outputs[i] = _combine(request, observed[i], runs)
+        outputs[i] = _combine(request, observed[i], runs)  # after Ctrl-C, the restarts that ran
     return outputs[0] if single else outputs
 
 

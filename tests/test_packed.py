@@ -257,6 +257,35 @@ def test_max_time_bounds_the_whole_call(monkeypatch):
     assert shares == [3.0, 4.0, 3.0]
 
 
+def test_ctrl_c_ends_the_pack_running_and_starts_no_other(monkeypatch):
+    """Ctrl-C in the first of several packs: the restarts that ran make the result; a list with an image not
+    started raises KeyboardInterrupt (there is no result so far for it) instead of running the other packs."""
+    from dip_fast import step as step_module
+
+    calls = {"steps": 0, "runners": 0}
+    real_step, real_init = step_module.StepRunner.step, step_module.StepRunner.__init__
+
+    def init(self, *args, **kwargs):
+        calls["runners"] += 1
+        real_init(self, *args, **kwargs)
+
+    def step(self, check=False):
+        calls["steps"] += 1
+        if calls["steps"] == 3:
+            raise KeyboardInterrupt
+        real_step(self, check)
+
+    monkeypatch.setattr(step_module.StepRunner, "__init__", init)
+    monkeypatch.setattr(step_module.StepRunner, "step", step)
+    out, info = restore(_images(1)[0], "denoise", restarts=3, pack=2, backend="reference", **QUICK)
+    assert calls["runners"] == 1 and info.restarts == 2 and info.stop_reason == "keyboard_interrupt"
+    assert out.shape == (32, 32, 3) and np.isfinite(out).all()
+    calls.update(steps=0, runners=0)
+    with pytest.raises(KeyboardInterrupt):
+        restore(_images(2), "denoise", pack=1, backend="reference", **QUICK)
+    assert calls["runners"] == 1
+
+
 def test_a_packs_progress_follows_the_networks_still_running():
     """The bar of a pack whose first network stops early goes on with the others to the last step."""
     from dip_fast import many
