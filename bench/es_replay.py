@@ -74,6 +74,12 @@ def preset_steps(run: Dict[str, Any]) -> int:
     return min(count, len(run["log"]["psnr_avg"]))
 
 
+def default_preset(run: Dict[str, Any]) -> bool:
+    """Whether the run used its task's ``'fast'`` preset, what ``restore()`` runs on a CPU (runs recorded
+    before the preset was logged did)."""
+    return run.get("preset", tasks.preset_for(run["task"], "fast").name) == tasks.preset_for(run["task"], "fast").name
+
+
 def fixed_psnr(run: Dict[str, Any]) -> float:
     """What ``stop='never'`` returns: the average after the fixed count (the fit has no schedule that
     depends on the total, so a run recorded for longer holds that run as its prefix)."""
@@ -191,7 +197,8 @@ def per_run_table(runs: List[Dict[str, Any]], chosen: Setting) -> List[str]:
         peak_step = r["log"]["psnr_avg"].index(s["oracle"], 0, n)
         est = f"{r['sigma_est']:.1f}" + (f", was {r['sigma_est_logged']:.1f}" if "sigma_est_logged" in r else "")
         sigma = f"{r['sigma']:g} ({est})" if r["sigma"] is not None else f"- ({est})"
-        lines.append(f"| {r['image']} | {r['split']} | {r['task']} {r['crop']} | {sigma} | {len(r['log']['psnr_avg'])} "
+        task = f"{r['task']} {r['crop']}" + ("" if default_preset(r) else f" ({r['preset']})")
+        lines.append(f"| {r['image']} | {r['split']} | {task} | {sigma} | {len(r['log']['psnr_avg'])} "
                      f"| {r['input_psnr']:.2f} | {fixed_psnr(r):.2f} | {s['oracle']:.2f} ({peak_step + 1}) | "
                      f"{s['psnr']:.2f} | {s['n_steps']} | {s['reason']} |")
     return lines
@@ -238,6 +245,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for r in runs:
             _, obs = early_stop.observation_of(r, args.reestimate)
             r["sigma_est_logged"], r["sigma_est"] = r["sigma_est"], estimate_sigma(obs)
+    # Runs of another preset than the task's default (restore()'s CPU preset) are reported in groups of
+    # their own, and neither tune the rule nor enter "all" and the step bounds, which describe the defaults.
+    other = [r for r in runs if not default_preset(r)]
+    runs = [r for r in runs if default_preset(r)]
     tuning = [r for r in runs if r["split"] == "tuning"]
     if not tuning:
         print("no tuning runs", file=sys.stderr)
@@ -254,8 +265,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              f"{len(runs) - len(tuning)} validation runs; "
              f"{longer} of the {len(runs)} runs were recorded past the preset's count.", ""]
     groups: Dict[str, List[Dict[str, Any]]] = {"all": runs}
-    for r in runs:
-        groups.setdefault(f"{r['task']} {r['crop']}x{r['crop']}", []).append(r)
+    for r in runs + other:
+        preset = "" if default_preset(r) else f", preset {r['preset']}"
+        groups.setdefault(f"{r['task']} {r['crop']}x{r['crop']}{preset}", []).append(r)
     for g, rs in groups.items():
         ls, nums = split_tables(rs, chosen)
         lines += [f"### {g}", ""] + ls
@@ -275,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{sum(b[0] <= LIMITS['steps_median'] for b in bound)} of {len(bound)} runs could stop within "
                   f"{LIMITS['steps_median']:.0%}.", ""]
         numbers[f"clairvoyant_steps_median_{split}"] = median
-    lines += ["### Per run (chosen rule)", ""] + per_run_table(runs, chosen) + [""]
+    lines += ["### Per run (chosen rule)", ""] + per_run_table(runs + other, chosen) + [""]
     md = "\n".join(lines) + "\n"
     print(md)
     if args.out:
