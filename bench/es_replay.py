@@ -77,7 +77,8 @@ def preset_steps(run: Dict[str, Any]) -> int:
 def default_preset(run: Dict[str, Any]) -> bool:
     """Whether the run used its task's ``'fast'`` preset, what ``restore()`` runs on a CPU (runs recorded
     before the preset was logged did)."""
-    return run.get("preset", tasks.preset_for(run["task"], "fast").name) == tasks.preset_for(run["task"], "fast").name
+    default = tasks.preset_for(run["task"], "fast").name
+    return run.get("preset", default) == default
 
 
 def fixed_psnr(run: Dict[str, Any]) -> float:

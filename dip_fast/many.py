@@ -278,6 +278,7 @@ def restore_tiled(request: RestoreRequest, image: Any, mask: Any, truth: Any, se
         raise ValueError("tile applies to one image; restore the images of a list one by one to tile them")
     if request.callback is not None:
         # The callback would see one tile's estimate, not the image's (a snapshot of a tile saved as the image).
+        # A given tile= is refused up front by validate_request; this is the case where restore() chose to tile.
         raise ValueError(f"callback applies to a single run, and this image is restored in tiles ({why}); drop the "
                          "callback")
     loaded = io.load_image(image, "image")
