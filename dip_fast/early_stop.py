@@ -47,9 +47,10 @@ change where the minimum is.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -77,6 +78,22 @@ def _per_network(like: torch.Tensor, networks: int) -> Tuple[int, ...]:
     if like.dim() == 0 or like.shape[0] != networks:
         raise ValueError(f"with networks={networks} the outputs must have {networks} rows, got {tuple(like.shape)}")
     return (networks,) + (1,) * (like.dim() - 1)
+
+
+def _select_networks(tracker: Any, keep: torch.Tensor, dims: Optional[dict] = None) -> Any:
+    """A copy of ``tracker`` that follows networks ``keep`` (``(k,)`` indices) only, their state kept.
+
+    Every per-network tensor is indexed along its network dimension (0, or
+    ``dims[name]``); the step count is shared by all networks and copied.
+    """
+    new = copy.copy(tracker)
+    new.networks = int(keep.numel())
+    new._bshape = (new.networks,) + tuple(tracker._bshape[1:])
+    for name, value in vars(tracker).items():
+        if isinstance(value, torch.Tensor):
+            dim = (dims or {}).get(name, 0)
+            setattr(new, name, value.clone() if value.dim() == 0 else value.index_select(dim, keep))
+    return new
 
 
 class WindowedVariance:
@@ -157,6 +174,10 @@ class WindowedVariance:
         self.min_variance.copy_(torch.where(improved, var, self.min_variance))
         self.best_step.copy_(torch.where(improved, self.count - 1, self.best_step))
         self.best.copy_(torch.where(improved.reshape(self._bshape), mean, self.best))
+
+    def select(self, keep: torch.Tensor) -> "WindowedVariance":
+        """This tracker for networks ``keep`` only (a packed run that dropped its stopped networks)."""
+        return _select_networks(self, keep, {"ring": 1})
 
     def read_all(self) -> List[EarlyStopState]:
         """Copy the counters to the host (one synchronisation): one state per network."""
@@ -285,6 +306,10 @@ class DiscrepancyTracker:
         self.best_step.copy_(torch.where(first, self.count, self.best_step))
         self.best.copy_(torch.where(first.reshape(self._bshape), estimate, self.best))
         self.count.add_(1)
+
+    def select(self, keep: torch.Tensor) -> "DiscrepancyTracker":
+        """This tracker for networks ``keep`` only (a packed run that dropped its stopped networks)."""
+        return _select_networks(self, keep)
 
     def read_all(self) -> List[EarlyStopState]:
         """Copy the counters to the host (one synchronisation): one state per network."""

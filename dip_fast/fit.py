@@ -86,6 +86,7 @@ qualifies, the run completes as with ``stop='never'``.
 from __future__ import annotations
 
 import inspect
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -254,6 +255,7 @@ def _fit(
     precision: str = "fp32",
     sync_every: Optional[int] = None,
     networks: int = 1,
+    repack: bool = True,
 ) -> List[FitResult]:
     """Fit ``net`` so that ``loss_fn(net(net_input))`` is small: the DIP loop.
 
@@ -304,6 +306,8 @@ def _fit(
         sync_every: steps between reads of the step log (default 1 on the
             CPU, 50 on CUDA).
         networks: the number of networks ``net`` packs (see :func:`fit_packed`).
+        repack: drop the networks of a packed run that have stopped from its
+            step (see :func:`fit_packed`); False keeps them in it, frozen.
 
     Returns:
         One :class:`FitResult` per network.  Ctrl-C (``KeyboardInterrupt``)
@@ -344,7 +348,7 @@ def _fit(
             stop_bound=stop_bound if stop == "discrepancy" else None, precision=precision, mode=mode,
             networks=networks,
         )
-        results = _Loop(runner, iterations, sync_every, t0).run(
+        results = _Loop(runner, iterations, sync_every, t0, repack=repack).run(
             check=(lambda i: is_check_step(i, check_every, check_mode)) if backtrack else (lambda i: False),
             psnr_target=psnr_target, callback=callback, should_stop=should_stop, max_time=max_time,
         )
@@ -358,17 +362,20 @@ def _fit(
 
 def fit(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, **settings: Any) -> FitResult:
     # The documentation and signature are _fit's, less ``networks`` (set below).
-    if "networks" in settings:
-        raise TypeError("fit() runs one network; use fit_packed() for a packed one")
+    for name in _PACKED_ONLY:
+        if name in settings:
+            raise TypeError(f"fit() runs one network; {name}= is fit_packed()'s")
     return _fit(net, net_input, loss_fn, **settings)[0]
 
 
-fit.__doc__ = (_fit.__doc__ or "").replace(
-    "One :class:`FitResult` per network.", "A :class:`FitResult`."
-).replace("        networks: the number of networks ``net`` packs (see :func:`fit_packed`).\n", "")
+#: _fit's settings that only a packed run has (fit() refuses them; its documentation leaves them out).
+_PACKED_ONLY = ("networks", "repack")
+fit.__doc__ = (_fit.__doc__ or "").replace("One :class:`FitResult` per network.", "A :class:`FitResult`.")
+fit.__doc__ = re.sub(r"        (networks|repack): .*?\n(?=        \w+: |\n)", "", fit.__doc__, flags=re.S)
 _signature = inspect.signature(_fit)
 fit.__signature__ = _signature.replace(  # type: ignore[attr-defined]
-    parameters=[p for name, p in _signature.parameters.items() if name != "networks"], return_annotation=FitResult
+    parameters=[p for name, p in _signature.parameters.items() if name not in _PACKED_ONLY],
+    return_annotation=FitResult,
 )
 
 
@@ -384,7 +391,9 @@ def fit_packed(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, *, netw
     may be ``K`` bounds.  Everything else is :func:`fit`'s, applied per
     network: averaging, backtracking (a drop restores only that network's
     weights), early stopping (a network that stops is frozen while the
-    others go on; the loop ends when all have stopped), ``psnr_target``
+    others go on, and with ``repack=True``, the default, dropped from the
+    step so that it no longer costs compute; the loop ends when all have
+    stopped), ``psnr_target``
     (the loop ends when all have reached it) and the histories, which end
     where the network stopped, as a run alone would.  ``callback`` is called
     once per running network at each read, with ``StepInfo.network`` set.
@@ -401,12 +410,17 @@ class _Loop:
     One :class:`FitResult` per network of the runner (one, unless the
     network is packed); the loop ends when ``iterations`` are done, when
     every network's early stopping (or ``psnr_target``) has fired, or on an
-    interruption.
+    interruption.  With ``repack``, networks whose early stopping fired are
+    dropped from the runner at the read that learns it
+    (:meth:`StepRunner.select`): their results are final then.
     """
 
-    def __init__(self, runner: StepRunner, iterations: int, sync_every: int, t0: float) -> None:
+    def __init__(self, runner: StepRunner, iterations: int, sync_every: int, t0: float,
+                 repack: bool = False) -> None:
         self.runner, self.iterations, self.sync_every, self.t0 = runner, iterations, sync_every, t0
+        self.repack = repack and runner.networks > 1
         k = runner.networks
+        self.rows = list(range(k))  # the network of each of the runner's rows
         self.log = torch.empty((min(sync_every, max(iterations, 1)), k, len(STAT_FIELDS)), device=runner.device)
         self.pending = 0  # rows of the log not read yet
         self.results = [FitResult(output=runner.net_input.new_empty(0), output_avg=None) for _ in range(k)]
@@ -417,7 +431,7 @@ class _Loop:
     def run(self, *, check: Callable[[int], bool], psnr_target: Optional[float],
             callback: Optional[Callable[[StepInfo], None]], should_stop: Optional[Callable[[], bool]],
             max_time: Optional[float]) -> List[FitResult]:
-        runner, results = self.runner, self.results
+        results = self.results
         reason = None
         # True while parameters are being written (update or restore): an
         # interrupt then may leave them half-written, so the final forward is
@@ -432,9 +446,9 @@ class _Loop:
                     reason = "should_stop"
                     break
                 writing = True
-                runner.step(check(step))
+                self.runner.step(check(step))
                 writing = False
-                self.log[self.pending].copy_(runner.stats)
+                self.log[self.pending].copy_(self.runner.stats)
                 self.pending += 1
                 if self.pending == self.log.shape[0] or step == self.iterations - 1:
                     if self._read(callback, psnr_target):
@@ -442,32 +456,56 @@ class _Loop:
         except KeyboardInterrupt:
             reason = "keyboard_interrupt"
         if self.pending:  # steps since the last read (an early break)
-            self._read(None, None)
+            self._read(None, None, drop=False)
+        runner = self.runner
         if writing and runner.out is not None:
             outputs = runner.out.clone()
         else:
             with torch.no_grad():
                 outputs = runner.forward().detach()
+        self._finish(range(len(self.rows)), outputs)  # the networks dropped earlier were finished then
         for k, result in enumerate(results):
             if reason is not None and not self.done[k]:
                 result.stop_reason = reason
             result.interrupted = result.stop_reason in ("keyboard_interrupt", "max_time", "should_stop")
             result.step_mode = "graph" if runner.graphed else "eager"
-            if runner.average is not None and result.steps:
-                result.output_avg = runner.average[k : k + 1].clone()
-            result.output = outputs[k : k + 1].clone()
         return results
 
-    def _read(self, callback: Optional[Callable[[StepInfo], None]], psnr_target: Optional[float]) -> bool:
+    def _finish(self, rows: Any, outputs: torch.Tensor) -> None:
+        """The final output and average of the networks in runner ``rows``, ``outputs`` being the runner's."""
+        for j in rows:
+            result = self.results[self.rows[j]]
+            if self.runner.average is not None and result.steps:
+                result.output_avg = self.runner.average[j : j + 1].clone()
+            result.output = outputs[j : j + 1].clone()
+
+    def _drop_stopped(self) -> None:
+        """Go on without the networks whose early stopping fired (they are frozen: their results are final)."""
+        stopped = [j for j, k in enumerate(self.rows) if self.results[k].stop_reason == "early_stop"]
+        if not stopped or len(stopped) == len(self.rows):
+            return
+        keep = [j for j in range(len(self.rows)) if j not in stopped]
+        narrowed = self.runner.select(keep)
+        if narrowed is None:  # this run cannot be narrowed: its stopped networks stay in the step, frozen
+            self.repack = False
+            return
+        with torch.no_grad():
+            self._finish(stopped, self.runner.forward().detach())
+        self.runner, self.rows = narrowed, [self.rows[j] for j in keep]
+        self.log = torch.empty((self.log.shape[0], len(keep), self.log.shape[2]), device=narrowed.device)
+
+    def _read(self, callback: Optional[Callable[[StepInfo], None]], psnr_target: Optional[float],
+              drop: bool = True) -> bool:
         """Read the pending log rows into the results; return True when the loop should stop."""
         log = self.log[: self.pending].tolist()  # the one host synchronisation
         self.pending = 0
         runner = self.runner
         es = runner.early_stop
-        for k, result in enumerate(self.results):
+        for j, k in enumerate(self.rows):  # runner row j holds network k
+            result = self.results[k]
             if self.done[k]:  # a stopped network of a packed run: frozen, its record ends where a run alone would
                 continue
-            rows = [entry[k] for entry in log]
+            rows = [entry[j] for entry in log]
             for row in rows:
                 step = result.steps
                 result.steps += 1
@@ -495,12 +533,12 @@ class _Loop:
                 if es.should_stop(state):
                     result.stop_reason, self.done[k] = "early_stop", True
                     result.stop_step = state.best_step
-                    result.stop_output = es.best[k : k + 1].clone()
+                    result.stop_output = es.best[j : j + 1].clone()
                     result.stop_residual = result.residual_history[state.best_step]
             if callback is not None:
                 callback(StepInfo(
-                    step=result.steps - 1, loss=last[_COL["loss"]], out=runner.out[k : k + 1].clone(),
-                    out_avg=runner.average[k : k + 1].clone() if runner.average is not None else None,
+                    step=result.steps - 1, loss=last[_COL["loss"]], out=runner.out[j : j + 1].clone(),
+                    out_avg=runner.average[j : j + 1].clone() if runner.average is not None else None,
                     psnr=last[_COL["psnr"]] if self.track_observation else None,
                     psnr_ref=last[_COL["psnr_ref"]] if self.track_reference else None,
                     psnr_ref_avg=last[_COL["psnr_ref_avg"]] if self.track_reference and runner.average is not None
@@ -513,4 +551,6 @@ class _Loop:
                     else None,
                     network=k,
                 ))
+        if drop and self.repack and not all(self.done):
+            self._drop_stopped()
         return all(self.done)

@@ -207,8 +207,7 @@ def _fit_packed(request: RestoreRequest, jobs: List["api.Job"], runs: List[tasks
     if all(r is not None for r in references):
         boxes = [job.observed.box for job in jobs]
         kwargs["reference"] = torch.cat(references)
-        kwargs["reference_view"] = lambda x: torch.cat(
-            [io.crop(x[k : k + 1], box, request.factor) for k, box in enumerate(boxes)])
+        kwargs["reference_view"] = CropEach(boxes, request.factor)
     rules = [job.rule for job in jobs]
     first = jobs[0]
     monitor = api._monitor(request, first.observed, first.info, first.rule)
@@ -223,6 +222,28 @@ def _fit_packed(request: RestoreRequest, jobs: List["api.Job"], runs: List[tasks
         )
     finally:
         monitor.close()
+
+
+class CropEach:
+    """A pack's outputs ``(K, C, H, W)``, each cropped to its own image's box (the view its reference needs).
+
+    ``select`` narrows it to some of the networks, as a packed fit does when
+    it drops those that have stopped.
+
+    >>> crop = CropEach([(0, 0, 2, 2), (1, 1, 2, 2)], 1)
+    >>> x = torch.arange(32.0).reshape(2, 1, 4, 4)
+    >>> crop(x)[:, 0, 0, 0].tolist(), crop.select([1])(x[1:])[:, 0, 0, 0].tolist()
+    ([0.0, 21.0], [21.0])
+    """
+
+    def __init__(self, boxes: Sequence[Tuple[int, int, int, int]], factor: int) -> None:
+        self.boxes, self.factor = list(boxes), factor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([io.crop(x[k : k + 1], box, self.factor) for k, box in enumerate(self.boxes)])
+
+    def select(self, keep: Sequence[int]) -> "CropEach":
+        return CropEach([self.boxes[i] for i in keep], self.factor)
 
 
 def _combine(request: RestoreRequest, observed: Observation,

@@ -37,6 +37,10 @@ Examples:
     True
     >>> [n.out.weight.shape for n in unpack(packed)][0]
     torch.Size([3, 4, 1, 1])
+    >>> two = select_networks(packed, [0, 2])  # networks 0 and 2 of the three, packed
+    >>> out2 = two(z[[0, 2]].reshape(1, 4, 16, 16)).reshape(2, 3, 16, 16)
+    >>> torch.allclose(out2[1], out[2], atol=1e-6)
+    True
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ import torch.nn as nn
 
 from .reference.skip import SkipNet
 
-__all__ = ["pack", "pack_state_dicts", "packable", "unpack", "unpack_state_dict"]
+__all__ = ["pack", "pack_state_dicts", "packable", "select_networks", "unpack", "unpack_state_dict"]
 
 
 def packable(net: nn.Module) -> bool:
@@ -120,3 +124,23 @@ def unpack(packed: SkipNet) -> List[SkipNet]:
         net.train(packed.training)
         nets.append(net)
     return nets
+
+
+def select_networks(packed: SkipNet, keep: Sequence[int]) -> SkipNet:
+    """A packed module of networks ``keep`` of ``packed`` only, in that order (copies of their weights).
+
+    A packed run drops the networks that have stopped this way
+    (:meth:`dip_fast.step.StepRunner.select`): a grouped convolution computes
+    every group, so a stopped network left in the pack costs a running one's
+    compute.
+    """
+    keep = list(keep)
+    if not keep or any(not 0 <= i < packed.networks for i in keep):
+        raise ValueError(f"keep must name some of the {packed.networks} networks, got {keep}")
+    states = unpack_state_dict(packed.state_dict(), packed.networks)
+    kwargs = {"channels_last": True} if getattr(packed, "channels_last", False) else {}
+    ref = next(packed.parameters())
+    out = type(packed)(packed.config, networks=len(keep), **kwargs).to(device=ref.device, dtype=ref.dtype)
+    out.load_state_dict(pack_state_dicts([states[i] for i in keep]))
+    out.train(packed.training)
+    return out

@@ -163,6 +163,44 @@ def _rows(t: torch.Tensor, networks: int) -> torch.Tensor:
     return t.as_strided((networks, n), (n, 1))
 
 
+#: StepRunner settings with one entry (row, value, generator) per network, narrowed by select().
+_PER_NETWORK_SETTINGS = ("reg_noise_std", "generator", "observation", "degrade", "mask", "reference",
+                         "reference_view", "stop_bound")
+_CANNOT = object()  # _narrow's answer for a setting that cannot be narrowed
+
+
+def _narrow(value: object, keep: List[int], networks: int) -> object:
+    """A per-network setting of ``networks`` networks for networks ``keep`` only (``_CANNOT`` if opaque).
+
+    Tensors with one row per network, and sequences with one entry per
+    network, are indexed; a single row or value is shared and kept; an
+    object (or a bound method of one) with a ``select(keep)`` method, such
+    as a packed data term, is asked for its narrowed self.  Any other
+    callable might mix the networks, so it cannot be narrowed.
+    """
+    if value is None or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == networks:
+            return value[keep]
+        return value
+    if isinstance(value, (list, tuple)):
+        return [value[i] for i in keep] if len(value) == networks else _CANNOT
+    if hasattr(value, "select"):
+        return value.select(keep)
+    owner = getattr(value, "__self__", None)
+    if owner is not None and hasattr(owner, "select"):
+        return getattr(owner.select(keep), value.__name__)
+    return _CANNOT
+
+
+def _rows_of(state: torch.Tensor, like: torch.Tensor, networks: int, rows: torch.Tensor) -> torch.Tensor:
+    """A packed parameter's optimizer state narrowed to ``rows``, in the layout of the new parameter ``like``."""
+    out = torch.empty_like(like, dtype=state.dtype)
+    _rows(out, rows.numel()).copy_(_rows(state, networks).index_select(0, rows))
+    return out
+
+
 class DeviceBacktracker:
     """Backtracking on the device: snapshot the weights at good checks, restore them after a PSNR drop.
 
@@ -241,6 +279,18 @@ class DeviceBacktracker:
         if active is False and not self.freezing:
             return
         self._hold(self.dropped | self.frozen)
+
+    @torch.no_grad()
+    def take_rows(self, other: "DeviceBacktracker", rows: torch.Tensor) -> None:
+        """Take over the snapshots and flags of networks ``rows`` of ``other`` (same parameters, more networks)."""
+        parts = [theirs.view(other.networks, -1).index_select(0, rows) for theirs in other._saved]
+        if len(self._saved) == len(parts):  # a snapshot per parameter, rows in memory order
+            for saved, part in zip(self._saved, parts):
+                _rows(saved, self.networks).copy_(part)
+        else:  # one network left: one flat snapshot, its parameters after one another in memory order
+            self._saved[0].copy_(torch.cat([part.reshape(-1) for part in parts]))
+        for name in ("has_snapshot", "last_psnr", "dropped", "frozen"):
+            getattr(self, name).copy_(getattr(other, name).index_select(0, rows))
 
     @torch.no_grad()
     def freeze(self, mask: torch.Tensor) -> None:
@@ -346,6 +396,13 @@ class StepRunner:
         generators = list(generator) if isinstance(generator, (list, tuple)) else None
         if generators is not None and len(generators) != networks:
             raise ValueError(f"generator: got {len(generators)} generators for {networks} networks")
+        # What select() needs to build the runner of some of the networks (a custom optimizer's state
+        # cannot be sliced per network, so such a runner is not selected).
+        self._settings = None if optimizer is not None else dict(
+            lr=lr, reg_noise_std=reg_noise_std, generator=generator, exp_weight=exp_weight, observation=observation,
+            degrade=degrade, mask=mask, reference=reference, reference_view=reference_view,
+            backtrack_threshold_db=backtrack_threshold_db, early_stop=early_stop, stop_bound=stop_bound,
+            precision=precision, mode=mode)
         self.networks = networks
         self._generators = generators
         self.net, self.loss_fn, self.mode, self.precision = net, loss_fn, mode, precision
@@ -456,7 +513,7 @@ class StepRunner:
         """``loss_fn``'s value: ``(K,)``, one data term per network."""
         loss = self.loss_fn(out)
         if self.networks == 1:
-            if loss.dim() != 0:
+            if loss.numel() != 1 or loss.dim() > 1:  # (1,): a packed term narrowed to one network (select)
                 raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
             return loss.reshape(1)
         if tuple(loss.shape) != (self.networks,):
@@ -570,3 +627,62 @@ class StepRunner:
     def graphed(self) -> bool:
         """Whether steps are replayed from a captured CUDA graph."""
         return self._graph is not None
+
+    # ------------------------------------------------------------------ dropping stopped networks
+
+    def select(self, keep: Sequence[int]) -> Optional["StepRunner"]:
+        """The runner of networks ``keep`` (runner rows, in order) only, going on from this one's state.
+
+        A grouped convolution computes every group, so a network that has
+        stopped costs as much as a running one while it stays in the pack;
+        the packed fit drops stopped networks through this.  Weights, Adam's
+        moments, the average, the stopping tracker, the backtracking
+        snapshots and the perturbation generators of the kept networks carry
+        over, so their next steps are the ones they would have taken (to the
+        rounding of a grouped convolution with fewer groups).
+
+        Returns None when that cannot be done exactly: one network, a custom
+        optimizer, a CUDA graph (it would have to be captured again), a shared
+        perturbation generator or none (the kept networks would draw other noise), or
+        a per-network setting (the data term, ``degrade``, ``reference_view``)
+        that cannot be narrowed to some networks (see :func:`_narrow`).
+        """
+        from .packed import select_networks  # packed imports the networks, which import the ops
+
+        keep = [int(i) for i in keep]
+        k = self.networks
+        if (k == 1 or self._settings is None or self._graph is not None or self.mode == "graph"
+                or self.out is None or not keep or sorted(set(keep)) != keep or keep[-1] >= k
+                or (self._noise is not None and self._generators is None)):
+            return None
+        settings = {}
+        for name, value in self._settings.items():
+            narrowed = _narrow(value, keep, k) if name in _PER_NETWORK_SETTINGS else value
+            if narrowed is _CANNOT:
+                return None
+            settings[name] = narrowed
+        loss_fn = _narrow(self.loss_fn, keep, k)
+        if loss_fn is _CANNOT:
+            return None
+        c = self.net_input.shape[1] // k
+        z = self.net_input.reshape(k, c, *self.net_input.shape[2:])[keep].reshape(1, len(keep) * c,
+                                                                                  *self.net_input.shape[2:])
+        new = StepRunner(select_networks(self.net, keep), z.contiguous(), loss_fn, networks=len(keep), **settings)
+        rows = torch.tensor(keep, device=self.device)
+        with torch.no_grad():
+            new._allocate(self.out.index_select(0, rows))
+            new.out.copy_(self.out.index_select(0, rows))
+            if self.average is not None:
+                new.average.copy_(self.average.index_select(0, rows))
+            if self.early_stop is not None:
+                new.early_stop = self.early_stop.select(rows)
+            new.stats.copy_(self.stats.index_select(0, rows))
+            if self.backtracker is not None and new.backtracker is not None:
+                new.backtracker.take_rows(self.backtracker, rows)
+            for old_p, new_p in zip(self.params, new.params):
+                state = self.optimizer.state.get(old_p)
+                if state:
+                    new.optimizer.state[new_p] = {
+                        name: _rows_of(v, new_p, k, rows) if v.dim() > 0 else v.clone() for name, v in state.items()}
+        new._eager_steps = self._eager_steps  # the average is under way: the next step is not a first
+        return new

@@ -123,7 +123,7 @@ def test_a_stopped_network_is_frozen_while_the_others_go_on():
         if info.network == 0 and info.step in (2, 7):  # network 1 has stopped: no calls for it
             frozen[info.step] = [p.detach()[p.shape[0] // K : 2 * p.shape[0] // K].clone() for p in net.parameters()]
 
-    results = fit_packed(net, z, term, networks=K, iterations=8, stop="discrepancy",
+    results = fit_packed(net, z, term, networks=K, iterations=8, stop="discrepancy", repack=False,
                          stop_bound=[float("nan"), 1e9, float("nan")], callback=watch, **term.fit_kwargs())
     assert results[1].stop_reason == "early_stop" and results[1].stop_step == 0
     assert results[1].steps == 1 and len(results[1].loss_history) == 1  # its record ends as a run alone ends
@@ -132,6 +132,112 @@ def test_a_stopped_network_is_frozen_while_the_others_go_on():
         assert torch.equal(a, b)
     # Its average stopped too: what early stopping returned is its average now.
     torch.testing.assert_close(results[1].output_avg, results[1].stop_output)
+
+
+def _stop_bounds(device, builder, channels_last):
+    """Per network, a discrepancy bound that its run alone first meets at a different step (0 never stops)."""
+    alone = []
+    for net, z, term, _ in _problem(device, builder, channels_last):
+        g = torch.Generator(device).manual_seed(1234 + len(alone))
+        alone.append(fit(net, z, term, generator=g, stop="discrepancy", stop_bound=float("nan"),
+                         **term.fit_kwargs(), **SETTINGS).residual_history)
+    # The running minimum, so that the first step within the bound is the chosen one (the log holds float32:
+    # a hair above it).
+    return [float("nan")] + [float(np.minimum.accumulate(alone[k])[t]) * (1 + 1e-6) for k, t in ((1, 2), (2, 6))]
+
+
+def _repack_exactness(device, builder, channels_last=False):
+    bounds = _stop_bounds(device, builder, channels_last)
+    separate = []
+    for k, (net, z, term, _) in enumerate(_problem(device, builder, channels_last)):
+        g = torch.Generator(device).manual_seed(1234 + k)
+        separate.append(fit(net, z, term, generator=g, stop="discrepancy", stop_bound=bounds[k],
+                            **term.fit_kwargs(), **SETTINGS))
+    assert [r.stop_step for r in separate] == [None, 2, 6]
+    for repack in (True, False):
+        runs = _problem(device, builder, channels_last)
+        term = tasks.PackedTerm([r[2] for r in runs])
+        gens = [torch.Generator(device).manual_seed(1234 + k) for k in range(K)]
+        sizes = []  # the networks in the step, seen by the callback at each read
+        packed = fit_packed(pack([r[0] for r in runs]), torch.cat([r[1] for r in runs], dim=1), term, networks=K,
+                            generator=gens, stop="discrepancy", stop_bound=bounds, repack=repack,
+                            callback=lambda info: sizes.append(info.net.networks), **term.fit_kwargs(), **SETTINGS)
+        # One call per running network at each read (every step on the CPU); the step is narrowed after the
+        # reads that saw networks 1 and 2 stop (steps 2 and 6).
+        assert sizes == ([3] * 9 + [2] * 8 + [1] * 3 if repack else [3] * 20)
+        for one, many in zip(separate, packed):
+            assert (many.steps, many.stop_step, many.stop_reason) == (one.steps, one.stop_step, one.stop_reason)
+            np.testing.assert_allclose(many.loss_history, one.loss_history, rtol=1e-10, atol=0)
+            np.testing.assert_allclose(many.residual_history, one.residual_history, rtol=1e-10, atol=0)
+            assert many.backtrack_steps == one.backtrack_steps
+            for name in ("output", "output_avg", "stop_output"):
+                if getattr(one, name) is not None:
+                    torch.testing.assert_close(getattr(many, name), getattr(one, name), rtol=0, atol=1e-9)
+        assert any(r.backtrack_steps for r in separate), "the settings should exercise backtracking"
+
+
+def test_a_packed_run_drops_its_stopped_networks_and_equals_separate_runs_float64():
+    """Networks 1 and 2 stop at steps 2 and 6; the step then trains the others only, as their runs alone would."""
+    _repack_exactness("cpu", reference_skip)
+
+
+@requires_extension
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_a_fast_packed_run_drops_its_stopped_networks_float64(channels_last):
+    _repack_exactness("cpu", fast_skip, channels_last)
+
+
+@pytest.mark.cuda
+@requires_extension
+def test_a_fast_packed_run_drops_its_stopped_networks_float64_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    _repack_exactness("cuda", fast_skip)
+
+
+def test_dropping_networks_stopped_by_es_wmv_changes_no_result():
+    """ES-WMV's window of outputs is narrowed too: with and without dropping, every result is the same."""
+    results = []
+    for repack in (True, False):
+        runs = _problem("cpu", reference_skip)
+        term = tasks.PackedTerm([r[2] for r in runs])
+        gens = [torch.Generator().manual_seed(1234 + k) for k in range(K)]
+        results.append(fit_packed(pack([r[0] for r in runs]), torch.cat([r[1] for r in runs], dim=1), term,
+                                  networks=K, generator=gens, stop="auto", stop_window=3, stop_patience=2,
+                                  repack=repack, **term.fit_kwargs(), **dict(SETTINGS, iterations=30)))
+    assert len({r.steps for r in results[0]}) == K, "the networks should stop at different steps"
+    for a, b in zip(*results):
+        assert (a.steps, a.stop_step, a.stop_reason) == (b.steps, b.stop_step, "early_stop")
+        np.testing.assert_allclose(a.loss_history, b.loss_history, rtol=1e-10, atol=0)
+        np.testing.assert_allclose(a.variance_history, b.variance_history, rtol=1e-6, atol=0)
+        for name in ("output", "output_avg", "stop_output"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-9)
+
+
+def test_a_run_that_cannot_be_narrowed_keeps_its_stopped_networks_frozen():
+    """A data term without select() could mix the networks: the stopped one stays in the step, frozen."""
+    runs = _problem("cpu", reference_skip)
+    term = tasks.PackedTerm([r[2] for r in runs])
+    opaque = lambda out: term(out)  # noqa: E731 - a packed loss that cannot be narrowed
+    sizes = []
+    results = fit_packed(pack([r[0] for r in runs]), torch.cat([r[1] for r in runs], dim=1), opaque, networks=K,
+                         iterations=4, stop="discrepancy", stop_bound=[float("nan"), 1e9, float("nan")],
+                         callback=lambda info: sizes.append(info.net.networks), **term.fit_kwargs())
+    assert results[1].stop_step == 0 and results[0].steps == 4 and set(sizes) == {K}
+    torch.testing.assert_close(results[1].output_avg, results[1].stop_output)
+
+
+def test_narrowing_settings():
+    from dip_fast.step import _CANNOT, _narrow
+    rows = torch.arange(6.0).reshape(3, 2)
+    assert _narrow(rows, [0, 2], 3).tolist() == [[0.0, 1.0], [4.0, 5.0]]
+    assert _narrow(rows[:1], [2], 3) is not None and _narrow(0.5, [1], 3) == 0.5 and _narrow(None, [1], 3) is None
+    assert _narrow([1, 2, 3], [1], 3) == [2] and _narrow([1, 2], [1], 3) is _CANNOT
+    assert _narrow(lambda x: x, [1], 3) is _CANNOT
+    term = tasks.PackedTerm([tasks.DenoiseTerm(torch.full((1, 3, 4, 4), float(v))) for v in range(3)])
+    narrowed = _narrow(term.fit_kwargs()["observation"], [2], 3)
+    assert narrowed.shape[0] == 1 and float(narrowed.mean()) == 2.0
+    assert _narrow(term, [0, 2], 3)(torch.zeros(2, 3, 4, 4)).tolist() == [0.0, 4.0]
 
 
 def test_packed_loss_must_be_per_network():

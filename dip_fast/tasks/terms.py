@@ -272,6 +272,10 @@ class PackedTerm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([term(x[k : k + 1]) for k, term in enumerate(self.terms)])
 
+    def select(self, keep: Sequence[int]) -> "PackedTerm":
+        """The packed term of runs ``keep`` only (a packed fit that dropped its stopped networks)."""
+        return PackedTerm([self.terms[i] for i in keep])
+
     def _degrade(self, x: torch.Tensor) -> torch.Tensor:
         """Each image as its own term sees it: ``degrade(x_k)``, or ``x_k`` for terms without one."""
         return torch.cat([kw["degrade"](x[k : k + 1]) if kw["degrade"] is not None else x[k : k + 1]
