@@ -97,6 +97,20 @@ def score(case: Dict[str, Any], tolerance: float, budget: float) -> Dict[str, fl
             "fixed_mean": case["mean"]["psnr"][min(case["preset_iterations"], len(case["mean"]["psnr"])) - 1]}
 
 
+def mean_tolerance_table(cases: List[Dict[str, Any]], tolerances: Sequence[float], budget: float) -> str:
+    """Markdown: the gain of the mean judged by the rule at other tolerances (the single runs keep restore()'s)."""
+    rows = ["| tolerance for the mean | " + " | ".join(c["image"] for c in cases) + " | mean ± s.e. |",
+            "|---" * (len(cases) + 2) + "|"]
+    for tol in tolerances:
+        gains = []
+        for c in cases:
+            single = score(c, EARLY_STOP_TOLERANCE, budget)["single"]
+            gains.append(score(c, tol, budget)["mean_rule"] - single)
+        ms = quality.mean_se(gains)
+        rows.append(f"| {tol:g} | " + " | ".join(f"{g:+.2f}" for g in gains) + f" | {ms['mean']:+.2f} ± {ms['se']:.2f} |")
+    return "\n".join(rows) + "\n"
+
+
 def report(cases: List[Dict[str, Any]]) -> str:
     """Markdown: per crop and on average (mean and standard error of the paired gains), each way of
     stopping against the single runs, and the best any step of the mean reached (needs the clean image)."""
@@ -136,9 +150,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True, help="JSON file of the per-crop scores; appended to")
     p.add_argument("--report", action="store_true", help="only print the table of the cases in --out")
+    p.add_argument("--mean-tolerances", type=float, nargs="+", default=None, metavar="T",
+                   help="with --report: also the gain of the mean judged by the rule at these tolerances")
     args = p.parse_args(argv)
     if args.report:
-        print(report(json.loads(args.out.read_text())["cases"]))
+        cases = json.loads(args.out.read_text())["cases"]
+        print(report(cases))
+        if args.mean_tolerances:
+            print(mean_tolerance_table(cases, args.mean_tolerances, args.budget))
         return 0
     if not args.paths:
         p.error("give the clean images to record (or --report)")

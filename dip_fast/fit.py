@@ -97,6 +97,7 @@ import torch.nn as nn
 
 from . import auto_step
 from .early_stop import EarlyStopState
+from .packed import write_networks
 from .step import STAT_FIELDS, STEP_MODES, StepRunner, precision_settings
 
 __all__ = [
@@ -340,15 +341,16 @@ def _fit(
     t0 = time.perf_counter()
     net.train()
     with precision_settings(precision):
-        runner = StepRunner(
+        loop = _Loop(StepRunner(
             net, net_input, loss_fn, lr=lr, reg_noise_std=reg_noise_std, generator=generator, optimizer=optimizer,
             exp_weight=exp_weight, observation=observation, degrade=degrade, mask=mask, reference=reference,
             reference_view=reference_view, backtrack_threshold_db=backtrack_threshold_db if backtrack else None,
             early_stop=(stop_window, stop_patience) if stop == "auto" else None,
             stop_bound=stop_bound if stop == "discrepancy" else None, precision=precision, mode=mode,
             networks=networks,
-        )
-        results = _Loop(runner, iterations, sync_every, t0, repack=repack).run(
+        ), iterations, sync_every, t0, repack=repack)
+        # Not held here: a pack that drops stopped networks frees the larger runner it replaces.
+        results = loop.run(
             check=(lambda i: is_check_step(i, check_every, check_mode)) if backtrack else (lambda i: False),
             psnr_target=psnr_target, callback=callback, should_stop=should_stop, max_time=max_time,
         )
@@ -421,6 +423,7 @@ class _Loop:
         self.repack = repack and runner.networks > 1
         k = runner.networks
         self.rows = list(range(k))  # the network of each of the runner's rows
+        self.home = runner.net  # the caller's module, trained in place (written back after a narrowing)
         self.log = torch.empty((min(sync_every, max(iterations, 1)), k, len(STAT_FIELDS)), device=runner.device)
         self.pending = 0  # rows of the log not read yet
         self.results = [FitResult(output=runner.net_input.new_empty(0), output_avg=None) for _ in range(k)]
@@ -464,6 +467,8 @@ class _Loop:
             with torch.no_grad():
                 outputs = runner.forward().detach()
         self._finish(range(len(self.rows)), outputs)  # the networks dropped earlier were finished then
+        if runner.net is not self.home:
+            write_networks(self.home, runner.net, self.rows)
         for k, result in enumerate(results):
             if reason is not None and not self.done[k]:
                 result.stop_reason = reason
@@ -491,6 +496,9 @@ class _Loop:
             return
         with torch.no_grad():
             self._finish(stopped, self.runner.forward().detach())
+        if self.runner.net is not self.home:  # the stopped networks' final weights, into the caller's module
+            write_networks(self.home, self.runner.net, self.rows)
+        self.runner.optimizer.zero_grad(set_to_none=True)  # the gradients of a module no longer trained
         self.runner, self.rows = narrowed, [self.rows[j] for j in keep]
         self.log = torch.empty((self.log.shape[0], len(keep), self.log.shape[2]), device=narrowed.device)
 

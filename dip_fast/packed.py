@@ -51,7 +51,7 @@ import torch.nn as nn
 
 from .reference.skip import SkipNet
 
-__all__ = ["pack", "pack_state_dicts", "packable", "select_networks", "unpack", "unpack_state_dict"]
+__all__ = ["pack", "pack_state_dicts", "packable", "select_networks", "unpack", "unpack_state_dict", "write_networks"]
 
 
 def packable(net: nn.Module) -> bool:
@@ -144,3 +144,28 @@ def select_networks(packed: SkipNet, keep: Sequence[int]) -> SkipNet:
     out.load_state_dict(pack_state_dicts([states[i] for i in keep]))
     out.train(packed.training)
     return out
+
+
+@torch.no_grad()
+def write_networks(packed: SkipNet, part: SkipNet, rows: Sequence[int]) -> None:
+    """Copy the weights and buffers of ``part``'s networks into networks ``rows`` of ``packed``.
+
+    The inverse of :func:`select_networks`: a packed fit that dropped some
+    networks writes the others' progress back into the module it was given.
+
+    >>> import torch
+    >>> from dip_fast.reference import skip
+    >>> packed = pack([skip(2, 3, [4], [4], [2]) for _ in range(3)])
+    >>> part = select_networks(packed, [2])
+    >>> _ = part.out.weight.data.fill_(7.0)
+    >>> write_networks(packed, part, [2])
+    >>> [float(w.mean()) for w in packed.out.weight.chunk(3)][2]
+    7.0
+    """
+    ours, theirs = packed.state_dict(), part.state_dict()  # tensors sharing the modules' storage
+    for key, t in ours.items():
+        if t.dim() == 0:
+            continue  # batch counters: the same for networks trained in step
+        mine, given = torch.chunk(t, packed.networks, dim=0), torch.chunk(theirs[key], part.networks, dim=0)
+        for row, value in zip(rows, given):
+            mine[row].copy_(value)

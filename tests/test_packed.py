@@ -154,12 +154,14 @@ def _repack_exactness(device, builder, channels_last=False):
         separate.append(fit(net, z, term, generator=g, stop="discrepancy", stop_bound=bounds[k],
                             **term.fit_kwargs(), **SETTINGS))
     assert [r.stop_step for r in separate] == [None, 2, 6]
+    trained = []  # the packed module given to each fit: trained in place either way
     for repack in (True, False):
         runs = _problem(device, builder, channels_last)
         term = tasks.PackedTerm([r[2] for r in runs])
         gens = [torch.Generator(device).manual_seed(1234 + k) for k in range(K)]
         sizes = []  # the networks in the step, seen by the callback at each read
-        packed = fit_packed(pack([r[0] for r in runs]), torch.cat([r[1] for r in runs], dim=1), term, networks=K,
+        trained.append(pack([r[0] for r in runs]))
+        packed = fit_packed(trained[-1], torch.cat([r[1] for r in runs], dim=1), term, networks=K,
                             generator=gens, stop="discrepancy", stop_bound=bounds, repack=repack,
                             callback=lambda info: sizes.append(info.net.networks), **term.fit_kwargs(), **SETTINGS)
         # One call per running network at each read (every step on the CPU); the step is narrowed after the
@@ -174,6 +176,10 @@ def _repack_exactness(device, builder, channels_last=False):
                 if getattr(one, name) is not None:
                     torch.testing.assert_close(getattr(many, name), getattr(one, name), rtol=0, atol=1e-9)
         assert any(r.backtrack_steps for r in separate), "the settings should exercise backtracking"
+    # Weights only: BatchNorm's running statistics (unused in training mode, where DIP runs) of a frozen
+    # network kept in the step still move with each forward; a dropped network's do not.
+    for (name, a), b in zip(trained[0].named_parameters(), trained[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=name)
 
 
 def test_a_packed_run_drops_its_stopped_networks_and_equals_separate_runs_float64():
