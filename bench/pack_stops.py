@@ -25,6 +25,7 @@ The results of ``frozen`` and ``dropped`` are the same runs (to the rounding
 of a grouped convolution with fewer groups): the PSNRs are recorded to show it.
 
     python bench/pack_stops.py ../shared/data/CBSD68 --first 8 --k 4 --modes dropped frozen --out bench/results/pack-stops-cpu.json
+    python bench/pack_stops.py --step-check --k 4 --out bench/results/pack-stops-cpu.json
 """
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (image loading, crops, environment record)
 
-from dip_fast import many, restore  # noqa: E402
-from dip_fast.fit import fit_packed  # noqa: E402
+from dip_fast import many, restore, tasks  # noqa: E402
+from dip_fast.fit import fit, fit_packed  # noqa: E402
+from dip_fast.networks import resolve_backend  # noqa: E402
+from dip_fast.packed import pack as pack_networks  # noqa: E402
 from dip_fast.tasks import degradations  # noqa: E402
 
 MODES = ("k1", "frozen", "dropped")
@@ -62,6 +65,38 @@ def run_mode(mode: str, clean: List[torch.Tensor], noisy: List[torch.Tensor], ar
     seconds = time.perf_counter() - t0
     return {"mode": mode, "pack": pack, "seconds": seconds, "images_per_hour": 3600 * len(clean) / seconds,
             "steps": [info.steps for _, info in done], "psnr": [info.psnr for _, info in done]}
+
+
+def step_after_stops(k: int, size: int, steps: int = 40) -> Dict[str, float]:
+    """Median ms per step once all but one of ``k`` packed networks have stopped (at their first step):
+    dropped, kept frozen, and one network alone for scale (``denoise_fast``, synthetic noisy images)."""
+    preset = tasks.get_preset("denoise_fast")
+    builder, _ = resolve_backend("fast", torch.device("cpu"))
+
+    def timed(n: int, repack: bool) -> float:
+        runs = []
+        for i in range(n):
+            torch.manual_seed(i)
+            clean = torch.rand(1, 3, size, size)
+            term = tasks.DenoiseTerm((clean + 0.1 * torch.randn_like(clean)).clamp(0, 1))
+            runs.append(tasks.build_run(preset, term, 3, (size, size), backend=builder,
+                                        generator=torch.Generator().manual_seed(i)))
+        stamps: Dict[int, float] = {}
+        callback = lambda info: stamps.setdefault(info.step, time.perf_counter())  # noqa: E731
+        kwargs = dict(runs[0].fit_kwargs, iterations=steps)
+        if n == 1:
+            kwargs.update(runs[0].term.fit_kwargs())
+            fit(runs[0].net, runs[0].net_input, runs[0].term, callback=callback, **kwargs)
+        else:
+            term = tasks.PackedTerm([r.term for r in runs])
+            kwargs.update(term.fit_kwargs(), generator=[r.fit_kwargs["generator"] for r in runs])
+            fit_packed(pack_networks([r.net for r in runs]), torch.cat([r.net_input for r in runs], dim=1), term,
+                       networks=n, stop="discrepancy", stop_bound=[1e9] * (n - 1) + [float("nan")], repack=repack,
+                       callback=callback, **kwargs)
+        late = [stamps[t + 1] - stamps[t] for t in range(10, steps - 1)]  # well after the stops
+        return 1000 * statistics.median(late)
+
+    return {"dropped": timed(k, True), "frozen": timed(k, False), "alone": timed(1, True)}
 
 
 def network_steps(steps: Sequence[int], k: int) -> Dict[str, int]:
@@ -88,7 +123,7 @@ def report(result: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("images", nargs="+", type=Path, help="clean images or folders")
+    p.add_argument("images", nargs="*", type=Path, help="clean images or folders")
     p.add_argument("--first", type=int, default=8, help="the first N images found (sorted)")
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--sigma", type=float, default=25.0)
@@ -98,11 +133,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--iterations", type=int, default=None, help="step budget (default: restore()'s)")
     p.add_argument("--out", type=Path, required=True, help="JSON results, appended to")
     p.add_argument("--report", action="store_true", help="only print the table of --out")
+    p.add_argument("--step-check", action="store_true",
+                   help="only time a step once all but one network of a pack have stopped (a minute), into --out")
     args = p.parse_args(argv)
     result = quality.load_results(args.out)
     if args.report:
         print(report(result))
         return 0
+    if args.step_check:
+        torch.set_num_threads(args.threads)
+        result["step_after_stops"] = {"k": args.k, "size": args.crop, **step_after_stops(args.k, args.crop)}
+        result.update(environment=quality.environment(torch.device("cpu")))
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["step_after_stops"]))
+        return 0
+    if not args.images:
+        p.error("give the clean images (or --report, or --step-check)")
     paths = quality.list_images(args.images)[: args.first]
     clean = [quality.to_tensor(quality.prepare_gt(quality.load_rgb(path), args.crop)) for path in paths]
     noisy = [degradations.add_gaussian_noise(c, args.sigma, generator=torch.Generator().manual_seed(10_000 + i))

@@ -363,7 +363,7 @@ def _fit(
 
 
 def fit(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, **settings: Any) -> FitResult:
-    # The documentation and signature are _fit's, less ``networks`` (set below).
+    # The documentation and signature are _fit's, less the packed-only settings (set below).
     for name in _PACKED_ONLY:
         if name in settings:
             raise TypeError(f"fit() runs one network; {name}= is fit_packed()'s")
