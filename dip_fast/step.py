@@ -178,8 +178,8 @@ def _narrow(value: object, keep: List[int], networks: int) -> object:
     as a packed data term, is asked for its narrowed self.  Any other
     callable might mix the networks, so it cannot be narrowed.
     """
-    if value is None or isinstance(value, (int, float)):
-        return value
+    if value is None or isinstance(value, (int, float, torch.Generator)):
+        return value  # shared (a shared generator with the perturbation on is refused by select())
     if isinstance(value, torch.Tensor):
         if value.dim() > 0 and value.shape[0] == networks:
             return value[keep]
@@ -642,10 +642,11 @@ class StepRunner:
         rounding of a grouped convolution with fewer groups).
 
         Returns None when that cannot be done exactly: one network, a custom
-        optimizer, a CUDA graph (it would have to be captured again), a shared
-        perturbation generator or none (the kept networks would draw other noise), or
-        a per-network setting (the data term, ``degrade``, ``reference_view``)
-        that cannot be narrowed to some networks (see :func:`_narrow`).
+        optimizer, a CUDA graph (it would have to be captured again), an input
+        perturbation drawn from one shared generator or the global one (the
+        kept networks would draw other noise), or a per-network setting (the
+        data term, ``degrade``, ``reference_view``) that cannot be narrowed to
+        some networks (see :func:`_narrow`).
         """
         from .packed import select_networks  # packed imports the networks, which import the ops
 

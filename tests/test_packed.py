@@ -220,16 +220,25 @@ def test_dropping_networks_stopped_by_es_wmv_changes_no_result():
             torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-9)
 
 
-def test_a_run_that_cannot_be_narrowed_keeps_its_stopped_networks_frozen():
-    """A data term without select() could mix the networks: the stopped one stays in the step, frozen."""
+@pytest.mark.parametrize("case, narrowed", [
+    ("opaque loss", False),  # a data term without select() could mix the networks
+    ("shared generator", False),  # the kept networks would draw other perturbations than alone
+    ("shared generator, no perturbation", True),
+])
+def test_a_run_is_narrowed_only_where_that_is_exact(case, narrowed):
+    """Where the step cannot be narrowed exactly, the stopped network stays in it, frozen."""
     runs = _problem("cpu", reference_skip)
     term = tasks.PackedTerm([r[2] for r in runs])
-    opaque = lambda out: term(out)  # noqa: E731 - a packed loss that cannot be narrowed
+    loss = (lambda out: term(out)) if case == "opaque loss" else term
+    kwargs = dict(generator=[torch.Generator().manual_seed(k) for k in range(K)], reg_noise_std=0.03)
+    if case.startswith("shared generator"):
+        kwargs.update(generator=torch.Generator().manual_seed(0), reg_noise_std=0.0 if "no" in case else 0.03)
     sizes = []
-    results = fit_packed(pack([r[0] for r in runs]), torch.cat([r[1] for r in runs], dim=1), opaque, networks=K,
+    results = fit_packed(pack([r[0] for r in runs]), torch.cat([r[1] for r in runs], dim=1), loss, networks=K,
                          iterations=4, stop="discrepancy", stop_bound=[float("nan"), 1e9, float("nan")],
-                         callback=lambda info: sizes.append(info.net.networks), **term.fit_kwargs())
-    assert results[1].stop_step == 0 and results[0].steps == 4 and set(sizes) == {K}
+                         callback=lambda info: sizes.append(info.net.networks), **kwargs, **term.fit_kwargs())
+    assert results[1].stop_step == 0 and results[0].steps == 4 and results[1].steps == 1
+    assert set(sizes) == ({K, K - 1} if narrowed else {K})
     torch.testing.assert_close(results[1].output_avg, results[1].stop_output)
 
 
@@ -240,6 +249,8 @@ def test_narrowing_settings():
     assert _narrow(rows[:1], [2], 3) is not None and _narrow(0.5, [1], 3) == 0.5 and _narrow(None, [1], 3) is None
     assert _narrow([1, 2, 3], [1], 3) == [2] and _narrow([1, 2], [1], 3) is _CANNOT
     assert _narrow(lambda x: x, [1], 3) is _CANNOT
+    shared = torch.Generator()
+    assert _narrow(shared, [1], 3) is shared
     term = tasks.PackedTerm([tasks.DenoiseTerm(torch.full((1, 3, 4, 4), float(v))) for v in range(3)])
     narrowed = _narrow(term.fit_kwargs()["observation"], [2], 3)
     assert narrowed.shape[0] == 1 and float(narrowed.mean()) == 2.0
