@@ -26,6 +26,7 @@ is outside any allocation, and fresh memory is uninitialised for initcheck.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from typing import Callable, List, Tuple
 
@@ -119,25 +120,30 @@ def upsample_cat_cases(device: str, gen: torch.Generator) -> int:
     from dip_fast.reference.skip import upsample2x
 
     calls = 0
-    for cs, cd, h, w in ((3, 8, 17, 19), (0, 3, 5, 4)):
+    # groups=3: the packed networks' per-group join (channels given per group).
+    for (cs, cd, h, w), g in itertools.product(((3, 8, 17, 19), (0, 3, 5, 4)), (1, 3)):
         for mode in ("nearest", "bilinear"):
             for layout in LAYOUTS:
                 for dname, dtype in DTYPES.items():
-                    deep = make((1, cd, h, w), dtype, layout, device, gen)
+                    deep = make((1, g * cd, h, w), dtype, layout, device, gen)
                     inputs = [deep]
                     if cs:
-                        inputs.insert(0, make((1, cs, 2 * h, 2 * w), dtype, layout, device, gen))
+                        inputs.insert(0, make((1, g * cs, 2 * h, 2 * w), dtype, layout, device, gen))
 
-                    def fused(*t, mode=mode, n=len(inputs)):
+                    def fused(*t, mode=mode, n=len(inputs), g=g):
                         skip = t[0] if n == 2 else t[-1].new_empty((1, 0, 2 * t[-1].shape[2], 2 * t[-1].shape[3]))
-                        return upsample_cat(skip, t[-1], mode)
+                        return upsample_cat(skip, t[-1], mode, groups=g)
 
-                    def plain(*t, mode=mode, n=len(inputs)):
+                    def plain(*t, mode=mode, n=len(inputs), g=g):
                         up = upsample2x(t[-1].float(), mode).to(t[-1].dtype)
-                        return torch.cat([t[0], up], 1) if n == 2 else up
+                        if n == 1:
+                            return up
+                        hh, ww = up.shape[2], up.shape[3]
+                        parts = [t[0].reshape(1, g, -1, hh, ww), up.reshape(1, g, -1, hh, ww)]
+                        return torch.cat(parts, 2).reshape(1, -1, hh, ww)
 
-                    check(f"upsample_cat Cs={cs} deep {(1, cd, h, w)} {mode} {layout} {dname}", fused, plain,
-                          inputs, dtype, gen)
+                    check(f"upsample_cat Cs={cs} deep {(1, cd, h, w)} groups={g} {mode} {layout} {dname}", fused,
+                          plain, inputs, dtype, gen)
                     calls += 1
     return calls
 
