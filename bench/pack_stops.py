@@ -42,12 +42,11 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import packed as packed_bench  # noqa: E402  (the synthetic packed runs of the per-step benchmark)
 import quality  # noqa: E402  (image loading, crops, environment record)
 
 from dip_fast import many, restore, tasks  # noqa: E402
 from dip_fast.fit import fit, fit_packed  # noqa: E402
-from dip_fast.networks import resolve_backend  # noqa: E402
-from dip_fast.packed import pack as pack_networks  # noqa: E402
 from dip_fast.tasks import degradations  # noqa: E402
 
 MODES = ("k1", "frozen", "dropped")
@@ -69,30 +68,18 @@ def run_mode(mode: str, clean: List[torch.Tensor], noisy: List[torch.Tensor], ar
 
 def step_after_stops(k: int, size: int, steps: int = 40) -> Dict[str, float]:
     """Median ms per step once all but one of ``k`` packed networks have stopped (at their first step):
-    dropped, kept frozen, and one network alone for scale (``denoise_fast``, synthetic noisy images)."""
+    dropped, kept frozen, and one network alone for scale (``denoise_fast``, ``packed.py``'s synthetic images)."""
     preset = tasks.get_preset("denoise_fast")
-    builder, _ = resolve_backend("fast", torch.device("cpu"))
 
     def timed(n: int, repack: bool) -> float:
-        runs = []
-        for i in range(n):
-            torch.manual_seed(i)
-            clean = torch.rand(1, 3, size, size)
-            term = tasks.DenoiseTerm((clean + 0.1 * torch.randn_like(clean)).clamp(0, 1))
-            runs.append(tasks.build_run(preset, term, 3, (size, size), backend=builder,
-                                        generator=torch.Generator().manual_seed(i)))
+        net, z, term, kwargs, _ = packed_bench._setup(n, size, preset, torch.device("cpu"), "fast")
         stamps: Dict[int, float] = {}
-        callback = lambda info: stamps.setdefault(info.step, time.perf_counter())  # noqa: E731
-        kwargs = dict(runs[0].fit_kwargs, iterations=steps)
+        kwargs.update(iterations=steps, callback=lambda info: stamps.setdefault(info.step, time.perf_counter()))
         if n == 1:
-            kwargs.update(runs[0].term.fit_kwargs())
-            fit(runs[0].net, runs[0].net_input, runs[0].term, callback=callback, **kwargs)
+            fit(net, z, term, **kwargs)
         else:
-            term = tasks.PackedTerm([r.term for r in runs])
-            kwargs.update(term.fit_kwargs(), generator=[r.fit_kwargs["generator"] for r in runs])
-            fit_packed(pack_networks([r.net for r in runs]), torch.cat([r.net_input for r in runs], dim=1), term,
-                       networks=n, stop="discrepancy", stop_bound=[1e9] * (n - 1) + [float("nan")], repack=repack,
-                       callback=callback, **kwargs)
+            fit_packed(net, z, term, networks=n, stop="discrepancy", stop_bound=[1e9] * (n - 1) + [float("nan")],
+                       repack=repack, **kwargs)
         late = [stamps[t + 1] - stamps[t] for t in range(10, steps - 1)]  # well after the stops
         return 1000 * statistics.median(late)
 

@@ -417,8 +417,7 @@ class _Loop:
     (:meth:`StepRunner.select`): their results are final then.
     """
 
-    def __init__(self, runner: StepRunner, iterations: int, sync_every: int, t0: float,
-                 repack: bool = False) -> None:
+    def __init__(self, runner: StepRunner, iterations: int, sync_every: int, t0: float, repack: bool) -> None:
         self.runner, self.iterations, self.sync_every, self.t0 = runner, iterations, sync_every, t0
         self.repack = repack and runner.networks > 1
         k = runner.networks
@@ -467,8 +466,7 @@ class _Loop:
             with torch.no_grad():
                 outputs = runner.forward().detach()
         self._finish(range(len(self.rows)), outputs)  # the networks dropped earlier were finished then
-        if runner.net is not self.home:
-            write_networks(self.home, runner.net, self.rows)
+        self._write_home()
         for k, result in enumerate(results):
             if reason is not None and not self.done[k]:
                 result.stop_reason = reason
@@ -484,6 +482,11 @@ class _Loop:
                 result.output_avg = self.runner.average[j : j + 1].clone()
             result.output = outputs[j : j + 1].clone()
 
+    def _write_home(self) -> None:
+        """Copy the runner's weights into the caller's module, once the runner trains a narrowed copy of it."""
+        if self.runner.net is not self.home:
+            write_networks(self.home, self.runner.net, self.rows)
+
     def _drop_stopped(self) -> None:
         """Go on without the networks whose early stopping fired (they are frozen: their results are final)."""
         stopped = [j for j, k in enumerate(self.rows) if self.results[k].stop_reason == "early_stop"]
@@ -496,8 +499,7 @@ class _Loop:
             return
         with torch.no_grad():
             self._finish(stopped, self.runner.forward().detach())
-        if self.runner.net is not self.home:  # the stopped networks' final weights, into the caller's module
-            write_networks(self.home, self.runner.net, self.rows)
+        self._write_home()  # the stopped networks' final weights, into the caller's module
         self.runner.optimizer.zero_grad(set_to_none=True)  # the gradients of a module no longer trained
         self.runner, self.rows = narrowed, [self.rows[j] for j in keep]
         self.log = torch.empty((self.log.shape[0], len(keep), self.log.shape[2]), device=narrowed.device)

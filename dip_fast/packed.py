@@ -104,26 +104,23 @@ def pack(nets: Sequence[nn.Module]) -> SkipNet:
             raise ValueError(f"network {i} ({type(net).__name__}) is not a single skip network; it cannot be packed")
         if net.config != nets[0].config or type(net) is not type(nets[0]):
             raise ValueError(f"network {i} does not have the architecture of network 0; only equal networks pack")
-    first = nets[0]
-    ref = next(first.parameters())
-    kwargs = {"channels_last": True} if getattr(first, "channels_last", False) else {}
-    packed = type(first)(first.config, networks=len(nets), **kwargs).to(device=ref.device, dtype=ref.dtype)
-    packed.load_state_dict(pack_state_dicts([n.state_dict() for n in nets]))
-    packed.train(first.training)
-    return packed
+    return _module_like(nets[0], len(nets), pack_state_dicts([n.state_dict() for n in nets]))
 
 
 def unpack(packed: SkipNet) -> List[SkipNet]:
     """The ``K`` networks of a packed module, as separate modules of its class (copies of the weights)."""
-    kwargs = {"channels_last": True} if getattr(packed, "channels_last", False) else {}
-    ref = next(packed.parameters())
-    nets = []
-    for state in unpack_state_dict(packed.state_dict(), packed.networks):
-        net = type(packed)(packed.config, **kwargs).to(device=ref.device, dtype=ref.dtype)
-        net.load_state_dict(state)
-        net.train(packed.training)
-        nets.append(net)
-    return nets
+    return [_module_like(packed, 1, state) for state in unpack_state_dict(packed.state_dict(), packed.networks)]
+
+
+def _module_like(net: SkipNet, networks: int, state: Dict[str, torch.Tensor]) -> SkipNet:
+    """A module of ``net``'s class, configuration, layout, device, dtype and mode, of ``networks``
+    networks, holding ``state``."""
+    kwargs = {"channels_last": True} if getattr(net, "channels_last", False) else {}
+    ref = next(net.parameters())
+    out = type(net)(net.config, networks=networks, **kwargs).to(device=ref.device, dtype=ref.dtype)
+    out.load_state_dict(state)
+    out.train(net.training)
+    return out
 
 
 def select_networks(packed: SkipNet, keep: Sequence[int]) -> SkipNet:
@@ -138,12 +135,7 @@ def select_networks(packed: SkipNet, keep: Sequence[int]) -> SkipNet:
     if not keep or any(not 0 <= i < packed.networks for i in keep):
         raise ValueError(f"keep must name some of the {packed.networks} networks, got {keep}")
     states = unpack_state_dict(packed.state_dict(), packed.networks)
-    kwargs = {"channels_last": True} if getattr(packed, "channels_last", False) else {}
-    ref = next(packed.parameters())
-    out = type(packed)(packed.config, networks=len(keep), **kwargs).to(device=ref.device, dtype=ref.dtype)
-    out.load_state_dict(pack_state_dicts([states[i] for i in keep]))
-    out.train(packed.training)
-    return out
+    return _module_like(packed, len(keep), pack_state_dicts([states[i] for i in keep]))
 
 
 @torch.no_grad()

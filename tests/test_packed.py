@@ -2,7 +2,8 @@
 
 The exactness tests run in float64 on the CPU (and on CUDA when there is a
 GPU): a packed run of three networks -- different seeds, images and
-inpainting masks -- against three separate runs.
+inpainting masks -- against three separate runs; also with two of them
+stopping early, dropped from the step or kept in it frozen.
 """
 from __future__ import annotations
 
@@ -44,20 +45,23 @@ SETTINGS = dict(iterations=10, lr=0.1, reg_noise_std=0.03, exp_weight=0.99, chec
                 backtrack_threshold_db=0.0)
 
 
-def _separate(runs, device):
+def _separate(runs, device, stop_bounds=None):
+    """The runs one by one; with ``stop_bounds``, each stopped by the discrepancy rule at its bound."""
     results = []
-    for net, z, term, _ in runs:
-        g = torch.Generator(device).manual_seed(1234 + len(results))
-        results.append(fit(net, z, term, generator=g, **term.fit_kwargs(), **SETTINGS))
+    for k, (net, z, term, _) in enumerate(runs):
+        g = torch.Generator(device).manual_seed(1234 + k)
+        stop = dict(stop="discrepancy", stop_bound=stop_bounds[k]) if stop_bounds is not None else {}
+        results.append(fit(net, z, term, generator=g, **stop, **term.fit_kwargs(), **SETTINGS))
     return results
 
 
-def _packed(runs, device):
-    net = pack([r[0] for r in runs])
+def _packed(runs, device, net=None, **settings):
+    """The runs packed (into ``net`` when given), with the separate runs' generators; ``settings`` add to SETTINGS."""
+    net = pack([r[0] for r in runs]) if net is None else net
     term = tasks.PackedTerm([r[2] for r in runs])
     gens = [torch.Generator(device).manual_seed(1234 + k) for k in range(K)]
     z = torch.cat([r[1] for r in runs], dim=1)
-    return fit_packed(net, z, term, networks=K, generator=gens, **term.fit_kwargs(), **SETTINGS)
+    return fit_packed(net, z, term, networks=K, generator=gens, **term.fit_kwargs(), **{**SETTINGS, **settings})
 
 
 def _check_equal(separate, packed):
@@ -77,22 +81,68 @@ def _exactness(device: str, builder, channels_last: bool = False):
     _check_equal(separate, packed)
 
 
-def test_packed_reference_run_equals_separate_runs_float64():
-    _exactness("cpu", reference_skip)
+def _stop_bounds(device, builder, channels_last):
+    """Per network, a discrepancy bound that its run alone first meets at a different step (0 never stops)."""
+    never = [float("nan")] * K
+    alone = [r.residual_history for r in _separate(_problem(device, builder, channels_last), device, never)]
+    # The running minimum, so that the first step within the bound is the chosen one (the log holds float32:
+    # a hair above it).
+    return [float("nan")] + [float(np.minimum.accumulate(alone[k])[t]) * (1 + 1e-6) for k, t in ((1, 2), (2, 6))]
+
+
+def _repack_exactness(device, builder, channels_last=False):
+    """Networks 1 and 2 stop at steps 2 and 6; the step then trains the others only, as their runs alone would."""
+    bounds = _stop_bounds(device, builder, channels_last)
+    separate = _separate(_problem(device, builder, channels_last), device, bounds)
+    assert [r.stop_step for r in separate] == [None, 2, 6]
+    trained = []  # the packed module given to each fit: trained in place either way
+    for repack in (True, False):
+        runs = _problem(device, builder, channels_last)
+        sizes = []  # the networks in the step, seen by the callback at each read
+        trained.append(pack([r[0] for r in runs]))
+        packed = _packed(runs, device, trained[-1], stop="discrepancy", stop_bound=bounds, repack=repack,
+                         callback=lambda info: sizes.append(info.net.networks))
+        # One call per running network at each read (every step on the CPU); the step is narrowed after the
+        # reads that saw networks 1 and 2 stop (steps 2 and 6).
+        assert sizes == ([3] * 9 + [2] * 8 + [1] * 3 if repack else [3] * 20)
+        for one, many in zip(separate, packed):
+            assert (many.steps, many.stop_step, many.stop_reason) == (one.steps, one.stop_step, one.stop_reason)
+            np.testing.assert_allclose(many.loss_history, one.loss_history, rtol=1e-10, atol=0)
+            np.testing.assert_allclose(many.residual_history, one.residual_history, rtol=1e-10, atol=0)
+            assert many.backtrack_steps == one.backtrack_steps
+            for name in ("output", "output_avg", "stop_output"):
+                if getattr(one, name) is not None:
+                    torch.testing.assert_close(getattr(many, name), getattr(one, name), rtol=0, atol=1e-9)
+        assert any(r.backtrack_steps for r in separate), "the settings should exercise backtracking"
+    # Weights only: BatchNorm's running statistics (unused in training mode, where DIP runs) of a frozen
+    # network kept in the step still move with each forward; a dropped network's do not.
+    for (name, a), b in zip(trained[0].named_parameters(), trained[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=name)
+
+
+# Every run to the end, and two of three stopping early (dropped from the step, or kept in it frozen).
+EXACTNESS = pytest.mark.parametrize("check", [_exactness, _repack_exactness], ids=["all-run", "two-stop"])
+
+
+@EXACTNESS
+def test_packed_reference_run_equals_separate_runs_float64(check):
+    check("cpu", reference_skip)
 
 
 @requires_extension
+@EXACTNESS
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_packed_fast_run_equals_separate_runs_float64(channels_last):
-    _exactness("cpu", fast_skip, channels_last)
+def test_packed_fast_run_equals_separate_runs_float64(check, channels_last):
+    check("cpu", fast_skip, channels_last)
 
 
 @pytest.mark.cuda
 @requires_extension
-def test_packed_fast_run_equals_separate_runs_float64_cuda():
+@EXACTNESS
+def test_packed_fast_run_equals_separate_runs_float64_cuda(check):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    _exactness("cuda", fast_skip)
+    check("cuda", fast_skip)
 
 
 def test_pack_round_trip_and_refusals():
@@ -134,83 +184,10 @@ def test_a_stopped_network_is_frozen_while_the_others_go_on():
     torch.testing.assert_close(results[1].output_avg, results[1].stop_output)
 
 
-def _stop_bounds(device, builder, channels_last):
-    """Per network, a discrepancy bound that its run alone first meets at a different step (0 never stops)."""
-    alone = []
-    for net, z, term, _ in _problem(device, builder, channels_last):
-        g = torch.Generator(device).manual_seed(1234 + len(alone))
-        alone.append(fit(net, z, term, generator=g, stop="discrepancy", stop_bound=float("nan"),
-                         **term.fit_kwargs(), **SETTINGS).residual_history)
-    # The running minimum, so that the first step within the bound is the chosen one (the log holds float32:
-    # a hair above it).
-    return [float("nan")] + [float(np.minimum.accumulate(alone[k])[t]) * (1 + 1e-6) for k, t in ((1, 2), (2, 6))]
-
-
-def _repack_exactness(device, builder, channels_last=False):
-    bounds = _stop_bounds(device, builder, channels_last)
-    separate = []
-    for k, (net, z, term, _) in enumerate(_problem(device, builder, channels_last)):
-        g = torch.Generator(device).manual_seed(1234 + k)
-        separate.append(fit(net, z, term, generator=g, stop="discrepancy", stop_bound=bounds[k],
-                            **term.fit_kwargs(), **SETTINGS))
-    assert [r.stop_step for r in separate] == [None, 2, 6]
-    trained = []  # the packed module given to each fit: trained in place either way
-    for repack in (True, False):
-        runs = _problem(device, builder, channels_last)
-        term = tasks.PackedTerm([r[2] for r in runs])
-        gens = [torch.Generator(device).manual_seed(1234 + k) for k in range(K)]
-        sizes = []  # the networks in the step, seen by the callback at each read
-        trained.append(pack([r[0] for r in runs]))
-        packed = fit_packed(trained[-1], torch.cat([r[1] for r in runs], dim=1), term, networks=K,
-                            generator=gens, stop="discrepancy", stop_bound=bounds, repack=repack,
-                            callback=lambda info: sizes.append(info.net.networks), **term.fit_kwargs(), **SETTINGS)
-        # One call per running network at each read (every step on the CPU); the step is narrowed after the
-        # reads that saw networks 1 and 2 stop (steps 2 and 6).
-        assert sizes == ([3] * 9 + [2] * 8 + [1] * 3 if repack else [3] * 20)
-        for one, many in zip(separate, packed):
-            assert (many.steps, many.stop_step, many.stop_reason) == (one.steps, one.stop_step, one.stop_reason)
-            np.testing.assert_allclose(many.loss_history, one.loss_history, rtol=1e-10, atol=0)
-            np.testing.assert_allclose(many.residual_history, one.residual_history, rtol=1e-10, atol=0)
-            assert many.backtrack_steps == one.backtrack_steps
-            for name in ("output", "output_avg", "stop_output"):
-                if getattr(one, name) is not None:
-                    torch.testing.assert_close(getattr(many, name), getattr(one, name), rtol=0, atol=1e-9)
-        assert any(r.backtrack_steps for r in separate), "the settings should exercise backtracking"
-    # Weights only: BatchNorm's running statistics (unused in training mode, where DIP runs) of a frozen
-    # network kept in the step still move with each forward; a dropped network's do not.
-    for (name, a), b in zip(trained[0].named_parameters(), trained[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=name)
-
-
-def test_a_packed_run_drops_its_stopped_networks_and_equals_separate_runs_float64():
-    """Networks 1 and 2 stop at steps 2 and 6; the step then trains the others only, as their runs alone would."""
-    _repack_exactness("cpu", reference_skip)
-
-
-@requires_extension
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_a_fast_packed_run_drops_its_stopped_networks_float64(channels_last):
-    _repack_exactness("cpu", fast_skip, channels_last)
-
-
-@pytest.mark.cuda
-@requires_extension
-def test_a_fast_packed_run_drops_its_stopped_networks_float64_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
-    _repack_exactness("cuda", fast_skip)
-
-
 def test_dropping_networks_stopped_by_es_wmv_changes_no_result():
     """ES-WMV's window of outputs is narrowed too: with and without dropping, every result is the same."""
-    results = []
-    for repack in (True, False):
-        runs = _problem("cpu", reference_skip)
-        term = tasks.PackedTerm([r[2] for r in runs])
-        gens = [torch.Generator().manual_seed(1234 + k) for k in range(K)]
-        results.append(fit_packed(pack([r[0] for r in runs]), torch.cat([r[1] for r in runs], dim=1), term,
-                                  networks=K, generator=gens, stop="auto", stop_window=3, stop_patience=2,
-                                  repack=repack, **term.fit_kwargs(), **dict(SETTINGS, iterations=30)))
+    results = [_packed(_problem("cpu", reference_skip), "cpu", stop="auto", stop_window=3, stop_patience=2,
+                       repack=repack, iterations=30) for repack in (True, False)]
     assert len({r.steps for r in results[0]}) == K, "the networks should stop at different steps"
     for a, b in zip(*results):
         assert (a.steps, a.stop_step, a.stop_reason) == (b.steps, b.stop_step, "early_stop")
