@@ -1,6 +1,6 @@
 """One DIP training step of the paper's denoising network, per implementation and size.
 
-A step is what :class:`dip_fast.step.StepRunner` runs: perturb ``z``, forward,
+A step is what :class:`dip_fast.core.step.StepRunner` runs: perturb ``z``, forward,
 MSE loss, backward, Adam update (the same builders as ``bench/compare.py``).
 
 CPU variants: ``fast`` (fused network, NCHW), ``fast_cl`` (fused,

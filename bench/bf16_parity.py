@@ -7,7 +7,7 @@ and once with ``precision='bf16'``; everything else is equal: the seed (so the
 initial weights and the input ``z``), the crop and the degraded observation.
 The paired difference bf16 - fp32 of the returned images' PSNR, over all
 pairs, decides ``precision='auto'`` on CPUs with native bf16
-(:mod:`dip_fast.auto_step`): parity is a mean within 0.15 dB whose standard
+(:mod:`dip_fast.core.auto_step`): parity is a mean within 0.15 dB whose standard
 error is small enough to tell (its 95% interval inside +-0.3 dB).
 
 Tasks:
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (image loading, crops, metrics, environment record)
 
 import dip_fast  # noqa: E402
-from dip_fast import cpu_features  # noqa: E402
+from dip_fast.core import cpu_features  # noqa: E402
 from dip_fast.tasks import degradations  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")

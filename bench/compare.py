@@ -5,7 +5,7 @@
 step (perturbed input, forward, MSE loss, backward, Adam update) of the
 paper's denoising network for each variant:
 
-* ``fast``      -- :func:`dip_fast.nets.skip` (fused BatchNorm + LeakyReLU + pad), NCHW
+* ``fast``      -- :func:`dip_fast.core.nets.skip` (fused BatchNorm + LeakyReLU + pad), NCHW
 * ``fast_cl``   -- the same network with ``channels_last=True``
 * ``reference`` -- :func:`dip_fast.reference.skip`, plain PyTorch
 * ``compile``   -- ``torch.compile(reference)`` (Inductor), NCHW
@@ -113,8 +113,9 @@ def rerun_if_extension_stale(names: Sequence[str] = ("bn_act", "_bn_act_backward
 
 
 dip_fast = _import_dip_fast()
-from dip_fast import _ops, nets, reference  # noqa: E402
-from dip_fast.step import StepRunner, precision_settings  # noqa: E402
+from dip_fast import _ops, reference  # noqa: E402
+from dip_fast.core import nets
+from dip_fast.core.step import StepRunner, precision_settings  # noqa: E402
 
 __all__ = [
     "PAPER_NETWORK",
@@ -271,7 +272,7 @@ def build_steps(
     Each variant owns its network, Adam state and noise generator, so
     interleaving them does not couple their trajectories. The target is a
     random image: the step's cost does not depend on the data. A step is the
-    :class:`~dip_fast.step.StepRunner` step that ``fit`` runs, without
+    :class:`~dip_fast.core.step.StepRunner` step that ``fit`` runs, without
     averaging, backtracking or early stopping (the same work for every variant).
     """
     nets_ = _paper_nets(variants, seed)

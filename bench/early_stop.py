@@ -5,7 +5,7 @@ One run per (crop, degradation) for the preset's fixed step count serves
 every stopping rule: per step it logs what a rule may look at (the windowed
 variance of the outputs, the data-term residual ``||y - A x_hat||^2 / N`` of
 each candidate estimate) and, for scoring only, the PSNR of those estimates
-against the clean image.  :mod:`dip_fast.early_stop`'s rule is then replayed
+against the clean image.  :mod:`dip_fast.core.early_stop`'s rule is then replayed
 on the logged prefix (``bench/es_replay.py``), so trying a rule costs
 nothing.
 
@@ -53,7 +53,7 @@ import quality  # noqa: E402  (image loading, crops, environment record)
 from dip_fast import tasks  # noqa: E402
 from dip_fast.tasks import degradations  # noqa: E402
 from dip_fast.api import _estimate_sigma, reg_noise_for_sigma  # noqa: E402
-from dip_fast.fit import StepInfo, fit  # noqa: E402
+from dip_fast.core.fit import StepInfo, fit  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 """Replay the stopping rule on trajectories recorded by ``bench/early_stop.py``; tune on one split, report the other.
 
 For every setting of the grid (tolerance, step budget) and every recorded
-run, :func:`dip_fast.early_stop.replay` decides on the logged residuals of
+run, :func:`dip_fast.core.early_stop.replay` decides on the logged residuals of
 the running average where the run stops; the logged ground-truth PSNRs
 then score that choice:
 
@@ -37,9 +37,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from dip_fast.early_stop import DiscrepancyRule, replay
+from dip_fast.core.early_stop import DiscrepancyRule, replay
 from dip_fast import tasks
-from dip_fast.noise_level import estimate_sigma
+from dip_fast.pipeline.noise_level import estimate_sigma
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import early_stop  # noqa: E402  (the trajectory files it records)

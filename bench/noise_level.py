@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How well is sigma estimated from a noisy photograph?  ``dip_fast.noise_level`` against the wavelet estimator.
+"""How well is sigma estimated from a noisy photograph?  ``dip_fast.pipeline.noise_level`` against the wavelet estimator.
 
 Per image (centre ``--crop``) and noise level, clipped Gaussian noise is
 added (seeded per image), and each estimator's sigma is compared with the
@@ -9,7 +9,7 @@ per level: the mean relative error (bias), its root mean square, and the
 largest over- and under-estimate.  An over-estimate is the harmful side: it
 stops a run before the image is fitted.
 
-* ``patch-pca``: :func:`dip_fast.noise_level.estimate_sigma` (restore's);
+* ``patch-pca``: :func:`dip_fast.pipeline.noise_level.estimate_sigma` (restore's);
 * ``wavelet``: ``skimage.restoration.estimate_sigma`` per channel, averaged
   (what restore used before).
 
@@ -31,7 +31,7 @@ from skimage.restoration import estimate_sigma as wavelet_sigma
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (image loading, crops, environment record)
 
-from dip_fast.noise_level import estimate_sigma  # noqa: E402
+from dip_fast.pipeline.noise_level import estimate_sigma  # noqa: E402
 from dip_fast.tasks import degradations  # noqa: E402
 
 

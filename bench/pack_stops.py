@@ -45,8 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import packed as packed_bench  # noqa: E402  (the synthetic packed runs of the per-step benchmark)
 import quality  # noqa: E402  (image loading, crops, environment record)
 
-from dip_fast import many, restore, tasks  # noqa: E402
-from dip_fast.fit import fit, fit_packed  # noqa: E402
+from dip_fast.pipeline import many  # noqa: E402
+from dip_fast import restore, tasks
+from dip_fast.core.fit import fit, fit_packed  # noqa: E402
 from dip_fast.tasks import degradations  # noqa: E402
 
 MODES = ("k1", "frozen", "dropped")

@@ -2,7 +2,7 @@
 
 For each K the same work is timed: K denoising runs of the given preset's
 network (its own seed, image and noise each) trained together by
-:func:`dip_fast.fit.fit_packed`, ``--steps`` steps, after a warm-up.  K's
+:func:`dip_fast.core.fit.fit_packed`, ``--steps`` steps, after a warm-up.  K's
 are interleaved over ``--rounds`` rounds (the machine's load drifts), and
 the median seconds per step gives images per hour at the preset's step count.
 
@@ -30,9 +30,9 @@ from typing import Dict, List
 import torch
 
 from dip_fast import tasks
-from dip_fast.fit import fit_packed
-from dip_fast.networks import resolve_backend
-from dip_fast.packed import pack
+from dip_fast.core.fit import fit_packed
+from dip_fast.core.networks import resolve_backend
+from dip_fast.core.packed import pack
 
 
 def _setup(k: int, size: int, preset: tasks.Preset, device: torch.device, backend: str):
@@ -67,7 +67,7 @@ def _seconds_per_step(k: int, steps: int, setup) -> float:
 
 
 def _fit_one(net, z, term, kwargs):
-    from dip_fast.fit import fit
+    from dip_fast.core.fit import fit
 
     return fit(net, z, term, **kwargs)
 

@@ -59,7 +59,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 
-from dip_fast import _ops, nets, tasks  # noqa: E402
+from dip_fast import _ops, tasks  # noqa: E402
+from dip_fast.core import nets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import rerun_if_extension_stale  # noqa: E402

@@ -39,9 +39,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (image loading, crops, environment record)
 
-from dip_fast import api, many  # noqa: E402
-from dip_fast.observation import prepare_observation  # noqa: E402
-from dip_fast.request import validate_request  # noqa: E402
+from dip_fast import api  # noqa: E402
+from dip_fast.pipeline import many
+from dip_fast.pipeline.observation import prepare_observation  # noqa: E402
+from dip_fast.pipeline.request import validate_request  # noqa: E402
 from dip_fast.tasks import degradations  # noqa: E402
 
 #: Per network, the dimensions of a (C, H, W) crop it sees mirrored: none, none, width, height.

@@ -12,7 +12,7 @@ script records, per crop, K fixed-count denoising runs (network seeds
 * for the mean of the K averages, the same two numbers.
 
 It then scores two ways of stopping (the discrepancy rule of
-:mod:`dip_fast.early_stop`, the noise level estimated from the observation,
+:mod:`dip_fast.core.early_stop`, the noise level estimated from the observation,
 the step budget ``--budget`` times the preset's count):
 
 * ``each``: every run stops on its own residual (what ``restore`` did), and
@@ -43,8 +43,8 @@ import quality  # noqa: E402  (image loading, crops, environment record)
 
 from dip_fast import tasks  # noqa: E402
 from dip_fast.api import EARLY_STOP_BUDGET, EARLY_STOP_TOLERANCE, _estimate_sigma, reg_noise_for_sigma  # noqa: E402
-from dip_fast.early_stop import DiscrepancyRule, replay  # noqa: E402
-from dip_fast.fit import fit  # noqa: E402
+from dip_fast.core.early_stop import DiscrepancyRule, replay  # noqa: E402
+from dip_fast.core.fit import fit  # noqa: E402
 
 
 def record_runs(gt: torch.Tensor, obs: torch.Tensor, args: argparse.Namespace) -> Dict[str, Any]:

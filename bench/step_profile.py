@@ -48,7 +48,7 @@ import compare  # noqa: E402  (sets Inductor's cache before torch is imported, l
 import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 
-from dip_fast.step import GRAPH_WARMUP_STEPS  # noqa: E402
+from dip_fast.core.step import GRAPH_WARMUP_STEPS  # noqa: E402
 
 #: Categories in the order they are tried; the first pattern that matches a kernel or op name wins.
 CATEGORIES: Tuple[Tuple[str, str], ...] = (

@@ -7,8 +7,11 @@ and ``__version__``. The pure-PyTorch paper implementation is in
 from __future__ import annotations
 
 from ._version import __version__
+from . import _compat
 from . import ops, reference  # noqa: F401  (public submodules)
 from .build import build_info
 from .api import RestoreInfo, restore
 
 __all__ = ["__version__", "RestoreInfo", "build_info", "restore"]
+
+_compat.install()  # old module paths (dip_fast.fit, ...) still import, with a DeprecationWarning

@@ -1,6 +1,6 @@
-"""``python -m dip_fast``: the ``dip-fast`` command line (see :mod:`dip_fast.cli`)."""
+"""``python -m dip_fast``: the ``dip-fast`` command line (see :mod:`dip_fast.apps.cli`)."""
 import sys
 
-from .cli import main
+from .apps.cli import main
 
 sys.exit(main())

@@ -72,7 +72,7 @@ def working_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-#: The ops the fused network (dip_fast.nets.FastSkipNet) needs; without them it falls back to the reference.
+#: The ops the fused network (dip_fast.core.nets.FastSkipNet) needs; without them it falls back to the reference.
 FAST_NETWORK_OPS = (
     "bn_act", "_bn_act_backward", "bn_act_running_stats_update", "upsample_cat", "_upsample_cat_backward"
 )

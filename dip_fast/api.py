@@ -2,12 +2,12 @@
 
 ``restore`` runs in four stages, each its own function:
 
-1. :func:`dip_fast.request.validate_request` checks every argument and
+1. :func:`dip_fast.pipeline.request.validate_request` checks every argument and
    resolves task, preset, device and backend, before any pixel is read;
-2. :func:`dip_fast.observation.prepare_observation` reads the images once,
+2. :func:`dip_fast.pipeline.observation.prepare_observation` reads the images once,
    checks the run fits in memory, and pads them for the network;
 3. :func:`dip_fast.tasks.build_run` (shared with :func:`dip_fast.tasks.solve`)
-   builds network, input and data term, and :func:`dip_fast.fit.fit` fits;
+   builds network, input and data term, and :func:`dip_fast.core.fit.fit` fits;
 4. :func:`_finish` crops the estimate, fills in the :class:`RestoreInfo`
    and gives the image back in the caller's kind.
 
@@ -27,15 +27,17 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from . import _caller, _ops, auto_step, io, noise_level, tasks
-from .early_stop import DiscrepancyRule
-from .fit import FitResult, fit
-from .memory import estimate_memory
-from .metrics import psnr as _psnr
-from .monitor import ProgressMonitor
-from .observation import Observation, prepare_observation
-from .request import PRECISION_CHOICES, PRESET_LEVELS, STEP_MODE_CHOICES, STOP_CHOICES  # noqa: F401  (kept here)
-from .request import RestoreRequest, validate_request
+from . import _caller, _ops, io, tasks
+from .core import auto_step
+from .pipeline import noise_level
+from .core.early_stop import DiscrepancyRule
+from .core.fit import FitResult, fit
+from .core.memory import estimate_memory
+from .core.metrics import psnr as _psnr
+from .pipeline.monitor import ProgressMonitor
+from .pipeline.observation import Observation, prepare_observation
+from .pipeline.request import PRECISION_CHOICES, PRESET_LEVELS, STEP_MODE_CHOICES, STOP_CHOICES  # noqa: F401  (kept here)
+from .pipeline.request import RestoreRequest, validate_request
 from .tasks import registry
 
 __all__ = ["RestoreInfo", "estimate_memory", "restore", "PRESET_LEVELS", "TASK_ALIASES"]
@@ -43,8 +45,8 @@ __all__ = ["RestoreInfo", "estimate_memory", "restore", "PRESET_LEVELS", "TASK_A
 #: What ``stop='auto'`` does per task is its spec's ``auto_stop`` (:mod:`dip_fast.tasks.builtin`): ``'early'``
 #: (the discrepancy rule; denoise) where it beat the preset's fixed step count on the held-out validation runs of
 #: ``bench/es_replay.py`` (bench/README.md, "Early stopping on photographs"), else ``'never'``, the fixed count.
-#: The rule's tolerance (:class:`dip_fast.early_stop.DiscrepancyRule`), chosen on the tuning runs of the
-#: same benchmark (0.9-1.1 tried), with the noise level of :mod:`dip_fast.noise_level`.
+#: The rule's tolerance (:class:`dip_fast.core.early_stop.DiscrepancyRule`), chosen on the tuning runs of the
+#: same benchmark (0.9-1.1 tried), with the noise level of :mod:`dip_fast.pipeline.noise_level`.
 EARLY_STOP_TOLERANCE = 0.98
 #: With ``stop='early'`` and no ``iterations``, the step budget is this multiple of the preset's count:
 #: a run that has not explained the observation by then falls back to the average at the budget.  Chosen
@@ -168,7 +170,7 @@ def reg_noise_for_sigma(sigma: float) -> float:
 def _estimate_sigma(color: torch.Tensor) -> float:
     """Noise level (0-255) of a ``(1, C, H, W)`` image, always finite.
 
-    See :func:`dip_fast.noise_level.estimate_sigma` (0, with a warning, for an image that shows no noise).
+    See :func:`dip_fast.pipeline.noise_level.estimate_sigma` (0, with a warning, for an image that shows no noise).
     """
     return noise_level.estimate_sigma(color, stacklevel=_caller.stacklevel())  # the caller of restore()
 
@@ -269,7 +271,7 @@ def restore(
             and cropped back.  A list (or tuple) of images returns a list of
             results, each what ``restore`` of that image alone returns (same
             seed); images of one size are trained together, up to ``pack``
-            networks in one step (:mod:`dip_fast.packed`).  ``mask`` and
+            networks in one step (:mod:`dip_fast.core.packed`).  ``mask`` and
             ``ground_truth`` are then lists of the same length (or None).
         task: ``'denoise'``, ``'inpaint'``, ``'super_resolution'`` (``'sr'``),
             ``'deblur'`` (needs ``blur_kernel``), ``'jpeg'`` (JPEG artefact
@@ -314,7 +316,7 @@ def restore(
         sigma: denoising only: the noise standard deviation in 0-255 units.
             It picks the input perturbation (1/30 at 25, 1/20 at 50) and
             the noise level that ``stop='early'`` compares the residual with;
-            estimated from the observation if omitted (:mod:`dip_fast.noise_level`).
+            estimated from the observation if omitted (:mod:`dip_fast.pipeline.noise_level`).
             The other tasks keep their preset's perturbation (``'jpeg'``:
             1/30, the snail notebook's; compression artefacts are not
             Gaussian noise, so no level picks it); with ``stop='early'``
@@ -361,7 +363,7 @@ def restore(
             without ground truth at the first step whose running average
             explains the observation down to its noise level (the
             discrepancy principle, see
-            :class:`dip_fast.early_stop.DiscrepancyRule`), and return that
+            :class:`dip_fast.core.early_stop.DiscrepancyRule`), and return that
             average; when no step qualifies the run completes and returns
             the average of its last step (``info.stop_fallback``).  The noise
             level is the one estimated from the observation (for denoising
@@ -372,11 +374,11 @@ def restore(
             the preset's count); ``info`` says why the run ended.
         step_mode: ``'auto'`` (default), ``'eager'``, or ``'graph'`` (CUDA
             only: the whole step replayed as one CUDA graph; see
-            :mod:`dip_fast.step`).
+            :mod:`dip_fast.core.step`).
         precision: ``'auto'`` (default), ``'fp32'``, ``'tf32'`` or ``'bf16'``
             (autocast and channels_last; weights and statistics stay fp32).
             On CUDA, ``'auto'`` runs the fastest step with recorded quality
-            parity with eager fp32 (:data:`dip_fast.auto_step.RECORDED_PARITY`,
+            parity with eager fp32 (:data:`dip_fast.core.auto_step.RECORDED_PARITY`,
             empty until a GPU run records it); elsewhere, and until then,
             eager fp32.  ``info.step_mode`` and ``info.precision`` say what ran.
         restarts: ``K`` independent runs of the image (seeds ``seed`` to
@@ -387,13 +389,13 @@ def restore(
             ``restarts=1`` makes.
         pack: the most networks trained in one step, for ``restarts`` and
             lists: ``'auto'`` (default) as many as the memory estimate lets
-            fit (at most :data:`dip_fast.many.MAX_PACK_CPU` on the CPU,
+            fit (at most :data:`dip_fast.pipeline.many.MAX_PACK_CPU` on the CPU,
             where larger packs gain nothing, and
-            :data:`dip_fast.many.MAX_PACK_CUDA` on a GPU), or an integer
+            :data:`dip_fast.pipeline.many.MAX_PACK_CUDA` on a GPU), or an integer
             (refused when the pack would not fit in memory).
         tile: restore the image in overlapping tiles of this side (in the
             observation's pixels; at least 16), trained as packs and
-            blended with a smooth window (:mod:`dip_fast.tiles`).  Without
+            blended with a smooth window (:mod:`dip_fast.pipeline.tiles`).  Without
             it, an image whose estimated run exceeds the device's memory is
             tiled automatically.  Either way a warning and ``info.tiles``
             say so.  Each task has a tiling rule: denoising, JPEG and
@@ -430,7 +432,7 @@ def restore(
         stop=stop, step_mode=step_mode, precision=precision, restarts=restarts, pack=pack, tile=tile,
     )
     run_seed = random.SystemRandom().randrange(2**63) if request.seed is None else request.seed
-    from . import many  # several runs at once build on this module's stages
+    from .pipeline import many  # several runs at once build on this module's stages
 
     if request.tile is not None:
         return many.restore_tiled(request, image, mask, ground_truth, run_seed, request.tile, "tile was given")
@@ -470,7 +472,7 @@ class Job:
 def _plan_job(request: RestoreRequest, observed: Observation, seed: int) -> Job:
     """The pixel-dependent settings of one run (:func:`_pixel_settings`) and its :class:`RestoreInfo`."""
     chosen, used_sigma, rule = _pixel_settings(request, observed.color)
-    # 'auto' comes from the recorded GPU parity evidence, one table for every caller (dip_fast.auto_step).
+    # 'auto' comes from the recorded GPU parity evidence, one table for every caller (dip_fast.core.auto_step).
     step_mode, precision = auto_step.choose(request.device, request.step_mode, request.precision)
     info = RestoreInfo(
         task=request.task.name, preset=chosen.name, backend=request.backend, device=str(request.device),
@@ -487,7 +489,7 @@ def _pixel_settings(request: RestoreRequest, color: torch.Tensor
     """The settings that depend on the pixels: the noise level, the preset's perturbation, the stopping rule."""
     chosen, used_sigma = request.preset, None
     takes_sigma = request.task.accepts("sigma")
-    # The estimate of the observation's noise (dip_fast.noise_level), made once for both of its uses below.
+    # The estimate of the observation's noise (dip_fast.pipeline.noise_level), made once for both of its uses below.
     wanted = (takes_sigma and request.sigma is None) or request.stop == "early"
     estimate = _estimate_sigma(color) if wanted else None
     if takes_sigma:

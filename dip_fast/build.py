@@ -48,21 +48,21 @@ def build_info() -> dict[str, Any]:
             num_threads=torch.get_num_threads(),
         )
     info["fast_backend"] = _fast_backend_status()
-    from .nets import fused_options  # late: nets imports the op modules
+    from .core.nets import fused_options  # late: nets imports the op modules
 
     info["fused_options"] = fused_options() if _ops.has_ops(*_ops.FAST_NETWORK_OPS) else {}
     return info
 
 
 def _fast_backend_status() -> str:
-    """What ``backend="fast"`` builds, by the same test that :func:`dip_fast.nets.skip` makes."""
+    """What ``backend="fast"`` builds, by the same test that :func:`dip_fast.core.nets.skip` makes."""
     if not _ops.available():
         return f"falls back to the reference network (extension not loaded: {_ops.LOAD_ERROR})"
     if not _ops.has_ops(*_ops.FAST_NETWORK_OPS):
         return "falls back to the reference network (the extension lacks the fused network's ops; rebuild it)"
     status = (
         "fused network: vendor convolutions with fused BatchNorm + LeakyReLU + reflection pad and fused "
-        "upsample + concatenation (dip_fast.nets.FastSkipNet; channels_last on the CPU)"
+        "upsample + concatenation (dip_fast.core.nets.FastSkipNet; channels_last on the CPU)"
     )
     if _ops.has_ops("downsample", "_downsample_backward"):
         status += "; super-resolution uses the fused Lanczos downsampler (dip_fast.ops.Downsample)"

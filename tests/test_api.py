@@ -10,7 +10,8 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 import dip_fast
-from dip_fast import api, networks, tasks
+from dip_fast import api, tasks
+from dip_fast.core import networks
 from dip_fast.api import restore
 
 from .conftest import requires_extension
@@ -499,7 +500,7 @@ def test_bad_run_modes(kwargs, match):
 @requires_extension
 def test_fast_backend_runs_channels_last_on_the_cpu():
     """The CPU's faster layout (bench/README.md): activations and convolution weights channels_last."""
-    from dip_fast import nets
+    from dip_fast.core import nets
 
     make, name = networks.resolve_backend("fast", torch.device("cpu"))
     net = make(num_input_channels=8, num_output_channels=3, num_channels_down=[8], num_channels_up=[8],

@@ -1,4 +1,4 @@
-"""step_mode='auto' / precision='auto': read from the table of recorded parity (dip_fast.auto_step)."""
+"""step_mode='auto' / precision='auto': read from the table of recorded parity (dip_fast.core.auto_step)."""
 from __future__ import annotations
 
 import inspect
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from dip_fast import auto_step
+from dip_fast.core import auto_step
 from dip_fast.api import restore
-from dip_fast.auto_step import ParityRecord, choose
-from dip_fast.fit import _resolve_step_mode
+from dip_fast.core.auto_step import ParityRecord, choose
+from dip_fast.core.fit import _resolve_step_mode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,7 +81,7 @@ def test_cpu_runs_bf16_only_with_native_bf16_units_and_a_cpu_record():
 
 
 def test_cpu_features_names_the_bf16_units(monkeypatch):
-    from dip_fast import cpu_features
+    from dip_fast.core import cpu_features
 
     for caps, units in [({"amx_bf16": True, "amx_tile": True, "avx512_bf16": True}, "AMX"),
                         ({"avx512_bf16": True}, "AVX512-BF16"), ({"avx2": True}, "none"), ({}, "none")]:
@@ -116,7 +116,7 @@ def test_fit_and_restore_read_the_same_table(monkeypatch):
 
 
 def test_restore_default_runs_eager_fp32_on_a_cpu_without_bf16_units(monkeypatch):
-    from dip_fast import cpu_features
+    from dip_fast.core import cpu_features
 
     monkeypatch.setattr(cpu_features, "capabilities", lambda: {"avx2": True})
     image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)

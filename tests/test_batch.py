@@ -1,4 +1,4 @@
-"""Tests of ``dip-fast batch`` and :mod:`dip_fast.batch`: folders, resuming, bad files, torchrun."""
+"""Tests of ``dip-fast batch`` and :mod:`dip_fast.apps.batch`: folders, resuming, bad files, torchrun."""
 from __future__ import annotations
 
 import csv
@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dip_fast import batch
-from dip_fast.cli import main
+from dip_fast.apps import batch
+from dip_fast.apps.cli import main
 
 # RuntimeWarning is an error here: no numpy or scikit-image warning may reach a user on valid input.
 pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"),

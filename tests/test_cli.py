@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dip_fast import demo, tasks
-from dip_fast.cli import main
+from dip_fast.apps import demo
+from dip_fast import tasks
+from dip_fast.apps.cli import main
 
 # RuntimeWarning is an error here: no numpy or scikit-image warning may reach a user on valid input.
 pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"),

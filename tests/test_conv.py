@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dip_fast.conv import conv2d
+from dip_fast.core.conv import conv2d
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])

@@ -19,9 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dip_fast import metrics, noise_level
+from dip_fast.core import metrics
+from dip_fast.pipeline import noise_level
 from dip_fast.api import restore
-from dip_fast.cli import main
+from dip_fast.apps.cli import main
 
 from .test_api import rgb8, tiny
 

@@ -20,10 +20,10 @@ import torch.nn as nn
 
 from dip_fast import api, tasks
 from dip_fast.api import restore
-from dip_fast.early_stop import DiscrepancyRule, DiscrepancyTracker, replay
-from dip_fast.monitor import ProgressMonitor
+from dip_fast.core.early_stop import DiscrepancyRule, DiscrepancyTracker, replay
+from dip_fast.pipeline.monitor import ProgressMonitor
 from dip_fast.tasks import registry
-from dip_fast.fit import fit
+from dip_fast.core.fit import fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -255,7 +255,7 @@ def test_restore_underfitted_run_falls_back_and_says_so():
 
 
 def test_progress_bar_shows_the_stopping_signal():
-    from dip_fast.fit import StepInfo
+    from dip_fast.core.fit import StepInfo
 
     s = StepInfo(step=5, loss=0.1, out=torch.zeros(1), out_avg=None, psnr=None, psnr_ref=None, backtracked=False,
                  elapsed=0.0, net=nn.Identity(), variance=math.nan, residual=0.012, stop_step=None)

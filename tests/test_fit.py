@@ -12,9 +12,9 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from dip_fast import tasks
 from dip_fast.tasks import degradations
-from dip_fast.fit import FitResult, fit, is_check_step
-from dip_fast.step import DeviceBacktracker, StepRunner
-from dip_fast.metrics import psnr
+from dip_fast.core.fit import FitResult, fit, is_check_step
+from dip_fast.core.step import DeviceBacktracker, StepRunner
+from dip_fast.core.metrics import psnr
 from dip_fast.reference import get_noise, skip
 
 SIZE = 32

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dip_fast.cli import main
+from dip_fast.apps.cli import main
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
@@ -55,7 +55,7 @@ def forkserver():
     and with scipy.stats it takes seconds to import.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["dip_fast.cli", "dip_fast.batch", "skimage.restoration._denoise", __name__])
+    ctx.set_forkserver_preload(["dip_fast.apps.cli", "dip_fast.apps.batch", "skimage.restoration._denoise", __name__])
     return ctx
 
 

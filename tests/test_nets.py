@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dip_fast import nets
+from dip_fast.core import nets
 from dip_fast.reference import skip as reference_skip
 
 from .conftest import requires_extension

@@ -1,12 +1,12 @@
-"""The noise level estimate that restore() and its stopping rule use (dip_fast.noise_level)."""
+"""The noise level estimate that restore() and its stopping rule use (dip_fast.pipeline.noise_level)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from skimage import data
 
-from dip_fast import noise_level
-from dip_fast.noise_level import estimate_sigma, patch_size_for
+from dip_fast.pipeline import noise_level
+from dip_fast.pipeline.noise_level import estimate_sigma, patch_size_for
 
 
 def _photo(size: int = 128) -> torch.Tensor:

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from dip_fast import restore, tasks
-from dip_fast.fit import fit, fit_packed
-from dip_fast.nets import skip as fast_skip
-from dip_fast.packed import pack, pack_state_dicts, unpack
+from dip_fast.core.fit import fit, fit_packed
+from dip_fast.core.nets import skip as fast_skip
+from dip_fast.core.packed import pack, pack_state_dicts, unpack
 from dip_fast.reference import skip as reference_skip
 
 from .conftest import requires_extension
@@ -220,7 +220,7 @@ def test_a_run_is_narrowed_only_where_that_is_exact(case, narrowed):
 
 
 def test_narrowing_settings():
-    from dip_fast.step import _CANNOT, _narrow
+    from dip_fast.core.step import _CANNOT, _narrow
     rows = torch.arange(6.0).reshape(3, 2)
     assert _narrow(rows, [0, 2], 3).tolist() == [[0.0, 1.0], [4.0, 5.0]]
     assert _narrow(rows[:1], [2], 3) is not None and _narrow(0.5, [1], 3) == 0.5 and _narrow(None, [1], 3) is None
@@ -315,7 +315,7 @@ def test_a_bad_image_in_a_list_is_named_by_its_index():
 
 
 def test_a_pack_that_does_not_fit_is_refused(monkeypatch):
-    from dip_fast import many
+    from dip_fast.pipeline import many
 
     monkeypatch.setattr(many, "device_memory", lambda device: 1)
     with pytest.raises(ValueError, match="pack=2: 2 networks need about"):
@@ -334,7 +334,7 @@ def test_callback_is_refused_where_it_could_follow_only_one_of_several_runs(monk
     calls = []  # a list of one image is one run: its callback is kept
     restore(_images(1), "denoise", callback=lambda step, info: calls.append(step), **QUICK)
     assert calls == list(range(QUICK["iterations"]))
-    from dip_fast import many
+    from dip_fast.pipeline import many
 
     monkeypatch.setattr(many, "auto_tile", lambda request, image: 32)  # as for an image too large to fit whole
     with pytest.raises(ValueError, match=r"restored in tiles \(the whole image would not fit"):
@@ -343,8 +343,8 @@ def test_callback_is_refused_where_it_could_follow_only_one_of_several_runs(monk
 
 def test_max_time_bounds_the_whole_call(monkeypatch):
     """Runs that go one after another (packs, or the jobs of a pack that does not pack) share max_time."""
-    from dip_fast import many
-    from dip_fast.request import validate_request
+    from dip_fast.pipeline import many
+    from dip_fast.pipeline.request import validate_request
 
     request = validate_request("denoise", max_time=9.0)
     now = [0.0]
@@ -360,7 +360,7 @@ def test_max_time_bounds_the_whole_call(monkeypatch):
 def test_ctrl_c_ends_the_pack_running_and_starts_no_other(monkeypatch):
     """Ctrl-C in the first of several packs: the restarts that ran make the result; a list with an image not
     started raises KeyboardInterrupt (there is no result so far for it) instead of running the other packs."""
-    from dip_fast import step as step_module
+    from dip_fast.core import step as step_module
 
     calls = {"steps": 0, "runners": 0}
     real_step, real_init = step_module.StepRunner.step, step_module.StepRunner.__init__
@@ -388,7 +388,7 @@ def test_ctrl_c_ends_the_pack_running_and_starts_no_other(monkeypatch):
 
 def test_a_packs_progress_follows_the_networks_still_running():
     """The bar of a pack whose first network stops early goes on with the others to the last step."""
-    from dip_fast import many
+    from dip_fast.pipeline import many
 
     torch.manual_seed(0)
     nets = [reference_skip(2, 3, [4, 4], [4, 4], [2, 2]) for _ in range(2)]
@@ -407,9 +407,10 @@ def test_a_packs_progress_follows_the_networks_still_running():
 
 
 def test_a_run_over_an_imposed_memory_cap_completes_in_tiles(monkeypatch):
-    from dip_fast import memory, many
-    from dip_fast.observation import Padding
-    from dip_fast.request import validate_request
+    from dip_fast.core import memory
+    from dip_fast.pipeline import many
+    from dip_fast.pipeline.observation import Padding
+    from dip_fast.pipeline.request import validate_request
 
     image = np.random.default_rng(1).random((128, 96, 3), dtype=np.float32)
     request = validate_request("denoise", **{k: v for k, v in QUICK.items() if k != "return_info"})
@@ -428,7 +429,7 @@ def test_a_run_over_an_imposed_memory_cap_completes_in_tiles(monkeypatch):
 
 def test_tiles_blend_what_each_tile_restores():
     """The tiled result is the windowed blend of the tiles' own restorations, for every task rule kind."""
-    from dip_fast import tiles
+    from dip_fast.pipeline import tiles
 
     rng = np.random.default_rng(2)
     image = rng.random((3, 56, 40), dtype=np.float32)
@@ -477,7 +478,7 @@ def _write_images(folder, n, size=32):
 
 
 def test_batch_pack_restores_every_file_and_a_bad_file_fails_only_its_row(tmp_path, capsys):
-    from dip_fast.cli import main
+    from dip_fast.apps.cli import main
 
     _write_images(tmp_path / "in", 3)
     (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
@@ -494,8 +495,8 @@ def test_batch_pack_restores_every_file_and_a_bad_file_fails_only_its_row(tmp_pa
 
 def test_batch_max_time_is_per_image_in_packs_too(tmp_path, monkeypatch):
     """restore() bounds a whole list by max_time; the batch's --max-time is per image, so a pack gets K times it."""
-    from dip_fast import batch
-    from dip_fast.cli import main
+    from dip_fast.apps import batch
+    from dip_fast.apps.cli import main
 
     seen = []
     real = batch.restore
@@ -514,7 +515,7 @@ def test_batch_max_time_is_per_image_in_packs_too(tmp_path, monkeypatch):
 def test_cli_restarts_write_the_uncertainty(tmp_path, capsys):
     from PIL import Image
 
-    from dip_fast.cli import main
+    from dip_fast.apps.cli import main
 
     _write_images(tmp_path / "in", 1)
     src = str(tmp_path / "in" / "im0.png")

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from dip_fast import api
-from dip_fast import fit as fit_module
-from dip_fast.fit import CUDA_SYNC_EVERY, fit
+from dip_fast.core import fit as fit_module
+from dip_fast.core.fit import CUDA_SYNC_EVERY, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

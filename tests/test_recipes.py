@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from dip_fast import api, memory, networks, restore, tasks
-from dip_fast.cli import main
-from dip_fast.networks import Architecture, NetworkSpec
+from dip_fast import api, restore, tasks
+from dip_fast.core import memory, networks
+from dip_fast.apps.cli import main
+from dip_fast.core.networks import Architecture, NetworkSpec
 from dip_fast.tasks import registry
 from dip_fast.tasks.registry import CliFlag, TaskSpec
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dip_fast import api, batch
-from dip_fast.request import PER_FILE, validate_request
+from dip_fast import api
+from dip_fast.apps import batch
+from dip_fast.pipeline.request import PER_FILE, validate_request
 
 
 def test_resolves_task_preset_device_and_stop():

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dip_fast import nets
-from dip_fast.early_stop import WindowedVariance
-from dip_fast.fit import fit
-from dip_fast.metrics import psnr
+from dip_fast.core import nets
+from dip_fast.core.early_stop import WindowedVariance
+from dip_fast.core.fit import fit
+from dip_fast.core.metrics import psnr
 from dip_fast.reference import get_noise, skip
-from dip_fast.step import GRAPH_WARMUP_STEPS, StepRunner, flatten_parameters, precision_settings
+from dip_fast.core.step import GRAPH_WARMUP_STEPS, StepRunner, flatten_parameters, precision_settings
 
 from .conftest import requires_extension
 

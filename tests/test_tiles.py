@@ -13,7 +13,7 @@ from dip_fast.tasks import registry
 from dip_fast.tasks.degradations import make_blur_kernel
 from dip_fast.tasks.registry import TaskSpec, TileRule
 from dip_fast.tasks.terms import DenoiseTerm
-from dip_fast.tiles import TilePlan, blend, blend_std, plan_tiles, split, tile_request, window
+from dip_fast.pipeline.tiles import TilePlan, blend, blend_std, plan_tiles, split, tile_request, window
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

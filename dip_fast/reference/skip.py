@@ -158,7 +158,7 @@ class ConvBlock(nn.Module):
         downsample_mode: see :data:`DOWNSAMPLE_MODES`.
         act_fun: see :func:`make_act`.
         groups: ``G`` independent blocks side by side (a packed network,
-            :mod:`dip_fast.packed`): the convolution is grouped, ``G x`` the
+            :mod:`dip_fast.core.packed`): the convolution is grouped, ``G x`` the
             channels, and BatchNorm, per channel, is per block anyway.
 
     Attributes ``pad`` and ``downsample`` are ``None`` when unused.
@@ -303,10 +303,10 @@ class SkipNet(nn.Module):
     Args:
         config: the normalised :class:`SkipConfig` (of one network).
         networks: ``K`` independent networks of this configuration packed
-            into one module (:mod:`dip_fast.packed`): every convolution is
+            into one module (:mod:`dip_fast.core.packed`): every convolution is
             grouped ``K`` ways, the input is ``(N, K * C_in, H, W)`` (network
             ``k``'s input in channels ``[k C_in, (k + 1) C_in)``) and so is
-            the output.  Use :func:`dip_fast.packed.pack` to build one from
+            the output.  Use :func:`dip_fast.core.packed.pack` to build one from
             ``K`` networks.
 
     Attributes:

@@ -14,7 +14,7 @@ tasks.solve(...)`` keeps working.
 """
 from __future__ import annotations
 
-from ..networks import NetworkSpec
+from ..core.networks import NetworkSpec
 from . import builtin, degradations, registry, terms  # noqa: F401  (builtin registers the tasks)
 from .degradations import (
     MAX_KERNEL_SIZE,

@@ -52,7 +52,7 @@ def _kernel_overlap(inputs: Mapping[str, Any]) -> Tuple[int, int]:
     along its inner edges.  With an overlap of the kernel's size the two
     bands of neighbouring tiles are disjoint: every pixel of the overlap is
     reliable in one of them, and where two tiles meet the blending window
-    (:func:`dip_fast.tiles.window`) gives the unreliable one under half the
+    (:func:`dip_fast.pipeline.tiles.window`) gives the unreliable one under half the
     weight.
     """
     kernel = inputs["blur_kernel"]  # checked: a 2-D tensor with odd sides

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Mapping, Optional, Union
 
-from ..networks import NetworkSpec, as_network_spec
+from ..core.networks import NetworkSpec, as_network_spec
 from . import builtin  # noqa: F401  (registers the tasks that presets name)
 from . import registry
 
@@ -52,14 +52,14 @@ class Preset:
     Attributes:
         name: registry key.
         task: a registered task's name (``'callable'``: a caller's forward operator).
-        network: the generator: a :class:`~dip_fast.networks.NetworkSpec`, or a
+        network: the generator: a :class:`~dip_fast.core.networks.NetworkSpec`, or a
             mapping read as the keyword arguments of ``skip()`` other than the channel
             counts of input and output.
         input_depth: channels of the network input ``z``.
         input_method: ``'noise'`` or ``'meshgrid'`` (see ``get_noise``).
         input_noise_type, input_var: ``get_noise`` noise type and scale.
         iterations, lr, reg_noise_std, exp_weight: optimisation settings.
-        backtrack, check_every, check_mode: backtracking (see :mod:`dip_fast.fit`).
+        backtrack, check_every, check_mode: backtracking (see :mod:`dip_fast.core.fit`).
         sr_factor, sr_kernel: super-resolution scale and downsampling kernel.
         noise_sigma: std of the synthetic Gaussian noise (denoising; 0-255 units).
         mask_keep_fraction: fraction of known pixels of a random mask.
@@ -100,7 +100,7 @@ class Preset:
         object.__setattr__(self, "network", as_network_spec(self.network))
 
     def fit_kwargs(self) -> Dict[str, Any]:
-        """The optimisation settings as keyword arguments of :func:`~dip_fast.fit.fit`."""
+        """The optimisation settings as keyword arguments of :func:`~dip_fast.core.fit.fit`."""
         return {
             "iterations": self.iterations,
             "lr": self.lr,
@@ -131,7 +131,7 @@ _DENOISE_COMMON = dict(
     exp_weight=0.99,
     backtrack=True,
     check_every=100,
-    # The notebook's `if i % show_every:` (see dip_fast.fit).
+    # The notebook's `if i % show_every:` (see dip_fast.core.fit).
     check_mode="off_period",
     crop_multiple=32,
 )

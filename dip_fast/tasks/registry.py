@@ -114,7 +114,7 @@ class CliFlag:
 
 @dataclass(frozen=True)
 class TileRule:
-    """How a task's observation is restored in overlapping tiles (see :mod:`dip_fast.tiles`).
+    """How a task's observation is restored in overlapping tiles (see :mod:`dip_fast.pipeline.tiles`).
 
     A task has one only if restoring a tile of its observation gives the
     matching tile of the image, which holds when its forward model is local
@@ -174,7 +174,7 @@ class TaskSpec:
         command: its ``dip-fast`` subcommand (None: not on the command line).
         summary, description, epilog: the subcommand's help texts.
         flags: the subcommand's options for the task inputs.
-        tiling: how :func:`dip_fast.tiles.tile_request` cuts the task's
+        tiling: how :func:`dip_fast.pipeline.tiles.tile_request` cuts the task's
             observation into tiles; None (a caller's operator, and any task
             that does not declare one): the task is not tiled.
     """

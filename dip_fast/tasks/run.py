@@ -1,7 +1,7 @@
 """Building a run: network, input and data term from a preset, shared by ``restore()`` and :func:`solve`.
 
 :func:`build_network` builds the preset's generator through a ``backend``
-builder (the architecture's reference by default, see :mod:`dip_fast.networks`),
+builder (the architecture's reference by default, see :mod:`dip_fast.core.networks`),
 so task code never depends on which implementation runs.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..fit import FitResult, fit
-from ..networks import Builder, get_architecture
+from ..core.fit import FitResult, fit
+from ..core.networks import Builder, get_architecture
 from ..reference.noise import get_noise
 from .degradations import KernelLike
 from .presets import Preset, get_preset
@@ -141,7 +141,7 @@ def solve(
     generator: Optional[torch.Generator] = None,
     **fit_overrides: Any,
 ) -> Tuple[FitResult, nn.Module]:
-    """Run a preset on an observation: build network, input and data term, then :func:`~dip_fast.fit.fit`.
+    """Run a preset on an observation: build network, input and data term, then :func:`~dip_fast.core.fit.fit`.
 
     The network is built on the observation's device and initialised from
     the global RNG (seed it with ``torch.manual_seed`` for reproducibility);

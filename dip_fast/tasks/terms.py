@@ -9,7 +9,7 @@
 * any forward model: ``mse(A(x), x0)`` for a differentiable callable ``A``
 
 ``mse`` is the mean over all elements (``nn.MSELoss``), as in the notebooks.
-Each data term also tells :func:`dip_fast.fit.fit` how to measure the PSNR
+Each data term also tells :func:`dip_fast.core.fit.fit` how to measure the PSNR
 against the observation (``fit_kwargs()``).  Which task uses which term is
 the task registry's business (:mod:`dip_fast.tasks.registry`).
 """
@@ -71,7 +71,7 @@ class DenoiseTerm(nn.Module):
         return mse(x, self.observation)
 
     def fit_kwargs(self) -> Dict[str, Any]:
-        """Arguments of :func:`~dip_fast.fit.fit` that describe the observation."""
+        """Arguments of :func:`~dip_fast.core.fit.fit` that describe the observation."""
         return {"observation": self.observation, "mask": None, "degrade": None}
 
 
@@ -102,7 +102,7 @@ class InpaintTerm(nn.Module):
         return mse(x * self.mask, self.masked_observation)
 
     def fit_kwargs(self) -> Dict[str, Any]:
-        """Arguments of :func:`~dip_fast.fit.fit` that describe the observation."""
+        """Arguments of :func:`~dip_fast.core.fit.fit` that describe the observation."""
         return {"observation": self.observation, "mask": self.mask, "degrade": None}
 
 
@@ -137,7 +137,7 @@ class ForwardModelTerm(nn.Module):
         return mse(self.degrade(x), self.observation)
 
     def fit_kwargs(self) -> Dict[str, Any]:
-        """Arguments of :func:`~dip_fast.fit.fit`: the PSNR is taken between ``degrade(x)`` and the observation."""
+        """Arguments of :func:`~dip_fast.core.fit.fit`: the PSNR is taken between ``degrade(x)`` and the observation."""
         return {"observation": self.observation, "mask": None, "degrade": self.degrade}
 
 
@@ -244,7 +244,7 @@ def check_operator(
 
 
 class PackedTerm(nn.Module):
-    """The data terms of ``K`` runs packed in one step (:func:`dip_fast.fit.fit_packed`).
+    """The data terms of ``K`` runs packed in one step (:func:`dip_fast.core.fit.fit_packed`).
 
     Called on the ``K`` networks' images ``(K, C, H, W)``, it returns the
     ``(K,)`` data terms, term ``k`` applied to image ``k`` alone: each
@@ -282,7 +282,7 @@ class PackedTerm(nn.Module):
                           for k, kw in enumerate(self._settings)])
 
     def fit_kwargs(self) -> Dict[str, Any]:
-        """:func:`~dip_fast.fit.fit_packed`'s arguments for the observations: ``K`` rows each."""
+        """:func:`~dip_fast.core.fit.fit_packed`'s arguments for the observations: ``K`` rows each."""
         masks = [kw["mask"] for kw in self._settings]
         mask = None
         if any(m is not None for m in masks):  # a run without a mask knows every pixel

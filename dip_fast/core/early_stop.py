@@ -103,7 +103,7 @@ class WindowedVariance:
         like: a tensor shaped like one output (its shape and device are used).
         window: ``W``, the number of outputs in the window.
         patience: ``P``, how many steps without a new minimum end the run.
-        networks: ``K`` networks trained in one step (:mod:`dip_fast.packed`):
+        networks: ``K`` networks trained in one step (:mod:`dip_fast.core.packed`):
             ``like`` then has ``K`` rows, one per network, and every
             statistic is per network (shape ``(K,)``; ``(1,)`` for one network).
 
@@ -342,7 +342,7 @@ def replay(residual: Sequence[Optional[float]], rule: DiscrepancyRule,
 
     ``residual[t]`` is ``||y - A x_t||^2 / N`` of the average after step
     ``t`` (None or NaN where unknown).  This is the host-side mirror of
-    :class:`DiscrepancyTracker` inside :func:`dip_fast.fit.fit`, for tests
+    :class:`DiscrepancyTracker` inside :func:`dip_fast.core.fit.fit`, for tests
     and for tuning the rule on recorded trajectories; ``iterations`` caps
     the steps (default: all of them).
 

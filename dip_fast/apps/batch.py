@@ -34,10 +34,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from . import io
-from .api import restore
-from .request import PER_FILE, resolve_device, resolve_task, validate_request
-from .tasks import registry
+from .. import io
+from ..api import restore
+from ..pipeline.request import PER_FILE, resolve_device, resolve_task, validate_request
+from ..tasks import registry
 
 __all__ = [
     "CSV_COLUMNS",
@@ -299,7 +299,7 @@ class _Packer:
 
     def __init__(self, pack: Any, restore_one: Callable[[Path], Any], inputs: Callable[[Path], Any], task: str,
                  restore_kwargs: Dict[str, Any], todo: List[Path]) -> None:
-        from .many import MAX_PACK_CPU, MAX_PACK_CUDA
+        from ..pipeline.many import MAX_PACK_CPU, MAX_PACK_CUDA
 
         self.restore_one, self.inputs, self.task, self.kwargs = restore_one, inputs, task, restore_kwargs
         if pack == "auto":  # restore() trims a pack to the memory estimate
@@ -380,7 +380,7 @@ def run_batch(
         >>> from pathlib import Path
         >>> import numpy as np
         >>> from PIL import Image
-        >>> from dip_fast.batch import run_batch
+        >>> from dip_fast.apps.batch import run_batch
         >>> tmp = tempfile.TemporaryDirectory()
         >>> src = Path(tmp.name) / "in"
         >>> src.mkdir()

@@ -32,9 +32,9 @@ from PIL import Image
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from . import io
-from .api import restore
-from .tasks import degradations
+from .. import io
+from ..api import restore
+from ..tasks import degradations
 
 __all__ = ["DemoRow", "CPU_CROP", "CPU_ITERATIONS", "degrade_noise", "downscale", "run_demo", "text_mask"]
 

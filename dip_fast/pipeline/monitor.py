@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from . import _caller, io
-from .fit import StepInfo
+from .. import _caller, io
+from ..core.fit import StepInfo
 
 if TYPE_CHECKING:  # the api imports this module
-    from .api import RestoreInfo
+    from ..api import RestoreInfo
 
 __all__ = ["ProgressMonitor", "format_seconds"]
 

@@ -57,7 +57,7 @@ Further choices, where the notebooks are accidental rather than deliberate:
 
 Host synchronisation
 --------------------
-The step itself (:class:`dip_fast.step.StepRunner`) keeps the average, the
+The step itself (:class:`dip_fast.core.step.StepRunner`) keeps the average, the
 backtracking decision and the early-stopping tracker on the device and
 writes each step's numbers into a log there.  ``fit`` reads that log every
 ``sync_every`` steps (default: every step on the CPU, where reading costs
@@ -71,13 +71,13 @@ stops accepting new windows once its patience has run out).
 
 Early stopping (``stop='auto'`` or ``'discrepancy'``)
 ---------------------------------------------------
-``'auto'`` is ES-WMV (:mod:`dip_fast.early_stop`), the rule of Wang et al.:
+``'auto'`` is ES-WMV (:mod:`dip_fast.core.early_stop`), the rule of Wang et al.:
 the run ends once the variance of the last ``stop_window`` outputs has not
 reached a new minimum for ``stop_patience`` steps; ``stop_output`` holds
 the mean of the outputs in the window of smallest variance, and
 ``stop_step`` the step that closed it.
 
-``'discrepancy'`` is :class:`~dip_fast.early_stop.DiscrepancyRule`, what
+``'discrepancy'`` is :class:`~dip_fast.core.early_stop.DiscrepancyRule`, what
 ``restore(stop='early')`` runs: the run ends at the first step whose running
 average (the output when ``exp_weight`` is None) leaves a data-term residual
 of at most ``stop_bound``; ``stop_output`` is that average.  If no step
@@ -288,7 +288,7 @@ def _fit(
             module docstring).
         stop_window, stop_patience: ES-WMV's window ``W`` and patience ``P``.
         stop_bound: the discrepancy rule's bound
-            (:attr:`dip_fast.early_stop.DiscrepancyRule.bound`): the run stops
+            (:attr:`dip_fast.core.early_stop.DiscrepancyRule.bound`): the run stops
             at the first step whose average leaves a residual
             ``mse(degrade(average), observation) <= stop_bound``; NaN accepts
             none, so the run completes (the rule's fallback).  Required by,
@@ -302,8 +302,8 @@ def _fit(
         step_mode: ``'eager'``, ``'graph'`` (one CUDA graph per step, CUDA
             only; elsewhere a warning and eager) or ``'auto'`` (the fastest mode
             recorded with parity at this precision in
-            :data:`dip_fast.auto_step.RECORDED_PARITY`; eager until then).
-        precision: ``'fp32'``, ``'tf32'`` or ``'bf16'`` (see :mod:`dip_fast.step`).
+            :data:`dip_fast.core.auto_step.RECORDED_PARITY`; eager until then).
+        precision: ``'fp32'``, ``'tf32'`` or ``'bf16'`` (see :mod:`dip_fast.core.step`).
         sync_every: steps between reads of the step log (default 1 on the
             CPU, 50 on CUDA).
         networks: the number of networks ``net`` packs (see :func:`fit_packed`).
@@ -383,7 +383,7 @@ fit.__signature__ = _signature.replace(  # type: ignore[attr-defined]
 
 def fit_packed(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, *, networks: int,
                **settings: Any) -> List[FitResult]:
-    """:func:`fit` for ``K = networks`` networks packed in ``net`` (:mod:`dip_fast.packed`), trained in one step.
+    """:func:`fit` for ``K = networks`` networks packed in ``net`` (:mod:`dip_fast.core.packed`), trained in one step.
 
     ``net_input`` is ``(1, K * C, H, W)`` (the networks' inputs concatenated
     along channels); ``loss_fn`` gets the ``K`` outputs ``(K, C, H, W)`` and

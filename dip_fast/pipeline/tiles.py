@@ -21,7 +21,7 @@ tiled.  Everything here is tensor code and runs on the tensors' device.
 
 Examples:
     >>> import torch
-    >>> from dip_fast.tiles import blend, plan_tiles, split
+    >>> from dip_fast.pipeline.tiles import blend, plan_tiles, split
     >>> plan = plan_tiles((40, 100), tile_size=32, min_overlap=8)
     >>> plan.tops, plan.lefts, plan.tile_size
     ((0, 8), (0, 23, 45, 68), (32, 32))
@@ -41,9 +41,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .tasks import registry
-from .tasks.inputs import check_inputs, check_int
-from .tasks.registry import INPUT_NAMES, TaskSpec
+from ..tasks import registry
+from ..tasks.inputs import check_inputs, check_int
+from ..tasks.registry import INPUT_NAMES, TaskSpec
 
 __all__ = ["TilePlan", "TiledRequest", "blend", "blend_std", "plan_tiles", "split", "tile_request", "window"]
 
@@ -117,7 +117,7 @@ class TilePlan:
         """The same tiling of an image ``factor`` times larger (a super-resolution's output).
 
         Examples:
-            >>> from dip_fast.tiles import plan_tiles
+            >>> from dip_fast.pipeline.tiles import plan_tiles
             >>> plan_tiles((20, 30), 16, 4).scaled(2)
             TilePlan(image_size=(40, 60), tile_size=(32, 32), tops=(0, 8), lefts=(0, 14, 28))
         """
@@ -175,7 +175,7 @@ def plan_tiles(image_size: Size, tile_size: Size, min_overlap: Size = 0, *, alig
             or not smaller than the tile, ``align`` below 1.
 
     Examples:
-        >>> from dip_fast.tiles import plan_tiles
+        >>> from dip_fast.pipeline.tiles import plan_tiles
         >>> plan = plan_tiles((64, 100), tile_size=(64, 48), min_overlap=16)
         >>> plan.tile_size, plan.tops, plan.lefts, len(plan)
         ((64, 48), (0,), (0, 26, 52), 3)
@@ -219,7 +219,7 @@ def split(x: torch.Tensor, plan: TilePlan, name: str = "x") -> List[torch.Tensor
 
     Examples:
         >>> import torch
-        >>> from dip_fast.tiles import plan_tiles, split
+        >>> from dip_fast.pipeline.tiles import plan_tiles, split
         >>> mask = torch.ones(1, 1, 30, 20, dtype=torch.bool)
         >>> plan = plan_tiles((30, 20), 16, 4)
         >>> plan.tops, plan.lefts
@@ -276,7 +276,7 @@ def window(plan: TilePlan, index: int, *, device: Union[str, torch.device, None]
     not tapered where the tile meets the image's border.
 
     Examples:
-        >>> from dip_fast.tiles import plan_tiles, window
+        >>> from dip_fast.pipeline.tiles import plan_tiles, window
         >>> plan = plan_tiles((8, 12), tile_size=8, min_overlap=4)
         >>> [round(float(v), 3) for v in window(plan, 0)[0]]
         [1.0, 1.0, 1.0, 1.0, 0.962, 0.691, 0.309, 0.038]
@@ -330,7 +330,7 @@ def blend(tiles: Sequence[torch.Tensor], plan: TilePlan) -> torch.Tensor:
 
     Examples:
         >>> import torch
-        >>> from dip_fast.tiles import blend, plan_tiles
+        >>> from dip_fast.pipeline.tiles import blend, plan_tiles
         >>> plan = plan_tiles((8, 12), tile_size=8, min_overlap=4)
         >>> left, right = torch.zeros(1, 8, 8), torch.ones(1, 8, 8)
         >>> [round(float(v), 3) for v in blend([left, right], plan)[0, 0]]
@@ -358,7 +358,7 @@ def blend_std(stds: Sequence[torch.Tensor], plan: TilePlan) -> torch.Tensor:
 
     Examples:
         >>> import torch
-        >>> from dip_fast.tiles import blend_std, plan_tiles
+        >>> from dip_fast.pipeline.tiles import blend_std, plan_tiles
         >>> plan = plan_tiles((8, 12), tile_size=8, min_overlap=4)
         >>> std = blend_std([torch.full((8, 8), 0.3), torch.full((8, 8), 0.4)], plan)
         >>> round(float(std[0, 0]), 3), round(float(std[0, 6]), 3), round(float(std[0, -1]), 3)
@@ -440,7 +440,7 @@ def tile_request(task: Union[str, TaskSpec], observation: torch.Tensor, extras: 
 
     Examples:
         >>> import torch
-        >>> from dip_fast.tiles import blend, tile_request
+        >>> from dip_fast.pipeline.tiles import blend, tile_request
         >>> low = torch.rand(3, 24, 40)
         >>> tiled = tile_request("sr", low, {"scale": 4}, tile_size=16, min_overlap=4)
         >>> len(tiled.observations), tiled.extras[0], tiled.output_plan.tile_size

@@ -4,7 +4,7 @@ This module recognises an observation that is constant over its known
 pixels, whose restoration for the built-in tasks is that constant: Deep
 Image Prior's sigmoid output can only approach 0 and 1, so fitting would
 return a slightly wrong image after a long run, where the exact answer is
-free.  (The noise level of a flat image is :mod:`dip_fast.noise_level`'s
+free.  (The noise level of a flat image is :mod:`dip_fast.pipeline.noise_level`'s
 concern: it returns 0 with a warning.)
 """
 from __future__ import annotations

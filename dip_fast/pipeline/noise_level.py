@@ -2,7 +2,7 @@
 
 :func:`restore` needs sigma twice when the caller does not give it: for the
 input perturbation, and as the level the stopping rule holds the residual to
-(:class:`dip_fast.early_stop.DiscrepancyRule`).  The second use is
+(:class:`dip_fast.core.early_stop.DiscrepancyRule`).  The second use is
 unforgiving: a level set too high stops the run before the image is fitted.
 
 Why not the wavelet estimator (``skimage.restoration.estimate_sigma``, the
@@ -30,7 +30,7 @@ with much of their area clipped at 0 or 1, whose noise is no longer the
 same everywhere (Set5's baby at sigma 25, 11% clipped: 6.5% low).
 
     >>> import torch
-    >>> from dip_fast.noise_level import estimate_sigma
+    >>> from dip_fast.pipeline.noise_level import estimate_sigma
     >>> g = torch.Generator().manual_seed(0)
     >>> clean = torch.linspace(0.2, 0.8, 128).repeat(3, 128, 1)[None]        # a smooth ramp
     >>> noisy = clean + torch.randn(clean.shape, generator=g) * (20 / 255)

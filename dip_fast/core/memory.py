@@ -1,14 +1,14 @@
 """How much memory a run needs, and whether the device has it -- decided before any pixel is converted.
 
 The estimate comes from the network's architecture entry
-(:mod:`dip_fast.networks`); by default its reference builder is traced on
+(:mod:`dip_fast.core.networks`); by default its reference builder is traced on
 the ``meta`` device (shapes only, nothing allocated), adding up the
 activations autograd keeps for the backward pass, plus weights, gradients
 and Adam's two moments, with a margin for transient buffers.
 
 Examples:
     >>> from dip_fast import tasks
-    >>> from dip_fast.memory import estimate_memory, format_bytes
+    >>> from dip_fast.core.memory import estimate_memory, format_bytes
     >>> preset = tasks.get_preset("denoise_quick")
     >>> estimate_memory(preset, 3, (64, 64)) < estimate_memory(preset, 3, (128, 128))
     True

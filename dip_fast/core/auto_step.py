@@ -17,7 +17,7 @@ from (:func:`choose`, used by ``restore`` and ``fit``):
   one with the least time per step, restricted to the mode or precision the
   caller fixed, if any;
 * on the CPU, bf16 is a candidate only where the processor has native bf16
-  units (AMX or AVX512-BF16, :mod:`dip_fast.cpu_features`); elsewhere it is
+  units (AMX or AVX512-BF16, :mod:`dip_fast.core.cpu_features`); elsewhere it is
   emulated and slower than fp32;
 * without such a record, ``auto`` is eager fp32.
 
@@ -100,7 +100,7 @@ def choose(device: Union[str, torch.device], step_mode: str = "auto", precision:
 
     ``records`` defaults to :data:`RECORDED_PARITY` (read at call time, so a
     test can replace the table); ``native_bf16`` to what the CPU reports
-    (:func:`dip_fast.cpu_features.has_native_bf16`).
+    (:func:`dip_fast.core.cpu_features.has_native_bf16`).
 
     Example::
 

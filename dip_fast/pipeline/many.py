@@ -3,8 +3,8 @@
 Each image (each restart of an image) is one *job*: its own observation,
 seed, preset and stopping rule, as ``restore()`` of that image alone would
 plan it.  Jobs whose networks work at one size are trained together,
-``pack`` at a time, as one packed network (:mod:`dip_fast.packed`) through
-:func:`dip_fast.fit.fit_packed`: every network keeps its own averaging,
+``pack`` at a time, as one packed network (:mod:`dip_fast.core.packed`) through
+:func:`dip_fast.core.fit.fit_packed`: every network keeps its own averaging,
 backtracking and early stopping, and a packed run equals the separate runs
 (to the rounding of a grouped convolution).
 
@@ -22,11 +22,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from . import _caller, api, io, tasks, tiles
-from .fit import FitResult, StepInfo, fit_packed
-from .memory import device_memory, format_bytes
+from .. import _caller, api, io, tasks
+from . import tiles
+from ..core.fit import FitResult, StepInfo, fit_packed
+from ..core.memory import device_memory, format_bytes
 from .observation import Observation, _load_ground_truth, inspect_run, prepare_observation, run_memory
-from .packed import pack as pack_networks, packable
+from ..core.packed import pack as pack_networks, packable
 from .request import RestoreRequest
 
 __all__ = ["MAX_PACK_CPU", "MAX_PACK_CUDA", "TILE_OVERLAP", "auto_tile", "follow_pack", "pack_size", "restore_many",
@@ -294,7 +295,7 @@ def auto_tile(request: RestoreRequest, image: Any) -> Optional[int]:
 
 def restore_tiled(request: RestoreRequest, image: Any, mask: Any, truth: Any, seed: int, tile: int,
                   why: str) -> Any:
-    """``restore()`` of one image in overlapping tiles of side ``tile``, blended (see :mod:`dip_fast.tiles`)."""
+    """``restore()`` of one image in overlapping tiles of side ``tile``, blended (see :mod:`dip_fast.pipeline.tiles`)."""
     if isinstance(image, (list, tuple)):
         raise ValueError("tile applies to one image; restore the images of a list one by one to tile them")
     if request.callback is not None:

@@ -34,12 +34,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _ops
+from .. import _ops
 from .conv import conv2d
-from .ops.bn_act import batch_norm_act
-from .ops.upsample_cat import UPSAMPLE_MODES, upsample_cat
-from .reference import skip as reference_skip
-from .reference.skip import ConvBlock, SkipConfig, SkipNet, center_crop_cat, upsample2x
+from ..ops.bn_act import batch_norm_act
+from ..ops.upsample_cat import UPSAMPLE_MODES, upsample_cat
+from ..reference import skip as reference_skip
+from ..reference.skip import ConvBlock, SkipConfig, SkipNet, center_crop_cat, upsample2x
 
 __all__ = ["FastSkipNet", "skip", "fused_options"]
 
@@ -99,7 +99,7 @@ class FastSkipNet(SkipNet):
         config: the normalised network configuration (of one network).
         channels_last: run the network in channels_last layout (the output is returned contiguous).
         networks: ``K`` networks packed in one module, as for
-            :class:`~dip_fast.reference.skip.SkipNet` (:mod:`dip_fast.packed`).
+            :class:`~dip_fast.reference.skip.SkipNet` (:mod:`dip_fast.core.packed`).
     """
 
     def __init__(self, config: SkipConfig, channels_last: bool = False, networks: int = 1) -> None:

@@ -1,7 +1,7 @@
 """Which bf16 units the CPU has, read at run time.
 
 ``precision='auto'`` on the CPU runs bf16 only where the processor computes
-it natively (:mod:`dip_fast.auto_step`): Intel's AMX tiles (Sapphire Rapids
+it natively (:mod:`dip_fast.core.auto_step`): Intel's AMX tiles (Sapphire Rapids
 and later) or AVX512-BF16 (Cooper Lake, Zen 4 and later).  Elsewhere oneDNN
 emulates bf16 with fp32 arithmetic plus conversions, which is slower than
 fp32 itself, so fp32 stays.

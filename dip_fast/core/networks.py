@@ -14,7 +14,7 @@ returning an ``nn.Module`` that maps ``(1, C_in, H, W)`` to ``(1, C_out, H, W)``
 for sizes that are multiples of ``size_multiple`` and at least ``min_size``.
 
 Examples:
-    >>> from dip_fast.networks import NetworkSpec, get_architecture
+    >>> from dip_fast.core.networks import NetworkSpec, get_architecture
     >>> spec = NetworkSpec("skip", {"num_channels_down": [8, 8], "num_channels_up": [8, 8],
     ...                             "num_channels_skip": [2, 2]})
     >>> arch = get_architecture(spec.arch)
@@ -33,8 +33,8 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Unio
 import torch
 import torch.nn as nn
 
-from . import _ops
-from .reference import skip as reference_skip
+from .. import _ops
+from ..reference import skip as reference_skip
 
 __all__ = [
     "Architecture",
@@ -123,7 +123,7 @@ class Architecture:
         estimate_memory: ``estimate_memory(options, in_channels, out_channels, (H, W))``:
             peak bytes of a training step, or None when unknown; None here
             traces the reference builder on the ``meta`` device
-            (:func:`dip_fast.memory.trace_memory`).
+            (:func:`dip_fast.core.memory.trace_memory`).
     """
 
     name: str

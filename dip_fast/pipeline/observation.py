@@ -15,11 +15,12 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from . import degenerate, io
-from .memory import check_fits, estimate_memory
-from .networks import get_architecture
+from . import degenerate
+from .. import io
+from ..core.memory import check_fits, estimate_memory
+from ..core.networks import get_architecture
 from .request import RestoreRequest
-from .tasks import check_operator
+from ..tasks import check_operator
 
 __all__ = ["Observation", "Padding", "prepare_observation"]
 

@@ -6,7 +6,7 @@ task, preset, device and backend.  ``dip-fast batch`` calls it once to
 reject bad arguments before the first file.
 
 Examples:
-    >>> from dip_fast.request import validate_request
+    >>> from dip_fast.pipeline.request import validate_request
     >>> request = validate_request("sr", scale=2, preset="quick", device="cpu")
     >>> request.task.name, request.preset.name, request.preset.sr_factor, request.factor
     ('super_resolution', 'sr_quick', 2, 2)
@@ -25,12 +25,12 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from . import tasks
-from .networks import Builder, check_backend, resolve_backend
-from .tasks import registry
-from .tasks.inputs import check_inputs, check_int
-from .tasks.registry import TaskSpec
-from .tasks.terms import Operator
+from .. import tasks
+from ..core.networks import Builder, check_backend, resolve_backend
+from ..tasks import registry
+from ..tasks.inputs import check_inputs, check_int
+from ..tasks.registry import TaskSpec
+from ..tasks.terms import Operator
 
 __all__ = ["PER_FILE", "PRESET_LEVELS", "RestoreRequest", "validate_request"]
 
@@ -172,7 +172,7 @@ def resolve_preset(preset: Any, spec: TaskSpec, scale: Optional[int], device: to
 
 def _early_stop_budget(preset: tasks.Preset) -> tasks.Preset:
     """The preset with early stopping's step budget (``EARLY_STOP_BUDGET`` times its count)."""
-    from . import api  # the early-stopping settings live with restore(), which imports this module
+    from .. import api  # the early-stopping settings live with restore(), which imports this module
 
     return preset.with_overrides(iterations=int(round(preset.iterations * api.EARLY_STOP_BUDGET)))
 
@@ -183,7 +183,7 @@ _IMAGE_ARGUMENTS = ("image", "ground_truth")
 
 def _restore_defaults() -> Dict[str, Any]:
     """restore()'s keyword arguments and their defaults: its signature is the one list of them."""
-    from .api import restore  # api imports this module
+    from ..api import restore  # api imports this module
 
     return {name: p.default for name, p in inspect.signature(restore).parameters.items()
             if name not in _IMAGE_ARGUMENTS}

@@ -21,9 +21,9 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from . import __version__, io
-from .tasks import registry
-from .tasks.registry import CliFlag, TaskSpec
+from .. import __version__, io
+from ..tasks import registry
+from ..tasks.registry import CliFlag, TaskSpec
 
 __all__ = ["main", "build_parser"]
 
@@ -285,7 +285,7 @@ def _write_plot(info: Any, path: Path) -> None:
 
 
 def _run_restore(args: argparse.Namespace) -> int:
-    from .api import restore
+    from ..api import restore
 
     spec = registry.by_command(args.command)
     out = Path(args.output)
@@ -416,7 +416,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     0 ok, 1 some files of a batch failed, 2 user error, 130 interrupted.
 
     Examples:
-        >>> from dip_fast.cli import main
+        >>> from dip_fast.apps.cli import main
         >>> main(["sr", "no-such-file.png", "-o", "big.png", "--scale", "2"])  # one line on stderr
         2
     """

@@ -28,7 +28,7 @@ own initialisations.
 Examples:
     >>> import torch
     >>> from dip_fast.reference import skip
-    >>> from dip_fast.packed import pack, unpack
+    >>> from dip_fast.core.packed import pack, unpack
     >>> nets = [skip(2, 3, [4, 4], [4, 4], [2, 2]) for _ in range(3)]
     >>> packed = pack(nets)
     >>> z = torch.rand(3, 2, 16, 16)  # one input per network
@@ -49,7 +49,7 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn as nn
 
-from .reference.skip import SkipNet
+from ..reference.skip import SkipNet
 
 __all__ = ["pack", "pack_state_dicts", "packable", "select_networks", "unpack", "unpack_state_dict", "write_networks"]
 
@@ -127,7 +127,7 @@ def select_networks(packed: SkipNet, keep: Sequence[int]) -> SkipNet:
     """A packed module of networks ``keep`` of ``packed`` only, in that order (copies of their weights).
 
     A packed run drops the networks that have stopped this way
-    (:meth:`dip_fast.step.StepRunner.select`): a grouped convolution computes
+    (:meth:`dip_fast.core.step.StepRunner.select`): a grouped convolution computes
     every group, so a stopped network left in the pack costs a running one's
     compute.
     """

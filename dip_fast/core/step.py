@@ -12,8 +12,8 @@ the host whenever a loss is logged) than the GPU spends computing.  The
   so the step counter lives on the device);
 * the exponential average of the outputs, the PSNR against the observation,
   the backtracking check (:class:`DeviceBacktracker`) and the early-stopping
-  tracker (:class:`~dip_fast.early_stop.WindowedVariance` or
-  :class:`~dip_fast.early_stop.DiscrepancyTracker`);
+  tracker (:class:`~dip_fast.core.early_stop.WindowedVariance` or
+  :class:`~dip_fast.core.early_stop.DiscrepancyTracker`);
 * a small ``stats`` vector (:data:`STAT_FIELDS`) that the caller copies into
   a log on the device and reads back every few steps.
 
@@ -213,7 +213,7 @@ class DeviceBacktracker:
     Adam's moments keep the dropped step's gradient (the paper's notebooks
     do not restore them either).
 
-    With ``networks=K`` (a packed network, :mod:`dip_fast.packed`) every
+    With ``networks=K`` (a packed network, :mod:`dip_fast.core.packed`) every
     decision is per network: PSNRs are ``(K,)``, and a drop restores only
     that network's slice of the weights.  With ``freezing=True``,
     :meth:`freeze` holds a network's weights where they are from then on
@@ -321,14 +321,14 @@ class StepRunner:
             drop that restores the weights (needs ``observation``).
         early_stop: ``(window, patience)`` for ES-WMV, or None.
         stop_bound: the discrepancy rule instead (see
-            :class:`~dip_fast.early_stop.DiscrepancyRule`): the first step whose
+            :class:`~dip_fast.core.early_stop.DiscrepancyRule`): the first step whose
             estimate (the average, else the output) has
             ``mse(degrade(estimate), observation) <= stop_bound`` is kept; NaN
             accepts none.  Needs ``observation``; excludes ``early_stop``.
         precision: one of :data:`PRECISIONS`.
         mode: one of :data:`STEP_MODES`; ``'graph'`` needs CUDA.
         networks: ``K``, the number of networks ``net`` packs
-            (:mod:`dip_fast.packed`).  ``net_input`` and the network's output
+            (:mod:`dip_fast.core.packed`).  ``net_input`` and the network's output
             are then ``(1, K * C, H, W)``, which the runner sees as ``K`` images
             ``(K, C, H, W)``: ``loss_fn`` gets those and returns the ``(K,)``
             per-network data terms (their sum is differentiated, so each

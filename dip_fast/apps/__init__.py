@@ -1,0 +1,1 @@
+"""What users run: the ``dip-fast`` command line, its ``batch`` mode and the demo."""
