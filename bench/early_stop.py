@@ -52,7 +52,7 @@ import quality  # noqa: E402  (image loading, crops, environment record)
 
 from dip_fast import tasks  # noqa: E402
 from dip_fast.tasks import degradations  # noqa: E402
-from dip_fast.api import _estimate_sigma, reg_noise_for_sigma  # noqa: E402
+from dip_fast.pipeline.job import estimate_sigma as _estimate_sigma, reg_noise_for_sigma  # noqa: E402
 from dip_fast.core.fit import StepInfo, fit  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (image loading, crops, environment record)
 
-from dip_fast import api  # noqa: E402
+from dip_fast.pipeline import job  # noqa: E402
 from dip_fast.pipeline import many
 from dip_fast.pipeline.observation import prepare_observation  # noqa: E402
 from dip_fast.pipeline.request import validate_request  # noqa: E402
@@ -64,14 +64,14 @@ def run_case(path: Path, args: argparse.Namespace) -> Dict[str, Any]:
     noisy = degradations.add_gaussian_noise(gt[None], args.sigma, generator=torch.Generator().manual_seed(10_000))[0]
     request = validate_request("denoise", device="cpu", restarts=len(MIRRORS), pack=len(MIRRORS),
                                num_threads=args.threads)
-    plain = api._plan_job(request, prepare_observation(request, noisy, None, gt), 0)
+    plain = job.plan_job(request, prepare_observation(request, noisy, None, gt), 0)
     jobs = []
     for seed, dims in enumerate(MIRRORS):
         observed = prepare_observation(request, _mirror(noisy, dims), None, _mirror(gt, dims))
         jobs.append(dataclasses.replace(plain, observed=observed, seed=seed,
                                         info=dataclasses.replace(plain.info, seed=seed)))
     t0 = time.perf_counter()
-    with api._run_settings(request.num_threads, request.deterministic):
+    with job.run_settings(request.num_threads, request.deterministic):
         done = many._run_pack(request, jobs)
     estimates = [_mirror(estimate.cpu()[0], dims) for (estimate, _), dims in zip(done, MIRRORS)]
     single = [_psnr(e, gt) for e in estimates]

@@ -42,7 +42,8 @@ import early_stop  # noqa: E402  (degradations, PSNR, the split)
 import quality  # noqa: E402  (image loading, crops, environment record)
 
 from dip_fast import tasks  # noqa: E402
-from dip_fast.api import EARLY_STOP_BUDGET, EARLY_STOP_TOLERANCE, _estimate_sigma, reg_noise_for_sigma  # noqa: E402
+from dip_fast.pipeline.job import estimate_sigma as _estimate_sigma, reg_noise_for_sigma  # noqa: E402
+from dip_fast.pipeline.request import EARLY_STOP_BUDGET, EARLY_STOP_TOLERANCE  # noqa: E402
 from dip_fast.core.early_stop import DiscrepancyRule, replay  # noqa: E402
 from dip_fast.core.fit import fit  # noqa: E402
 

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (image loading, crops, environment record)
 
-from dip_fast import api  # noqa: E402
+from dip_fast.pipeline import job  # noqa: E402
 from dip_fast.pipeline import many
 from dip_fast.pipeline.observation import prepare_observation  # noqa: E402
 from dip_fast.pipeline.request import validate_request  # noqa: E402
@@ -50,10 +50,10 @@ def run_case(path: Path, args: argparse.Namespace, seed_set: int) -> Dict[str, A
     request = validate_request("denoise", preset=args.preset, device=args.device, restarts=RUNS, pack=RUNS,
                                num_threads=args.threads, iterations=args.iterations)
     observed = prepare_observation(request, noisy[0], None, gt[0])
-    first = api._plan_job(request, observed, RUNS * seed_set)
+    first = job.plan_job(request, observed, RUNS * seed_set)
     jobs = [many._restart(first, RUNS * seed_set + r) for r in range(RUNS)]
     t0 = time.perf_counter()
-    with api._run_settings(request.num_threads, request.deterministic):
+    with job.run_settings(request.num_threads, request.deterministic):
         done = many._run_pack(request, jobs)
     estimates = [estimate.cpu() for estimate, _ in done]
     single = [_psnr(e, gt) for e in estimates]

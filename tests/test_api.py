@@ -11,6 +11,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 import dip_fast
 from dip_fast import api, tasks
+from dip_fast.pipeline import job
 from dip_fast.core import networks
 from dip_fast.api import restore
 
@@ -203,9 +204,9 @@ def test_seed_none_is_reported():
 
 
 def test_sigma_picks_reg_noise():
-    assert api.reg_noise_for_sigma(25) == pytest.approx(1 / 30)
-    assert api.reg_noise_for_sigma(50) == pytest.approx(1 / 20)
-    assert api.reg_noise_for_sigma(5) == pytest.approx(1 / 30)
+    assert job.reg_noise_for_sigma(25) == pytest.approx(1 / 30)
+    assert job.reg_noise_for_sigma(50) == pytest.approx(1 / 20)
+    assert job.reg_noise_for_sigma(5) == pytest.approx(1 / 30)
     preset = tasks.PRESETS["denoise_quick"].with_overrides(iterations=1)
     _, info = restore(rgb8(), preset="quick", iterations=1, sigma=50, return_info=True)
     assert info.reg_noise_std == pytest.approx(1 / 20) and info.sigma == 50
@@ -245,8 +246,8 @@ def test_fast_backend_uses_the_fused_downsampler():
     from dip_fast import _ops
     from dip_fast.reference import Downsampler
 
-    fast = api._sr_downsampler("fast", 3, 4, "lanczos2")
-    assert api._sr_downsampler("reference", 3, 4, "lanczos2") is None
+    fast = job.sr_downsampler("fast", 3, 4, "lanczos2")
+    assert job.sr_downsampler("reference", 3, 4, "lanczos2") is None
     if not _ops.has_ops("downsample", "_downsample_backward"):
         assert fast is None
         pytest.skip("extension lacks the Lanczos downsampling op")

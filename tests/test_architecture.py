@@ -73,3 +73,144 @@ def restore_body_lines() -> int:
 
 def test_restore_body_is_short():
     assert restore_body_lines() <= MAX_RESTORE_BODY
+
+
+# ---------------------------------------------------------------- the layers
+
+#: The layers, lowest first: a module may import its own layer and those below it, never one above.
+LAYERS = (
+    ("dip_fast._version", "dip_fast._checks", "dip_fast._caller", "dip_fast._compat", "dip_fast._ops",
+     "dip_fast._C", "dip_fast.io"),
+    ("dip_fast.reference", "dip_fast.ops"),
+    ("dip_fast.core",),
+    ("dip_fast.tasks", "dip_fast.build"),
+    ("dip_fast.pipeline",),
+    ("dip_fast.api",),
+    ("dip_fast.apps",),
+    ("dip_fast", "dip_fast.__main__"),
+)
+#: The most modules the package's top level may hold (issue: a layout that shows the architecture).
+MAX_TOP_LEVEL_MODULES = 12
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set:
+    """The dip_fast modules ``path`` imports anywhere in its body (lazy imports too), TYPE_CHECKING aside."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text())
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(n) for child in node.body for n in ast.walk(child))
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("dip_fast"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("dip_fast"):
+                continue
+            for alias in node.names:  # "from pkg import module" imports the module
+                candidate = f"{target}.{alias.name}"
+                found.add(candidate if _exists(candidate) else target)
+    found.discard(name)
+    return found
+
+
+def _exists(module: str) -> bool:
+    path = PACKAGE.parent.joinpath(*module.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def _graph() -> dict:
+    return {_module_name(p): _imports(p) for p in PACKAGE.rglob("*.py")}
+
+
+def _layer(module: str) -> int:
+    best = None
+    for rank, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if module == prefix or module.startswith(prefix + "."):
+                if best is None or len(prefix) > best[1]:
+                    best = (rank, len(prefix))
+    assert best is not None, f"{module} is in no layer of tests/test_architecture.py's LAYERS"
+    return best[0]
+
+
+def test_imports_go_one_way_down_the_layers():
+    upward = [f"{module} (layer {_layer(module)}) imports {target} (layer {_layer(target)})"
+              for module, targets in _graph().items() for target in targets
+              if _layer(target) > _layer(module) and not module.startswith(target + ".")]
+    assert not upward, "\n".join(sorted(upward))
+
+
+def _cycles(graph: dict) -> list:
+    """Every strongly connected group of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(node, counter=[0]):
+        index[node] = low[node] = counter[0]
+        counter[0] += 1
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in graph:
+                continue
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.add(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_the_import_graph_has_no_cycle():
+    # A package imports its submodules and they import siblings through it; only module-to-module
+    # edges count, so a package's __init__ is left out of the graph.
+    graph = {m: {t for t in ts if not _exists_package(t)} for m, ts in _graph().items() if not _exists_package(m)}
+    assert _cycles(graph) == []
+
+
+def _exists_package(module: str) -> bool:
+    return (PACKAGE.parent.joinpath(*module.split(".")) / "__init__.py").exists()
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_top_level_stays_small():
+    modules = [p for p in PACKAGE.glob("*.py")]
+    assert len(modules) <= MAX_TOP_LEVEL_MODULES, sorted(p.name for p in modules)
+
+
+def test_every_preset_names_a_registered_task():
+    from dip_fast import tasks
+
+    for preset in tasks.PRESETS.values():
+        assert registry.check_preset(preset) is preset

@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dip_fast import api, tasks
+from dip_fast import tasks
+from dip_fast.pipeline import job, request as request_module
 from dip_fast.api import restore
 from dip_fast.core.early_stop import DiscrepancyRule, DiscrepancyTracker, replay
 from dip_fast.pipeline.monitor import ProgressMonitor
@@ -197,14 +198,14 @@ def test_restore_early_reports_its_confidence(monkeypatch):
     # The level held to is the observation's estimate, capped by the given sigma (clipping leaves less noise).
     assert info.stop == "early" and 0.1 * 255 < info.stop_noise_sigma <= 0.15 * 255 + 1e-9
     assert info.stop_reason == "early_stop" and info.stop_step is not None and not info.stop_fallback
-    assert info.stop_residual_ratio <= api.EARLY_STOP_TOLERANCE + 1e-6 and "stopped" in info.stop_summary
+    assert info.stop_residual_ratio <= request_module.EARLY_STOP_TOLERANCE + 1e-6 and "stopped" in info.stop_summary
     assert info.psnr > 10 * math.log10(1 / 0.15**2)  # better than the noisy input
 
 
 def test_restore_early_without_a_noise_level_falls_back(monkeypatch):
     clean = _smooth()
     blurred = tasks.blur(torch.from_numpy(clean).permute(2, 0, 1)[None], tasks.make_blur_kernel("gaussian:1"))
-    monkeypatch.setattr(api, "_estimate_sigma", lambda color: 0.0)  # an observation that shows no noise
+    monkeypatch.setattr(job, "estimate_sigma", lambda color: 0.0)  # an observation that shows no noise
     _, info = restore(blurred[0].permute(1, 2, 0).numpy(), task="deblur", blur_kernel="gaussian:1",
                       preset=_small_preset("deblur", 12), iterations=12, stop="early", return_info=True)
     assert info.steps == 12 and info.stop_reason == "completed" and info.stop_fallback
@@ -231,7 +232,7 @@ def test_restore_stop_auto_follows_the_per_task_default(monkeypatch):
 def test_stop_early_budget_extends_the_preset_only_without_iterations():
     noisy = _noisy_smooth()
     _, info = restore(noisy, preset=_small_preset("denoise", 8), sigma=1e-3, stop="early", return_info=True)
-    assert info.iterations == round(8 * api.EARLY_STOP_BUDGET) and info.stop_fallback
+    assert info.iterations == round(8 * request_module.EARLY_STOP_BUDGET) and info.stop_fallback
     _, info = restore(noisy, preset=_small_preset("denoise", 8), sigma=1e-3, stop="never", return_info=True)
     assert info.iterations == 8
 
@@ -251,7 +252,7 @@ def test_restore_underfitted_run_falls_back_and_says_so():
     _, info = restore(noisy, preset=_small_preset("denoise", 15), iterations=15, sigma=0.05 * 255, stop="early",
                       return_info=True)
     assert info.steps == 15 and info.stop_reason == "completed" and info.stop_step is None and info.stop_fallback
-    assert info.stop_residual_ratio > api.EARLY_STOP_TOLERANCE and "more iterations" in info.stop_summary
+    assert info.stop_residual_ratio > request_module.EARLY_STOP_TOLERANCE and "more iterations" in info.stop_summary
 
 
 def test_progress_bar_shows_the_stopping_signal():

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from dip_fast import api
+from dip_fast.pipeline import job
 from dip_fast.core import fit as fit_module
 from dip_fast.core.fit import CUDA_SYNC_EVERY, fit
 
@@ -72,7 +73,7 @@ def test_early_stop_decision_does_not_move_while_waiting_for_the_read():
 
 def test_restore_callback_stop_acts_at_the_first_read(monkeypatch):
     # restore() as it runs on CUDA: the log, the progress bar and the callback every 50 steps.
-    monkeypatch.setattr(api, "fit", functools.partial(fit_module.fit, sync_every=EVERY))
+    monkeypatch.setattr(job, "fit", functools.partial(fit_module.fit, sync_every=EVERY))
     seen = []
 
     def callback(step, info):

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from dip_fast import api, restore, tasks
+from dip_fast import restore, tasks
+from dip_fast.pipeline import request as request_module
 from dip_fast.core import memory, networks
 from dip_fast.apps.cli import main
 from dip_fast.core.networks import Architecture, NetworkSpec
@@ -70,7 +71,7 @@ def test_recipe_add_a_task_restore(gain_task):
     image = _image() * 0.5
     out, info = restore(image, "brighten", preset="quick", device="cpu", sigma=5, stop="early", return_info=True)
     # stop='early' without iterations: the preset's 3 steps times the early-stopping budget.
-    assert info.task == "gain" and info.preset == "gain_tiny" and info.steps == round(3 * api.EARLY_STOP_BUDGET)
+    assert info.task == "gain" and info.preset == "gain_tiny" and info.steps == round(3 * request_module.EARLY_STOP_BUDGET)
     assert out.shape == image.shape and info.sigma == 5 and info.stop == "early"
     # The registry's messages cover the new task: it takes no mask.
     with pytest.raises(ValueError, match="mask only applies to task='inpaint', got a mask for task='gain'"):

@@ -1,14 +1,17 @@
 """The first stage of restore(): validate_request checks and resolves arguments without running anything."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dip_fast import api
+from dip_fast.pipeline import job
 from dip_fast.apps import batch
-from dip_fast.pipeline.request import PER_FILE, validate_request
+from dip_fast.pipeline.request import PER_FILE, RESTORE_DEFAULTS, validate_request
 
 
 def test_resolves_task_preset_device_and_stop():
@@ -40,7 +43,7 @@ def test_batch_checks_arguments_without_fitting(tmp_path, monkeypatch):
     def no_fit(*args, **kwargs):
         raise AssertionError("the argument check ran an optimisation")
 
-    monkeypatch.setattr(api, "fit", no_fit)
+    monkeypatch.setattr(job, "fit", no_fit)
     (tmp_path / "in").mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8) + 7).save(tmp_path / "in" / "a.png")
     with pytest.raises(ValueError, match="scale must be even"):
@@ -48,3 +51,10 @@ def test_batch_checks_arguments_without_fitting(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="preset must be one of"):
         batch.run_batch(tmp_path / "in", tmp_path / "out", task="denoise", preset="huge", device="cpu")
     assert not (tmp_path / "out").exists()  # nothing written before the arguments passed
+
+
+def test_request_owns_restore_defaults():
+    # The request stage keeps restore()'s defaults; the signature a user reads must say the same.
+    signature = inspect.signature(api.restore).parameters
+    from_signature = {name: p.default for name, p in signature.items() if name not in ("image", "ground_truth")}
+    assert from_signature == RESTORE_DEFAULTS

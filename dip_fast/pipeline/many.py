@@ -22,7 +22,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from .. import _caller, api, io, tasks
+from .. import _caller, io, tasks
+from . import job as stages
+from .info import RestoreInfo
 from . import tiles
 from ..core.fit import FitResult, StepInfo, fit_packed
 from ..core.memory import device_memory, format_bytes
@@ -81,15 +83,15 @@ def restore_many(request: RestoreRequest, images: Any, masks: Any, truths: Any, 
                 raise
             raise type(exc)(f"image {i}: {exc}") from exc
     outputs: List[Any] = [None] * len(images)
-    jobs: List[Tuple[int, api.Job]] = []
+    jobs: List[Tuple[int, stages.Job]] = []
     for i, obs in enumerate(observed):
         if obs.constant is not None:
-            outputs[i] = api._constant_result(request, obs, seed)
+            outputs[i] = stages.constant_result(request, obs, seed)
             continue
-        job = api._plan_job(request, obs, seed)  # the pixel settings (a noise estimate) once per image
+        job = stages.plan_job(request, obs, seed)  # the pixel settings (a noise estimate) once per image
         jobs.extend((i, _restart(job, seed + r)) for r in range(request.restarts))
-    finished: Dict[int, List[Tuple[torch.Tensor, api.RestoreInfo]]] = {}
-    with api._run_settings(request.num_threads, request.deterministic):
+    finished: Dict[int, List[Tuple[torch.Tensor, RestoreInfo]]] = {}
+    with stages.run_settings(request.num_threads, request.deterministic):
         packs = []
         for group in _groups(jobs):
             k = pack_size(request, group[0][1].observed.estimated_memory, len(group))
@@ -130,7 +132,7 @@ def _time_shares(request: RestoreRequest, items: List[Any]) -> Iterator[Tuple[Re
         yield dataclasses.replace(request, max_time=share), item
 
 
-def _restart(job: "api.Job", seed: int) -> "api.Job":
+def _restart(job: "stages.Job", seed: int) -> "stages.Job":
     """``job`` with another seed and an info of its own (the first restart is ``job`` itself)."""
     if seed == job.seed:
         return job
@@ -145,28 +147,28 @@ def _per_image(value: Any, name: str, n: int, single: bool) -> List[Any]:
     return list(value)
 
 
-def _groups(jobs: List[Tuple[int, "api.Job"]]) -> List[List[Tuple[int, "api.Job"]]]:
+def _groups(jobs: List[Tuple[int, "stages.Job"]]) -> List[List[Tuple[int, "stages.Job"]]]:
     """Jobs that can share a step: one working size and observation shape, in order of first appearance."""
-    groups: Dict[Any, List[Tuple[int, api.Job]]] = {}
+    groups: Dict[Any, List[Tuple[int, stages.Job]]] = {}
     for entry in jobs:
         obs = entry[1].observed
         groups.setdefault((obs.padded_size, tuple(obs.observation.shape), obs.shape[0]), []).append(entry)
     return list(groups.values())
 
 
-def _run_pack(request: RestoreRequest, jobs: List["api.Job"]) -> List[Tuple[torch.Tensor, "api.RestoreInfo"]]:
+def _run_pack(request: RestoreRequest, jobs: List["stages.Job"]) -> List[Tuple[torch.Tensor, RestoreInfo]]:
     """Fit ``jobs`` together (alone when one, or when the architecture does not pack); their estimates and infos."""
-    runs = [api._build_run(request, job.observed, job.preset, job.seed) for job in jobs]
+    runs = [stages.build_run(request, job.observed, job.preset, job.seed) for job in jobs]
     packed = len(jobs) > 1 and all(packable(run.net) for run in runs)
     if packed:
         results = _fit_packed(request, jobs, runs)
     else:
-        results = [api._fit(share, job.observed, run, job.info, job.rule)
+        results = [stages.fit_job(share, job.observed, run, job.info, job.rule)
                    for share, (job, run) in _time_shares(request, list(zip(jobs, runs)))]
     done = []
     for job, run, result in zip(jobs, runs, results):
         job.info.packed = len(jobs) if packed else 1
-        done.append((api._complete(request, job.observed, run.term, result, job.info, job.rule), job.info))
+        done.append((stages.complete(request, job.observed, run.term, result, job.info, job.rule), job.info))
     return done
 
 
@@ -195,7 +197,7 @@ def follow_pack(on_step: Callable[[StepInfo], None]) -> Callable[[StepInfo], Non
     return follow
 
 
-def _fit_packed(request: RestoreRequest, jobs: List["api.Job"], runs: List[tasks.Run]) -> List[FitResult]:
+def _fit_packed(request: RestoreRequest, jobs: List["stages.Job"], runs: List[tasks.Run]) -> List[FitResult]:
     """One packed network for the runs, fitted with per-network settings."""
     term = tasks.PackedTerm([run.term for run in runs])
     kwargs = dict(runs[0].fit_kwargs)
@@ -211,7 +213,7 @@ def _fit_packed(request: RestoreRequest, jobs: List["api.Job"], runs: List[tasks
         kwargs["reference_view"] = CropEach(boxes, request.factor)
     rules = [job.rule for job in jobs]
     first = jobs[0]
-    monitor = api._monitor(request, first.observed, first.info, first.rule)
+    monitor = stages.make_monitor(request, first.observed, first.info, first.rule)
     on_step = follow_pack(monitor.on_step)
     try:
         return fit_packed(
@@ -248,7 +250,7 @@ class CropEach:
 
 
 def _combine(request: RestoreRequest, observed: Observation,
-             runs: Sequence[Tuple[torch.Tensor, "api.RestoreInfo"]]) -> Any:
+             runs: Sequence[Tuple[torch.Tensor, RestoreInfo]]) -> Any:
     """One image's result: its run's estimate, or the mean of its restarts with their spread."""
     estimates = torch.cat([estimate for estimate, _ in runs])
     info = runs[0][1]
@@ -258,7 +260,7 @@ def _combine(request: RestoreRequest, observed: Observation,
         # unbiased=False: the spread of these runs, not an estimate for a population.
         info.uncertainty = estimates.std(0, unbiased=False).permute(1, 2, 0).cpu().numpy()
         if observed.ground_truth is not None:
-            info.psnr = float(api._psnr(mean, observed.ground_truth))
+            info.psnr = float(stages.psnr(mean, observed.ground_truth))
     out = io.from_tensor(mean, observed.alpha, observed.spec)
     return (out, info) if request.return_info else out
 
@@ -315,7 +317,7 @@ def restore_tiled(request: RestoreRequest, image: Any, mask: Any, truth: Any, se
     sigma = request.sigma
     if request.task.accepts("sigma"):
         # One noise level for the whole image, so that every tile is restored alike.
-        sigma = sigma if sigma is not None else api._estimate_sigma(color)
+        sigma = sigma if sigma is not None else stages.estimate_sigma(color)
         if sigma is not None:
             extras["sigma"] = sigma
     overlap = max(16, int(tile * TILE_OVERLAP))
@@ -346,7 +348,7 @@ def restore_tiled(request: RestoreRequest, image: Any, mask: Any, truth: Any, se
     info.psnr = None
     if truth is not None:
         gt = _load_ground_truth(truth, (color.shape[1], spec.height * request.factor, spec.width * request.factor))
-        info.psnr = float(api._psnr(restored.to(gt.device), gt))
+        info.psnr = float(stages.psnr(restored.to(gt.device), gt))
     alpha = io.resize_alpha(loaded.alpha, request.factor) if loaded.alpha is not None and request.factor > 1 \
         else loaded.alpha
     out = io.from_tensor(restored.cpu(), alpha, spec)

@@ -12,7 +12,7 @@ from .. import _caller, io
 from ..core.fit import StepInfo
 
 if TYPE_CHECKING:  # the api imports this module
-    from ..api import RestoreInfo
+    from .info import RestoreInfo
 
 __all__ = ["ProgressMonitor", "format_seconds"]
 

@@ -17,7 +17,6 @@ Examples:
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from numbers import Real
@@ -33,6 +32,19 @@ from ..tasks.registry import TaskSpec
 from ..tasks.terms import Operator
 
 __all__ = ["PER_FILE", "PRESET_LEVELS", "RestoreRequest", "validate_request"]
+
+#: What ``stop='auto'`` does per task is its spec's ``auto_stop`` (:mod:`dip_fast.tasks.builtin`): ``'early'``
+#: (the discrepancy rule; denoise) where it beat the preset's fixed step count on the held-out validation runs of
+#: ``bench/es_replay.py`` (bench/README.md, "Early stopping on photographs"), else ``'never'``, the fixed count.
+#: The rule's tolerance (:class:`dip_fast.core.early_stop.DiscrepancyRule`), chosen on the tuning runs of the
+#: same benchmark (0.9-1.1 tried), with the noise level of :mod:`dip_fast.pipeline.noise_level`.
+EARLY_STOP_TOLERANCE = 0.98
+#: With ``stop='early'`` and no ``iterations``, the step budget is this multiple of the preset's count:
+#: a run that has not explained the observation by then falls back to the average at the budget.  Chosen
+#: on the tuning runs with the tolerance (1, 1.25 and 1.5 tried): most photographs at 128x128 have not
+#: reached the noise level by the fast presets' count, and going on while they have not gains there
+#: (at sigma 15, 1-1.9 dB between 1500 and 2250 steps).
+EARLY_STOP_BUDGET = 1.5
 
 #: Values of ``preset`` that pick settings by task (see :func:`dip_fast.tasks.preset_for`).
 PRESET_LEVELS = ("auto", "paper", "fast", "quick")
@@ -154,7 +166,7 @@ def resolve_preset(preset: Any, spec: TaskSpec, scale: Optional[int], device: to
     """The settings to run and the level they came from (``'auto'`` resolves by device)."""
     level = ""
     if isinstance(preset, tasks.Preset):
-        chosen = preset
+        chosen = registry.check_preset(preset)
     elif isinstance(preset, str) and preset in PRESET_LEVELS:
         # The paper's settings take hours on a CPU; see tasks.preset_for.
         level = ("paper" if device.type == "cuda" else "fast") if preset == "auto" else preset
@@ -172,21 +184,18 @@ def resolve_preset(preset: Any, spec: TaskSpec, scale: Optional[int], device: to
 
 def _early_stop_budget(preset: tasks.Preset) -> tasks.Preset:
     """The preset with early stopping's step budget (``EARLY_STOP_BUDGET`` times its count)."""
-    from .. import api  # the early-stopping settings live with restore(), which imports this module
-
-    return preset.with_overrides(iterations=int(round(preset.iterations * api.EARLY_STOP_BUDGET)))
+    return preset.with_overrides(iterations=int(round(preset.iterations * EARLY_STOP_BUDGET)))
 
 
-#: restore()'s arguments that are images, read in the next stage rather than checked here.
-_IMAGE_ARGUMENTS = ("image", "ground_truth")
-
-
-def _restore_defaults() -> Dict[str, Any]:
-    """restore()'s keyword arguments and their defaults: its signature is the one list of them."""
-    from ..api import restore  # api imports this module
-
-    return {name: p.default for name, p in inspect.signature(restore).parameters.items()
-            if name not in _IMAGE_ARGUMENTS}
+#: restore()'s keyword arguments other than its images, and their defaults: the one list of them
+#: (``tests/test_request.py`` checks that ``restore``'s signature agrees).
+RESTORE_DEFAULTS: Dict[str, Any] = {
+    "task": "denoise", "mask": None, "scale": None, "blur_kernel": None, "output_shape": None,
+    "iterations": None, "preset": "auto", "sigma": None, "seed": 0, "device": None, "backend": "fast",
+    "progress": False, "callback": None, "return_info": False, "max_time": None, "num_threads": None,
+    "deterministic": False, "stop": "auto", "step_mode": "auto", "precision": "auto", "restarts": 1,
+    "pack": "auto", "tile": None,
+}
 
 
 def validate_request(task: Union[str, Operator] = "denoise", **arguments: Any) -> RestoreRequest:
@@ -197,7 +206,7 @@ def validate_request(task: Union[str, Operator] = "denoise", **arguments: Any) -
     Raises:
         ValueError, TypeError: as ``restore()`` does, naming the argument.
     """
-    options = _restore_defaults()
+    options = dict(RESTORE_DEFAULTS)
     unknown = sorted(set(arguments) - set(options))
     if unknown:
         raise TypeError(f"restore() got unexpected keyword argument(s) {', '.join(unknown)}")

@@ -4,15 +4,13 @@ Each is one :class:`~dip_fast.tasks.registry.TaskSpec`, registered on import.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch.nn as nn
 
+from .presets import Preset, get_preset
 from .registry import LEVELS, CliFlag, TaskSpec, TermContext, TileRule, register_task
 from .terms import DeblurTerm, DenoiseTerm, InpaintTerm, OperatorTerm, SuperResolutionTerm
-
-if TYPE_CHECKING:
-    from .presets import Preset
 
 __all__ = ["DEBLUR", "DENOISE", "INPAINT", "JPEG", "OPERATOR", "SUPER_RESOLUTION"]
 
@@ -64,11 +62,9 @@ def _by_level(prefix: str) -> Dict[str, str]:
     return {level: f"{prefix}_{level}" for level in LEVELS}
 
 
-def _sr_preset(preset: "Preset", level: str, scale: Optional[int]) -> "Preset":
+def _sr_preset(preset: Preset, level: str, scale: Optional[int]) -> Preset:
     """Super-resolution runs at the requested factor; the paper's settings above x4 are sr_x8's."""
     if level == "paper" and scale is not None and scale > 4:
-        from .presets import get_preset  # presets import this module
-
         preset = get_preset("sr_x8")
     if scale is not None and scale != preset.sr_factor:
         preset = preset.with_overrides(sr_factor=scale)

@@ -38,6 +38,7 @@ __all__ = [
     "aliases",
     "all_tasks",
     "by_command",
+    "check_preset",
     "find_task",
     "get_task",
     "register_task",
@@ -306,3 +307,17 @@ def owners(input_name: str) -> str:
     """The tasks that accept a task input, as error messages name them."""
     labels = [spec.label for spec in _TASKS.values() if spec.accepts(input_name)]
     return " or ".join(labels) if labels else "no task"
+
+
+def check_preset(preset: "Preset") -> "Preset":
+    """``preset`` if it names a registered task (by its canonical name) and has what that task needs.
+
+    Raises:
+        ValueError: an unknown task, or a super-resolution preset without ``sr_factor``.
+    """
+    spec = find_task(preset.task)
+    if spec is None or spec.name != preset.task:
+        raise ValueError(f"preset {preset.name!r}: task must be one of {task_names()}, got {preset.task!r}")
+    if "scale" in spec.required and not preset.sr_factor:
+        raise ValueError(f"preset {preset.name!r}: sr_factor is required for task {preset.task!r}")
+    return preset

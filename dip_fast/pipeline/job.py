@@ -1,0 +1,268 @@
+"""The stages of one restoration after its request is checked and its images are read.
+
+:func:`plan_job` fixes what depends on the pixels (noise level, preset,
+stopping rule) and starts the :class:`~dip_fast.pipeline.info.RestoreInfo`;
+:func:`build_run` builds the data term, network and input; :func:`fit_job`
+fits under the progress monitor; :func:`finish` crops the estimate and gives
+it back in the caller's kind. :func:`dip_fast.api.restore` runs them for one
+image, :mod:`dip_fast.pipeline.many` for several.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .. import _caller, _ops, io, tasks
+from ..core import auto_step
+from ..core.early_stop import DiscrepancyRule
+from ..core.fit import FitResult, fit
+from ..core.metrics import psnr
+from . import noise_level
+from .info import RestoreInfo
+from .monitor import ProgressMonitor
+from .observation import Observation
+from .request import EARLY_STOP_TOLERANCE, RestoreRequest
+
+__all__ = ["Job", "build_run", "complete", "constant_result", "estimate_sigma", "finish", "fit_job",
+           "make_monitor", "plan_job", "reg_noise_for_sigma", "run_settings"]
+
+def reg_noise_for_sigma(sigma: float) -> float:
+    """Input perturbation for a noise level (0-255): the notebook's 1/30 at sigma 25 and 1/20 at 50.
+
+    Linear in between, clamped outside, since the paper gives only those two points.
+    """
+    t = min(max((sigma - 25.0) / 25.0, 0.0), 1.0)
+    return (1.0 - t) / 30.0 + t / 20.0
+
+
+def estimate_sigma(color: torch.Tensor) -> float:
+    """Noise level (0-255) of a ``(1, C, H, W)`` image, always finite.
+
+    See :func:`dip_fast.pipeline.noise_level.estimate_sigma` (0, with a warning, for an image that shows no noise).
+    """
+    return noise_level.estimate_sigma(color, stacklevel=_caller.stacklevel())  # the caller of restore()
+
+
+# --------------------------------------------------------------------------
+# Run-time settings
+# --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_settings(num_threads: Optional[int], deterministic: bool) -> Iterator[None]:
+    """Apply the CPU thread count and determinism flags for the run, then restore the caller's."""
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        if deterministic:
+            # warn_only: ops without a deterministic CUDA kernel (bilinear
+            # upsampling's backward) warn instead of failing the run.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old_cudnn
+
+
+def sr_downsampler(backend_name: str, channels: int, factor: int, kernel_type: str) -> Optional[nn.Module]:
+    """The fast backend's Lanczos downsampler for the super-resolution data term, if the op is available.
+
+    This is the single place where ``dip_fast.ops.Downsample`` plugs into
+    restoration: it takes the reference ``Downsampler``'s arguments and
+    replaces it inside :class:`dip_fast.tasks.SuperResolutionTerm`.  None
+    keeps the reference downsampler.
+    """
+    if backend_name != "fast" or not _ops.has_ops("downsample", "_downsample_backward"):
+        return None
+    try:
+        from ..ops import Downsample
+    except ImportError:  # a tree without the op's Python wrapper
+        return None
+    try:
+        return Downsample(channels, factor, kernel_type, phase=0.5, preserve_size=True)
+    except Exception as exc:  # an op that does not support these options
+        warnings.warn(f"dip_fast: fast Downsample unavailable ({exc}); using the reference", RuntimeWarning, stacklevel=3)
+        return None
+
+
+@dataclass
+class Job:
+    """One run's settings once its pixels are known: preset, stopping rule and the info to fill."""
+
+    observed: Observation
+    seed: int
+    preset: tasks.Preset
+    rule: Optional[DiscrepancyRule]
+    info: RestoreInfo
+
+
+def plan_job(request: RestoreRequest, observed: Observation, seed: int) -> Job:
+    """The pixel-dependent settings of one run (:func:`pixel_settings`) and its :class:`RestoreInfo`."""
+    chosen, used_sigma, rule = pixel_settings(request, observed.color)
+    # 'auto' comes from the recorded GPU parity evidence, one table for every caller (dip_fast.core.auto_step).
+    step_mode, precision = auto_step.choose(request.device, request.step_mode, request.precision)
+    info = RestoreInfo(
+        task=request.task.name, preset=chosen.name, backend=request.backend, device=str(request.device),
+        seed=seed, iterations=chosen.iterations, sigma=used_sigma, reg_noise_std=chosen.reg_noise_std,
+        padded_size=observed.padded_size, estimated_memory=observed.estimated_memory, stop=request.stop,
+        step_mode=step_mode, precision=precision,
+        stop_noise_sigma=math.sqrt(rule.noise_var) * 255.0 if rule is not None and rule.usable else None,
+    )
+    return Job(observed, seed, chosen, rule, info)
+
+
+def pixel_settings(request: RestoreRequest, color: torch.Tensor
+                    ) -> Tuple[tasks.Preset, Optional[float], Optional[DiscrepancyRule]]:
+    """The settings that depend on the pixels: the noise level, the preset's perturbation, the stopping rule."""
+    chosen, used_sigma = request.preset, None
+    takes_sigma = request.task.accepts("sigma")
+    # The estimate of the observation's noise (dip_fast.pipeline.noise_level), made once for both of its uses below.
+    wanted = (takes_sigma and request.sigma is None) or request.stop == "early"
+    estimate = estimate_sigma(color) if wanted else None
+    if takes_sigma:
+        used_sigma = request.sigma if request.sigma is not None else estimate
+        if request.level:  # an explicit Preset or registry name keeps its own setting
+            chosen = chosen.with_overrides(reg_noise_std=reg_noise_for_sigma(used_sigma))
+    rule: Optional[DiscrepancyRule] = None
+    if request.stop == "early":
+        # The noise level the residual is held to: the observation's own estimate, which measures
+        # the noise actually present (clipping at 0 and 1 leaves less than a nominal sigma); a given
+        # sigma only lowers it, since a level set too high stops before the image is fitted.  An
+        # image that shows no noise (0) makes the rule unusable, and the run falls back.
+        level = estimate  # made above whenever stop is 'early'
+        if takes_sigma and request.sigma is not None:
+            level = min(level, request.sigma)
+        rule = DiscrepancyRule((level / 255.0) ** 2, tolerance=EARLY_STOP_TOLERANCE)
+    return chosen, used_sigma, rule
+
+
+def build_run(request: RestoreRequest, observed: Observation, chosen: tasks.Preset, seed: int) -> tasks.Run:
+    """The data term, with the fast downsampler where it applies, then network and input from ``seed``."""
+    box, factor = observed.box, request.factor
+    term = tasks.make_data_term(chosen, observed.observation, observed.mask, blur_kernel=request.blur_kernel,
+                                operator=request.operator, box=box if request.task.crop_in_term else None)
+    if isinstance(term, tasks.SuperResolutionTerm):
+        fast_ds = sr_downsampler(request.backend, observed.color.shape[1], factor, chosen.sr_kernel)
+        if fast_ds is not None:
+            term.downsampler = fast_ds.to(request.device)
+    generator = torch.Generator(device=request.device).manual_seed(seed)
+    # Weights come from the global RNG: fork it so the caller's stream is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return tasks.build_run(chosen, term, observed.shape[0], observed.padded_size, backend=request.builder,
+                               generator=generator, reference=observed.ground_truth,
+                               reference_view=lambda x: io.crop(x, box, factor))
+
+
+def make_monitor(request: RestoreRequest, observed: Observation, info: RestoreInfo,
+             rule: Optional[DiscrepancyRule]) -> ProgressMonitor:
+    """The progress bar, the caller's callback and the CPU time warning of a run."""
+    cpu = request.device.type == "cpu"
+    return ProgressMonitor(
+        info, observed.box, request.factor, observed.ground_truth, request.callback, request.progress,
+        observed.alpha, observed.spec, warn_auto=request.auto_preset and cpu, cpu=cpu, max_time=request.max_time,
+        noise_var=rule.noise_var if rule is not None and rule.usable else None,
+    )
+
+
+def fit_job(request: RestoreRequest, observed: Observation, run: tasks.Run, info: RestoreInfo,
+         rule: Optional[DiscrepancyRule]) -> FitResult:
+    """Fit the run under a progress monitor, with the early-stopping rule if any."""
+    monitor = make_monitor(request, observed, info, rule)
+    try:
+        return fit(
+            run.net, run.net_input, run.term, max_time=request.max_time,
+            callback=monitor.on_step, should_stop=monitor.should_stop,
+            stop="discrepancy" if rule is not None else "never",
+            stop_bound=rule.bound if rule is not None else None,
+            step_mode=info.step_mode, precision=info.precision, **run.fit_kwargs,
+        )
+    finally:
+        monitor.close()
+
+
+def finish(request: RestoreRequest, observed: Observation, term: nn.Module, result: FitResult,
+            info: RestoreInfo, rule: Optional[DiscrepancyRule]) -> Any:
+    """The estimate cropped and given back in the caller's kind, and ``info`` completed from the fit."""
+    restored = complete(request, observed, term, result, info, rule)
+    out = io.from_tensor(restored, observed.alpha, observed.spec)
+    return (out, info) if request.return_info else out
+
+
+def complete(request: RestoreRequest, observed: Observation, term: nn.Module, result: FitResult,
+              info: RestoreInfo, rule: Optional[DiscrepancyRule]) -> torch.Tensor:
+    """The run's estimate, cropped to the image (``(1, C, H, W)``), and ``info`` completed from the fit."""
+    if result.stop_output is not None:  # early stopping: the average of the stopping step
+        estimate = result.stop_output
+    else:
+        estimate = result.output_avg if result.output_avg is not None else result.output
+    restored = io.crop(estimate, observed.box, request.factor)
+    info.stop_step = result.stop_step
+    if rule is not None:
+        explain_stop(info, rule, result, term, estimate)
+    info.psnr_history = list(result.psnr_ref_avg_history or result.psnr_ref_history)
+    info.steps = result.steps
+    info.step_mode = result.step_mode
+    info.stop_reason = "callback" if result.stop_reason == "should_stop" else result.stop_reason
+    info.interrupted = result.interrupted
+    info.wall_time = result.wall_time
+    info.loss_history = list(result.loss_history)
+    info.backtrack_steps = list(result.backtrack_steps)
+    if observed.ground_truth is not None:
+        info.psnr = float(psnr(restored, observed.ground_truth))
+    return restored
+
+
+def explain_stop(info: RestoreInfo, rule: DiscrepancyRule, result: Any, term: nn.Module,
+                  estimate: torch.Tensor) -> None:
+    """Fill the early-stopping fields of ``info``: the fallback flag, the residual ratio and a summary."""
+    info.stop_fallback = result.stop_step is None and result.stop_reason == "completed"
+    if rule.usable:
+        with torch.no_grad():
+            seen = term.degrade(estimate) if hasattr(term, "degrade") else estimate
+            residual = float((seen - term.observation).square().mean())
+        info.stop_residual_ratio = residual / rule.noise_var
+    ratio = f"{info.stop_residual_ratio:.2f}" if info.stop_residual_ratio is not None else "n/a"
+    if result.stop_step is not None:
+        info.stop_summary = (
+            f"stopped: at step {result.stop_step + 1} the average explained the observation down to its noise "
+            f"level (residual {ratio} x sigma^2, accepted up to {rule.tolerance:g}; sigma "
+            f"{info.stop_noise_sigma:.1f}); going on would fit the noise, so that average is returned")
+    elif not rule.usable:
+        info.stop_summary = ("fallback: the noise level could not be estimated, so early stopping cannot tell an "
+                             "under-fitted estimate; the run's last average is returned")
+    elif info.stop_fallback:
+        info.stop_summary = (
+            f"fallback: no step's average explained the observation down to {rule.tolerance:g} x sigma^2 "
+            f"(sigma {info.stop_noise_sigma:.1f}); the returned last average still leaves {ratio} x sigma^2, "
+            f"so it has not fitted the image to the noise level yet and more iterations may improve it")
+    else:
+        info.stop_summary = f"ended before the rule decided ({info.stop_reason}); the result so far is returned"
+
+
+def constant_result(request: RestoreRequest, observed: Observation, seed: int) -> Any:
+    """A constant image's restoration: the constant, at the output's size (see ``stop_reason='constant'``)."""
+    preset, spec, factor = request.preset, observed.spec, request.factor
+    sigma = (request.sigma if request.sigma is not None else 0.0) if request.task.accepts("sigma") else None
+    info = RestoreInfo(task=request.task.name, preset=preset.name, backend=request.backend,
+                       device=str(request.device), seed=seed, iterations=preset.iterations, stop_reason="constant",
+                       sigma=sigma, reg_noise_std=preset.reg_noise_std, padded_size=observed.padded_size,
+                       estimated_memory=observed.estimated_memory)
+    flat = observed.constant
+    restored = flat.expand(1, flat.shape[1], spec.height * factor, spec.width * factor).contiguous()
+    if observed.ground_truth is not None:
+        info.psnr = float(psnr(restored, observed.ground_truth))  # inf when the ground truth is the same constant
+    out = io.from_tensor(restored, observed.alpha, spec)
+    return (out, info) if request.return_info else out
