@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -14,11 +15,16 @@ from ..core.fit import StepInfo
 if TYPE_CHECKING:  # the api imports this module
     from .info import RestoreInfo
 
-__all__ = ["ProgressMonitor", "format_seconds"]
+__all__ = ["LOG_INTERVAL_S", "ProgressMonitor", "format_seconds", "progress_bar"]
 
 # A CPU run whose measured estimate exceeds this many seconds is announced
 # in a warning even when the caller picked the preset.
 _LONG_RUN_S = 600.0
+
+#: Seconds between two updates of a progress bar that writes to a file or a
+#: pipe (a log) rather than a terminal: each update there is a new line of
+#: the log, where a terminal overwrites one line.
+LOG_INTERVAL_S = 10.0
 
 
 def format_seconds(s: float) -> str:
@@ -28,6 +34,49 @@ def format_seconds(s: float) -> str:
     if s < 7200:
         return f"{s / 60:.0f} min"
     return f"{s / 3600:.1f} h"
+
+
+def _is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal (False for files, pipes and closed or unusual streams)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _is_notebook_bar() -> bool:
+    """Whether ``tqdm.auto`` chose the notebook widget, which draws in place whatever ``sys.stderr`` is."""
+    return any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
+
+
+def progress_bar(total: int, desc: str, *, disable: bool = False, file: Optional[IO[str]] = None) -> Any:
+    """A tqdm bar of ``total`` steps, which updates at most every :data:`LOG_INTERVAL_S` s outside a terminal.
+
+    On a terminal the bar redraws one line up to ten times a second (tqdm's
+    default). Written to a file or a pipe, each redraw is kept, and a long
+    run filled logs with megabytes of bar updates; there the bar updates at
+    most every :data:`LOG_INTERVAL_S` seconds (and when it closes).
+
+    Args:
+        total: the number of steps.
+        desc: the text before the bar.
+        disable: no bar at all.
+        file: where the bar writes (default ``sys.stderr``).
+
+    Returns:
+        The ``tqdm.auto.tqdm`` bar.
+
+    Examples:
+        >>> import io
+        >>> log = io.StringIO()  # not a terminal
+        >>> bar = progress_bar(100, "demo", file=log)
+        >>> bar.mininterval
+        10.0
+        >>> bar.close()
+    """
+    stream = sys.stderr if file is None else file
+    interval = {} if _is_terminal(stream) or _is_notebook_bar() else {"mininterval": LOG_INTERVAL_S}
+    return tqdm(total=total, desc=desc, unit="step", disable=disable, dynamic_ncols=True, file=stream, **interval)
 
 
 class ProgressMonitor:
@@ -43,8 +92,7 @@ class ProgressMonitor:
         self.noise_var = noise_var  # early stopping's sigma^2: the bar shows the residual against it
         self.stop = False
         self._t_first: Optional[float] = None
-        self.bar = tqdm(total=info.iterations, desc=f"dip-fast {info.task} {info.precision}", unit="step",
-                        disable=not progress, dynamic_ncols=True)
+        self.bar = progress_bar(info.iterations, f"dip-fast {info.task} {info.precision}", disable=not progress)
 
     def should_stop(self) -> bool:
         return self.stop
