@@ -30,10 +30,9 @@ class _Clock:
 
 @pytest.fixture
 def clock(monkeypatch):
-    """tqdm reads this clock (0.5 s per reading), and its monitor thread, which reads the real one, is off."""
+    """tqdm's bars read this clock (0.5 s per reading)."""
     fake = _Clock(0.5)
     monkeypatch.setattr(tqdm.std, "time", fake)
-    monkeypatch.setattr(tqdm.std.tqdm, "monitor_interval", 0)
     return fake
 
 
@@ -68,6 +67,15 @@ def test_bar_on_a_terminal_keeps_tqdm_default(clock):
     # every step is more than 0.1 s after the last drawing, so each one draws
     assert _updates(terminal.getvalue()) >= 200
     assert monitor.progress_bar(1, "t", file=_Terminal()).mininterval == pytest.approx(0.1)
+
+
+def test_bar_in_a_log_is_not_redrawn_by_tqdms_monitor():
+    """tqdm's monitor thread redraws a bar whose adaptive ``miniters`` is above 1: a log's bar keeps 1."""
+    bar = monitor.progress_bar(10, "test", file=io.StringIO())
+    for _ in range(10):
+        bar.update(1)
+    assert bar.miniters == 1 and not bar.dynamic_miniters
+    bar.close()
 
 
 def test_bar_of_a_closed_or_odd_stream_counts_as_a_log():

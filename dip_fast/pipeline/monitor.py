@@ -75,7 +75,10 @@ def progress_bar(total: int, desc: str, *, disable: bool = False, file: Optional
         >>> bar.close()
     """
     stream = sys.stderr if file is None else file
-    interval = {} if _is_terminal(stream) or _is_notebook_bar() else {"mininterval": LOG_INTERVAL_S}
+    # miniters=1: the clock is read at every update, so tqdm's monitor thread,
+    # which redraws a bar whose adaptive miniters lags, never adds a line
+    interval = ({} if _is_terminal(stream) or _is_notebook_bar()
+                else {"mininterval": LOG_INTERVAL_S, "miniters": 1})
     return tqdm(total=total, desc=desc, unit="step", disable=disable, dynamic_ncols=True, file=stream, **interval)
 
 
