@@ -15,7 +15,7 @@ What is here: loading the module, :func:`has_ops` / :func:`require_extension`
 If the extension cannot be loaded (not built, or built against another torch),
 ``import dip_fast`` still works: ``LOAD_ERROR`` holds the reason, the reference
 backend is unaffected, and the fast backend falls back to the reference with
-one warning (see ``dip_fast.backends``).
+one warning (:func:`dip_fast.core.nets.skip`).
 
 The environment variable ``DIP_FAST_EXTENSION`` names another build of the
 module to load instead of the installed one (the sanitizer build of
