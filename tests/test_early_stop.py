@@ -199,7 +199,9 @@ def test_restore_early_reports_its_confidence(monkeypatch):
     assert info.stop == "early" and 0.1 * 255 < info.stop_noise_sigma <= 0.15 * 255 + 1e-9
     assert info.stop_reason == "early_stop" and info.stop_step is not None and not info.stop_fallback
     assert info.stop_residual_ratio <= request_module.EARLY_STOP_TOLERANCE + 1e-6 and "stopped" in info.stop_summary
-    assert info.psnr > 10 * math.log10(1 / 0.15**2)  # better than the noisy input
+    # At least 3 dB above the noisy input itself, as measured (clipping leaves it above the nominal 16.5 dB).
+    noisy_psnr = -10 * math.log10(float(np.mean((noisy - clean) ** 2)))
+    assert info.psnr > noisy_psnr + 3
 
 
 def test_restore_early_without_a_noise_level_falls_back(monkeypatch):
