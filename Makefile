@@ -23,7 +23,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 export FORCE_CUDA FORCE_CPU TORCH_CUDA_ARCH_LIST MAX_JOBS
 
-.PHONY: setup demo test test-slow test-sanitize bench cmake-check cuda-report sdist-check clean
+.PHONY: setup demo test test-slow test-sanitize bench cmake-check cuda-report sdist-check docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,7 @@ $(DEPS_STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q setuptools wheel numpy pillow scikit-image PyWavelets tqdm matplotlib \
 		pytest pytest-benchmark hypothesis ninja pybind11 "cmake>=3.27"
+	$(PY) -m pip install -q mkdocs mkdocs-material "mkdocstrings[python]"
 	rm -f $(VENV)/.deps-*
 	touch $@
 
@@ -73,6 +74,12 @@ cmake-check: setup
 # cached under .cache/cuda-report). tests/test_cuda_static.py fails on spills.
 cuda-report: $(DEPS_STAMP)
 	$(PY) scripts/cuda_report.py --arch 9.0 --jobs $(MAX_JOBS)
+
+# The documentation site (docs/ and mkdocs.yml; the API reference from the
+# docstrings, which it reads without importing the package), into build/site.
+# --strict: a warning, such as a docstring naming an object that does not exist, fails it.
+docs: $(DEPS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf build dist *.egg-info dip_fast/_C*.so cmake-build cmake-build-sanitize
