@@ -10,7 +10,7 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 import dip_fast
-from dip_fast import api, tasks
+from dip_fast import _ops, api, tasks
 from dip_fast.pipeline import job
 from dip_fast.core import networks
 from dip_fast.api import restore
@@ -18,8 +18,11 @@ from dip_fast.api import restore
 from .conftest import requires_extension
 
 # RuntimeWarning is an error here: no numpy or scikit-image warning may reach a user on valid input.
-pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:dip_fast. the fast backend falls back"),
+# The fast backend's fallback warning is expected only where the extension did not load: with it loaded, a
+# fallback to the reference (a build lacking the fused ops) is a RuntimeWarning, and so an error here.
+_FALLBACK = "ignore:dip_fast. the fast backend falls back"
+_FALLBACK_IGNORED = [] if _ops.available() else [pytest.mark.filterwarnings(_FALLBACK)]
+pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"), *_FALLBACK_IGNORED,
               pytest.mark.usefixtures("one_thread")]
 
 
@@ -238,8 +241,20 @@ def test_preset_levels():
 
 @pytest.mark.parametrize("backend", ["fast", "reference"])
 def test_backends(backend):
+    # The exact name: with the extension loaded, 'fast' runs the fused network and says so.
+    expected = {"reference": "reference", "fast": "fast" if _ops.available() else networks.FAST_FALLBACK}[backend]
     _, info = restore(rgb8(), preset=tiny(), backend=backend, return_info=True)
-    assert info.backend.startswith("fast") or "reference" in info.backend
+    assert info.backend == expected
+
+
+def test_fast_backend_without_the_fused_ops_warns_and_says_so(monkeypatch):
+    from dip_fast.core import nets
+
+    monkeypatch.setattr(_ops, "has_ops", lambda *names: False)
+    monkeypatch.setattr(nets, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match="the fast backend falls back to the reference network"):
+        _, info = restore(rgb8(), preset=tiny(), backend="fast", return_info=True)
+    assert info.backend == networks.FAST_FALLBACK
 
 
 def test_fast_backend_uses_the_fused_downsampler():
