@@ -35,6 +35,7 @@ $(DEPS_STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q setuptools wheel numpy pillow scikit-image PyWavelets tqdm matplotlib \
 		pytest pytest-benchmark hypothesis ninja pybind11 "cmake>=3.27"
+	$(PY) -m pip install -q "deepinv>=0.5.0" torchvision "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"  # the [deepinv] extra, torch kept
 	$(PY) -m pip install -q mkdocs mkdocs-material "mkdocstrings[python]"
 	rm -f $(VENV)/.deps-*
 	touch $@
