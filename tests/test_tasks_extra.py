@@ -203,7 +203,7 @@ def halve(x: torch.Tensor) -> torch.Tensor:
         (dict(task=halve), ValueError, "output_shape=.* is required for a callable task"),
         (dict(task=halve, output_shape=(3, 48)), TypeError, "output_shape must be a tuple of three integers"),
         (dict(task=halve, output_shape=(3, 48.0, 48)), TypeError, "output_shape must be a tuple of three integers"),
-        (dict(task=halve, output_shape=(2, 48, 48)), ValueError, "output_shape: C must be 1"),
+        (dict(task=halve, output_shape=(0, 48, 48)), ValueError, "output_shape: C must be at least 1"),
         (dict(task=halve, output_shape=(3, 4, 48)), ValueError, "output_shape: H and W must be at least 8"),
         (dict(output_shape=(3, 48, 48)), ValueError, "output_shape only applies to a callable task"),
         (dict(task="deblur", blur_kernel="box:3", output_shape=(3, 24, 24)), ValueError, "output_shape only applies"),

@@ -128,22 +128,29 @@ def pixel_settings(request: RestoreRequest, color: torch.Tensor
     """The settings that depend on the pixels: the noise level, the preset's perturbation, the stopping rule."""
     chosen, used_sigma = request.preset, None
     takes_sigma = request.task.accepts("sigma")
+    # A measurement (a deepinv Physics's y) is not an image: its noise cannot be estimated from it, and
+    # only a given sigma (the Physics's own) sets the perturbation and the stopping level.
+    measured = request.task.measurement
     # The estimate of the observation's noise (dip_fast.pipeline.noise_level), made once for both of its uses below.
-    wanted = (takes_sigma and request.sigma is None) or request.stop == "early"
+    wanted = not measured and ((takes_sigma and request.sigma is None) or request.stop == "early")
     estimate = estimate_sigma(color) if wanted else None
     if takes_sigma:
         used_sigma = request.sigma if request.sigma is not None else estimate
-        if request.level:  # an explicit Preset or registry name keeps its own setting
+        if request.level and used_sigma is not None:  # an explicit Preset or registry name keeps its own setting
             chosen = chosen.with_overrides(reg_noise_std=reg_noise_for_sigma(used_sigma))
     rule: Optional[DiscrepancyRule] = None
     if request.stop == "early":
         # The noise level the residual is held to: the observation's own estimate, which measures
         # the noise actually present (clipping at 0 and 1 leaves less than a nominal sigma); a given
         # sigma only lowers it, since a level set too high stops before the image is fitted.  An
-        # image that shows no noise (0) makes the rule unusable, and the run falls back.
-        level = estimate  # made above whenever stop is 'early'
-        if takes_sigma and request.sigma is not None:
-            level = min(level, request.sigma)
+        # image that shows no noise (0) makes the rule unusable, and the run falls back.  A
+        # measurement's level is its given sigma (none: unusable, the run falls back).
+        if measured:
+            level = request.sigma or 0.0
+        else:
+            level = estimate  # made above whenever stop is 'early'
+            if takes_sigma and request.sigma is not None:
+                level = min(level, request.sigma)
         rule = DiscrepancyRule((level / 255.0) ** 2, tolerance=EARLY_STOP_TOLERANCE)
     return chosen, used_sigma, rule
 

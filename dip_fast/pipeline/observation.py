@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import degenerate
@@ -85,9 +86,16 @@ class Observation:
 
 
 def _output_spec(spec: io.ImageSpec, c: int, h: int, w: int) -> io.ImageSpec:
-    """The observation's spec for an image of another shape, without alpha (a callable task's result)."""
+    """The observation's spec for an image of another shape, without alpha (an operator task's result).
+
+    Raises:
+        ValueError: a result of other than 1 or 3 channels for an observation that comes back as a PIL image.
+    """
+    if spec.kind in ("pil", "path") and c not in (1, 3):
+        raise ValueError(f"output_shape: a result of {c} channels cannot be given back as a PIL image (1 or 3 "
+                         "channels); pass the observation as a numpy array or a torch tensor")
     layout = spec.layout
-    if spec.kind == "numpy" and c == 3:
+    if spec.kind == "numpy" and c != 1:
         layout = "HWC"
     changes: Dict[str, Any] = dict(height=h, width=w, channels=c, has_alpha=False, layout=layout)
     if spec.kind in ("pil", "path") and c == 3 and spec.bit_depth != 8:
@@ -107,14 +115,105 @@ def _load_ground_truth(ground_truth: io.ImageLike, want: Tuple[int, int, int]) -
     return gt
 
 
+@dataclass
+class Measurement:
+    """A measurement task's observation (see :attr:`dip_fast.tasks.registry.TaskSpec.measurement`), checked.
+
+    Attributes:
+        spec: how to give the result back (a tensor or an array, as given).
+        values: ``(1, C, H, W)``, real, finite, on the CPU, in its own floating dtype (float32 for other kinds).
+    """
+
+    spec: io.ImageSpec
+    values: torch.Tensor
+
+
+def load_measurement(value: Any, name: str = "image") -> Measurement:
+    """A measurement: a real tensor ``CxHxW``/``1xCxHxW`` or a float numpy array ``HxW``/``HxWxC``, any values.
+
+    Unlike an image it may hold any channel count (no alpha) and any finite real values (a sinogram, k-space
+    as real and imaginary channels).
+
+    Raises:
+        TypeError: another type, or a complex or integer dtype.
+        ValueError: another shape, or NaN/infinite values.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.is_complex() or not value.is_floating_point():
+            raise TypeError(f"{name}: a measurement tensor must be real floating point, got dtype {value.dtype}"
+                            + (" (pass torch.view_as_real's channels)" if value.is_complex() else ""))
+        if value.dim() not in (3, 4) or (value.dim() == 4 and value.shape[0] != 1):
+            raise ValueError(f"{name}: a measurement tensor must have shape CxHxW or 1xCxHxW, got "
+                             f"{tuple(value.shape)}")
+        t = value.detach()
+        t = (t if t.dim() == 4 else t[None]).to("cpu")
+        layout = "CHW" if value.dim() == 3 else "NCHW"
+        spec = io.ImageSpec("tensor", t.shape[2], t.shape[3], t.shape[1], False, value.dtype, layout=layout,
+                            device=value.device)
+    elif isinstance(value, np.ndarray):
+        if value.dtype.kind != "f":
+            raise TypeError(f"{name}: a measurement array must be floating point, got dtype {value.dtype}")
+        if value.ndim not in (2, 3):
+            raise ValueError(f"{name}: a measurement array must have shape HxW or HxWxC, got {value.shape}")
+        hwc = value if value.ndim == 3 else value[:, :, None]
+        t = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))[None]
+        spec = io.ImageSpec("numpy", t.shape[2], t.shape[3], t.shape[1], False, value.dtype,
+                            layout="HW" if value.ndim == 2 else "HWC")
+        t = t.to(torch.float64 if value.dtype == np.float64 else torch.float32)
+    else:
+        raise TypeError(f"{name}: a deepinv Physics's measurement must be a torch tensor or a numpy array, got "
+                        f"{type(value).__name__}")
+    if t.numel() == 0:
+        raise ValueError(f"{name}: the measurement is empty (shape {tuple(t.shape)})")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: the measurement contains NaN or infinite values")
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    return Measurement(spec, t.contiguous())
+
+
 def inspect_run(request: RestoreRequest, image: io.ImageLike) -> Tuple[Any, Tuple[int, int, int], Optional[int]]:
     """Before any pixel is converted: the image's source, the ``(C, H, W)`` generated and the run's estimated bytes.
 
-    A callable's observation may be smaller than an image (its operator sets the sizes).
+    A callable's observation may be smaller than an image (its operator sets the sizes); a measurement
+    task's is a :class:`Measurement`, and a linear Physics gives the image's shape (its adjoint's).
     """
+    if request.task.measurement:
+        source: Any = load_measurement(image)
+        shape = request.output_shape or request.operator.output_shape(
+            tuple(source.values.shape[1:]), source.values.dtype)
+        if min(shape[1:]) < io.MIN_SIZE:
+            raise ValueError(f"task: the image to recover is {shape[1]}x{shape[2]}; it must be at least "
+                             f"{io.MIN_SIZE}x{io.MIN_SIZE}")
+        return source, shape, run_memory(request, *shape)
     source = io.inspect_image(image, "image", min_size=1 if request.operator is not None else io.MIN_SIZE)
     c, h, w = request.output_shape or (source.spec.color_channels, source.spec.height, source.spec.width)
     return source, (c, h, w), run_memory(request, c, h, w)
+
+
+def _load_measurement_truth(ground_truth: Any, want: Tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A measurement task's clean image: a tensor or array of the output's shape ``want``."""
+    gt = load_measurement(ground_truth, "ground_truth").values
+    if tuple(gt.shape[1:]) != want:
+        raise ValueError(f"ground_truth must be a clean image of the output's shape {want}, got "
+                         f"{tuple(gt.shape[1:])}")
+    return gt.to(dtype)
+
+
+def _prepare_measurement(request: RestoreRequest, image: Any, mask: Any, ground_truth: Any) -> Observation:
+    """:func:`prepare_observation` of a measurement task (a deepinv Physics's ``y``)."""
+    source, (c, h, w), need = inspect_run(request, image)
+    check_fits(need, request.device, h, w)
+    if mask is not None:
+        raise ValueError("mask does not apply to a deepinv Physics task: the Physics carries its own mask")
+    padding = Padding.for_request(request)
+    values = source.values
+    gt = _load_measurement_truth(ground_truth, (c, h, w), values.dtype) if ground_truth is not None else None
+    _, box = io.pad_to_multiple(values.new_zeros(1, 1, h, w), padding.multiple, padding.minimum)
+    obs = values.to(request.device)
+    check_operator(request.operator, (c, h, w), obs, name="task")
+    return Observation(obs, None, gt.to(request.device) if gt is not None else None, values, None,
+                       _output_spec(source.spec, c, h, w), (c, h, w), box, padding.working_size(h, w), need or 0)
 
 
 def run_memory(request: RestoreRequest, channels: int, height: int, width: int) -> Optional[int]:
@@ -130,6 +229,8 @@ def prepare_observation(request: RestoreRequest, image: io.ImageLike, mask: Opti
         ValueError, TypeError, FileNotFoundError: an unreadable or mis-sized
             image, mask or ground truth, or a run too large for the device.
     """
+    if request.task.measurement:
+        return _prepare_measurement(request, image, mask, ground_truth)
     operator, factor, dev = request.operator, request.factor, request.device
     source, (c, h, w), need = inspect_run(request, image)  # size and memory before the pixels are converted
     check_fits(need, dev, h, w)

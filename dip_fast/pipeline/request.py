@@ -26,7 +26,7 @@ import torch
 
 from .. import tasks
 from ..core.networks import Builder, check_backend, resolve_backend
-from ..tasks import registry
+from ..tasks import physics, registry
 from ..tasks.inputs import check_inputs, check_int
 from ..tasks.registry import TaskSpec
 from ..tasks.terms import Operator
@@ -133,7 +133,18 @@ def _check_positive(value: Any, name: str) -> float:
 
 
 def resolve_task(task: Any) -> Tuple[TaskSpec, Optional[Operator]]:
-    """The task's spec and, for a callable task, the forward operator."""
+    """The task's spec and, for an operator task, the forward operator.
+
+    A deepinv Physics is the measurement task (:mod:`dip_fast.tasks.physics`), its operator ``physics.A``;
+    any other callable the callable task.
+
+    Raises:
+        ValueError: an unknown task.
+        ImportError: a Physics-looking object without deepinv installed (the message names the extra).
+    """
+    measured = physics.as_operator(task) if registry.measurement_task() is not None else None
+    if measured is not None:
+        return registry.measurement_task(), measured
     if callable(task) and not isinstance(task, str) and registry.operator_task() is not None:
         return registry.operator_task(), task
     spec = registry.find_task(task) if isinstance(task, str) else None
@@ -220,6 +231,8 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
               precision: Any, restarts: Any, pack: Any, tile: Any) -> RestoreRequest:
     """:func:`validate_request` once every argument has its value (the caller's, of any type until checked)."""
     spec, operator = resolve_task(task)
+    if spec.measurement and sigma is None:
+        sigma = getattr(operator, "sigma", None)  # a Physics's Gaussian noise level, unless one is given
     if iterations is not None:
         iterations = check_int(iterations, "iterations", 1)
     if max_time is not None:
@@ -254,7 +267,10 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
     dev = resolve_device(device)
     check_backend(backend)
     chosen, level = resolve_preset(preset, spec, inputs["scale"], dev)
-    stop = spec.auto_stop if stop == "auto" else stop
+    if stop == "auto":
+        # A measurement task with a known noise level (a deepinv Physics's Gaussian sigma) stops by the
+        # discrepancy principle, as denoising does; without one the rule has nothing to hold the residual to.
+        stop = "early" if spec.measurement and inputs["sigma"] else spec.auto_stop
     if iterations is not None:
         chosen = chosen.with_overrides(iterations=iterations)
     elif stop == "early":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from ..core.networks import NetworkSpec
 from . import builtin, degradations, registry, terms  # noqa: F401  (builtin registers the tasks)
+from . import physics  # noqa: F401,E402  (registers the 'physics' task, after builtin's callable task)
 from .degradations import (
     MAX_KERNEL_SIZE,
     KernelLike,

@@ -39,7 +39,7 @@ def _check_scale(value: Any) -> int:
 
 
 def _check_output_shape(value: Any) -> Tuple[int, int, int]:
-    """``(C, H, W)`` with C 1 or 3 and sides of at least ``io.MIN_SIZE``."""
+    """``(C, H, W)`` with any C >= 1 (an operator task's channels) and sides of at least ``io.MIN_SIZE``."""
     if isinstance(value, torch.Size):
         value = tuple(value)
     if not isinstance(value, (tuple, list)) or len(value) != 3 or not all(
@@ -47,8 +47,8 @@ def _check_output_shape(value: Any) -> Tuple[int, int, int]:
     ):
         raise TypeError(f"output_shape must be a tuple of three integers (C, H, W), got {value!r}")
     c, h, w = (int(v) for v in value)
-    if c not in (1, 3):
-        raise ValueError(f"output_shape: C must be 1 (grey) or 3 (RGB), got {c}")
+    if c < 1:
+        raise ValueError(f"output_shape: C must be at least 1 channel, got {c}")
     if min(h, w) < io.MIN_SIZE:
         raise ValueError(f"output_shape: H and W must be at least {io.MIN_SIZE}, got {h}x{w}")
     return c, h, w

@@ -357,6 +357,10 @@ _TASK_PRESETS = [
     _variant("denoise_f16_sigma25", "callable_paper", "denoise_f16_sigma25's network and settings", task="callable"),
     _variant("denoise_fast", "callable_fast", "denoise_fast's network and settings", task="callable"),
     _variant("denoise_quick", "callable_quick", "denoise_quick's network and settings (preview)", task="callable"),
+    # A deepinv Physics (dip_fast.tasks.physics): the callable task's settings.
+    _variant("denoise_f16_sigma25", "physics_paper", "denoise_f16_sigma25's network and settings", task="physics"),
+    _variant("denoise_fast", "physics_fast", "denoise_fast's network and settings", task="physics"),
+    _variant("denoise_quick", "physics_quick", "denoise_quick's network and settings (preview)", task="physics"),
 ]
 PRESETS.update({p.name: p for p in _TASK_PRESETS})
 

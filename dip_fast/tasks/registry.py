@@ -168,6 +168,11 @@ class TaskSpec:
             the image (the observation is not padded).
         operator: the task is a caller's forward operator, chosen by passing
             a callable as ``task`` rather than by name.
+        measurement: the observation is a measurement, not an image (a
+            deepinv Physics's ``y``): a tensor or array of any real values
+            and any channel count, whose noise level cannot be estimated from
+            it (only a given ``sigma`` sets the perturbation and the stopping
+            rule); the result keeps the observation's dtype.
         adapt_preset: ``adapt_preset(preset, level, scale)``: the preset
             fitted to the request (``level`` is ``''`` for a preset given
             by name or object).
@@ -190,6 +195,7 @@ class TaskSpec:
     auto_stop: str = "never"
     crop_in_term: bool = False
     operator: bool = False
+    measurement: bool = False
     adapt_preset: Optional[Callable[["Preset", str, Optional[int]], "Preset"]] = None
     label: str = ""
     command: Optional[str] = None
@@ -211,6 +217,8 @@ class TaskSpec:
         missing = sorted(set(LEVELS) - set(self.presets))
         if missing:
             raise ValueError(f"task {self.name!r}: no preset for level(s) {missing}")
+        if self.measurement and not self.operator:
+            raise ValueError(f"task {self.name!r}: measurement=True needs operator=True")
         if self.auto_stop not in ("early", "never") or (self.auto_stop == "early" and not self.early_stop):
             raise ValueError(f"task {self.name!r}: auto_stop must be 'never', or 'early' with early_stop=True")
         if not self.label:
@@ -276,7 +284,12 @@ def get_task(name: str) -> TaskSpec:
 
 def operator_task() -> Optional[TaskSpec]:
     """The spec of a caller's forward operator (selected by passing a callable), if registered."""
-    return next((spec for spec in _TASKS.values() if spec.operator), None)
+    return next((spec for spec in _TASKS.values() if spec.operator and not spec.measurement), None)
+
+
+def measurement_task() -> Optional[TaskSpec]:
+    """The spec of a forward operator with a measurement observation (a deepinv Physics), if registered."""
+    return next((spec for spec in _TASKS.values() if spec.operator and spec.measurement), None)
 
 
 def task_names() -> Tuple[str, ...]:
@@ -300,6 +313,8 @@ def describe_choices() -> str:
              for spec in _TASKS.values() if not spec.operator]
     if operator_task() is not None:
         named.append("or a callable forward operator")
+    if measurement_task() is not None:
+        named.append("or a deepinv Physics")
     return ", ".join(named)
 
 

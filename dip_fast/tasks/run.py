@@ -110,14 +110,19 @@ def build_run(
 ) -> Run:
     """Network (``channels`` out), input (``size``) and fit settings for ``term``, on its observation's device.
 
+    Network and input take the observation's dtype (float32 for images; a
+    float64 measurement runs in float64), drawn as float32 and converted, so
+    both precisions start from the same values.
     The weights come from the global RNG (seed or fork it around this call);
     ``generator`` drives the input and its perturbations.  ``reference``
     (with ``reference_view``, how to cut an estimate to its size) adds the
     PSNR against a clean image to every step.
     """
-    device = term.observation.device
+    device, dtype = term.observation.device, term.observation.dtype
     net = build_network(preset, channels, backend=backend, device=device)
     net_input = make_input(preset, size, generator=generator, device=device)
+    if dtype != net_input.dtype:
+        net, net_input = net.to(dtype=dtype), net_input.to(dtype)
     kwargs: Dict[str, Any] = dict(preset.fit_kwargs())
     kwargs.update(term.fit_kwargs())
     if reference is not None:
