@@ -26,7 +26,7 @@ from . import io, tasks
 from .core.memory import estimate_memory
 from .pipeline import many
 from .pipeline.info import RestoreInfo
-from .pipeline.job import build_run, constant_result, finish, fit_job, plan_job, run_settings
+from .pipeline.job import build_run, choose_execution, constant_result, finish, fit_job, plan_job, run_settings
 from .pipeline.observation import prepare_observation
 from .pipeline.request import PRESET_LEVELS, validate_request
 from .tasks import registry
@@ -63,7 +63,7 @@ def restore(
     sigma: Optional[float] = None,
     seed: Optional[int] = 0,
     device: Union[str, torch.device, None] = None,
-    backend: str = "fast",
+    backend: str = "auto",
     progress: bool = False,
     callback: Optional[Callable[[int, Dict[str, Any]], Optional[bool]]] = None,
     ground_truth: Optional[io.ImageLike] = None,
@@ -150,7 +150,9 @@ def restore(
             bilinear upsampling's backward, of which torch warns).
             ``None`` draws a fresh seed (reported in the info).
         device: ``'cpu'``, ``'cuda'``, ``'cuda:N'`` (default: CUDA if available).
-        backend: ``'fast'`` (fused kernels; falls back to the reference with a
+        backend: ``'auto'`` (default: the fastest of the fused kernels and
+            PyTorch's own ops, timed on this device; see ``step_mode``),
+            ``'fast'`` (fused kernels; falls back to the reference with a
             warning when the extension lacks them) or ``'reference'``.
         progress: show a tqdm progress bar (loss, and PSNR with ``ground_truth``).
         callback: ``callback(step, info)`` every ``sync_every`` steps (every
@@ -195,14 +197,21 @@ def restore(
             ``'early'`` and no ``iterations``, :data:`EARLY_STOP_BUDGET` times
             the preset's count); ``info`` says why the run ended.
         step_mode: ``'auto'`` (default), ``'eager'``, or ``'graph'`` (CUDA
-            only: the whole step replayed as one CUDA graph; see
-            :mod:`dip_fast.core.step`).
+            only: the whole step replayed as one CUDA graph, trusted once its
+            first replay matched an eager step; see :mod:`dip_fast.core.step`).
         precision: ``'auto'`` (default), ``'fp32'``, ``'tf32'`` or ``'bf16'``
             (autocast and channels_last; weights and statistics stay fp32).
-            On CUDA, ``'auto'`` runs the fastest step with recorded quality
-            parity with eager fp32 (:data:`dip_fast.core.auto_step.RECORDED_PARITY`,
-            empty until a GPU run records it); elsewhere, and until then,
-            eager fp32.  ``info.step_mode`` and ``info.precision`` say what ran.
+            ``'auto'`` is PyTorch's default (TF32 convolutions on CUDA, fp32
+            on the CPU), or bf16 where it is faster and
+            :data:`dip_fast.core.auto_step.RECORDED_PARITY` shows it restores
+            as well on this kind of device.  With ``'auto'`` in ``backend``,
+            ``step_mode`` or ``precision``, the first seconds of the run time
+            the candidate steps at the run's shape on copies, and the fastest
+            runs (the paper's step unless another is at least 5% faster;
+            :mod:`dip_fast.core.tuning`); the choice is cached per device and
+            shape.  A run too short to pay for timing, ``DIP_FAST_TUNING=off``
+            and ``deterministic=True`` run a fixed choice.
+            ``info.execution`` says what ran and how it was chosen.
         restarts: ``K`` independent runs of the image (seeds ``seed`` to
             ``seed + K - 1``), trained together; their mean is returned
             (the paper averaged two runs for its best denoising result), with
@@ -268,6 +277,7 @@ def restore(
         return constant_result(request, observed, run_seed)
     job = plan_job(request, observed, run_seed)
     with run_settings(request.num_threads, request.deterministic):
-        run = build_run(request, observed, job.preset, run_seed)
+        execution = choose_execution(request, [job])
+        run = build_run(request, observed, job.preset, run_seed, execution)
         result = fit_job(request, observed, run, job.info, job.rule)
     return finish(request, observed, run.term, result, job.info, job.rule)

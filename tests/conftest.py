@@ -59,3 +59,15 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip("shared sample data not present")
     return DATA_DIR
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tuning_cache_in_a_temporary_folder(tmp_path_factory):
+    """restore() keeps its timing choices under $XDG_CACHE_HOME: a folder of the session's, never the user's."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved

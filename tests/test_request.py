@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dip_fast import api
+from dip_fast import _ops, api
 from dip_fast.pipeline import job
 from dip_fast.apps import batch
 from dip_fast.pipeline.request import PER_FILE, RESTORE_DEFAULTS, validate_request
@@ -24,7 +24,8 @@ def test_resolves_task_preset_device_and_stop():
 def test_defaults_are_restores():
     request = validate_request(device="cpu")
     assert request.task.name == "denoise" and request.auto_preset and request.preset.name == "denoise_fast"
-    assert request.backend in ("fast", "reference (fast fallback)") and not request.return_info
+    # backend='auto': the run's execution is chosen (timed or fixed) once its pixels are known.
+    assert request.backend == "auto" and request.fast_available == _ops.available() and not request.return_info
 
 
 def test_images_are_only_checked_for_presence():

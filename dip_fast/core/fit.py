@@ -347,7 +347,7 @@ def _fit(
             reference_view=reference_view, backtrack_threshold_db=backtrack_threshold_db if backtrack else None,
             early_stop=(stop_window, stop_patience) if stop == "auto" else None,
             stop_bound=stop_bound if stop == "discrepancy" else None, precision=precision, mode=mode,
-            networks=networks,
+            networks=networks, verify_graph=True,
         ), iterations, sync_every, t0, repack=repack)
         # Not held here: a pack that drops stopped networks frees the larger runner it replaces.
         results = loop.run(
@@ -360,6 +360,34 @@ def _fit(
     for result in results:
         result.wall_time = time.perf_counter() - t0
     return results
+
+
+def timing_runner(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, *, step_mode: str = "eager",
+                  precision: str = "fp32", networks: int = 1, **settings: Any) -> Callable[[], None]:
+    """One step of the run :func:`fit` would make of these arguments, as a function (for timing candidates).
+
+    Takes :func:`fit`'s keyword arguments; those of the loop (``iterations``,
+    ``callback``, ``max_time``, ...) are ignored. The step mode is taken as
+    given (no fallback warning): a graph on a device without CUDA raises.
+    """
+    stop = settings.get("stop", "never")
+    runner = StepRunner(
+        net, net_input, loss_fn, lr=settings.get("lr", 0.01), reg_noise_std=settings.get("reg_noise_std", 0.0),
+        generator=settings.get("generator"), exp_weight=settings.get("exp_weight", 0.99),
+        observation=settings.get("observation"), degrade=settings.get("degrade"), mask=settings.get("mask"),
+        reference=settings.get("reference"), reference_view=settings.get("reference_view"),
+        backtrack_threshold_db=settings.get("backtrack_threshold_db", 5.0) if settings.get("backtrack", True) else None,
+        early_stop=(settings.get("stop_window", 100), settings.get("stop_patience", 1000)) if stop == "auto" else None,
+        stop_bound=settings.get("stop_bound") if stop == "discrepancy" else None, precision=precision,
+        mode=step_mode, networks=networks,
+    )
+    net.train()
+
+    def step() -> None:
+        with precision_settings(precision):
+            runner.step(False)
+
+    return step
 
 
 def fit(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, **settings: Any) -> FitResult:

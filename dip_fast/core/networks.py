@@ -120,6 +120,8 @@ class Architecture:
             the architecture has none (``backend='fast'`` then runs the reference).
         fast_ready: whether the compiled ops the fused builder needs are
             loaded; without them it is reported as a fallback.
+        packs: whether several networks of it train in one step
+            (:mod:`dip_fast.core.packed`; the skip hourglass does).
         estimate_memory: ``estimate_memory(options, in_channels, out_channels, (H, W))``:
             peak bytes of a training step, or None when unknown; None here
             traces the reference builder on the ``meta`` device
@@ -132,6 +134,7 @@ class Architecture:
     min_size: Callable[[Mapping[str, Any]], int]
     fast: Optional[Callable[[torch.device], Builder]] = None
     fast_ready: Callable[[], bool] = lambda: True
+    packs: bool = False
     estimate_memory: Optional[Callable[[Mapping[str, Any], int, int, Tuple[int, int]], Optional[int]]] = None
 
 
@@ -164,11 +167,18 @@ def architectures() -> Tuple[str, ...]:
     return tuple(_ARCHITECTURES)
 
 
-def check_backend(backend: Any) -> str:
-    """``backend`` if it is one of :data:`BACKENDS`, else a ValueError."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be 'fast' or 'reference', got {backend!r}")
+def check_backend(backend: Any, allow_auto: bool = False) -> str:
+    """``backend`` if it is one of :data:`BACKENDS` (or ``'auto'`` where allowed), else a ValueError."""
+    choices = ("auto",) + BACKENDS if allow_auto else BACKENDS
+    if not isinstance(backend, str) or backend not in choices:
+        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
     return backend
+
+
+def fast_available(arch: str = "skip") -> bool:
+    """Whether ``arch`` has a fused builder and the compiled ops it needs are loaded."""
+    entry = get_architecture(arch)
+    return entry.fast is not None and entry.fast_ready()
 
 
 def resolve_backend(backend: Any, device: torch.device, arch: str = "skip") -> Tuple[Builder, str]:
@@ -200,8 +210,49 @@ def _skip_fast(device: torch.device) -> Builder:
     from .nets import skip as fast_skip
 
     # channels_last on the CPU, where oneDNN's convolutions run faster in it (bench/README.md,
-    # "Latest results: CPU"); NCHW on CUDA until a GPU run says otherwise.
+    # "Latest results: CPU"); NCHW on CUDA until a GPU run says otherwise.  restore() sets the layout
+    # itself (execution_builder), from what it measured on the device.
     return partial(fast_skip, channels_last=device.type == "cpu")
+
+
+def to_channels_last(net: nn.Module) -> nn.Module:
+    """``net`` (in place) running in channels_last: its weights, and through them its activations.
+
+    The fused network converts its own input and keeps its activations in
+    that layout; any other module's weights are converted, which makes
+    PyTorch's convolutions produce channels_last outputs, and the module is
+    marked (``net.channels_last = True``) so that the step feeds it a
+    channels_last input.
+    """
+    if hasattr(net, "set_channels_last"):
+        net.set_channels_last()
+    else:
+        net.to(memory_format=torch.channels_last)
+        net.channels_last = True
+    return net
+
+
+def execution_builder(backend: str, layout: str, device: torch.device, arch: str = "skip") -> Tuple[Builder, str]:
+    """The builder of ``backend`` (``'fast'`` or ``'reference'``) in ``layout`` on ``device``, and its reported name.
+
+    ``layout`` is ``'nchw'`` or ``'channels_last'`` (:data:`dip_fast.core.tuning.LAYOUTS`).
+
+    >>> builder, name = execution_builder("reference", "channels_last", torch.device("cpu"))
+    >>> net = builder(2, 3, num_channels_down=[4], num_channels_up=[4], num_channels_skip=[2])
+    >>> name, net.channels_last
+    ('reference', True)
+    """
+    builder, name = resolve_backend(backend, device, arch)
+    if backend == "fast" and get_architecture(arch).fast is not None:
+        builder = get_architecture(arch).fast(device)
+        if isinstance(builder, partial) and "channels_last" in builder.keywords:
+            builder = partial(builder.func, *builder.args, **{**builder.keywords, "channels_last": False})
+    if layout == "channels_last":
+        inner = builder
+
+        def builder(*args: Any, **kwargs: Any) -> nn.Module:
+            return to_channels_last(inner(*args, **kwargs))
+    return builder, name
 
 
 register_architecture(Architecture(
@@ -212,4 +263,5 @@ register_architecture(Architecture(
     min_size=lambda options: 2 * _skip_multiple(options),
     fast=_skip_fast,
     fast_ready=lambda: _ops.has_ops(*_ops.FAST_NETWORK_OPS),
+    packs=True,
 ))

@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from ..reference.skip import SkipNet
+from .networks import to_channels_last
 
 __all__ = ["pack", "pack_state_dicts", "packable", "select_networks", "unpack", "unpack_state_dict", "write_networks"]
 
@@ -115,9 +116,10 @@ def unpack(packed: SkipNet) -> List[SkipNet]:
 def _module_like(net: SkipNet, networks: int, state: Dict[str, torch.Tensor]) -> SkipNet:
     """A module of ``net``'s class, configuration, layout, device, dtype and mode, of ``networks``
     networks, holding ``state``."""
-    kwargs = {"channels_last": True} if getattr(net, "channels_last", False) else {}
     ref = next(net.parameters())
-    out = type(net)(net.config, networks=networks, **kwargs).to(device=ref.device, dtype=ref.dtype)
+    out = type(net)(net.config, networks=networks).to(device=ref.device, dtype=ref.dtype)
+    if getattr(net, "channels_last", False):
+        to_channels_last(out)
     out.load_state_dict(state)
     out.train(net.training)
     return out

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -327,6 +327,9 @@ class StepRunner:
             accepts none.  Needs ``observation``; excludes ``early_stop``.
         precision: one of :data:`PRECISIONS`.
         mode: one of :data:`STEP_MODES`; ``'graph'`` needs CUDA.
+        verify_graph: check the first replay of a captured graph against an
+            eager step from the same state (:meth:`_verify_replay`); on a
+            mismatch warn once and run eagerly.
         networks: ``K``, the number of networks ``net`` packs
             (:mod:`dip_fast.core.packed`).  ``net_input`` and the network's output
             are then ``(1, K * C, H, W)``, which the runner sees as ``K`` images
@@ -369,6 +372,7 @@ class StepRunner:
         precision: str = "fp32",
         mode: str = "eager",
         networks: int = 1,
+        verify_graph: bool = False,
     ) -> None:
         stds = [float(v) for v in reg_noise_std] if isinstance(reg_noise_std, (list, tuple)) else None
         if stds is not None and len(stds) != networks:
@@ -455,6 +459,8 @@ class StepRunner:
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._side_stream: Optional[torch.cuda.Stream] = None  # for the graph mode's warm-up steps
         self._eager_steps = 0
+        # A captured graph is trusted only once a replay has matched an eager step from the same state.
+        self._verify_graph = verify_graph
 
     # ------------------------------------------------------------------ body
 
@@ -620,8 +626,72 @@ class StepRunner:
             if self._graph is None:
                 self._eager_step(check)
                 return
+            if self._verify_graph:
+                self._check.fill_(bool(check))
+                if not self._verify_replay(self._graph.replay, check):
+                    self._graph = None
+                    self.mode = "eager"
+                return  # the step ran (eagerly, from the same state as the replay)
         self._check.fill_(bool(check))
         self._graph.replay()
+
+    # ------------------------------------------------------------------ trusting a graph
+
+    #: A replay agrees with the eager step when every value differs by at most this, relative to the
+    #: largest magnitude of its tensor: rounding (reduction order, TF32) moves the values by about 1e-7 of
+    #: a step's scale; a wrong replay (a stale input, a missed update) by whole updates.
+    REPLAY_RTOL = 1e-5
+
+    def _state_tensors(self) -> List[torch.Tensor]:
+        """Every tensor a step may change: weights, buffers, optimizer state, average, trackers, stats."""
+        found: List[torch.Tensor] = list(self.params) + list(self.net.buffers())
+        for state in self.optimizer.state.values():
+            found += [v for v in state.values() if torch.is_tensor(v)]
+        for owner in (self, self.backtracker, self.early_stop):
+            if owner is not None:
+                found += [v for v in vars(owner).values() if torch.is_tensor(v)]
+        unique: Dict[int, torch.Tensor] = {}
+        for t in found:
+            unique.setdefault(id(t), t)
+        return list(unique.values())
+
+    def _generator_states(self) -> List[Tuple[torch.Generator, torch.Tensor]]:
+        gens = self._generators if self._generators is not None else [self.generator]
+        return [(g, g.get_state()) for g in gens if g is not None]
+
+    def _verify_replay(self, replay: Callable[[], None], check: bool) -> bool:
+        """Run ``replay`` (one step), then the same step eagerly from the same state; True when they agree.
+
+        The state after the eager step is kept either way. On a mismatch this
+        warns once (the caller then runs eagerly).
+        """
+        tensors = self._state_tensors()
+        saved = [t.detach().clone() for t in tensors]
+        generators = self._generator_states()
+        replay()
+        replayed = [t.detach().clone() for t in self.params] + [self.out.detach().clone()]
+        with torch.no_grad():
+            for t, old in zip(tensors, saved, strict=True):
+                t.copy_(old)
+        for g, state in generators:
+            g.set_state(state)
+        self._eager_step(check)
+        eager = [t.detach() for t in self.params] + [self.out.detach()]
+        worst = 0.0
+        for a, b in zip(replayed, eager, strict=True):
+            scale = float(b.abs().max()) if b.numel() else 0.0
+            diff = float((a.float() - b.float()).abs().max()) if b.numel() else 0.0
+            if diff != diff:  # NaN
+                worst = float("inf")
+                break
+            worst = max(worst, diff / max(scale, 1e-12))
+        if worst <= self.REPLAY_RTOL:
+            return True
+        warnings.warn(
+            f"dip_fast: the CUDA graph's first replay differs from the eager step by {worst:.2g} (relative; "
+            f"rounding stays under {self.REPLAY_RTOL:g}); running the step eagerly instead",
+            RuntimeWarning, stacklevel=4)
+        return False
 
     @property
     def graphed(self) -> bool:

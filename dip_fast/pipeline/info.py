@@ -50,6 +50,11 @@ class RestoreInfo:
             observation down to its noise; None when the rule was off.
         stop_summary: one plain sentence on why the run ended and how sure
             the rule is.
+        execution: how the step ran and how that was chosen
+            (:class:`dip_fast.core.tuning.Decision`): ``backend``, ``layout``,
+            ``step_mode``, ``precision``, ``source`` (``'measured'``,
+            ``'cache'`` or ``'fixed'``), ``ms_per_step`` (candidate label ->
+            median ms per step, when timed), ``tuning_s`` and ``reason``.
         step_mode: how the steps ran: ``'eager'`` or ``'graph'`` (eager when
             a graph capture failed).
         precision: the step's precision: ``'fp32'``, ``'tf32'`` or ``'bf16'``.
@@ -91,6 +96,7 @@ class RestoreInfo:
     stop_summary: str = ""
     step_mode: str = "eager"
     precision: str = "fp32"
+    execution: Dict[str, Any] = field(default_factory=dict)
     restarts: int = 1
     uncertainty: Optional[Any] = None
     packed: int = 1

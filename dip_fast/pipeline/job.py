@@ -13,13 +13,17 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .. import _caller, _ops, io, tasks
-from ..core import auto_step
+from ..core import tuning
+from ..core.fit import timing_runner
+from ..core.networks import FAST_FALLBACK, execution_builder
+from ..core.packed import pack as pack_networks
+from ..core.tuning import Candidate, Decision
 from ..core.early_stop import DiscrepancyRule
 from ..core.fit import FitResult, fit
 from ..core.metrics import psnr
@@ -29,8 +33,8 @@ from .monitor import ProgressMonitor
 from .observation import Observation
 from .request import EARLY_STOP_TOLERANCE, RestoreRequest
 
-__all__ = ["Job", "build_run", "complete", "constant_result", "estimate_sigma", "finish", "fit_job",
-           "make_monitor", "plan_job", "reg_noise_for_sigma", "run_settings"]
+__all__ = ["CropEach", "Job", "assemble", "build_run", "choose_execution", "complete", "constant_result", "estimate_sigma", "finish", "fit_job",
+           "make_monitor", "plan_job", "reg_noise_for_sigma", "run_settings", "timing_step"]
 
 def reg_noise_for_sigma(sigma: float) -> float:
     """Input perturbation for a noise level (0-255): the notebook's 1/30 at sigma 25 and 1/20 at 50.
@@ -111,8 +115,9 @@ class Job:
 def plan_job(request: RestoreRequest, observed: Observation, seed: int) -> Job:
     """The pixel-dependent settings of one run (:func:`pixel_settings`) and its :class:`RestoreInfo`."""
     chosen, used_sigma, rule = pixel_settings(request, observed.color)
-    # 'auto' comes from the recorded GPU parity evidence, one table for every caller (dip_fast.core.auto_step).
-    step_mode, precision = auto_step.choose(request.device, request.step_mode, request.precision)
+    # What runs is set by choose_execution; until then, the caller's fixed choices or the baseline's.
+    base = tuning.baseline(request.device, "auto", request.step_mode, request.precision)
+    step_mode, precision = base.step_mode, base.precision
     info = RestoreInfo(
         task=request.task.name, preset=chosen.name, backend=request.backend, device=str(request.device),
         seed=seed, iterations=chosen.iterations, sigma=used_sigma, reg_noise_std=chosen.reg_noise_std,
@@ -155,22 +160,140 @@ def pixel_settings(request: RestoreRequest, color: torch.Tensor
     return chosen, used_sigma, rule
 
 
-def build_run(request: RestoreRequest, observed: Observation, chosen: tasks.Preset, seed: int) -> tasks.Run:
-    """The data term, with the fast downsampler where it applies, then network and input from ``seed``."""
+def build_run(request: RestoreRequest, observed: Observation, chosen: tasks.Preset, seed: int,
+              execution: Optional[Decision] = None) -> tasks.Run:
+    """The data term, with the fast downsampler where it applies, then network and input from ``seed``.
+
+    ``execution`` (from :func:`choose_execution`) sets the backend and the
+    layout; without it, the request's builder runs as it is.
+    """
     box, factor = observed.box, request.factor
+    backend_name, builder = request.backend, request.builder
+    if execution is not None:
+        builder, backend_name = execution_builder(execution.choice.backend, execution.choice.layout, request.device,
+                                                  chosen.network.arch)
     term = tasks.make_data_term(chosen, observed.observation, observed.mask, blur_kernel=request.blur_kernel,
                                 operator=request.operator, box=box if request.task.crop_in_term else None)
     if isinstance(term, tasks.SuperResolutionTerm):
-        fast_ds = sr_downsampler(request.backend, observed.color.shape[1], factor, chosen.sr_kernel)
+        fast_ds = sr_downsampler(backend_name, observed.color.shape[1], factor, chosen.sr_kernel)
         if fast_ds is not None:
             term.downsampler = fast_ds.to(request.device)
     generator = torch.Generator(device=request.device).manual_seed(seed)
     # Weights come from the global RNG: fork it so the caller's stream is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return tasks.build_run(chosen, term, observed.shape[0], observed.padded_size, backend=request.builder,
+        return tasks.build_run(chosen, term, observed.shape[0], observed.padded_size, backend=builder,
                                generator=generator, reference=observed.ground_truth,
                                reference_view=lambda x: io.crop(x, box, factor))
+
+
+#: The seed of the throwaway runs that time the candidates (never the run's own: timing must not touch it).
+TIMING_SEED = 0x7153
+
+
+def execution_options(request: RestoreRequest) -> Tuple[List[Candidate], Candidate]:
+    """The candidates open to ``request`` (the baseline first) and the choice when nothing is timed."""
+    backend = request.backend if request.backend in ("auto", "fast", "reference") else "reference"
+    if backend == "fast" and not request.fast_available:
+        backend = "reference"  # reported as the fast fallback (request.backend)
+    fast = request.fast_available
+    options = tuning.candidates(request.device, backend, request.step_mode, request.precision, fast_available=fast)
+    fallback = tuning.fixed(request.device, backend, request.step_mode, request.precision, fast_available=fast)
+    return options, (fallback if fallback in options else options[0])
+
+
+def choose_execution(request: RestoreRequest, jobs: Sequence[Job], packed: bool = False) -> Decision:
+    """How the runs of ``jobs`` (one, or a pack of them when ``packed``) execute their steps.
+
+    Times the candidates of :func:`execution_options` on throwaway copies
+    of the run at its real shape and pack size (:func:`dip_fast.core.tuning.tune`),
+    or reads the cache, and records the decision in every job's info.
+    """
+    options, fallback = execution_options(request)
+    first = jobs[0]
+    networks = len(jobs) if packed else 1
+    key = tuning.cache_key(request.device, first.preset.network,
+                           (first.observed.shape[0], *first.observed.padded_size), networks, torch.float32, options)
+
+    def make_step(candidate: Candidate) -> Callable[[], None]:
+        return timing_step(request, jobs, candidate, packed)
+
+    decision = tuning.tune(options, make_step, iterations=first.preset.iterations, device=request.device, key=key,
+                           fallback=fallback, deterministic=request.deterministic, max_time=request.max_time)
+    for job in jobs:
+        record_execution(job.info, decision, request)
+    return decision
+
+
+def timing_step(request: RestoreRequest, jobs: Sequence[Job], candidate: Candidate,
+                packed: bool = False) -> Callable[[], None]:
+    """One step of a throwaway copy of the run of ``jobs`` executed as ``candidate``, as a function.
+
+    The copy has the run's shape, pack size, data term and settings, and
+    weights and input from :data:`TIMING_SEED`, never the run's own seed.
+    """
+    networks = len(jobs) if packed else 1
+    timed = list(jobs[:networks])
+    decision = Decision(candidate, "fixed")
+    runs = [build_run(request, job.observed, job.preset, TIMING_SEED + i, decision) for i, job in enumerate(timed)]
+    if packed:
+        net, net_input, term, settings = assemble(runs, timed, request.factor)
+    else:
+        net, net_input, term, settings = runs[0].net, runs[0].net_input, runs[0].term, dict(runs[0].fit_kwargs)
+    if timed[0].rule is not None:
+        bounds = [job.rule.bound for job in timed]
+        settings.update(stop="discrepancy", stop_bound=bounds if packed else bounds[0])
+    return timing_runner(net, net_input, term, step_mode=candidate.step_mode, precision=candidate.precision,
+                         networks=networks, **settings)
+
+
+def record_execution(info: RestoreInfo, decision: Decision, request: RestoreRequest) -> None:
+    """``info``'s backend, step mode, precision and ``execution`` from ``decision``."""
+    choice = decision.choice
+    fell_back = request.backend == FAST_FALLBACK
+    info.backend = FAST_FALLBACK if fell_back else choice.backend
+    info.step_mode, info.precision = choice.step_mode, choice.precision
+    info.execution = {**decision.as_dict(), "backend": info.backend}
+
+
+def assemble(runs: Sequence[tasks.Run], jobs: Sequence[Job], factor: int
+             ) -> Tuple[nn.Module, torch.Tensor, nn.Module, Dict[str, Any]]:
+    """The runs of a pack as one: the packed network, the inputs side by side, the packed term, the fit settings."""
+    term = tasks.PackedTerm([run.term for run in runs])
+    settings = dict(runs[0].fit_kwargs)
+    settings.update(term.fit_kwargs())
+    settings["generator"] = [run.fit_kwargs["generator"] for run in runs]
+    settings["reg_noise_std"] = [job.preset.reg_noise_std for job in jobs]
+    references = [run.fit_kwargs.get("reference") for run in runs]
+    settings.pop("reference_view", None)
+    settings.pop("reference", None)
+    if all(r is not None for r in references):
+        settings["reference"] = torch.cat(references)
+        settings["reference_view"] = CropEach([job.observed.box for job in jobs], factor)
+    return (pack_networks([run.net for run in runs]), torch.cat([run.net_input for run in runs], dim=1), term,
+            settings)
+
+
+class CropEach:
+    """A pack's outputs ``(K, C, H, W)``, each cropped to its own image's box (the view its reference needs).
+
+    ``select`` narrows it to some of the networks, as a packed fit does when
+    it drops those that have stopped.
+
+    >>> crop = CropEach([(0, 0, 2, 2), (1, 1, 2, 2)], 1)
+    >>> x = torch.arange(32.0).reshape(2, 1, 4, 4)
+    >>> crop(x)[:, 0, 0, 0].tolist(), crop.select([1])(x[1:])[:, 0, 0, 0].tolist()
+    ([0.0, 21.0], [21.0])
+    """
+
+    def __init__(self, boxes: Sequence[Tuple[int, int, int, int]], factor: int) -> None:
+        self.boxes, self.factor = list(boxes), factor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([io.crop(x[k : k + 1], box, self.factor) for k, box in enumerate(self.boxes)])
+
+    def select(self, keep: Sequence[int]) -> "CropEach":
+        return CropEach([self.boxes[i] for i in keep], self.factor)
 
 
 def make_monitor(request: RestoreRequest, observed: Observation, info: RestoreInfo,

@@ -29,7 +29,7 @@ from . import tiles
 from ..core.fit import FitResult, StepInfo, fit_packed
 from ..core.memory import device_memory, format_bytes
 from .observation import Observation, _load_ground_truth, inspect_run, prepare_observation, run_memory
-from ..core.packed import pack as pack_networks, packable
+from ..core.networks import get_architecture
 from .request import RestoreRequest
 
 __all__ = ["MAX_PACK_CPU", "MAX_PACK_CUDA", "TILE_OVERLAP", "auto_tile", "follow_pack", "pack_size", "restore_many",
@@ -158,8 +158,9 @@ def _groups(jobs: List[Tuple[int, "stages.Job"]]) -> List[List[Tuple[int, "stage
 
 def _run_pack(request: RestoreRequest, jobs: List["stages.Job"]) -> List[Tuple[torch.Tensor, RestoreInfo]]:
     """Fit ``jobs`` together (alone when one, or when the architecture does not pack); their estimates and infos."""
-    runs = [stages.build_run(request, job.observed, job.preset, job.seed) for job in jobs]
-    packed = len(jobs) > 1 and all(packable(run.net) for run in runs)
+    packed = len(jobs) > 1 and get_architecture(jobs[0].preset.network.arch).packs
+    execution = stages.choose_execution(request, jobs, packed=packed)
+    runs = [stages.build_run(request, job.observed, job.preset, job.seed, execution) for job in jobs]
     if packed:
         results = _fit_packed(request, jobs, runs)
     else:
@@ -199,25 +200,14 @@ def follow_pack(on_step: Callable[[StepInfo], None]) -> Callable[[StepInfo], Non
 
 def _fit_packed(request: RestoreRequest, jobs: List["stages.Job"], runs: List[tasks.Run]) -> List[FitResult]:
     """One packed network for the runs, fitted with per-network settings."""
-    term = tasks.PackedTerm([run.term for run in runs])
-    kwargs = dict(runs[0].fit_kwargs)
-    kwargs.update(term.fit_kwargs())
-    kwargs["generator"] = [run.fit_kwargs["generator"] for run in runs]
-    kwargs["reg_noise_std"] = [job.preset.reg_noise_std for job in jobs]
-    references = [run.fit_kwargs.get("reference") for run in runs]
-    kwargs.pop("reference_view", None)
-    kwargs.pop("reference", None)
-    if all(r is not None for r in references):
-        boxes = [job.observed.box for job in jobs]
-        kwargs["reference"] = torch.cat(references)
-        kwargs["reference_view"] = CropEach(boxes, request.factor)
+    net, net_input, term, kwargs = stages.assemble(runs, jobs, request.factor)
     rules = [job.rule for job in jobs]
     first = jobs[0]
     monitor = stages.make_monitor(request, first.observed, first.info, first.rule)
     on_step = follow_pack(monitor.on_step)
     try:
         return fit_packed(
-            pack_networks([run.net for run in runs]), torch.cat([run.net_input for run in runs], dim=1), term,
+            net, net_input, term,
             networks=len(runs), max_time=request.max_time, callback=on_step, should_stop=monitor.should_stop,
             stop="discrepancy" if rules[0] is not None else "never",
             stop_bound=[rule.bound for rule in rules] if rules[0] is not None else None,
@@ -225,28 +215,6 @@ def _fit_packed(request: RestoreRequest, jobs: List["stages.Job"], runs: List[ta
         )
     finally:
         monitor.close()
-
-
-class CropEach:
-    """A pack's outputs ``(K, C, H, W)``, each cropped to its own image's box (the view its reference needs).
-
-    ``select`` narrows it to some of the networks, as a packed fit does when
-    it drops those that have stopped.
-
-    >>> crop = CropEach([(0, 0, 2, 2), (1, 1, 2, 2)], 1)
-    >>> x = torch.arange(32.0).reshape(2, 1, 4, 4)
-    >>> crop(x)[:, 0, 0, 0].tolist(), crop.select([1])(x[1:])[:, 0, 0, 0].tolist()
-    ([0.0, 21.0], [21.0])
-    """
-
-    def __init__(self, boxes: Sequence[Tuple[int, int, int, int]], factor: int) -> None:
-        self.boxes, self.factor = list(boxes), factor
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([io.crop(x[k : k + 1], box, self.factor) for k, box in enumerate(self.boxes)])
-
-    def select(self, keep: Sequence[int]) -> "CropEach":
-        return CropEach([self.boxes[i] for i in keep], self.factor)
 
 
 def _combine(request: RestoreRequest, observed: Observation,

@@ -95,7 +95,10 @@ class ProgressMonitor:
         self.noise_var = noise_var  # early stopping's sigma^2: the bar shows the residual against it
         self.stop = False
         self._t_first: Optional[float] = None
-        self.bar = progress_bar(info.iterations, f"dip-fast {info.task} {info.precision}", disable=not progress)
+        # The bar names what runs: backend, layout, step mode and precision, as chosen for this device.
+        ex = info.execution
+        how = "/".join(str(ex[k]) for k in ("backend", "layout", "step_mode", "precision")) if ex else info.precision
+        self.bar = progress_bar(info.iterations, f"dip-fast {info.task} {how}", disable=not progress)
 
     def should_stop(self) -> bool:
         return self.stop

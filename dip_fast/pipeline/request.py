@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 
 from .. import tasks
-from ..core.networks import Builder, check_backend, resolve_backend
+from ..core.networks import Builder, check_backend, fast_available, resolve_backend
 from ..tasks import physics, registry
 from ..tasks.inputs import check_inputs, check_int
 from ..tasks.registry import TaskSpec
@@ -76,7 +76,10 @@ class RestoreRequest:
             ``'quick'``), ``''`` for a preset given by name or object.
         auto_preset: ``preset='auto'`` chose it (the CPU warns about run time).
         device: the run's device.
-        builder, backend: the network builder and the backend name reported.
+        builder, backend: the network builder and the backend name reported, for a backend the
+            caller fixed; with ``backend='auto'``, ``'auto'`` and the reference builder (the run's
+            execution is chosen by :func:`dip_fast.pipeline.job.choose_execution`).
+        fast_available: whether the fused network can run (its compiled ops are loaded).
         factor: the output's size over the observation's (``scale`` or 1).
         blur_kernel: the normalised kernel, for tasks that take one.
         output_shape: ``(C, H, W)`` of a callable task's result.
@@ -118,6 +121,7 @@ class RestoreRequest:
     restarts: int = 1
     pack: Union[int, str] = "auto"
     tile: Optional[int] = None
+    fast_available: bool = False
 
 
 def _check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
@@ -202,7 +206,7 @@ def _early_stop_budget(preset: tasks.Preset) -> tasks.Preset:
 #: (``tests/test_request.py`` checks that ``restore``'s signature agrees).
 RESTORE_DEFAULTS: Dict[str, Any] = {
     "task": "denoise", "mask": None, "scale": None, "blur_kernel": None, "output_shape": None,
-    "iterations": None, "preset": "auto", "sigma": None, "seed": 0, "device": None, "backend": "fast",
+    "iterations": None, "preset": "auto", "sigma": None, "seed": 0, "device": None, "backend": "auto",
     "progress": False, "callback": None, "return_info": False, "max_time": None, "num_threads": None,
     "deterministic": False, "stop": "auto", "step_mode": "auto", "precision": "auto", "restarts": 1,
     "pack": "auto", "tile": None,
@@ -265,7 +269,7 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
         early = tuple(s.name for s in registry.all_tasks() if s.early_stop)
         raise ValueError(f"stop='early' applies to tasks {early}, not {spec.name!r}; use 'auto' or 'never'")
     dev = resolve_device(device)
-    check_backend(backend)
+    check_backend(backend, allow_auto=True)
     chosen, level = resolve_preset(preset, spec, inputs["scale"], dev)
     if stop == "auto":
         # A measurement task with a known noise level (a deepinv Physics's Gaussian sigma) stops by the
@@ -275,7 +279,9 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
         chosen = chosen.with_overrides(iterations=iterations)
     elif stop == "early":
         chosen = _early_stop_budget(chosen)
-    builder, backend_name = resolve_backend(backend, dev, chosen.network.arch)
+    builder, backend_name = resolve_backend("reference" if backend == "auto" else backend, dev, chosen.network.arch)
+    if backend == "auto":
+        backend_name = "auto"
     return RestoreRequest(
         task=spec, operator=operator, preset=chosen, level=level, auto_preset=isinstance(preset, str) and preset == "auto",
         device=dev, builder=builder, backend=backend_name, factor=inputs["scale"] or 1,
@@ -283,4 +289,5 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
         stop=stop, step_mode=step_mode, precision=precision,
         max_time=max_time, num_threads=num_threads, deterministic=bool(deterministic), progress=bool(progress),
         callback=callback, return_info=bool(return_info), restarts=restarts, pack=pack, tile=tile,
+        fast_available=fast_available(chosen.network.arch),
     )
