@@ -120,8 +120,11 @@ def assert_matches(
     assert not torch.isnan(out).any(), "unwritten output elements"
     torch.testing.assert_close(out, want, atol=atol, rtol=rtol)
     names = names or [f"input {i}" for i in range(len(grads))]
-    for name, got, exp in zip(names, grads, want_grads):
-        if exp is None or exp.numel() == 0:
+    for name, got, exp in zip(names, grads, want_grads, strict=True):
+        if exp is None:  # the reference does not use this input: neither may the op
+            assert got is None or not got.any(), f"gradient of {name}, which the reference does not use"
+            continue
+        if exp.numel() == 0:
             continue
         assert got is not None, f"no gradient of {name}"
         assert not torch.isnan(got).any(), f"unwritten gradient of {name}"
@@ -223,7 +226,7 @@ def cuda_twin(
     go to both devices; results are compared as ``compare_dtype``
     (``None``: as they are), within ``atol`` and ``rtol`` (default: ``atol``;
     neither: torch.testing's defaults for the dtype). Call it from a test
-    marked ``cuda``.
+    marked ``cuda``. Returns ``(out, grads)`` of the ``device`` run, on the CPU.
     """
     tolerances = {} if atol is None else {"atol": atol, "rtol": atol if rtol is None else rtol}
     results = []
@@ -235,9 +238,14 @@ def cuda_twin(
         ]
         g = None if grad is None else grad.to(dev, dtype or grad.dtype)
         out, grads = run_with_grad(fn, args, g)
-        results.append([t.detach().cpu() for t in (out, *grads) if t is not None])
-    for a, b in zip(*results):
+        results.append([None if t is None else t.detach().cpu() for t in (out, *grads)])
+    names = ["output"] + [f"gradient of input {i}" for i in range(len(results[0]) - 1)]
+    for name, a, b in zip(names, *results, strict=True):
+        assert (a is None) == (b is None), f"{name}: None on one device only"
+        if a is None:
+            continue
         if compare_dtype is not None:
             a, b = a.to(compare_dtype), b.to(compare_dtype)
-        torch.testing.assert_close(b, a, **tolerances)
+        torch.testing.assert_close(b, a, **tolerances, msg=lambda m, name=name: f"{name}: {m}")
+    return results[1][0], tuple(results[1][1:])
 

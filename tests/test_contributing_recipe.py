@@ -8,8 +8,10 @@ edited), its CPU kernels in ``csrc/cpu/toy_scale.cpp`` (using the package's
 the layout rule), its fake kernels in Python, and its tests climbing the
 shared ladder (tests/op_ladder.py). It is built on the fly with
 ``torch.utils.cpp_extension.load`` (CPU only), in its own namespace
-``dip_fast_toy`` so that it never mixes with the package's ops. The first
-build takes about a minute (two translation units); later runs reuse it.
+``dip_fast_toy`` so that it never mixes with the package's ops, in a
+temporary folder of the test session (nothing is written to the user's
+torch extensions cache). The build takes about a minute, so the tests that
+need it are marked slow (``make test-slow``, and a step of CI's own).
 """
 from __future__ import annotations
 
@@ -141,13 +143,6 @@ SOURCES = {"csrc/ops/toy_scale.cpp": SCHEMA_CPP, "csrc/cpu/toy_scale.cpp": CPU_C
 BUILD_UNIT = "".join(f'#include "{rel}"\n' for rel in SOURCES)
 
 
-def _write_if_changed(path: Path, text: str) -> None:
-    """Keep an unchanged file's timestamp, so that the cached build is reused."""
-    if not path.is_file() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-
-
 def _register_fakes() -> None:
     """dip_fast/ops/toy_scale.py's part: the fake kernels (the layout rule of the C++ kernels)."""
     for name in ("dip_fast_toy::toy_scale", "dip_fast_toy::_toy_scale_backward"):
@@ -157,29 +152,31 @@ def _register_fakes() -> None:
 
 
 @pytest.fixture(scope="module")
-def toy_ops():
-    """Build and load the toy family (CPU only); skip when no compiler is at hand."""
+def toy_ops(tmp_path_factory):
+    """Build (in a temporary folder) and load the toy family (CPU only); skip when no compiler is at hand."""
     if not hasattr(torch.ops.dip_fast_toy, "toy_scale"):
         cpp_extension = pytest.importorskip("torch.utils.cpp_extension")
         if not _ops.available():
             pytest.skip(f"the toy follows the package's csrc/common headers and poison switch ({_ops.LOAD_ERROR})")
         if shutil.which(os.environ.get("CXX", "c++")) is None or not cpp_extension.is_ninja_available():
             pytest.skip("no C++ compiler or ninja to build the toy op family")
-        root = Path(cpp_extension._get_build_directory("dip_fast_toy_scale", verbose=False))
-        for rel, text in SOURCES.items():
-            _write_if_changed(root / "src" / rel, text)
-        _write_if_changed(root / "src" / "toy_scale_unit.cpp", BUILD_UNIT)
-        os.environ.setdefault("MAX_JOBS", "2")
-        # A failing build fails the tests: the recipe must compile.
-        cpp_extension.load(
-            name="dip_fast_toy_scale",
-            sources=[str(root / "src" / "toy_scale_unit.cpp")],
-            extra_include_paths=[str(root / "src"), str(ROOT / "csrc")],
-            extra_cflags=["-O1"],
-            build_directory=str(root),
-            is_python_module=False,
-            verbose=False,
-        )
+        root = tmp_path_factory.mktemp("toy_scale_build")
+        for rel, text in {**SOURCES, "toy_scale_unit.cpp": BUILD_UNIT}.items():
+            (root / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / "src" / rel).write_text(text)
+        with pytest.MonkeyPatch.context() as env:  # for the build only, not the rest of the session
+            env.setenv("TORCH_EXTENSIONS_DIR", str(root))
+            env.setenv("MAX_JOBS", os.environ.get("MAX_JOBS") or "2")
+            # A failing build fails the tests: the recipe must compile.
+            cpp_extension.load(
+                name="dip_fast_toy_scale",
+                sources=[str(root / "src" / "toy_scale_unit.cpp")],
+                extra_include_paths=[str(root / "src"), str(ROOT / "csrc")],
+                extra_cflags=["-O1"],
+                build_directory=str(root),
+                is_python_module=False,
+                verbose=False,
+            )
         _register_fakes()
     return torch.ops.dip_fast_toy
 
@@ -195,6 +192,7 @@ def test_schemas_are_fragments_and_backward_is_private():
     assert '"_toy_scale_backward(' in SCHEMA_CPP
 
 
+@pytest.mark.slow  # builds the toy family
 @pytest.mark.parametrize("layout", ladder.LAYOUTS)
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 0.0), (torch.float32, 0.0), (torch.bfloat16, 0.0)])
 def test_rung1_matches_pytorch(toy_ops, layout, dtype, atol):
@@ -205,6 +203,7 @@ def test_rung1_matches_pytorch(toy_ops, layout, dtype, atol):
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.slow  # builds the toy family
 def test_rung1_catches_an_unwritten_element(toy_ops):
     """The poisoned outputs make a skipped element fail the first rung."""
     def forgetful(t):
@@ -215,21 +214,25 @@ def test_rung1_catches_an_unwritten_element(toy_ops):
         ladder.assert_matches(forgetful, lambda t: t * 1.5, [torch.randn(1, 2, 3, 3)], atol=0)
 
 
+@pytest.mark.slow  # builds the toy family
 def test_rung2_gradcheck(toy_ops):
     ladder.gradcheck(toy_scale, [torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)])
 
 
+@pytest.mark.slow  # builds the toy family
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_rung3_opcheck(toy_ops, memory_format):
     x = torch.randn(2, 3, 4, 5).contiguous(memory_format=memory_format).requires_grad_(True)
     ladder.opcheck((toy_ops.toy_scale.default, (x, 1.5)), (toy_ops._toy_scale_backward.default, (x.detach(), 1.5)))
 
 
+@pytest.mark.slow  # builds the toy family
 def test_rung4_compiles(toy_ops):
     x = torch.randn(1, 3, 4, 4)
     ladder.compiles(lambda t: toy_scale(t) + 1, [x], expected=x * 1.5 + 1)
 
 
+@pytest.mark.slow  # builds the toy family
 def test_rung5_fuzz(toy_ops):
     pytest.importorskip("hypothesis")
 
@@ -242,7 +245,30 @@ def test_rung5_fuzz(toy_ops):
                 alpha=(-3.0, 3.0))
 
 
+@pytest.mark.slow  # builds the toy family
 def test_rung6_twin_on_the_cpu(toy_ops):
-    """The toy has no CUDA kernel: the twin rung runs against the CPU, which exercises the rung itself."""
+    """The toy has no CUDA kernel, so the twin rung runs its second side on the CPU too: what is checked here
+    is the rung itself. It returns the second run's known result, and fails when the two runs differ, in the
+    output or in a gradient only."""
     x = torch.randn(2, 3, 5, 5).requires_grad_(True)
-    ladder.cuda_twin(toy_scale, [x], grad=torch.randn(2, 3, 5, 5), atol=0, device="cpu")
+    g = torch.randn(2, 3, 5, 5)
+    out, (gx,) = ladder.cuda_twin(toy_scale, [x], grad=g, atol=0, device="cpu")
+    torch.testing.assert_close(out, 1.5 * x.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(gx, 1.5 * g, atol=0, rtol=0)
+
+    def second_run_differs(in_output: bool):
+        runs = []
+
+        def fn(t):
+            runs.append(t)
+            if len(runs) == 1:
+                return toy_scale(t)
+            if in_output:
+                return toy_scale(t, 1.5 + 1e-3)
+            return toy_scale(t).detach() + 2.0 * (t - t.detach())  # the same values, another gradient
+        return fn
+
+    with pytest.raises(AssertionError, match="output"):
+        ladder.cuda_twin(second_run_differs(True), [x], grad=g, atol=0, device="cpu")
+    with pytest.raises(AssertionError, match="gradient of input 0"):
+        ladder.cuda_twin(second_run_differs(False), [x], grad=g, atol=0, device="cpu")
