@@ -99,8 +99,18 @@ def restore(
             ``'deblur'`` (needs ``blur_kernel``), ``'jpeg'`` (JPEG artefact
             removal: the denoising data term on the compressed image with the
             snail settings of the paper; the fixed step budget is the early
-            stopping that keeps the blocks out), or a callable forward
-            operator ``A`` (needs ``output_shape``; see below).
+            stopping that keeps the blocks out), a callable forward
+            operator ``A`` (needs ``output_shape``; see below), or a
+            ``deepinv.physics.Physics`` (with ``pip install
+            'dip_fast[deepinv]'``; :mod:`dip_fast.tasks.physics`): then
+            ``image`` is its measurement ``y`` (a tensor or array of any
+            real values and channel count), ``physics.A`` the operator, the
+            result has the shape of ``physics.A_adjoint(y)`` (or
+            ``output_shape``) and ``y``'s dtype, a Gaussian noise model's
+            ``sigma`` (times 255) is the ``sigma``, and ``stop='auto'``
+            stops early when it is above 0; ``info.task`` is ``'physics'``.
+            :class:`dip_fast.deepinv.DeepImagePrior` wraps this as a deepinv
+            reconstructor.
         mask: inpainting only, required: known pixels are 1/True (0/255 for
             uint8 images); same size as the image; any image kind.
         scale: super-resolution only, required: the even integer factor
@@ -112,8 +122,10 @@ def restore(
             with ``k * x`` the convolution of the estimate, reflect-padded at
             the borders (edge-replicated when the kernel's half-width reaches
             the image's size), see :func:`dip_fast.tasks.blur`.
-        output_shape: callable task only, required: ``(C, H, W)`` of the
-            image to recover, C 1 or 3, H and W at least 8.
+        output_shape: callable task only, required (and a non-linear
+            Physics): ``(C, H, W)`` of the image to recover, any C >= 1 (the
+            network's output width; C other than 1 or 3 comes back as an
+            array or tensor, not as a PIL image), H and W at least 8.
 
             A callable ``task`` is called as ``A(x)`` with ``x`` a
             ``(1, C, H, W)`` float32 tensor in [0, 1] on the run's device and
