@@ -144,8 +144,8 @@ def restore(
         preset: ``'auto'`` (default: ``'paper'`` on a GPU, ``'fast'`` on the
             CPU, with a warning giving the estimated run time), ``'paper'``
             (the paper's settings), ``'fast'``, ``'quick'`` (see
-            :func:`dip_fast.tasks.preset_for` and the README for their
-            quality and speed), a name in :data:`dip_fast.tasks.PRESETS`, or
+            :func:`dip_fast.tasks.preset_for`, and docs/guide/presets.md for
+            their quality and speed), a name in :data:`dip_fast.tasks.PRESETS`, or
             a :class:`dip_fast.tasks.Preset`.
         sigma: denoising only: the noise standard deviation in 0-255 units.
             It picks the input perturbation (1/30 at 25, 1/20 at 50) and
@@ -206,8 +206,9 @@ def restore(
             the smaller of it and ``sigma``: a level set too high would stop
             before the image is fitted).  ``'never'``: run all
             ``iterations``.  ``iterations`` is the maximum either way (with
-            ``'early'`` and no ``iterations``, :data:`EARLY_STOP_BUDGET` times
-            the preset's count); ``info`` says why the run ended.
+            ``'early'`` and no ``iterations``,
+            :data:`~dip_fast.pipeline.request.EARLY_STOP_BUDGET` times the
+            preset's count); ``info`` says why the run ended.
         step_mode: ``'auto'`` (default), ``'eager'``, or ``'graph'`` (CUDA
             only: the whole step replayed as one CUDA graph, trusted once its
             first replay matched an eager step; see :mod:`dip_fast.core.step`).

@@ -310,7 +310,7 @@ def get_preset(name: str) -> Preset:
 # 128 only at the coarse scales, as restoration.ipynb's kate network) costs a
 # fraction of that; "fast" is the CPU default of restore(preset="auto"),
 # "quick" a preview.  Step counts and upsampling modes were chosen from PSNR
-# curves on a 128x128 crop of scikit-image's astronaut (README, "Python API").
+# curves on a 128x128 crop of scikit-image's astronaut (docs/guide/presets.md).
 _FAST_NETWORK = _net(num_channels_down=[16, 32, 64, 128, 128], num_channels_up=[16, 32, 64, 128, 128])
 _QUICK_NETWORK = _net(num_channels_down=[8, 16, 32, 64, 128], num_channels_up=[8, 16, 32, 64, 128])
 # Nearest upsampling inpaints text holes better (as inpaint_kate's network).
@@ -345,7 +345,7 @@ def _variant(base: str, name: str, source: str, **changes: Any) -> Preset:
 # input noise 1/30, backtracking on the PSNR of the re-degraded estimate
 # against the observation).  JPEG: the snail network is already a channel
 # pyramid (8 channels at full resolution), so the cheaper levels only take
-# fewer steps (PSNR at each level: README, "Python API").
+# fewer steps (PSNR at each level: docs/guide/presets.md).
 _TASK_PRESETS = [
     _variant("denoise_f16_sigma25", "deblur_paper", "denoise_f16_sigma25's network and settings", task="deblur"),
     _variant("denoise_fast", "deblur_fast", "denoise_fast's network and settings", task="deblur"),
