@@ -32,11 +32,11 @@ TABLE = (
 
 
 def test_auto_is_eager_fp32_without_a_record_with_parity():
-    assert choose(CUDA, records=()) == ("eager", "fp32")
+    assert choose(CUDA, records=()) == ("eager", "tf32")
     assert choose("cpu", records=(), native_bf16=True) == ("eager", "fp32")
     assert not any(r.device_type == "cuda" for r in auto_step.RECORDED_PARITY)  # no GPU run has recorded parity yet
-    assert choose(CUDA) == ("eager", "fp32")
-    assert choose(CUDA, "graph", "auto") == ("graph", "fp32")
+    assert choose(CUDA) == ("eager", "tf32")
+    assert choose(CUDA, "graph", "auto") == ("graph", "tf32")
     assert choose(CUDA, "auto", "bf16") == ("eager", "bf16")
 
 
@@ -46,7 +46,7 @@ def test_auto_picks_the_fastest_variant_with_parity_on_cuda():
     assert choose(CUDA, records=with_bf16) == ("graph", "bf16")
     # A fixed half of the choice restricts the other half to the records that match it.
     assert choose(CUDA, "auto", "fp32", records=with_bf16) == ("graph", "fp32")
-    assert choose(CUDA, "eager", "auto", records=with_bf16) == ("eager", "fp32")  # no eager record
+    assert choose(CUDA, "eager", "auto", records=with_bf16) == ("eager", "tf32")  # no eager record
     assert choose(CUDA, "eager", "bf16", records=with_bf16) == ("eager", "bf16")  # nothing to resolve
     # Never off CUDA: the graph needs it, and the CPU times say nothing about the GPU's.
     assert choose("cpu", records=with_bf16) == ("eager", "fp32")
@@ -71,7 +71,7 @@ def test_cpu_runs_bf16_only_with_native_bf16_units_and_a_cpu_record():
     assert choose("cpu", records=CPU_TABLE, native_bf16=False) == ("eager", "fp32")  # emulated: slower
     assert choose("cpu", "auto", "fp32", records=CPU_TABLE, native_bf16=True) == ("eager", "fp32")
     # A CPU record says nothing about CUDA, nor a CUDA record about the CPU.
-    assert choose(CUDA, records=CPU_TABLE) == ("eager", "fp32")
+    assert choose(CUDA, records=CPU_TABLE) == ("eager", "tf32")
     assert choose("cpu", records=(record("eager", "bf16", 40.0, 0.0),), native_bf16=True) == ("eager", "fp32")
     # No parity, no bf16; and no graph on the CPU.
     assert choose("cpu", records=(record("eager", "bf16", 40.0, -0.4, device_type="cpu"),),

@@ -245,7 +245,7 @@ def test_restore_gives_the_same_image_whether_measured_or_cached(monkeypatch):
     np.testing.assert_array_equal(first, second)
     # ... and the same as running that choice directly, untimed.
     monkeypatch.setenv("DIP_FAST_TUNING", "off")
-    choice = Candidate(a.execution["backend"], a.execution["layout"], "eager", "fp32")
+    choice = Candidate(*(a.execution[k] for k in ("backend", "layout", "step_mode", "precision")))
     monkeypatch.setattr(tuning, "fixed", lambda *args, **kwargs: choice)
     third, c = restore(image, preset=TINY, iterations=60, device="cpu", return_info=True, seed=5)
     assert c.execution["source"] == "fixed"

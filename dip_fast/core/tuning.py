@@ -158,19 +158,22 @@ def fixed(device: torch.device, backend: str = "auto", step_mode: str = "auto", 
     On the CPU, the fused ops in channels_last (1.24x the reference on an AMD
     EPYC Zen 4, bench/README.md); on CUDA, the reference network (the last
     GPU run found the fused step at 0.70x of it; no GPU has timed the
-    rewritten kernels since), eager, TF32 convolutions.
+    rewritten kernels since), NCHW. Step mode and precision are what the
+    parity records say (:func:`dip_fast.core.auto_step.choose`): eager, TF32
+    convolutions on CUDA and fp32 on the CPU, unless a record shows a faster
+    variant restores as well on this kind of device.
 
-    >>> fixed(torch.device("cpu"))
+    >>> fixed(torch.device("cpu"), precision="fp32")
     Candidate(backend='fast', layout='channels_last', step_mode='eager', precision='fp32')
-    >>> fixed(torch.device("cpu"), fast_available=False).backend
+    >>> fixed(torch.device("cpu"), precision="fp32", fast_available=False).backend
     'reference'
     """
     cpu = device.type == "cpu"
     if backend == "auto":
         backend = "fast" if cpu and fast_available else "reference"
     layout = "channels_last" if cpu else "nchw"
-    return Candidate(backend, layout, "eager" if step_mode == "auto" else step_mode,
-                     _default_precision(device) if precision == "auto" else precision)
+    step_mode, precision = auto_step.choose(device, step_mode, precision)
+    return Candidate(backend, layout, step_mode, precision)
 
 
 def _bf16_allowed(device: torch.device, native_bf16: bool,

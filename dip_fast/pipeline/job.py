@@ -199,7 +199,7 @@ def execution_options(request: RestoreRequest) -> Tuple[List[Candidate], Candida
     fast = request.fast_available
     options = tuning.candidates(request.device, backend, request.step_mode, request.precision, fast_available=fast)
     fallback = tuning.fixed(request.device, backend, request.step_mode, request.precision, fast_available=fast)
-    return options, (fallback if fallback in options else options[0])
+    return options, fallback
 
 
 def choose_execution(request: RestoreRequest, jobs: Sequence[Job], packed: bool = False) -> Decision:
