@@ -255,3 +255,42 @@ def test_restore_gives_the_same_image_whether_measured_or_cached(monkeypatch):
 def test_decision_record_is_plain_data():
     record = Decision(FAST_CL, "cache", {FAST_CL.label: 2.0}, 0.5, "why").as_dict()
     assert json.loads(json.dumps(record)) == record and record["layout"] == "channels_last"
+
+
+# ---------------------------------------------------------------- dip-fast tune
+
+
+def test_cli_tune_prints_the_table_and_fills_the_cache(capsys, tmp_path, monkeypatch):
+    from dip_fast.apps.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert main(["tune", "--size", "16", "--device", "cpu", "--seconds", "0.1", "--preset", "quick"]) == 0
+    out = capsys.readouterr().out
+    assert "<- chosen" in out and "reference/nchw/eager/fp32" in out
+    entries = json.loads((tmp_path / "dip_fast" / "tuning.json").read_text())["entries"]
+    assert len(entries) == 1
+    chosen = next(iter(entries.values()))["choice"]
+    assert f"{chosen}" in out.split("choice: ")[1]
+    # The next restore() of that kind reads it (same shape, task, preset and thread count).
+    _, info = restore(tuning_image(16), preset="quick", iterations=1000, max_time=0.01, device="cpu",
+                      return_info=True)
+    assert info.execution["source"] == "cache" and info.execution["backend"] + "/" in chosen + "/"
+
+
+def tuning_image(size):
+    from dip_fast.apps.tune import _synthetic
+
+    return _synthetic(size)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tune", "--size", "4"], "size must be an integer >= 8"),
+    (["tune", "--size", "64", "--pack", "0"], "pack must be an integer >= 1"),
+    (["tune", "--size", "64", "--seconds", "0"], "seconds must be positive"),
+])
+def test_cli_tune_refuses_bad_arguments_in_one_line(capsys, argv, message):
+    from dip_fast.apps.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -63,6 +63,13 @@ again resumes a stopped batch. A file that cannot be restored is reported and
 the batch goes on. OUT_DIR/summary.csv lists every file: done, skipped or
 failed. Exit status: 0 if no file failed, 1 if some did, 2 on bad arguments.
 """,
+    "tune": """examples:
+  dip-fast tune --size 512                  # the default denoising network at 512x512
+  dip-fast tune --size 256 --task sr --device cpu --threads 2
+
+restore() times its candidates itself in its first seconds (at most 3% of a
+run) or reads this cache; tuning ahead of time only saves that.
+""",
     "demo": """examples:
   dip-fast demo                 # writes into ./out
   dip-fast demo --out results --device cpu
@@ -80,7 +87,8 @@ def _add_run_options(p: argparse.ArgumentParser, max_time_help: str) -> None:
                    help="auto (default), paper, fast, quick, or a preset name from dip_fast.tasks.PRESETS")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--backend", choices=("fast", "reference"), default="fast", help="network implementation")
+    p.add_argument("--backend", choices=("auto", "fast", "reference"), default="auto",
+                   help="network implementation (auto: the fastest on this device, timed or cached)")
     p.add_argument("--max-time", type=float, metavar="SECONDS", help=max_time_help)
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the run")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (for repeatable CUDA runs)")
@@ -90,13 +98,14 @@ def _add_run_options(p: argparse.ArgumentParser, max_time_help: str) -> None:
                         "that explains the image down to its noise level, else run all iterations; "
                         "never: run all iterations")
     p.add_argument("--step-mode", choices=("auto", "eager", "graph"), default="auto",
-                   help="graph: replay each step as one CUDA graph (CUDA only; auto = eager for now)")
+                   help="graph: replay each step as one CUDA graph (CUDA only); auto: the fastest, timed")
     p.add_argument("--restarts", type=int, default=1, metavar="K",
                    help="average K independent runs, trained together (default 1)")
     p.add_argument("--tile", type=int, metavar="N",
                    help="restore in overlapping N x N tiles (automatic when the image does not fit in memory)")
     p.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16"), default="auto",
-                   help="arithmetic of the network (auto = fp32 for now)")
+                   help="arithmetic of the network (auto: PyTorch's default, or bf16 where it is faster and "
+                        "recorded to restore as well)")
 
 
 def _run_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
@@ -185,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--pack", default="1", metavar="K",
                      help="restore K images (of one size) per training step, or 'auto': as many as fit (default 1)")
     bat.add_argument("-q", "--quiet", action="store_true", help="report only failures")
+
+    tune = sub.add_parser("tune", help="time the step candidates for a size on this device and cache the choice",
+                          description="Time the ways a step can run (fused or PyTorch ops, layouts, CUDA graphs, "
+                                      "precisions) at one image size, print them fastest first with the choice "
+                                      "restore() will make, and store it in the tuning cache.",
+                          epilog=_EPILOGS["tune"], formatter_class=fmt)
+    tune.add_argument("--size", type=int, required=True, metavar="N", help="side of the restored image, in pixels")
+    tune.add_argument("--task", default="denoise", choices=[spec.command for spec in _cli_tasks()],
+                      help="the task whose network and data term to time (default denoise)")
+    tune.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda if available)")
+    tune.add_argument("--preset", default="auto", metavar="NAME", help="auto (default), paper, fast or quick")
+    tune.add_argument("--pack", type=int, default=1, metavar="K", help="networks trained in one step (default 1)")
+    tune.add_argument("--seconds", type=float, default=20.0, help="time spent timing (default 20)")
+    tune.add_argument("--threads", type=int, metavar="N", help="CPU threads (the choice is kept per thread count)")
 
     demo = sub.add_parser("demo", help="restore scikit-image's astronaut three ways",
                           description="Denoise, inpaint and x4 super-resolve scikit-image's astronaut; "
@@ -410,6 +433,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_tune(args: argparse.Namespace) -> int:
+    from .tune import format_table, tune_size
+
+    task = next(spec.name for spec in _cli_tasks() if spec.command == args.task)
+    if args.threads is not None and args.threads < 1:
+        raise _UserError(f"--threads must be >= 1, got {args.threads}")
+    result = tune_size(args.size, task=task, device=args.device, pack=args.pack, seconds=args.seconds,
+                       preset=args.preset, num_threads=args.threads)
+    print(format_table(result))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``dip-fast``; returns the exit status.
 
@@ -428,6 +463,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run_demo(args)
         if args.command == "batch":
             return _run_batch(args)
+        if args.command == "tune":
+            return _run_tune(args)
         return _run_restore(args)
     except (_UserError,) + USER_ERRORS as exc:
         message = " ".join(str(exc).split())  # one line, whatever the exception held

@@ -406,7 +406,8 @@ def steps_to_tune(options: Sequence[Candidate]) -> int:
 def tune(options: Sequence[Candidate], make_step: Callable[[Candidate], Step], *, iterations: int,
          device: torch.device, key: str, fallback: Candidate, deterministic: bool = False,
          max_time: Optional[float] = None, cache: Optional[TuningCache] = None,
-         clock: Callable[[], float] = time.perf_counter, budget_share: Optional[float] = None) -> Decision:
+         clock: Callable[[], float] = time.perf_counter, budget_share: Optional[float] = None,
+         budget_s: Optional[float] = None) -> Decision:
     """Choose among ``options`` (baseline first) for a run of ``iterations`` steps (and at most ``max_time`` s).
 
     ``make_step(candidate)`` builds a throwaway copy of the run for that
@@ -415,7 +416,8 @@ def tune(options: Sequence[Candidate], make_step: Callable[[Candidate], Step], *
     baseline's first timed step; a run too short for :data:`MIN_ROUNDS`
     rounds of every candidate reads the cache or runs ``fallback``, and one
     whose step count alone rules timing out (:func:`steps_to_tune`) builds
-    nothing to find that out.
+    nothing to find that out. ``budget_s`` times for that long whatever the
+    run's length and the cache hold (``dip-fast tune``), and stores the choice.
     """
     budget_share = BUDGET_SHARE if budget_share is None else budget_share
     if len(options) == 1:
@@ -425,10 +427,10 @@ def tune(options: Sequence[Candidate], make_step: Callable[[Candidate], Step], *
     if not tuning_enabled():
         return Decision(fallback, "fixed", reason=f"{TUNING_ENV}=off")
     cache = cache if cache is not None else TuningCache()
-    stored = cache.get(key)
+    stored = cache.get(key) if budget_s is None else None
     if stored is not None and stored[0] in options:
         return Decision(stored[0], "cache", stored[1], reason="timed by an earlier run of this kind")
-    if budget_share * iterations < steps_to_tune(options):
+    if budget_s is None and budget_share * iterations < steps_to_tune(options):
         return Decision(fallback, "fixed", reason=f"a run of {iterations} steps is too short to pay for timing "
                                                   f"{len(options)} candidates")
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -442,11 +444,11 @@ def tune(options: Sequence[Candidate], make_step: Callable[[Candidate], Step], *
         sync()
     per_step = clock() - t0
     expected = per_step * iterations if max_time is None else min(per_step * iterations, max_time)
-    budget = budget_share * expected
+    budget = budget_share * expected if budget_s is None else budget_s
     spent = clock() - start
     # Each further candidate costs its warm-up and build (about its steps) plus MIN_ROUNDS rounds.
     need = per_step * (len(options) * MIN_ROUNDS + sum(_warmup(c) + 1 for c in options[1:]))
-    if spent + need > budget:
+    if budget_s is None and spent + need > budget:
         stored_or_fixed = Decision(fallback, "fixed", tuning_s=clock() - start,
                                    reason=f"the run (about {expected:.0f} s) is too short to pay for timing "
                                           f"{len(options)} candidates")

@@ -202,12 +202,14 @@ def execution_options(request: RestoreRequest) -> Tuple[List[Candidate], Candida
     return options, fallback
 
 
-def choose_execution(request: RestoreRequest, jobs: Sequence[Job], packed: bool = False) -> Decision:
+def choose_execution(request: RestoreRequest, jobs: Sequence[Job], packed: bool = False,
+                     budget_s: Optional[float] = None) -> Decision:
     """How the runs of ``jobs`` (one, or a pack of them when ``packed``) execute their steps.
 
     Times the candidates of :func:`execution_options` on throwaway copies
     of the run at its real shape and pack size (:func:`dip_fast.core.tuning.tune`),
     or reads the cache, and records the decision in every job's info.
+    ``budget_s`` times for that long, whatever the cache holds (``dip-fast tune``).
     """
     options, fallback = execution_options(request)
     first = jobs[0]
@@ -219,7 +221,8 @@ def choose_execution(request: RestoreRequest, jobs: Sequence[Job], packed: bool 
         return timing_step(request, jobs, candidate, packed)
 
     decision = tuning.tune(options, make_step, iterations=first.preset.iterations, device=request.device, key=key,
-                           fallback=fallback, deterministic=request.deterministic, max_time=request.max_time)
+                           fallback=fallback, deterministic=request.deterministic, max_time=request.max_time,
+                           budget_s=budget_s)
     for job in jobs:
         record_execution(job.info, decision, request)
     return decision
