@@ -141,7 +141,16 @@ def fence_doctests(text: str) -> str:
 
 
 class SphinxRoles(griffe.Extension):
-    """Roles become optional cross-references (one naming nothing is a warning); shared entries and doctests."""
+    """Roles become optional cross-references (one naming nothing is a warning); shared entries and doctests.
+
+    Args:
+        package: the package whose names must resolve (a dotted name outside
+            it, such as ``torch.Tensor``, is left as plain code).
+    """
+
+    def __init__(self, package: str = PACKAGE) -> None:
+        super().__init__()
+        self.package = package
 
     def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
         collection = loader.modules_collection
@@ -156,10 +165,10 @@ class SphinxRoles(griffe.Extension):
                 code = f"<code>{html.escape(shown)}</code>"
                 target = resolve(collection, obj, name)
                 if target is None:
-                    if name.split(".")[0] == PACKAGE or ("." not in name and not hasattr(builtins, name)):
+                    if name.split(".")[0] == self.package or ("." not in name and not hasattr(builtins, name)):
                         # mkdocstrings routes griffe's logger into mkdocs', so --strict counts this
                         griffe.logger.warning("%s: the docstring's :%s:`%s` names nothing in %s",
-                                     obj.path, match.group("kind"), text, PACKAGE)
+                                     obj.path, match.group("kind"), text, self.package)
                     return code
                 return f'<autoref identifier="{target}" optional>{code}</autoref>'
 

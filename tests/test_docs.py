@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -173,3 +174,37 @@ def test_every_page_is_in_the_site():
 
 def test_readme_is_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def _roles_extension():
+    pytest.importorskip("griffe")  # the docs extra
+    spec = importlib.util.spec_from_file_location("griffe_sphinx_roles", ROOT / "scripts" / "griffe_sphinx_roles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docstring_roles_become_links_and_a_role_naming_nothing_warns(tmp_path, caplog):
+    """What makes ``mkdocs build --strict`` fail on a docstring that names an object the code no longer has."""
+    import griffe
+
+    roles = _roles_extension()
+    package = tmp_path / "toy_docs"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        '"""See :func:`run`, :class:`~toy_docs.sub.Thing`, :class:`torch.Tensor` and :data:`GONE`."""\n'
+        "def run():\n    '''Run.'''\n")
+    (package / "sub.py").write_text("class Thing:\n    '''A thing.'''\n")
+    extensions = griffe.load_extensions(roles.SphinxRoles(package="toy_docs"))
+    loader = griffe.GriffeLoader(extensions=extensions, search_paths=[str(tmp_path)])
+    with caplog.at_level("WARNING"):
+        text = loader.load("toy_docs").docstring.value
+    assert '<autoref identifier="toy_docs.run" optional><code>run</code></autoref>' in text
+    assert '<autoref identifier="toy_docs.sub.Thing" optional><code>Thing</code></autoref>' in text
+    assert "<code>torch.Tensor</code>" in text and "<code>GONE</code>" in text
+    assert "GONE" in caplog.text and "Tensor" not in caplog.text and "run" not in caplog.text
+
+
+def test_docs_extension_examples():
+    result = doctest.testmod(_roles_extension())
+    assert result.attempted > 0 and result.failed == 0
