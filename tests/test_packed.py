@@ -66,7 +66,7 @@ def _packed(runs, device, net=None, **settings):
 
 def _check_equal(separate, packed):
     assert len(packed) == K
-    for one, many in zip(separate, packed):
+    for one, many in zip(separate, packed, strict=True):
         assert one.steps == many.steps == 10
         np.testing.assert_allclose(many.loss_history, one.loss_history, rtol=1e-10, atol=0)
         assert many.backtrack_steps == one.backtrack_steps
@@ -105,18 +105,20 @@ def _repack_exactness(device, builder, channels_last=False):
         # One call per running network at each read (every step on the CPU); the step is narrowed after the
         # reads that saw networks 1 and 2 stop (steps 2 and 6).
         assert sizes == ([3] * 9 + [2] * 8 + [1] * 3 if repack else [3] * 20)
-        for one, many in zip(separate, packed):
+        for one, many in zip(separate, packed, strict=True):
             assert (many.steps, many.stop_step, many.stop_reason) == (one.steps, one.stop_step, one.stop_reason)
             np.testing.assert_allclose(many.loss_history, one.loss_history, rtol=1e-10, atol=0)
             np.testing.assert_allclose(many.residual_history, one.residual_history, rtol=1e-10, atol=0)
             assert many.backtrack_steps == one.backtrack_steps
             for name in ("output", "output_avg", "stop_output"):
-                if getattr(one, name) is not None:
+                if getattr(one, name) is None:  # e.g. no stop_output for the network that never stops
+                    assert getattr(many, name) is None, f"{name}: the packed run has one, the separate run none"
+                else:
                     torch.testing.assert_close(getattr(many, name), getattr(one, name), rtol=0, atol=1e-9)
         assert any(r.backtrack_steps for r in separate), "the settings should exercise backtracking"
     # Weights only: BatchNorm's running statistics (unused in training mode, where DIP runs) of a frozen
     # network kept in the step still move with each forward; a dropped network's do not.
-    for (name, a), b in zip(trained[0].named_parameters(), trained[1].parameters()):
+    for (name, a), b in zip(trained[0].named_parameters(), trained[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=name)
 
 
@@ -148,8 +150,8 @@ def test_packed_fast_run_equals_separate_runs_float64_cuda(check):
 def test_pack_round_trip_and_refusals():
     nets = [reference_skip(2, 3, **NET) for _ in range(2)]
     packed = pack(nets)
-    for a, b in zip(unpack(packed), nets):
-        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for a, b in zip(unpack(packed), nets, strict=True):
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
             assert ka == kb and torch.equal(va, vb)
     with pytest.raises(ValueError, match="network 1"):
         pack([nets[0], reference_skip(2, 3, num_channels_down=[4], num_channels_up=[4], num_channels_skip=[2])])
@@ -178,7 +180,7 @@ def test_a_stopped_network_is_frozen_while_the_others_go_on():
     assert results[1].stop_reason == "early_stop" and results[1].stop_step == 0
     assert results[1].steps == 1 and len(results[1].loss_history) == 1  # its record ends as a run alone ends
     assert results[0].stop_step is None and results[0].steps == 8 and results[2].steps == 8
-    for a, b in zip(frozen[2], frozen[7]):
+    for a, b in zip(frozen[2], frozen[7], strict=True):
         assert torch.equal(a, b)
     # Its average stopped too: what early stopping returned is its average now.
     torch.testing.assert_close(results[1].output_avg, results[1].stop_output)
@@ -189,7 +191,7 @@ def test_dropping_networks_stopped_by_es_wmv_changes_no_result():
     results = [_packed(_problem("cpu", reference_skip), "cpu", stop="auto", stop_window=3, stop_patience=2,
                        repack=repack, iterations=30) for repack in (True, False)]
     assert len({r.steps for r in results[0]}) == K, "the networks should stop at different steps"
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         assert (a.steps, a.stop_step, a.stop_reason) == (b.steps, b.stop_step, "early_stop")
         np.testing.assert_allclose(a.loss_history, b.loss_history, rtol=1e-10, atol=0)
         np.testing.assert_allclose(a.variance_history, b.variance_history, rtol=1e-6, atol=0)
@@ -261,7 +263,7 @@ def test_restore_of_a_list_equals_restore_of_each_image():
     images = _images(2) + [np.random.default_rng(5).random((20, 44, 3), dtype=np.float32)]
     one_by_one = restore(images, "denoise", backend="reference", pack=1, **QUICK)
     together = restore(images, "denoise", backend="reference", **QUICK)
-    for image, (out, info), (packed, packed_info) in zip(images, one_by_one, together):
+    for image, (out, info), (packed, packed_info) in zip(images, one_by_one, together, strict=True):
         alone, alone_info = restore(image, "denoise", backend="reference", **QUICK)
         assert info.packed == 1 and packed_info.packed == 3  # all three pad to one working size
         assert out.shape == packed.shape == image.shape
