@@ -1,12 +1,23 @@
-"""Shared test fixtures: extension and GPU skips, output poisoning, sample data."""
+"""Shared test fixtures: extension and GPU skips, output poisoning, sample data, a clean workspace.
+
+``DIP_FAST_REQUIRE_EXTENSION=1`` (set by CI) turns a missing, unloadable or
+stale compiled extension into one error before any test runs, instead of
+letting the op and network tests skip.
+"""
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 
+import dip_fast.ops
 from dip_fast import _ops
 
 # The shared sample images live beside the repository, never inside it.
@@ -15,8 +26,68 @@ DATA_DIR = Path(os.environ.get("DIP_FAST_DATA", Path(__file__).resolve().parents
 #: Examples each op's property test (hypothesis, marked slow) draws in `make test-slow`.
 FUZZ_EXAMPLES = int(os.environ.get("DIP_FAST_FUZZ_EXAMPLES", "1000"))
 
+try:
+    import hypothesis
+except ImportError:  # the property tests skip
+    hypothesis = None
+else:
+    # Repeatable: the same examples every run (derandomize), no example database kept between runs.
+    # Loaded at import, before the test modules' @settings inherit from it.
+    hypothesis.settings.register_profile("dip_fast_tests", database=None, derandomize=True)
+    hypothesis.settings.load_profile("dip_fast_tests")
+
+
+#: Set (to anything but 0) to fail the run when the extension cannot be used, instead of skipping its tests.
+REQUIRE_EXTENSION_ENV = "DIP_FAST_REQUIRE_EXTENSION"
+
 requires_extension = pytest.mark.skipif(not _ops.available(), reason=f"extension not built: {_ops.LOAD_ERROR}")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def extension_problem() -> Optional[str]:
+    """Why the op tests would skip (the extension did not load, or lacks an op family's ops), or None."""
+    if not _ops.available():
+        return f"the compiled extension did not load ({_ops.LOAD_ERROR})"
+    families = [importlib.import_module(f"dip_fast.ops.{m.name}") for m in pkgutil.iter_modules(dip_fast.ops.__path__)]
+    missing = [name for family in families for name in getattr(family, "_OPS", ()) if not _ops.has_ops(name)]
+    if missing:
+        return f"the compiled extension lacks the ops {missing} (a stale build: rebuild it)"
+    return None
+
+
+def pytest_configure(config):
+    """With DIP_FAST_REQUIRE_EXTENSION=1, stop before collecting anything if the extension cannot be used.
+    Hypothesis's home (what it caches while collecting) goes to a temporary folder, removed at the end."""
+    if hypothesis is not None:
+        from hypothesis.configuration import set_hypothesis_home_dir
+
+        config._dip_fast_hypothesis_home = tempfile.mkdtemp(prefix="dip-fast-hypothesis-")
+        set_hypothesis_home_dir(config._dip_fast_hypothesis_home)
+    if os.environ.get(REQUIRE_EXTENSION_ENV, "0") not in ("", "0"):
+        problem = extension_problem()
+        if problem is not None:
+            where = os.environ.get(_ops.EXTENSION_ENV)
+            where = f" ({_ops.EXTENSION_ENV}={where})" if where else ""
+            raise pytest.UsageError(f"{REQUIRE_EXTENSION_ENV}=1 and {problem}{where}: the op and network tests "
+                                    "would skip; build the extension (make setup) or unset the variable")
+
+
+def pytest_unconfigure(config):
+    home = getattr(config, "_dip_fast_hypothesis_home", None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _clean_workspace(tmp_path_factory):
+    """torch's extension builds ($TORCH_EXTENSIONS_DIR) go to the session's temporary folder."""
+    saved = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch-extensions"))
+    yield
+    if saved is None:
+        os.environ.pop("TORCH_EXTENSIONS_DIR", None)
+    else:
+        os.environ["TORCH_EXTENSIONS_DIR"] = saved
 
 
 def pytest_collection_modifyitems(config, items):
