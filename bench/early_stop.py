@@ -15,6 +15,15 @@ Candidate estimates logged per step ``t``:
 * ``win<W>``: the mean of the last ``W`` raw outputs, for ``W`` in
   :data:`WINDOWS` (ES-WMV's variance is the spread of that same window).
 
+For denoising, the clip-aware rule's threshold is logged too: per step, the
+mean over the pixels of the expected residual under clipping evaluated at
+the average (``clip_res_avg``, :func:`dip_fast.core.early_stop.expected_clipped_residual`)
+and of the clipped observation's variance at the true value whose clipped
+mean is the average (``clip_var_avg``) and the expected residual at that
+value (``clip_inv_avg``), each at the noise levels
+``clip_sigmas`` (the true sigma times :data:`CLIP_SIGMA_FACTORS`), so that a
+replay can interpolate them at any estimate of sigma in that range.
+
 Degradations (``--task``): ``denoise`` (clipped Gaussian noise, ``--sigmas``),
 ``jpeg`` (PIL JPEG at ``--jpeg-quality``) and ``deblur`` (Gaussian blur
 ``--blur`` plus Gaussian noise ``--blur-noise``).  Settings follow
@@ -54,6 +63,7 @@ from dip_fast import tasks  # noqa: E402
 from dip_fast.tasks import degradations  # noqa: E402
 from dip_fast.pipeline.job import estimate_sigma as _estimate_sigma, reg_noise_for_sigma  # noqa: E402
 from dip_fast.core.fit import StepInfo, fit  # noqa: E402
+from dip_fast.core.early_stop import clipped_noise_moments, expected_clipped_residual  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,6 +79,42 @@ def write_trajectories(path: Path, result: Dict[str, Any]) -> None:
     path.write_bytes(gzip.compress(text, mtime=0) if path.suffix == ".gz" else text)
 #: Window lengths whose mean and variance are logged.
 WINDOWS = (50, 100, 200)
+#: Noise levels (multiples of the true one) at which the clip-aware thresholds are logged per step.
+CLIP_SIGMA_FACTORS = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1)
+
+
+class ClipThresholds:
+    """Per step: the mean expected residual under clipping at an estimate, at several noise levels (0-255).
+
+    ``residual``: ``E[(clip(x + n) - x)^2]`` at ``x`` = the estimate;
+    ``variance``: ``Var[clip(x' + n)]`` at the ``x'`` in [0, 1] whose clipped
+    mean ``E[clip(x' + n)]`` is the estimate (the residual left by an estimate
+    that found the clipped observation's mean), read off a fine table;
+    ``inverse``: ``E[(clip(x' + n) - x')^2]`` at that ``x'`` (the expected
+    residual of the true image, read from the estimate as the clipped mean).
+    """
+
+    def __init__(self, sigmas: Sequence[float]) -> None:
+        self.sigmas = [float(s) for s in sigmas]
+        grid = torch.linspace(0.0, 1.0, 4097, dtype=torch.float64)
+        self.tables = []
+        for s in self.sigmas:
+            m, m2 = clipped_noise_moments(grid, s / 255.0)
+            self.tables.append(((grid + m).contiguous(), (m2 - m * m).contiguous(), m2.contiguous()))
+
+    def __call__(self, x: torch.Tensor) -> Tuple[List[float], List[float], List[float]]:
+        x = x.detach().double().reshape(-1).clamp(0.0, 1.0)
+        res, var, inv = [], [], []
+        for s, (mean_y, var_y, res_y) in zip(self.sigmas, self.tables):
+            res.append(float(expected_clipped_residual(x, s / 255.0).mean()))
+            i = torch.searchsorted(mean_y, x).clamp(1, mean_y.numel() - 1)
+            lo, hi = mean_y[i - 1], mean_y[i]
+            w = ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
+            var.append(float((var_y[i - 1] + w * (var_y[i] - var_y[i - 1])).mean()))
+            inv.append(float((res_y[i - 1] + w * (res_y[i] - res_y[i - 1])).mean()))
+        return res, var, inv
+
+
 #: Share of images held out for validation (by name hash).
 VALIDATION_SHARE = 1 / 3
 
@@ -129,13 +175,16 @@ def observation_of(run: Dict[str, Any], image_dirs: Sequence[Path]) -> Tuple[tor
 class Recorder:
     """Fit callback: logs per step the variance, residuals and PSNRs of the candidate estimates."""
 
-    def __init__(self, observation: torch.Tensor, gt: torch.Tensor, forward_model) -> None:
-        self.y, self.gt, self.A = observation, gt, forward_model
+    def __init__(self, observation: torch.Tensor, gt: torch.Tensor, forward_model,
+                 clip: Optional[ClipThresholds] = None) -> None:
+        self.y, self.gt, self.A, self.clip = observation, gt, forward_model, clip
         self.ring: Optional[torch.Tensor] = None
         self.sums: Dict[int, torch.Tensor] = {}
         self.sq: Dict[int, float] = {}
         self.log: Dict[str, List[Optional[float]]] = {"elapsed": [], "res_raw": [], "psnr_raw": [],
                                                       "res_avg": [], "psnr_avg": []}
+        if clip is not None:
+            self.log.update(clip_res_avg=[], clip_var_avg=[], clip_inv_avg=[])
         for w in WINDOWS:
             for k in ("var", "res", "psnr"):
                 self.log[f"{k}_win{w}"] = []
@@ -167,6 +216,11 @@ class Recorder:
         avg = s.out_avg if s.out_avg is not None else s.out
         lg["res_avg"].append(_mse(self.A(avg), self.y))
         lg["psnr_avg"].append(_psnr(avg, self.gt))
+        if self.clip is not None:
+            res, var, inv = self.clip(self.A(avg))
+            lg["clip_res_avg"].append(res)
+            lg["clip_var_avg"].append(var)
+            lg["clip_inv_avg"].append(inv)
         for w in WINDOWS:
             if self.t < w:
                 for k in ("var", "res", "psnr"):
@@ -191,7 +245,8 @@ def run_case(path: Path, args: argparse.Namespace, sigma: Optional[float], seed:
     kernel = tasks.make_blur_kernel(args.blur, "blur") if args.task == "deblur" else None
     term = tasks.make_data_term(preset, obs, blur_kernel=kernel)
     forward_model = term.degrade if args.task == "deblur" else (lambda x: x)
-    rec = Recorder(obs, gt, forward_model)
+    clip = ClipThresholds([sigma * f for f in CLIP_SIGMA_FACTORS]) if args.task == "denoise" else None
+    rec = Recorder(obs, gt, forward_model, clip)
     torch.manual_seed(seed)
     net = tasks.build_network(preset, 3, backend=quality.backend_factory(args.backend, True))
     gen = torch.Generator().manual_seed(seed)
@@ -207,7 +262,9 @@ def run_case(path: Path, args: argparse.Namespace, sigma: Optional[float], seed:
     sigma_est = _estimate_sigma(obs)
     return {
         "image": path.name, "split": split_of(path.name), "task": args.task, "crop": args.crop, "seed": seed,
-        "sigma": sigma, "sigma_est": sigma_est, "preset": preset.name, "lr": preset.lr, "backend": args.backend,
+        "sigma": sigma, "sigma_est": sigma_est,
+        **({"clip_sigmas": clip.sigmas, "clipped_share": float(((obs <= 0) | (obs >= 1)).double().mean())}
+           if clip is not None else {}), "preset": preset.name, "lr": preset.lr, "backend": args.backend,
         "iterations": kwargs["iterations"], "preset_iterations": preset_iterations,
         "input_psnr": _psnr(obs, gt), "input_mse": _mse(obs, gt),
         # What stop="never" returns: the average after the preset's count, read from the log when the

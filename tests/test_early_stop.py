@@ -21,7 +21,9 @@ import torch.nn as nn
 from dip_fast import tasks
 from dip_fast.pipeline import job, request as request_module
 from dip_fast.api import restore
-from dip_fast.core.early_stop import DiscrepancyRule, DiscrepancyTracker, replay
+from dip_fast.core.early_stop import (ClippedBound, DiscrepancyRule, DiscrepancyTracker, clipped_mean_inverse,
+                                     clipped_noise_moments, clipped_observation_variance, expected_clipped_residual,
+                                     replay)
 from dip_fast.pipeline.monitor import ProgressMonitor
 from dip_fast.tasks import registry
 from dip_fast.core.fit import fit
@@ -207,7 +209,7 @@ def test_restore_early_reports_its_confidence(monkeypatch):
 def test_restore_early_without_a_noise_level_falls_back(monkeypatch):
     clean = _smooth()
     blurred = tasks.blur(torch.from_numpy(clean).permute(2, 0, 1)[None], tasks.make_blur_kernel("gaussian:1"))
-    monkeypatch.setattr(job, "estimate_sigma", lambda color: 0.0)  # an observation that shows no noise
+    monkeypatch.setattr(job, "estimate_sigma", lambda color, **_: 0.0)  # an observation that shows no noise
     _, info = restore(blurred[0].permute(1, 2, 0).numpy(), task="deblur", blur_kernel="gaussian:1",
                       preset=_small_preset("deblur", 12), iterations=12, stop="early", return_info=True)
     assert info.steps == 12 and info.stop_reason == "completed" and info.stop_fallback
@@ -270,3 +272,115 @@ def test_progress_bar_shows_the_stopping_signal():
     monitor.noise_var = None  # the rule is off
     s.residual = 0.012
     assert monitor._stop_signal(s) == {}
+
+
+# ---------------------------------------------------------------- clipped noise
+
+
+@pytest.mark.parametrize("std", [0.02, 0.1, 0.3])
+def test_clipped_gaussian_moments_match_monte_carlo(std):
+    """E[r], E[r^2] of r = clip(x + n, 0, 1) - x and Var[clip(x + n)]: closed forms against 400k draws."""
+    x = torch.tensor([-0.05, 0.0, 0.01, 0.05, 0.2, 0.5, 0.9, 0.99, 1.0, 1.05], dtype=torch.float64)
+    n = torch.randn(400_000, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * std
+    y = (x + n).clamp(0, 1)
+    r = y - x
+    mean, second = clipped_noise_moments(x, std)
+    count = n.shape[0]
+    # Within 5 standard errors of the Monte Carlo means (the errors' own spread, from the draws).
+    assert ((mean - r.mean(0)).abs() <= 5 * r.std(0) / count**0.5 + 1e-12).all()
+    assert ((second - r.square().mean(0)).abs() <= 5 * r.square().std(0) / count**0.5 + 1e-12).all()
+    torch.testing.assert_close(expected_clipped_residual(x, std), second)
+    variance = clipped_observation_variance(x, std)
+    assert ((variance - y.var(0)).abs() <= 5 * (y - y.mean(0)).square().std(0) / count**0.5 + 1e-12).all()
+    # Far from the bounds nothing is clipped: sigma^2 exactly; at a bound half of it.
+    assert float(second[5]) == pytest.approx(std**2, rel=1e-5 if std < 0.2 else 0.2)
+    assert float(second[1]) == pytest.approx(std**2 / 2, rel=1e-9 if std < 0.2 else 0.01)  # the far bound clips too
+
+
+def test_clipped_mean_is_read_back_as_its_true_value():
+    x = torch.linspace(0, 1, 101, dtype=torch.float64)
+    mean, _ = clipped_noise_moments(x, 0.1)
+    torch.testing.assert_close(clipped_mean_inverse(x + mean, 0.1), x, atol=1e-5, rtol=0)
+    # The bound reads an estimate as that clipped mean: the true image's expected residual.
+    bound = ClippedBound(0.98, 0.1)
+    torch.testing.assert_close(bound.per_pixel(x + mean), expected_clipped_residual(x, 0.1), atol=1e-7, rtol=1e-4)
+    # Below the clipped mean of 0 (a value no clipped observation has on average) reads as 0.
+    assert float(bound.per_pixel(torch.tensor([0.0]))) == pytest.approx(0.005, rel=1e-4)
+
+
+def _clipped_scene(std: float = 0.1, seed: int = 0):
+    """A 3x32x32 image half black (its noise clipped at 0: a dark area) and half mid-grey texture, its clipped
+    noisy observation, a fitted estimate (the clipped mean where black, the texture) and an under-fitted one
+    (the texture's amplitude partly missing)."""
+    w = torch.arange(32, dtype=torch.float64)
+    texture = 0.5 + 0.2 * torch.sin(w[:, None] / 2.0) * torch.cos(w[None, :] / 3.0)
+    clean = texture.expand(3, 32, 32).clone()
+    clean[:, :, :16] = 0.0
+    clean = clean[None]
+    g = torch.Generator().manual_seed(seed)
+    noisy = (clean + std * torch.randn(clean.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    fitted = clean.clone()
+    fitted[..., :16] = noisy[..., :16].mean()  # a smooth fit of a clipped area finds its clipped mean
+    under = fitted.clone()
+    under[..., 16:] = 0.5 + 0.55 * (texture[:, 16:] - 0.5)  # 45% of the texture's amplitude still missing
+    return clean, noisy, fitted, under
+
+
+def test_clip_aware_rule_refuses_an_underfitted_clipped_image_and_accepts_a_fitted_one():
+    std = 0.1
+    _, noisy, fitted, under = _clipped_scene(std)
+    rule = DiscrepancyRule(std**2, 0.98, clip=(0.0, 1.0))
+    flat = DiscrepancyRule(std**2, 0.98)  # one sigma^2 for every pixel
+
+    def residual(x):
+        return float((x - noisy).square().mean())
+
+    def expected(x):
+        return float(rule.bound.per_pixel(x).mean())
+
+    assert rule.admissible(residual(fitted), expected(fitted))
+    assert not rule.admissible(residual(under), expected(under))
+    # One sigma^2 for every pixel accepts the under-fitted image: the clipped half's small residual pays for it.
+    assert flat.admissible(residual(under))
+    # The replay and the device tracker agree: the fitted estimate of a run is the first one kept.
+    seq = [under, under, fitted, fitted]
+    d = replay([residual(x) for x in seq], rule, expected=[expected(x) for x in seq])
+    assert d.reason == "discrepancy" and d.stop_step == 2
+    tracker = DiscrepancyTracker(noisy.float(), rule.bound)
+
+    def residual_fn(estimate, per_pixel=None):
+        r = (estimate - noisy.float()).square().reshape(1, -1).mean(1)
+        return r if per_pixel is None else (r, per_pixel(estimate).reshape(1, -1).mean(1))
+
+    for x in seq:
+        tracker.update(x.float(), None, residual_fn)
+    assert tracker.read().best_step == 2
+    assert float(tracker.bound) == pytest.approx(0.98 * expected(fitted), rel=1e-4)
+
+
+def test_clip_aware_rule_needs_the_expected_residual_and_valid_bounds():
+    rule = DiscrepancyRule(0.01, 0.98, clip=(0.0, 1.0))
+    assert not rule.admissible(0.001)  # no expectation: nothing is accepted
+    with pytest.raises(ValueError, match="expected"):
+        replay([0.001], rule)
+    for bad in [(1.0, 0.0), (0.0, math.inf), (0.0,)]:
+        with pytest.raises(ValueError, match="clip"):
+            DiscrepancyRule(0.01, clip=bad)
+    assert math.isnan(DiscrepancyRule(None, clip=(0.0, 1.0)).bound)  # unusable: falls back as before
+
+
+def test_fit_with_a_clipped_bound_stops_where_the_replay_does():
+    """Inside fit (the step's residual function): the clipped bound follows the average, as replayed."""
+    clean, noisy, _, _ = _clipped_scene(0.1)
+    noisy = noisy.float()
+    rule = DiscrepancyRule(0.01, 0.98, clip=(0.0, 1.0))
+    averages = []
+    res = fit(_Drift(noisy.shape), torch.zeros(1, 1, 32, 32), lambda o: ((o - noisy) ** 2).mean(), iterations=400,
+              lr=0.002, backtrack=False, observation=noisy, stop="discrepancy", stop_bound=rule.bound,
+              exp_weight=0.9, callback=lambda s: averages.append(s.out_avg.detach().clone()))
+    assert res.stop_reason == "early_stop" and res.stop_step is not None
+    expected = [float(rule.bound.per_pixel(a).mean()) for a in averages]
+    d = replay(res.residual_history, rule, expected=expected)
+    assert d.stop_step == res.stop_step > 0
+    # One sigma^2 for every pixel stops earlier on the same run.
+    assert replay(res.residual_history, DiscrepancyRule(0.01, 0.98)).stop_step < res.stop_step

@@ -25,10 +25,33 @@ def _present(noisy: torch.Tensor, clean: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("sigma", [5, 15, 25, 50])
-def test_estimate_on_a_textured_photograph_is_within_5_percent_of_the_noise_present(sigma):
+def test_estimate_on_a_textured_photograph_is_within_5_percent_of_the_noise(sigma):
     clean = _photo()
     noisy = _noisy(clean, sigma)
-    assert estimate_sigma(noisy) == pytest.approx(_present(noisy, clean), rel=0.05)
+    # Read before clipping: the sigma added; without the clipping model: the noise present after clipping.
+    assert estimate_sigma(noisy) == pytest.approx(sigma, rel=0.05)
+    assert estimate_sigma(noisy, clipped=False) == pytest.approx(_present(noisy, clean), rel=0.05)
+
+
+@pytest.mark.parametrize("sigma", [25, 50])
+def test_a_clipped_photograph_reads_the_sigma_added(sigma):
+    # The photograph darkened and brightened so that a tenth or more of the noisy values sit at 0 or 1.
+    clean = ((_photo() - 0.5) * 1.6 + 0.5).clamp(0, 1)
+    noisy = _noisy(clean, sigma)
+    assert noise_level.clipped_share(noisy) > 0.1
+    assert estimate_sigma(noisy) == pytest.approx(sigma, rel=0.03)
+    # The patch estimate alone reads the clipped noise, well below it.
+    assert estimate_sigma(noisy, clipped=False) < 0.95 * sigma
+
+
+def test_without_clipped_values_the_clipping_model_changes_nothing():
+    clean = _photo() * 0.6 + 0.2
+    noisy = clean + torch.randn(clean.shape, generator=torch.Generator().manual_seed(0), dtype=clean.dtype) * 0.02
+    assert noise_level.clipped_share(noisy) == 0.0
+    assert estimate_sigma(noisy) == estimate_sigma(noisy, clipped=False)
+    # Values outside [0, 1] were not clipped there: no model either.
+    shifted = noisy - 0.25
+    assert estimate_sigma(shifted) == estimate_sigma(shifted, clipped=False)
 
 
 def test_a_clean_photograph_reads_far_below_any_noise_level_worth_denoising():

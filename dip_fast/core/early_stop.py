@@ -29,6 +29,34 @@ the run stops at the first step whose average explains the observation
 down to its noise level, ``||y - A x||^2 / N <= tolerance * sigma^2``.
 An estimate that still misses content leaves that content in the residual
 on top of the noise, so it is refused however stable the outputs are.
+
+Clipped noise.  Photographs are stored in [0, 1], so the noise of an
+observation ``y = clip(x + n, 0, 1)`` is clipped where the image is dark or
+bright, and a pixel there carries less than ``sigma^2``: with ``z ~ N(0, 1)``,
+``a = -x / sigma`` and ``b = (1 - x) / sigma``, the residual of the true value
+is ``y - x = sigma * clip(z, a, b)``, whose moments have closed forms in the
+normal CDF ``Phi`` and density ``phi`` (:func:`clipped_noise_moments`)::
+
+    E[clip(z, a, b)]   = a Phi(a) + b (1 - Phi(b)) + phi(a) - phi(b)
+    E[clip(z, a, b)^2] = a^2 Phi(a) + b^2 (1 - Phi(b)) + Phi(b) - Phi(a) + a phi(a) - b phi(b)
+
+(the middle terms integrate ``z`` and ``z^2`` against ``phi`` between ``a``
+and ``b``; the outer ones are the clipped tails).  So the expected squared
+residual of the true image is ``sigma^2 E[clip(z, a, b)^2]`` per pixel
+(:func:`expected_clipped_residual`; ``sigma^2`` far from 0 and 1, half of it
+at 0 or 1) and the observation's own variance ``sigma^2 (E[clip^2] -
+E[clip]^2)`` (:func:`clipped_observation_variance`).  With
+``DiscrepancyRule(clip=(0, 1))`` the bound is no longer one ``sigma^2`` for
+every pixel: it is ``tolerance`` times the mean over the pixels of the
+expected residual evaluated at the current average (:class:`ClippedBound`),
+so an under-fitted average can no longer pass by borrowing the small
+residuals of the clipped pixels.  ``sigma`` is then the *unclipped* level
+(what :func:`dip_fast.pipeline.noise_level.estimate_sigma` reads).  Limits:
+the model is exact only for white Gaussian noise added before one clip at
+known bounds; the average stands in for the true image, so where it is
+smoother than the truth (an under-fitted dark texture) the expected value is
+a little larger than at the truth; quantisation to 8 bits and noise that was
+not clipped at 0 and 1 (a camera's) are not modelled.
 :class:`DiscrepancyTracker` is its device-side tracker and :func:`replay`
 its host-side mirror over recorded residuals, which is how
 ``bench/es_replay.py`` tunes and validates it.
@@ -54,10 +82,122 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["DiscrepancyRule", "DiscrepancyTracker", "EarlyStopState", "ReplayDecision", "WindowedVariance", "replay"]
+__all__ = ["ClippedBound", "DiscrepancyRule", "DiscrepancyTracker", "EarlyStopState", "ReplayDecision",
+           "WindowedVariance", "clipped_mean_inverse", "clipped_noise_moments", "clipped_observation_variance",
+           "expected_clipped_residual",
+           "replay"]
 
 #: ``residual_fn(estimate) -> tensor``: the data-term residual ``||y - A x||^2 / N`` (per network: ``(K,)``).
-ResidualFn = Callable[[torch.Tensor], torch.Tensor]
+#: A clip-aware :class:`DiscrepancyTracker` calls ``residual_fn(estimate, per_pixel)`` instead, and expects the
+#: pair ``(residual, mean of per_pixel(A x))``, both ``(K,)``: the expected residual is evaluated where the
+#: observation is compared, after the forward model.
+ResidualFn = Callable[..., Any]
+
+_SQRT_2PI = math.sqrt(2.0 * math.pi)
+#: A noise level or clip bound: one number, or a tensor that broadcasts against the values.
+Bound = Union[float, torch.Tensor]
+
+
+def clipped_noise_moments(x: torch.Tensor, std: Bound, low: Bound = 0.0,
+                          high: Bound = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``E[r]`` and ``E[r^2]`` of the residual ``r = clip(x + n, low, high) - x``, ``n ~ N(0, std^2)``, per element.
+
+    ``x`` is the true value (any shape); ``std`` (> 0), ``low`` and ``high``
+    numbers or tensors that broadcast against it.  Closed forms in the normal CDF and density
+    (see the module docstring); exact for any ``x``, also outside
+    ``[low, high]``.
+
+    >>> import torch
+    >>> m, m2 = clipped_noise_moments(torch.tensor([0.5, 0.0, 1.0]), 0.1)
+    >>> [round(v, 4) for v in (m2 / 0.01).tolist()]   # sigma^2 inside, half of it at either bound
+    [1.0, 0.5, 0.5]
+    >>> [round(v, 4) for v in (m / 0.1).tolist()]     # the clip pushes the mean inwards by phi(0) sigma
+    [0.0, 0.3989, -0.3989]
+    """
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device)
+    a = (low - x) / s
+    b = (high - x) / s
+    cdf_a, tail_b = torch.special.ndtr(a), torch.special.ndtr(-b)
+    pdf_a, pdf_b = torch.exp(-0.5 * a * a) / _SQRT_2PI, torch.exp(-0.5 * b * b) / _SQRT_2PI
+    mean = a * cdf_a + b * tail_b + pdf_a - pdf_b
+    # Phi(b) - Phi(a) as 1 - Phi(a) - (1 - Phi(b)): no cancellation when both bounds are far.
+    second = a * a * cdf_a + b * b * tail_b + (1.0 - cdf_a - tail_b) + a * pdf_a - b * pdf_b
+    return s * mean, s * s * second
+
+
+def expected_clipped_residual(x: torch.Tensor, std: Bound, low: Bound = 0.0, high: Bound = 1.0) -> torch.Tensor:
+    """``E[(clip(x + n, low, high) - x)^2]``: what the true value ``x`` leaves as squared residual, per element.
+
+    >>> import torch
+    >>> v = expected_clipped_residual(torch.tensor([0.5, 0.1, 0.0]), 25 / 255)
+    >>> [round(float(t) / (25 / 255) ** 2, 3) for t in v]
+    [1.0, 0.764, 0.5]
+    """
+    return clipped_noise_moments(x, std, low, high)[1]
+
+
+def clipped_mean_inverse(mean: torch.Tensor, std: float, low: float = 0.0, high: float = 1.0,
+                         points: int = 4097) -> torch.Tensor:
+    """The true value ``x`` in ``[low, high]`` whose clipped mean ``E[clip(x + n, low, high)]`` is ``mean``, per element.
+
+    The clipped mean rises monotonically from ``low + phi(0) std`` (at ``x = low``)
+    to ``high - phi(0) std``; means outside that range give the bounds.  Read
+    off a table of ``points`` values of ``x``, linearly interpolated; ``std``
+    is one number.
+
+    >>> import torch
+    >>> x = torch.tensor([0.0, 0.05, 0.5, 0.9], dtype=torch.float64)
+    >>> m, _ = clipped_noise_moments(x, 0.1)
+    >>> [round(v, 3) for v in clipped_mean_inverse(x + m, 0.1).tolist()]
+    [0.0, 0.05, 0.5, 0.9]
+    """
+    grid = torch.linspace(low, high, points, dtype=torch.float64, device=mean.device)
+    shift, _ = clipped_noise_moments(grid, float(std), low, high)
+    table = (grid + shift).contiguous()
+    y = mean.detach().to(torch.float64).contiguous()
+    i = torch.searchsorted(table, y).clamp(1, points - 1)
+    lo, hi = table[i - 1], table[i]
+    w = ((y - lo) / (hi - lo)).clamp(0.0, 1.0)
+    return (grid[i - 1] + w * (grid[i] - grid[i - 1])).to(mean.dtype)
+
+
+#: Points of the tables that read a clipped mean back as the expected residual of its true value.
+TABLE_POINTS = 4097
+
+
+def _clip_tables(std: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                 points: int = TABLE_POINTS) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per row ``k`` (``std``, ``low``, ``high``: ``(K,)``), the clipped mean and the expected squared residual of
+    ``points`` true values from ``low[k]`` to ``high[k]``: two ``(K, points)`` tables, the first increasing."""
+    t = torch.linspace(0.0, 1.0, points, dtype=std.dtype, device=std.device)
+    grid = low[:, None] + (high - low)[:, None] * t
+    mean, second = clipped_noise_moments(grid, std[:, None], low[:, None], high[:, None])
+    return (grid + mean).contiguous(), second.contiguous()
+
+
+def _expected_at_mean(values: torch.Tensor, mean_table: torch.Tensor, res_table: torch.Tensor) -> torch.Tensor:
+    """``(K, M)`` values read as clipped means: the expected squared residual of their true values (tables of
+    :func:`_clip_tables`, linear between the points; a value outside the table's range takes its end)."""
+    v = values.to(mean_table.dtype).contiguous()
+    i = torch.searchsorted(mean_table, v).clamp(1, mean_table.shape[1] - 1)
+    lo, hi = mean_table.gather(1, i - 1), mean_table.gather(1, i)
+    w = ((v - lo) / (hi - lo)).clamp(0.0, 1.0)
+    r0, r1 = res_table.gather(1, i - 1), res_table.gather(1, i)
+    return r0 + w * (r1 - r0)
+
+
+def clipped_observation_variance(x: torch.Tensor, std: Bound, low: Bound = 0.0, high: Bound = 1.0) -> torch.Tensor:
+    """``Var[clip(x + n, low, high)]``: the observation's own variance at the true value ``x``, per element.
+
+    Below :func:`expected_clipped_residual` where the clip biases the mean
+    (the residual of ``E[y]``, not of ``x``).
+
+    >>> import torch
+    >>> round(float(clipped_observation_variance(torch.tensor(0.0), 0.1)) / 0.01, 4)   # 1/2 - 1/(2 pi)
+    0.3408
+    """
+    mean, second = clipped_noise_moments(x, std, low, high)
+    return second - mean * mean
 
 
 @dataclass
@@ -201,6 +341,63 @@ class WindowedVariance:
 
 
 @dataclass(frozen=True)
+class ClippedBound:
+    """The discrepancy bound of a clip-aware rule: ``tolerance`` times the mean expected residual at the estimate.
+
+    What :attr:`DiscrepancyRule.bound` is for ``clip=(low, high)``, and what
+    :func:`dip_fast.core.fit.fit` takes as ``stop_bound``: the accepted
+    residual is no longer one number but follows the estimate, so the
+    device tracker evaluates it every step, where the residual is measured
+    (after the forward model).
+
+    How the estimate is read: fitted to the observation in the least-squares
+    sense, the average of a clipped region finds the observation's clipped
+    mean ``E[y] = x + E[r]``, not the true value ``x`` (at ``x = 0`` it sits
+    ``phi(0) sigma`` above it).  So the true value of each pixel is taken as
+    the one whose clipped mean the estimate is (:func:`clipped_mean_inverse`),
+    and the bound is the expected residual of that true image
+    (``mean_read=True``, what :class:`DiscrepancyRule` uses).  With
+    ``mean_read=False`` the estimate itself is taken as the true value; that
+    bound is larger in clipped regions (at an average of ``phi(0) sigma`` it
+    reads 0.56 sigma^2 where the true image leaves 0.5) and stopped earlier
+    on the recorded clipped runs (``bench/README.md``).
+
+    Attributes:
+        tolerance: as :attr:`DiscrepancyRule.tolerance`.
+        noise_std: sigma of the noise before clipping, in [0, 1] units.
+        low, high: the clip bounds of the observation.
+        mean_read: read the estimate as the clipped mean (see above).
+
+    >>> import torch
+    >>> b = ClippedBound(1.0, 0.1)
+    >>> [round(v / 0.01, 3) for v in b.per_pixel(torch.tensor([0.5, 0.0399, 0.0])).tolist()]  # 0.0399: E[y] at 0
+    [1.0, 0.5, 0.5]
+    >>> [round(v / 0.01, 3) for v in ClippedBound(1.0, 0.1, mean_read=False).per_pixel(torch.tensor([0.0399])).tolist()]
+    [0.563]
+    """
+
+    tolerance: float
+    noise_std: float
+    low: float = 0.0
+    high: float = 1.0
+    mean_read: bool = True
+
+    def per_pixel(self, seen: torch.Tensor) -> torch.Tensor:
+        """The expected squared residual of the true image read from ``seen`` (see the class docstring)."""
+        if not self.mean_read:
+            return expected_clipped_residual(seen, self.noise_std, self.low, self.high)
+        x = seen.detach().to(torch.float64)
+        tables = _clip_tables(torch.tensor([self.noise_std], dtype=torch.float64, device=x.device),
+                              torch.tensor([self.low], dtype=torch.float64, device=x.device),
+                              torch.tensor([self.high], dtype=torch.float64, device=x.device))
+        return _expected_at_mean(x.reshape(1, -1), *tables).reshape(seen.shape).to(seen.dtype)
+
+    def select(self, keep: Any) -> "ClippedBound":
+        """The same bound for the networks ``keep`` (it is not per network; for packed runs)."""
+        return self
+
+
+@dataclass(frozen=True)
 class DiscrepancyRule:
     """Stop at the first step whose running average explains the observation down to its noise level.
 
@@ -223,10 +420,25 @@ class DiscrepancyRule:
     zero or not finite) the rule *falls back*: the run completes and returns
     what ``stop='never'`` returns.
 
+    Clipped noise (``clip=(low, high)``): the observation is
+    ``clip(A x + n, low, high)`` and ``noise_var`` the variance of ``n``
+    before clipping.  The expected residual of the true image is then below
+    ``noise_var`` where ``A x`` is near a bound (see the module docstring),
+    and one ``noise_var`` for every pixel would let an under-fitted average
+    pass on the small residuals of the clipped pixels.  The rule compares the
+    residual with ``tolerance`` times the mean over the pixels of the
+    expected residual evaluated at the current average
+    (:class:`ClippedBound`, :meth:`threshold`), which is ``noise_var`` where
+    nothing is near a bound.
+
     Attributes:
         noise_var: ``sigma^2`` of the observation's noise, in ``[0, 1]``
-            intensity units squared (``(sigma / 255) ** 2``).
-        tolerance: stop once ``residual <= tolerance * noise_var``.
+            intensity units squared (``(sigma / 255) ** 2``); before
+            clipping when ``clip`` is set.
+        tolerance: stop once ``residual <= tolerance * noise_var`` (with
+            ``clip``: ``tolerance`` times the expected residual).
+        clip: ``(low, high)``, the bounds the observation was clipped to, or
+            None (no clipping).
 
     Example:
         >>> rule = DiscrepancyRule(noise_var=(25 / 255) ** 2)
@@ -234,14 +446,22 @@ class DiscrepancyRule:
         (True, False)
         >>> replay([0.03, 0.02, 0.009, 0.008], DiscrepancyRule(noise_var=0.01)).stop_step
         2
+        >>> clipped = DiscrepancyRule(noise_var=0.01, clip=(0.0, 1.0))
+        >>> clipped.admissible(0.009, expected=0.01), clipped.admissible(0.009, expected=0.008)
+        (True, False)
     """
 
     noise_var: Optional[float]
     tolerance: float = 1.0  # restore()'s setting, chosen on the benchmark's tuning runs
+    clip: Optional[Tuple[float, float]] = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.tolerance, (int, float)) and math.isfinite(self.tolerance) and self.tolerance > 0):
             raise ValueError(f"tolerance must be a positive finite number, got {self.tolerance!r}")
+        if self.clip is not None and not (
+                len(self.clip) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in self.clip)
+                and self.clip[0] < self.clip[1]):
+            raise ValueError(f"clip must be None or two finite bounds (low, high) with low < high, got {self.clip!r}")
 
     @property
     def usable(self) -> bool:
@@ -249,13 +469,32 @@ class DiscrepancyRule:
         return self.noise_var is not None and math.isfinite(self.noise_var) and self.noise_var > 0
 
     @property
-    def bound(self) -> float:
-        """The largest accepted residual (NaN when the rule is not usable, which accepts nothing)."""
-        return self.tolerance * self.noise_var if self.usable else math.nan
+    def bound(self) -> Union[float, ClippedBound]:
+        """What :func:`dip_fast.core.fit.fit` takes as ``stop_bound``: the largest accepted residual (NaN when
+        the rule is not usable, which accepts nothing), or with ``clip`` the :class:`ClippedBound` that the
+        device tracker evaluates at each step's estimate."""
+        if not self.usable:
+            return math.nan
+        if self.clip is not None:
+            return ClippedBound(self.tolerance, math.sqrt(self.noise_var), float(self.clip[0]), float(self.clip[1]))
+        return self.tolerance * self.noise_var
 
-    def admissible(self, residual: Optional[float]) -> bool:
-        """Whether an estimate with this residual explains the observation (NaN or None: never)."""
-        return residual is not None and residual <= self.bound  # False for NaN on either side
+    def threshold(self, expected: Optional[float] = None) -> float:
+        """The largest accepted residual of an estimate: ``tolerance * noise_var``, or with ``clip`` ``tolerance``
+        times ``expected``, the mean expected residual under clipping at that estimate (None or NaN: NaN)."""
+        if not self.usable:
+            return math.nan
+        if self.clip is None:
+            return self.tolerance * self.noise_var
+        return math.nan if expected is None else self.tolerance * expected
+
+    def admissible(self, residual: Optional[float], expected: Optional[float] = None) -> bool:
+        """Whether an estimate with this residual explains the observation (NaN or None: never).
+
+        ``expected``: with ``clip``, the mean expected residual under clipping at the estimate
+        (:meth:`ClippedBound.per_pixel`, averaged); not used without.
+        """
+        return residual is not None and residual <= self.threshold(expected)  # False for NaN on either side
 
 
 class DiscrepancyTracker:
@@ -264,24 +503,47 @@ class DiscrepancyTracker:
     Args:
         like: a tensor shaped like one output (its shape and device are used).
         bound: the largest accepted residual (:attr:`DiscrepancyRule.bound`;
-            NaN accepts nothing); a sequence of ``K`` bounds for ``K`` networks.
+            NaN accepts nothing), or a :class:`ClippedBound` evaluated at
+            each step's estimate; a sequence of ``K`` of them for ``K``
+            networks.
         networks: ``K`` networks trained in one step, as for
             :class:`WindowedVariance`; ``residual_fn`` then returns ``(K,)``.
 
     After every step call :meth:`update`; once a step's estimate qualifies,
     :attr:`best_step` holds that step and :attr:`best` the estimate, and
     later steps change neither (the host may read a few steps late).
+    :attr:`bound` holds the bound the last step was held to.
     """
 
-    def __init__(self, like: torch.Tensor, bound: Union[float, Sequence[float]], networks: int = 1) -> None:
+    def __init__(self, like: torch.Tensor, bound: Union[float, ClippedBound, Sequence[Union[float, ClippedBound]]],
+                 networks: int = 1) -> None:
         self.networks = networks
         self._bshape = _per_network(like, networks)
         dev = like.device
         k = (networks,)
-        bounds = [float(b) for b in bound] if isinstance(bound, (list, tuple)) else [float(bound)] * networks
-        if len(bounds) != networks:
-            raise ValueError(f"bound has {len(bounds)} entries for {networks} networks")
-        self.bound = torch.tensor(bounds, dtype=torch.float64, device=dev)
+        entries = list(bound) if isinstance(bound, (list, tuple)) else [bound] * networks
+        if len(entries) != networks:
+            raise ValueError(f"bound has {len(entries)} entries for {networks} networks")
+        clipped = [b if isinstance(b, ClippedBound) else None for b in entries]
+        fixed = [math.nan if c is not None else float(b) for b, c in zip(entries, clipped)]
+        self.bound = torch.tensor(fixed, dtype=torch.float64, device=dev)
+        # Clip-aware networks: their bound is tolerance x the mean expected residual, evaluated every step.
+        self._clipped = any(c is not None for c in clipped)
+        self.fixed_bound = self.bound.clone()
+        self.clip_tolerance = torch.tensor([c.tolerance if c else math.nan for c in clipped], dtype=torch.float64,
+                                           device=dev)
+        if any(c is not None and not c.mean_read for c in clipped):
+            raise ValueError("the device tracker reads the estimate as the clipped mean (ClippedBound.mean_read)")
+        # Per network, the tables that read an estimate as a clipped mean (float32: the steps of the clipped
+        # mean between table points are above 1e-5, far above its rounding).  Networks without clipping get
+        # placeholder tables whose values the bound ignores.
+        self.clip_mean_table, self.clip_res_table = _clip_tables(
+            torch.tensor([c.noise_std if c else 1.0 for c in clipped], dtype=torch.float64),
+            torch.tensor([c.low if c else 0.0 for c in clipped], dtype=torch.float64),
+            torch.tensor([c.high if c else 1.0 for c in clipped], dtype=torch.float64))
+        self.clip_mean_table = self.clip_mean_table.to(device=dev, dtype=torch.float32)
+        self.clip_res_table = self.clip_res_table.to(device=dev, dtype=torch.float32)
+        self.expected = torch.full(k, float("nan"), dtype=torch.float64, device=dev)
         self.count = torch.zeros((), dtype=torch.int64, device=dev)
         self.best_step = torch.full(k, -1, dtype=torch.int64, device=dev)
         self.best = torch.zeros(like.shape, dtype=torch.float32, device=dev)
@@ -300,12 +562,24 @@ class DiscrepancyTracker:
         if residual_fn is None:
             raise ValueError("the discrepancy rule needs residual_fn")
         estimate = (average if average is not None else out).detach().to(torch.float32)
-        self.residual.copy_(residual_fn(estimate).double().reshape(self.networks))
+        if self._clipped:
+            residual, expected = residual_fn(estimate, self._per_pixel)
+            self.expected.copy_(expected.double().reshape(self.networks))
+            self.bound.copy_(torch.where(torch.isnan(self.clip_tolerance), self.fixed_bound,
+                                         self.clip_tolerance * self.expected))
+        else:
+            residual = residual_fn(estimate)
+        self.residual.copy_(residual.double().reshape(self.networks))
         # A NaN residual compares False: a non-finite estimate never qualifies.
         first = (self.best_step < 0) & (self.residual <= self.bound)
         self.best_step.copy_(torch.where(first, self.count, self.best_step))
         self.best.copy_(torch.where(first.reshape(self._bshape), estimate, self.best))
         self.count.add_(1)
+
+    def _per_pixel(self, seen: torch.Tensor) -> torch.Tensor:
+        """Expected squared residual under clipping of every value of ``seen`` (``(K, ...)``), per network's level."""
+        values = seen.float().reshape(self.networks, -1)
+        return _expected_at_mean(values, self.clip_mean_table, self.clip_res_table).reshape(seen.shape)
 
     def select(self, keep: torch.Tensor) -> "DiscrepancyTracker":
         """This tracker for networks ``keep`` only (a packed run that dropped its stopped networks)."""
@@ -337,21 +611,25 @@ class ReplayDecision:
 
 
 def replay(residual: Sequence[Optional[float]], rule: DiscrepancyRule,
-           iterations: Optional[int] = None) -> ReplayDecision:
+           iterations: Optional[int] = None, expected: Optional[Sequence[Optional[float]]] = None) -> ReplayDecision:
     """Run ``rule`` over logged residuals of the running average, as a live run would.
 
     ``residual[t]`` is ``||y - A x_t||^2 / N`` of the average after step
     ``t`` (None or NaN where unknown).  This is the host-side mirror of
     :class:`DiscrepancyTracker` inside :func:`dip_fast.core.fit.fit`, for tests
     and for tuning the rule on recorded trajectories; ``iterations`` caps
-    the steps (default: all of them).
+    the steps (default: all of them).  A rule with ``clip`` needs
+    ``expected[t]``, the mean expected residual under clipping at that
+    average (:meth:`ClippedBound.per_pixel`, averaged over the pixels).
 
     * ``'discrepancy'``: step ``stop_step`` explained the observation; the
       run stops there and returns that step's average.
     * ``'fallback'``: no step did; the run completes.
     """
+    if rule.clip is not None and rule.usable and (expected is None or len(expected) < len(residual)):
+        raise ValueError("a rule with clip needs the expected residual of every step (expected=)")
     n = len(residual) if iterations is None else min(iterations, len(residual))
     for t in range(n):
-        if rule.admissible(residual[t]):
+        if rule.admissible(residual[t], expected[t] if expected is not None else None):
             return ReplayDecision(steps=t + 1, stop_step=t, reason="discrepancy")
     return ReplayDecision(steps=n, stop_step=None, reason="fallback")

@@ -510,10 +510,18 @@ class StepRunner:
         view = self.reference_view(image) if self.reference_view is not None else image
         return psnr(view, self.reference.expand_as(view), per_image=True)
 
-    def _residual(self, image: torch.Tensor) -> torch.Tensor:
-        """Per network, the data-term residual ``||y - A x||^2 / N`` of an estimate (all pixels: sigma^2 is per pixel)."""
+    def _residual(self, image: torch.Tensor, per_pixel: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                  ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Per network, the data-term residual ``||y - A x||^2 / N`` of an estimate (all pixels: sigma^2 is per pixel).
+
+        With ``per_pixel`` (a clip-aware discrepancy rule), also the mean of ``per_pixel(A x)``: the residual
+        the rule expects there.
+        """
         seen = self.degrade(image) if self.degrade is not None else image
-        return (seen - self.observation).square().reshape(seen.shape[0], -1).mean(1)
+        residual = (seen - self.observation).square().reshape(seen.shape[0], -1).mean(1)
+        if per_pixel is None:
+            return residual
+        return residual, per_pixel(seen).reshape(seen.shape[0], -1).mean(1)
 
     def _data_terms(self, out: torch.Tensor) -> torch.Tensor:
         """``loss_fn``'s value: ``(K,)``, one data term per network."""

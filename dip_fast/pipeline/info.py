@@ -43,11 +43,14 @@ class RestoreInfo:
             explained the observation down to the noise level, or the level
             was unknown), so the fixed-count result was returned.
         stop_noise_sigma: the noise level (0-255) the stopping rule compared
-            the residual with; None when the rule was off.
+            the residual with (before clipping, where the rule modelled the
+            observation's clipping at 0 and 1); None when the rule was off.
         stop_residual_ratio: ``||y - A x||^2 / N`` of the returned image
-            divided by ``stop_noise_sigma`` squared: at most the tolerance
-            for an early-stopped image, near 1 when the image explains the
-            observation down to its noise; None when the rule was off.
+            divided by ``stop_noise_sigma`` squared (with clipping modelled:
+            by the mean expected residual of clipped noise at the returned
+            image): at most the tolerance for an early-stopped image, near 1
+            when the image explains the observation down to its noise; None
+            when the rule was off.
         stop_summary: one plain sentence on why the run ended and how sure
             the rule is.
         execution: how the step ran and how that was chosen

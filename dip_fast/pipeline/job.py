@@ -24,7 +24,7 @@ from ..core.fit import timing_runner
 from ..core.networks import FAST_FALLBACK, execution_builder
 from ..core.packed import pack as pack_networks
 from ..core.tuning import Candidate, Decision
-from ..core.early_stop import DiscrepancyRule
+from ..core.early_stop import ClippedBound, DiscrepancyRule
 from ..core.fit import FitResult, fit
 from ..core.metrics import psnr
 from . import noise_level
@@ -45,12 +45,12 @@ def reg_noise_for_sigma(sigma: float) -> float:
     return (1.0 - t) / 30.0 + t / 20.0
 
 
-def estimate_sigma(color: torch.Tensor) -> float:
-    """Noise level (0-255) of a ``(1, C, H, W)`` image, always finite.
+def estimate_sigma(color: torch.Tensor, clipped: bool = True) -> float:
+    """Noise level (0-255) of a ``(1, C, H, W)`` image, always finite; before clipping at 0 and 1 when ``clipped``.
 
     See :func:`dip_fast.pipeline.noise_level.estimate_sigma` (0, with a warning, for an image that shows no noise).
     """
-    return noise_level.estimate_sigma(color, stacklevel=_caller.stacklevel())  # the caller of restore()
+    return noise_level.estimate_sigma(color, stacklevel=_caller.stacklevel(), clipped=clipped)  # restore()'s caller
 
 
 # --------------------------------------------------------------------------
@@ -138,16 +138,19 @@ def pixel_settings(request: RestoreRequest, color: torch.Tensor
     measured = request.task.measurement
     # The estimate of the observation's noise (dip_fast.pipeline.noise_level), made once for both of its uses below.
     wanted = not measured and ((takes_sigma and request.sigma is None) or request.stop == "early")
-    estimate = estimate_sigma(color) if wanted else None
+    # Gaussian noise (a task that takes sigma) is read before its clipping at 0 and 1, which the stopping
+    # rule then models; other observations (JPEG's error, a deblurring's) as the noise present.
+    estimate = estimate_sigma(color, clipped=takes_sigma) if wanted else None
     if takes_sigma:
         used_sigma = request.sigma if request.sigma is not None else estimate
         if request.level and used_sigma is not None:  # an explicit Preset or registry name keeps its own setting
             chosen = chosen.with_overrides(reg_noise_std=reg_noise_for_sigma(used_sigma))
     rule: Optional[DiscrepancyRule] = None
     if request.stop == "early":
-        # The noise level the residual is held to: the observation's own estimate, which measures
-        # the noise actually present (clipping at 0 and 1 leaves less than a nominal sigma); a given
-        # sigma only lowers it, since a level set too high stops before the image is fitted.  An
+        # The noise level the residual is held to: the observation's own estimate; a given sigma only
+        # lowers it, since a level set too high stops before the image is fitted.  Where the Gaussian
+        # noise was clipped at 0 and 1 (values sit there), the rule holds the residual to the expected
+        # residual under clipping at the current average instead of one sigma^2 per pixel.  An
         # image that shows no noise (0) makes the rule unusable, and the run falls back.  A
         # measurement's level is its given sigma (none: unusable, the run falls back).
         if measured:
@@ -156,7 +159,8 @@ def pixel_settings(request: RestoreRequest, color: torch.Tensor
             level = estimate  # made above whenever stop is 'early'
             if takes_sigma and request.sigma is not None:
                 level = min(level, request.sigma)
-        rule = DiscrepancyRule((level / 255.0) ** 2, tolerance=EARLY_STOP_TOLERANCE)
+        clip = (0.0, 1.0) if takes_sigma and not measured and noise_level.clipped_share(color) > 0 else None
+        rule = DiscrepancyRule((level / 255.0) ** 2, tolerance=EARLY_STOP_TOLERANCE, clip=clip)
     return chosen, used_sigma, rule
 
 
@@ -362,25 +366,34 @@ def explain_stop(info: RestoreInfo, rule: DiscrepancyRule, result: Any, term: nn
                   estimate: torch.Tensor) -> None:
     """Fill the early-stopping fields of ``info``: the fallback flag, the residual ratio and a summary."""
     info.stop_fallback = result.stop_step is None and result.stop_reason == "completed"
+    # With clipping modelled, the residual is compared with the expected residual of clipped noise at the
+    # estimate (the rule's threshold), not with sigma^2: the ratio keeps its meaning (accepted up to the tolerance).
+    level, clipped = "sigma^2", ""
     if rule.usable:
         with torch.no_grad():
             seen = term.degrade(estimate) if hasattr(term, "degrade") else estimate
             residual = float((seen - term.observation).square().mean())
-        info.stop_residual_ratio = residual / rule.noise_var
+            expected = rule.noise_var
+            if isinstance(rule.bound, ClippedBound):
+                expected = float(rule.bound.per_pixel(seen).double().mean())
+                level = "the expected residual of clipped noise"
+                clipped = (f"; {noise_level.clipped_share(term.observation):.1%} of the observation's values are "
+                           f"clipped at 0 or 1, where the noise is smaller, and the threshold accounts for it")
+        info.stop_residual_ratio = residual / expected
     ratio = f"{info.stop_residual_ratio:.2f}" if info.stop_residual_ratio is not None else "n/a"
     if result.stop_step is not None:
         info.stop_summary = (
             f"stopped: at step {result.stop_step + 1} the average explained the observation down to its noise "
-            f"level (residual {ratio} x sigma^2, accepted up to {rule.tolerance:g}; sigma "
-            f"{info.stop_noise_sigma:.1f}); going on would fit the noise, so that average is returned")
+            f"level (residual {ratio} x {level}, accepted up to {rule.tolerance:g}; sigma "
+            f"{info.stop_noise_sigma:.1f}{clipped}); going on would fit the noise, so that average is returned")
     elif not rule.usable:
         info.stop_summary = ("fallback: the noise level could not be estimated, so early stopping cannot tell an "
                              "under-fitted estimate; the run's last average is returned")
     elif info.stop_fallback:
         info.stop_summary = (
-            f"fallback: no step's average explained the observation down to {rule.tolerance:g} x sigma^2 "
-            f"(sigma {info.stop_noise_sigma:.1f}); the returned last average still leaves {ratio} x sigma^2, "
-            f"so it has not fitted the image to the noise level yet and more iterations may improve it")
+            f"fallback: no step's average explained the observation down to {rule.tolerance:g} x {level} "
+            f"(sigma {info.stop_noise_sigma:.1f}{clipped}); the returned last average still leaves {ratio} x "
+            f"{level}, so it has not fitted the image to the noise level yet and more iterations may improve it")
     else:
         info.stop_summary = f"ended before the rule decided ({info.stop_reason}); the result so far is returned"
 
