@@ -2,18 +2,24 @@
 
 The batch runs in child processes forked from a multiprocessing fork server
 that has imported dip_fast once, so that each run starts in milliseconds
-instead of paying the torch import, and the kills land inside the batch
-itself (listing, restoring, writing images and the summary).  After every
-kill the output folder may hold only complete results, bit-identical to an
-uninterrupted run's; the rerun must restore exactly the files that were
-missing and leave the finished ones untouched.
+instead of paying the torch import.  Each child kills itself with SIGKILL at
+one known point of the batch, reached through the batch's checkpoint hook
+(``dip_fast.apps.batch.checkpoint_hook``: after listing, between restoring a
+file and writing it, after writing it) or inside a write, after the
+temporary file is complete and before it is moved into place: every such
+point is hit once, whatever the machine's speed.  After every kill the output
+folder may hold only complete results, bit-identical to an uninterrupted
+run's, exactly the files finished before that point; the rerun must restore
+exactly the files that were missing and leave the finished ones untouched.
+
+Marked slow (about 20 batch runs and two command-line runs): ``make
+test-slow`` and CI run it.
 """
 from __future__ import annotations
 
 import csv
 import multiprocessing
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -27,22 +33,44 @@ from PIL import Image
 
 from dip_fast.apps.cli import main
 
-pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"), pytest.mark.slow]
 
-#: SIGKILLs in the batch test (DIP_FAST_KILLS overrides it for a longer soak).
-KILLS = int(os.environ.get("DIP_FAST_KILLS", "20"))
-KILLS_PER_ROUND = 4
 FILES = [f"img{i}.png" for i in range(4)]
-# 10 steps a file: long enough against the 2 ms polling that a kill aimed
-# between two results lands there on a fast machine too (with 2 steps an idle
-# CI machine finished the rest of the batch before most such kills).
 BATCH_OPTIONS = ["--task", "denoise", "--preset", "quick", "--iterations", "10", "--device", "cpu",
                  "--threads", "1", "--seed", "0", "-q"]
+#: Where a batch can be killed, in the order one run passes them: after listing the files; per file,
+#: after restoring it, inside its write (the temporary file complete, not yet moved into place) and
+#: after it; inside the summary's write.
+KILL_POINTS = ([("listed", "")]
+               + [(event, name) for name in FILES for event in ("restored", "replace", "written")]
+               + [("replace", "summary.csv")])
+#: Kills per output folder before a rerun finishes the batch.
+KILLS_PER_ROUND = 4
 
 
 def _cli(argv: List[str]) -> None:
     """A child's whole life: the command line, exiting with its status."""
     sys.exit(main(argv))
+
+
+def _cli_killed_at(argv: List[str], point: Tuple[str, str]) -> None:
+    """The command line, SIGKILLed at ``point`` (one of :data:`KILL_POINTS`)."""
+    from dip_fast.apps import batch
+
+    def kill() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    batch.checkpoint_hook = lambda event, name: kill() if (event, name) == point else None
+    if point[0] == "replace":  # inside dip_fast.io.atomic_path: the temporary file is written, not moved
+        real_replace = os.replace
+
+        def replace(src, dst, *args, **kwargs):
+            if Path(dst).name == point[1]:
+                kill()
+            return real_replace(src, dst, *args, **kwargs)
+
+        os.replace = replace  # this child's only: it dies at the first matching write
+    _cli(argv)
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +87,15 @@ def forkserver():
     return ctx
 
 
-def _start(ctx, src: Path, out: Path):
-    proc = ctx.Process(target=_cli, args=(["batch", str(src), str(out), *BATCH_OPTIONS],))
+def _run(ctx, src: Path, out: Path, kill_at=None) -> int:
+    """Run the batch (SIGKILLed at ``kill_at``, if given) and wait for it; its exit code."""
+    argv = ["batch", str(src), str(out), *BATCH_OPTIONS]
+    proc = ctx.Process(target=_cli, args=(argv,)) if kill_at is None else \
+        ctx.Process(target=_cli_killed_at, args=(argv, kill_at))
     proc.start()
-    return proc
-
-
-def _finish(ctx, src: Path, out: Path) -> float:
-    """Run the batch to the end; the seconds it took."""
-    t0 = time.perf_counter()
-    proc = _start(ctx, src, out)
-    proc.join(120)
-    assert proc.exitcode == 0, f"batch exited with {proc.exitcode}"
-    return time.perf_counter() - t0
+    proc.join(300)
+    assert proc.exitcode is not None, "the batch did not finish in 300 s"
+    return proc.exitcode
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -82,6 +106,10 @@ def _pixels(path: Path) -> np.ndarray:
 
 def _visible(folder: Path) -> List[str]:
     return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+
+
+def _hidden(folder: Path) -> List[str]:
+    return sorted(name for name in os.listdir(folder) if name.startswith("."))
 
 
 def _rows(path: Path) -> Dict[str, str]:
@@ -109,6 +137,17 @@ def _check_nothing_partial(out: Path, reference: Dict[str, np.ndarray]) -> Dict[
     return seen
 
 
+def _finished_at(point: Tuple[str, str], done: List[str]) -> List[str]:
+    """The results present after a kill at ``point`` in a rerun that found ``done`` finished."""
+    event, name = point
+    if event == "listed":
+        return sorted(done)
+    if name == "summary.csv":
+        return list(FILES)
+    upto = FILES.index(name) + (event == "written")
+    return sorted(set(done) | set(FILES[:upto]))
+
+
 @pytest.fixture
 def inputs(tmp_path) -> Path:
     src = tmp_path / "in"
@@ -119,66 +158,32 @@ def inputs(tmp_path) -> Path:
     return src
 
 
-def _results(out: Path) -> int:
-    return len(set(FILES) & set(os.listdir(out))) if out.exists() else 0
-
-
-def _timeline(ctx, src: Path, out: Path) -> Tuple[float, float]:
-    """Run the batch to the end, watching it: seconds to its first result, and between results."""
-    t0 = time.perf_counter()
-    proc = _start(ctx, src, out)
-    seen = [0.0] * len(FILES)
-    while proc.is_alive() or _results(out) < len(FILES):
-        n = _results(out)
-        for i in range(n):
-            seen[i] = seen[i] or time.perf_counter() - t0
-        assert proc.is_alive() or n == len(FILES), f"batch exited with {proc.exitcode}"
-        time.sleep(0.002)
-    proc.join(30)
-    assert proc.exitcode == 0, f"batch exited with {proc.exitcode}"
-    return seen[0], (seen[-1] - seen[0]) / (len(FILES) - 1)
-
-
-def test_batch_sigkill_at_random_moments_leaves_no_partial_file(forkserver, inputs, tmp_path):
-    ref = tmp_path / "ref"
-    _finish(forkserver, inputs, ref)  # the fork server's start-up is paid here
-    first, between = _timeline(forkserver, inputs, tmp_path / "ref2")
-    reference = {name: _pixels(ref / name) for name in FILES}
+def test_batch_sigkill_at_every_point_leaves_no_partial_file(forkserver, inputs, tmp_path):
+    assert _run(forkserver, inputs, tmp_path / "ref") == 0
+    assert _run(forkserver, inputs, tmp_path / "ref2") == 0
+    reference = {name: _pixels(tmp_path / "ref" / name) for name in FILES}
     assert all(np.array_equal(reference[n], _pixels(tmp_path / "ref2" / n)) for n in FILES), "runs differ"
 
-    rng = random.Random(int(os.environ.get("DIP_FAST_KILL_SEED", "0")))
-    kills, cut_mid_batch, folder = 0, 0, 0
-    while kills < KILLS:
-        # Each round kills reruns of one batch several times, then lets a rerun finish it.
-        out, folder = tmp_path / f"out{folder}", folder + 1
+    # The points in the order a run passes them, a few per folder: each rerun reaches the next point.
+    rounds = [KILL_POINTS[i : i + KILLS_PER_ROUND] for i in range(0, len(KILL_POINTS), KILLS_PER_ROUND)]
+    for number, points in enumerate(rounds):
+        out = tmp_path / f"out{number}"
         done: Dict[str, Tuple[int, int]] = {}
-        for _ in range(KILLS_PER_ROUND):
-            # A random moment: during the start (listing, the trial run) or
-            # while the j-th remaining file is restored and written.
-            j = rng.randrange(len(FILES) - len(done) + 1)
-            proc = _start(forkserver, inputs, out)
-            while j and _results(out) < len(done) + j and proc.is_alive():
-                time.sleep(0.002)
-            time.sleep(rng.uniform(0.0, between if j else first))
-            proc.kill()
-            proc.join(30)
-            assert proc.exitcode in (-signal.SIGKILL, 0), proc.exitcode
-            kills += 1
+        for point in points:
+            code = _run(forkserver, inputs, out, kill_at=point)
+            assert code == -signal.SIGKILL, f"the batch was not killed at {point} (exit code {code})"
             now = _check_nothing_partial(out, reference) if out.exists() else {}
-            assert now.items() >= done.items(), "a finished result was redone"
-            cut_mid_batch += len(done) < len(now) < len(FILES)
+            assert now.items() >= done.items(), f"a finished result was redone (killed at {point})"
+            assert sorted(now) == _finished_at(point, list(done)), f"killed at {point}"
+            if point[0] == "replace":  # the kill came inside the write: its temporary file is left
+                assert [n for n in _hidden(out) if n.startswith(f".{point[1]}.")], f"no temporary file at {point}"
             done = now
 
-        _finish(forkserver, inputs, out)
+        assert _run(forkserver, inputs, out) == 0
         assert _check_nothing_partial(out, reference).items() >= done.items(), "a finished result was redone"
         assert _rows(out / "summary.csv") == {n: "skipped" if n in done else "done" for n in FILES}
         assert _visible(out) == sorted(FILES + ["summary.csv"])
-        assert not [n for n in os.listdir(out) if n.startswith(".")], "temporary files left behind"
-    # Some kill must have cut a batch between two results, not only before the
-    # first or after the last. How many do is a matter of timing (KILLS // 5 held
-    # on a loaded machine, 2 of 20 on an idle one with shorter files), so only
-    # the existence of such a kill is required.
-    assert cut_mid_batch >= 1, f"none of {kills} kills came mid-batch"
+        assert not _hidden(out), "temporary files left behind"
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.7])

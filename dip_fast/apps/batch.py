@@ -68,6 +68,17 @@ _MANAGED = ("image", "mask", "ground_truth", "return_info", "progress", "callbac
 PathLike = Union[str, "os.PathLike[str]"]
 T = TypeVar("T")
 
+#: Test seam, None in normal use: called as ``checkpoint_hook(event, name)`` at fixed points of
+#: :func:`run_batch`: ``("listed", "")`` before the first file, ``("restored", NAME)`` between restoring
+#: the input ``NAME`` and writing its result, ``("written", NAME)`` after. The kill-safety tests stop
+#: the process there (tests/test_kill_safety.py), at a known point instead of after a guessed delay.
+checkpoint_hook: Optional[Callable[[str, str], None]] = None
+
+
+def _checkpoint(event: str, name: str = "") -> None:
+    if checkpoint_hook is not None:
+        checkpoint_hook(event, name)
+
 
 @dataclass
 class BatchRow:
@@ -444,6 +455,7 @@ def run_batch(
     # write it was in; this process is the only writer of these names.
     own = [output_path(out, src).name for src in mine] + [csv_path.name] + ([SUMMARY_NAME] if rank == 0 else [])
     io.remove_stale_temporaries(out, own)
+    _checkpoint("listed")
     who = f"rank {rank}: " if world_size > 1 else ""
     rows: List[BatchRow] = []
 
@@ -473,6 +485,7 @@ def run_batch(
                 result, info = packed.result(src)
                 if info.stop_reason == "keyboard_interrupt":
                     raise KeyboardInterrupt  # restore() keeps Ctrl-C's result; a batch stops instead
+                _checkpoint("restored", src.name)
                 io.save_image(result, dest)
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
                 reason = " ".join(str(exc).split()) or type(exc).__name__
@@ -487,6 +500,7 @@ def run_batch(
             psnr = f", PSNR {info.psnr:.2f} dB" if info.psnr is not None else ""
             stopped = f", stopped early: {info.stop_reason}" if info.interrupted else ""
             log.info("%s -> %s: done (%d steps, %.1f s%s%s)", where, dest.name, info.steps, seconds, psnr, stopped)
+            _checkpoint("written", src.name)
     finally:
         # Also on Ctrl-C or a crash: the files handled so far are reported.
         _write_csv(csv_path, [r.to_csv() for r in rows])
