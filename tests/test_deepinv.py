@@ -23,7 +23,16 @@ from skimage.transform import resize
 
 from dip_fast import restore, tasks
 
-HAVE_DEEPINV = importlib.util.find_spec("deepinv") is not None
+
+
+def _have_deepinv() -> bool:
+    try:
+        return importlib.util.find_spec("deepinv") is not None
+    except (ImportError, ValueError):  # ValueError: a test has set sys.modules["deepinv"] = None
+        return False
+
+
+HAVE_DEEPINV = _have_deepinv()
 needs_deepinv = pytest.mark.skipif(not HAVE_DEEPINV, reason="deepinv is not installed (pip install 'dip_fast[deepinv]')")
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
