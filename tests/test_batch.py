@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -255,20 +254,14 @@ def test_shard_rejects_bad_ranks(rank, world_size):
 # ---------------------------------------------------------------- torchrun
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_cpu_ranks_split_the_folder(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     names = [f"img{i}.png" for i in range(5)]
     write_images(src, names)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "dip_fast", "batch", str(src), str(out), "--task", "denoise",
-           *FAST]
+    # --standalone: torchrun binds a free port itself (a port probed here first could be taken meanwhile).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "dip_fast", "batch", str(src), str(out), "--task", "denoise", *FAST]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     ranks = [read_rows(out / f"summary.rank{r}.csv") for r in range(2)]

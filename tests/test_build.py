@@ -83,17 +83,24 @@ def test_import_survives_a_missing_extension():
 
 
 def test_sdist_contains_every_kernel_source(tmp_path):
-    """`setup.py sdist` must ship every file under csrc/ (sources and headers)."""
+    """`setup.py sdist` must ship every file under csrc/ (sources and headers).
+
+    It runs on a copy of the source tree (without what git ignores at the top: the environment, builds,
+    caches), since sdist writes its staging folder and the egg-info beside setup.py."""
     pytest.importorskip("setuptools")
+    tree, dist = tmp_path / "tree", tmp_path / "dist"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "cmake-build*", ".cache", "out", "__pycache__", "*.so",
+        ".hypothesis", ".benchmarks", ".pytest_cache"))
     result = subprocess.run(
-        [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)],
-        cwd=ROOT,
+        [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(dist)],
+        cwd=tree,
         capture_output=True,
         text=True,
-        env={**__import__("os").environ, "FORCE_CPU": "1"},
+        env={**os.environ, "FORCE_CPU": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (archive,) = tmp_path.glob("*.tar.gz")
+    (archive,) = dist.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
         shipped = {"/".join(Path(m.name).parts[1:]) for m in tar.getmembers() if m.isfile()}
     expected = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
