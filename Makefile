@@ -50,10 +50,14 @@ setup: $(BUILD_STAMP)
 demo: setup
 	$(VENV)/bin/dip-fast demo --out out
 
+# Every test that needs no GPU, except those marked slow (below).
 test: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# The slow tests (fuzzing, quality), then every op test against the sanitizer build.
+# The slow tests: fuzzing, quality, kill-safety (real SIGKILLs and SIGINTs), the
+# toy op family of CONTRIBUTING.md's recipe (a C++ build) and the CUDA static
+# check (an nvcc pass, when the extension has CUDA kernels); then every op test
+# against the sanitizer build.
 test-slow: setup
 	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
 	SANITIZE_MARKERS="not cuda" bash scripts/sanitize_check.sh

@@ -3,8 +3,10 @@
 # cmake-build-sanitize/) and run the op tests against that build: every
 # out-of-bounds access, use after free or undefined behaviour in the C++
 # kernels aborts the run. `make test-sanitize` runs the whole op suite, the
-# fuzz tests included; SANITIZE_MARKERS narrows it (CI: "not cuda and not
-# slow") and SANITIZE_PYTEST_ARGS adds pytest options.
+# fuzz tests included (CI runs them all too); SANITIZE_MARKERS narrows it
+# (default "not cuda") and SANITIZE_PYTEST_ARGS adds pytest options. The op
+# tests must not skip here: DIP_FAST_REQUIRE_EXTENSION=1 makes a build that
+# fails to load, or lacks ops, an error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +17,7 @@ DIP_FAST_SANITIZE=ON DIP_FAST_WITH_CUDA=OFF CMAKE_BUILD_TYPE=Debug bash scripts/
 
 so=$(cd "$BUILD_DIR" && ls "$PWD"/_C*.so | head -n1)
 export DIP_FAST_EXTENSION=$so
+export DIP_FAST_REQUIRE_EXTENSION=1
 # The tests must exercise this build, not the installed module.
 bash scripts/with_sanitizers.sh "$PY" -c '
 import os, sys
