@@ -179,6 +179,7 @@ def make_case(path: Path, args: argparse.Namespace, seed: int) -> Dict[str, Any]
         gen = torch.Generator().manual_seed(10_000 + seed)
         case["observation"] = tasks.degradations.add_gaussian_noise(gt, args.sigma, generator=gen)
         case["baseline"] = {"name": "noisy", **metrics(to_numpy(case["observation"]), to_numpy(gt), "denoise", 0)}
+        case["classical"] = classical_denoisers(to_numpy(case["observation"]), to_numpy(gt), args.sigma)
     else:
         f = args.factor
         lr_img = gt_img.resize((gt_img.width // f, gt_img.height // f), Image.LANCZOS)
@@ -186,6 +187,26 @@ def make_case(path: Path, args: argparse.Namespace, seed: int) -> Dict[str, Any]
         case["observation"] = to_tensor(lr_img)
         case["baseline"] = {"name": "bicubic", **metrics(to_numpy(to_tensor(bicubic)), to_numpy(gt), "sr", args.border)}
     return case
+
+
+def classical_denoisers(noisy: np.ndarray, gt: np.ndarray, sigma: float) -> List[Dict[str, Any]]:
+    """The classical denoisers a user would pick instead of DIP, at the known sigma: scikit-image's non-local
+    means (the demo's settings, :func:`dip_fast.apps.demo.classical_denoise`) and, when the ``bm3d`` package is
+    installed (optional, for this benchmark only: its licence is not the project's), BM3D."""
+    from dip_fast.apps.demo import classical_denoise
+
+    found = []
+    t0 = time.perf_counter()
+    nlm = classical_denoise(noisy, sigma)
+    found.append({"name": "non-local means", "wall_s": time.perf_counter() - t0, **metrics(nlm, gt, "denoise", 0)})
+    try:
+        import bm3d
+    except ImportError:
+        return found
+    t0 = time.perf_counter()
+    out = np.clip(bm3d.bm3d_rgb(noisy, sigma / 255.0), 0, 1).astype(np.float32)
+    found.append({"name": "BM3D", "wall_s": time.perf_counter() - t0, **metrics(out, gt, "denoise", 0)})
+    return found
 
 
 def _restore(case: Dict[str, Any], backend: str, seed: int, args: argparse.Namespace, device: torch.device) -> torch.Tensor:
@@ -357,11 +378,12 @@ def render(result: Dict[str, Any]) -> str:
         row += f" {p['wall_s']['mean']:+.1f} |"
         lines.append(row)
     base = result["baselines"]
-    if base:
-        bn = base[0]["name"]
-        bp = statistics.fmean(b["psnr"] for b in base)
-        bs = statistics.fmean(b["ssim"] for b in base)
-        lines += ["", f"Baseline ({bn}): PSNR {bp:.2f} dB, SSIM {bs:.4f} (mean over cases)."]
+    for bn in dict.fromkeys(b["name"] for b in base):  # the input itself, then the classical methods
+        mine = [b for b in base if b["name"] == bn]
+        bp = statistics.fmean(b["psnr"] for b in mine)
+        bs = statistics.fmean(b["ssim"] for b in mine)
+        took = f", {statistics.fmean(b['wall_s'] for b in mine):.1f} s" if "wall_s" in mine[0] else ""
+        lines += ["", f"Baseline ({bn}): PSNR {bp:.2f} dB, SSIM {bs:.4f} (mean over cases{took})."]
     lines += ["", "| image | seed | backend | PSNR | SSIM | s |", "|---|---|---|---|---|---|"]
     for r in result["runs"]:
         lines.append(f"| {r['image']} | {r['seed']} | {r['backend']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['wall_s']:.1f} |")
@@ -476,6 +498,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for seed in seeds:
             case = make_case(path, args, seed)
             result["baselines"].append({"image": path.name, "seed": seed, **case["baseline"]})
+            result["baselines"] += [{"image": path.name, "seed": seed, **c} for c in case.get("classical", [])]
             for backend in args.backends:
                 rec = run_one(case, backend, seed, args, device)
                 result["runs"].append(rec)
