@@ -14,16 +14,17 @@ build time; the same ones are added below. Only the device side is compiled
 the time.
 
 Kernels are found by parsing the ptxas log, so new or renamed kernels need no
-change here. Results are cached under ``.cache/cuda-report/`` keyed by the
-sources, headers, flags and nvcc version, so a second run with nothing
-changed takes a second.
+change here. Results are cached under ``.cache/cuda-report/`` (``--cache``
+names another folder) keyed by the sources, headers, flags and nvcc version,
+so a second run with nothing changed takes a second.
 
     python scripts/cuda_report.py                # table
     python scripts/cuda_report.py --check        # exit 1 if any kernel spills
-    python scripts/cuda_report.py --json out.json
+    python scripts/cuda_report.py --json out.json --cache /tmp/cuda-report
 
-Exit status: 0 fine, 1 a kernel spills (with --check), 2 a compile failed,
-77 no CUDA toolkit (nothing to report).
+Exit status: 0 fine, 1 a kernel spills or the log shows no kernel for a
+source (with --check: the check would be blind), 2 a compile failed, 77 no
+CUDA toolkit (nothing to report).
 """
 from __future__ import annotations
 
@@ -199,10 +200,10 @@ def _drop_parameters(name: str) -> str:
     return name
 
 
-def compile_one(spec: Dict[str, Any], source: str, use_cache: bool = True) -> Dict[str, Any]:
-    """ptxas records of one source file (from the cache when nothing changed)."""
+def compile_one(spec: Dict[str, Any], source: str, use_cache: bool = True, cache: Path = CACHE) -> Dict[str, Any]:
+    """ptxas records of one source file (from the cache folder ``cache`` when nothing changed)."""
     key = _fingerprint(spec, source)
-    cached = CACHE / f"{Path(source).stem}-{key}.json"
+    cached = cache / f"{Path(source).stem}-{key}.json"
     if use_cache and cached.is_file():
         return json.loads(cached.read_text())
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,15 +214,15 @@ def compile_one(spec: Dict[str, Any], source: str, use_cache: bool = True) -> Di
              "kernels": parse_ptxas(log) if res.returncode == 0 else [],
              "error": "" if res.returncode == 0 else log[-4000:]}
     if res.returncode == 0:
-        CACHE.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(entry, indent=1))
     return entry
 
 
-def report(arch: str = "9.0", jobs: int = 1, use_cache: bool = True) -> Dict[str, Any]:
+def report(arch: str = "9.0", jobs: int = 1, use_cache: bool = True, cache: Path = CACHE) -> Dict[str, Any]:
     spec = build_spec(arch)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        files = list(pool.map(lambda s: compile_one(spec, s, use_cache), spec["sources"]))
+        files = list(pool.map(lambda s: compile_one(spec, s, use_cache, cache), spec["sources"]))
     names = demangle([k["mangled"] for f in files for k in f["kernels"]])
     for f in files:
         for k in f["kernels"]:
@@ -238,6 +239,20 @@ def kernels(result: Dict[str, Any]) -> List[Dict[str, Any]]:
 def spilling(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Kernels and non-inlined device functions that spill registers to local memory."""
     return [k for f in result["files"] for k in f["kernels"] if k["spill_store_bytes"] or k["spill_load_bytes"]]
+
+
+def blind_spots(result: Dict[str, Any]) -> List[str]:
+    """Why the spill check could not see a compiled source: no kernel parsed from its log (every .cu
+    file defines kernels, so the log's format changed), or a kernel without a register count."""
+    found = []
+    for f in result["files"]:
+        if f["returncode"] != 0:
+            continue
+        entries = [k for k in f["kernels"] if k["entry"]]
+        if not entries:
+            found.append(f"{f['source']}: no kernel parsed from the ptxas log")
+        found += [f"{f['source']}: no register count for {k['mangled']}" for k in entries if not k["registers"]]
+    return found
 
 
 def render(result: Dict[str, Any]) -> str:
@@ -271,9 +286,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 when any kernel spills registers to local memory")
     p.add_argument("--json", type=Path, help="also write the records here")
     p.add_argument("--no-cache", action="store_true", help="recompile even when nothing changed")
+    p.add_argument("--cache", type=Path, default=CACHE, help="folder of cached results (default .cache/cuda-report)")
     args = p.parse_args(argv)
     try:
-        result = report(args.arch, args.jobs, not args.no_cache)
+        result = report(args.arch, args.jobs, not args.no_cache, args.cache)
     except LookupError as exc:
         print(f"cuda_report: nothing to report: {exc}", file=sys.stderr)
         return SKIP
@@ -285,10 +301,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"\n{f['source']}: nvcc failed:\n{f['error']}", file=sys.stderr)
     if failed:
         return 2
-    if args.check and spilling(result):
+    if args.check and (spilling(result) or blind_spots(result)):
         for k in spilling(result):
             print(f"spills: {k['name']}: {k['spill_store_bytes']} B stored, {k['spill_load_bytes']} B loaded",
                   file=sys.stderr)
+        for line in blind_spots(result):
+            print(f"blind: {line}", file=sys.stderr)
         return 1
     return 0
 

@@ -4,6 +4,10 @@ scripts/cuda_report.py compiles the extension's .cu files for sm_90 with
 ``-Xptxas -v`` (the flags come from setup.py) and parses the resource usage
 of every kernel it finds. A spill is a local-memory store and reload on a
 kernel's hot path, which costs bandwidth the memory-bound ops cannot spare.
+
+The parser's test runs in ``make test``; the nvcc pass itself (minutes on two
+cores) is marked slow: ``make test-slow`` runs it, and CI runs it once, as
+its own step, after the CUDA build.
 """
 from __future__ import annotations
 
@@ -65,13 +69,22 @@ def test_ptxas_log_parser_finds_kernels_and_spills():
     assert report.register_occupancy(32) == 1.0
     assert report.register_occupancy(40) == 51 / 64
     assert report.register_occupancy(255) == 8 / 64
+    # --check refuses a blind report: a source whose log shows no kernel, or a kernel without registers.
+    assert report.blind_spots(result) == []
+    blind = {"files": [{"source": "y.cu", "returncode": 0, "kernels": [records["_Z6helperPf"]]},
+                       {"source": "z.cu", "returncode": 0, "kernels": [{**first, "registers": None}]},
+                       {"source": "w.cu", "returncode": 2, "kernels": []}]}
+    assert report.blind_spots(blind) == ["y.cu: no kernel parsed from the ptxas log",
+                                         "z.cu: no register count for _Z5firstPf"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dip_fast.build_info()["cuda_compiled"], reason="extension built without CUDA kernels")
 def test_no_cuda_kernel_spills_registers(tmp_path, capsys):
     out = tmp_path / "report.json"
     jobs = os.environ.get("MAX_JOBS", "1") or "1"
-    res = subprocess.run([sys.executable, str(SCRIPT), "--check", "--jobs", jobs, "--json", str(out)],
+    res = subprocess.run([sys.executable, str(SCRIPT), "--check", "--jobs", jobs, "--json", str(out),
+                          "--cache", str(tmp_path / "cache")],
                          capture_output=True, text=True, cwd=ROOT, timeout=1800)
     if res.returncode == 77:
         pytest.skip(res.stderr.strip() or "no CUDA toolkit")
