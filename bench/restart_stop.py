@@ -75,7 +75,7 @@ def record_runs(gt: torch.Tensor, obs: torch.Tensor, args: argparse.Namespace) -
                 "psnr": [early_stop._psnr(x[t], gt[0]) for t in range(x.shape[0])]}
 
     runs = [per_step(a) for a in averages]
-    sigma_est = _estimate_sigma(obs)
+    sigma_est = _estimate_sigma(obs, clipped=False)  # the rule here holds one sigma^2 (no clipping model)
     cap = min(int(kwargs["iterations"]), int(round(preset_iterations * args.budget)))
     rule = DiscrepancyRule((sigma_est / 255.0) ** 2, EARLY_STOP_TOLERANCE)
     own_steps = [replay(r["res"], rule, cap).steps - 1 for r in runs]  # the step whose average is returned

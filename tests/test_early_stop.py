@@ -384,3 +384,22 @@ def test_fit_with_a_clipped_bound_stops_where_the_replay_does():
     assert d.stop_step == res.stop_step > 0
     # One sigma^2 for every pixel stops earlier on the same run.
     assert replay(res.residual_history, DiscrepancyRule(0.01, 0.98)).stop_step < res.stop_step
+
+
+def test_restore_says_when_clipping_was_taken_into_account():
+    clean = np.clip((_smooth() - 0.5) * 2.2 + 0.5, 0, 1)  # dark and bright areas: the noise is clipped there
+    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 0.1, clean.shape), 0, 1).astype(np.float32)
+    share = float(np.mean((noisy <= 0) | (noisy >= 1)))
+    assert share > 0.05
+    _, info = restore(noisy, preset=_small_preset("denoise", 600), stop="early", return_info=True)
+    assert f"{share:.1%} of the observation's values are clipped at 0 or 1" in info.stop_summary
+    assert "expected residual of clipped noise" in info.stop_summary
+    # The level is read before clipping: above the patch estimate of the noise present (a 32x32 image has
+    # too few patches for either to come near the 25.5 added).
+    observed = torch.from_numpy(noisy).permute(2, 0, 1)[None]
+    assert info.stop_noise_sigma == pytest.approx(job.estimate_sigma(observed), rel=1e-9)
+    assert info.stop_noise_sigma > 1.1 * job.estimate_sigma(observed, clipped=False)
+    # Without clipped values nothing is said about clipping.
+    inside = np.clip(0.25 + 0.5 * noisy, 0.01, 0.99).astype(np.float32)
+    _, info = restore(inside, preset=_small_preset("denoise", 20), stop="early", return_info=True)
+    assert "clipped" not in info.stop_summary and "sigma^2" in info.stop_summary

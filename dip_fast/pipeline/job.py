@@ -31,7 +31,7 @@ from . import noise_level
 from .info import RestoreInfo
 from .monitor import ProgressMonitor
 from .observation import Observation
-from .request import EARLY_STOP_TOLERANCE, RestoreRequest
+from .request import EARLY_STOP_CLIP_TOLERANCE, EARLY_STOP_TOLERANCE, RestoreRequest
 
 __all__ = ["CropEach", "Job", "assemble", "build_run", "choose_execution", "complete", "constant_result", "estimate_sigma", "finish", "fit_job",
            "make_monitor", "plan_job", "reg_noise_for_sigma", "run_settings", "timing_step"]
@@ -160,7 +160,8 @@ def pixel_settings(request: RestoreRequest, color: torch.Tensor
             if takes_sigma and request.sigma is not None:
                 level = min(level, request.sigma)
         clip = (0.0, 1.0) if takes_sigma and not measured and noise_level.clipped_share(color) > 0 else None
-        rule = DiscrepancyRule((level / 255.0) ** 2, tolerance=EARLY_STOP_TOLERANCE, clip=clip)
+        tolerance = EARLY_STOP_CLIP_TOLERANCE if clip is not None else EARLY_STOP_TOLERANCE
+        rule = DiscrepancyRule((level / 255.0) ** 2, tolerance=tolerance, clip=clip)
     return chosen, used_sigma, rule
 
 

@@ -39,6 +39,10 @@ __all__ = ["PER_FILE", "PRESET_LEVELS", "RestoreRequest", "validate_request"]
 #: The rule's tolerance (:class:`dip_fast.core.early_stop.DiscrepancyRule`), chosen on the tuning runs of the
 #: same benchmark (0.9-1.1 tried), with the noise level of :mod:`dip_fast.pipeline.noise_level`.
 EARLY_STOP_TOLERANCE = 0.98
+#: The tolerance of the clip-aware rule (``DiscrepancyRule(clip=(0, 1))``: denoising observations with values at 0
+#: or 1), chosen on the same tuning runs (0.9-1.1 tried): its threshold is the expected residual of the true image,
+#: which a fit of a clipped area (its clipped mean) goes below, so it holds the residual a little tighter.
+EARLY_STOP_CLIP_TOLERANCE = 0.95
 #: With ``stop='early'`` and no ``iterations``, the step budget is this multiple of the preset's count:
 #: a run that has not explained the observation by then falls back to the average at the budget.  Chosen
 #: on the tuning runs with the tolerance (1, 1.25 and 1.5 tried): most photographs at 128x128 have not
