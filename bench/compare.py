@@ -115,6 +115,7 @@ def rerun_if_extension_stale(names: Sequence[str] = ("bn_act", "_bn_act_backward
 dip_fast = _import_dip_fast()
 from dip_fast import _ops, reference  # noqa: E402
 from dip_fast.core import nets
+from dip_fast.core.networks import to_channels_last  # noqa: E402
 from dip_fast.core.step import StepRunner, precision_settings  # noqa: E402
 
 __all__ = [
@@ -214,16 +215,18 @@ def sync(device: torch.device) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _paper_nets(variants: Sequence[str], seed: int) -> Dict[str, nn.Module]:
+def _paper_nets(variants: Sequence[str], seed: int, specs: Optional[Dict[str, Variant]] = None
+                ) -> Dict[str, nn.Module]:
     """One network per variant, all with the reference network's initial weights."""
+    specs = VARIANTS if specs is None else specs
     torch.manual_seed(seed)
     ref = reference.skip(**PAPER_NETWORK)
     state = ref.state_dict()
     out: Dict[str, nn.Module] = {}
     for name in variants:
-        if name not in VARIANTS:
-            raise ValueError(f"unknown step variant {name!r}; known: {list(VARIANTS)}")
-        spec = VARIANTS[name]
+        if name not in specs:
+            raise ValueError(f"unknown step variant {name!r}; known: {list(specs)}")
+        spec = specs[name]
         if spec.net == "fast":
             with warnings.catch_warnings():
                 warnings.simplefilter("error", RuntimeWarning)  # a silent fallback would time the reference twice
@@ -231,8 +234,62 @@ def _paper_nets(variants: Sequence[str], seed: int) -> Dict[str, nn.Module]:
         else:
             net = reference.skip(**PAPER_NETWORK)
         net.load_state_dict(state)
+        if spec.net == "reference" and spec.channels_last:
+            net = to_channels_last(net)  # as restore() runs the reference in that layout
         out[name] = net.train()
     return out
+
+
+def variant_for(candidate: Any, label: str = "") -> Variant:
+    """The step variant that runs a :class:`dip_fast.core.tuning.Candidate` (the tuned default's row)."""
+    return Variant(candidate.backend, channels_last=candidate.layout == "channels_last", mode=candidate.step_mode,
+                   precision=candidate.precision, label=label or candidate.label)
+
+
+def tune_default(size: int, device: torch.device, seed: int = 0) -> Tuple[Any, Dict[str, Any]]:
+    """The step ``restore()`` chooses with its defaults for a ``size`` x ``size`` denoising run on ``device``.
+
+    Runs the pipeline's own tuning (:func:`dip_fast.pipeline.job.choose_execution`)
+    on a synthetic noisy image, with cuDNN's benchmark mode as ``restore()``
+    leaves it (PyTorch's default). Set ``XDG_CACHE_HOME`` to a fresh folder
+    first for a measured choice rather than a cached one. Returns the
+    :class:`~dip_fast.core.tuning.Decision` and its record for the JSON.
+    """
+    from dip_fast.pipeline import job as stages
+    from dip_fast.pipeline.observation import prepare_observation
+    from dip_fast.pipeline.request import validate_request
+
+    rng = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    clean = torch.stack([0.5 + 0.3 * torch.sin(6 * xx + c) * torch.cos(4 * yy - c) for c in range(3)], dim=-1)
+    noisy = (clean + torch.randn(clean.shape, generator=rng) * 25 / 255).clamp(0, 1).numpy()
+    request = validate_request("denoise", device=str(device))
+    jobs = [stages.plan_job(request, prepare_observation(request, noisy, None, None), 0)]
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False  # restore() leaves it at PyTorch's default
+    try:
+        t0 = time.perf_counter()
+        decision = stages.choose_execution(request, jobs)
+        wall = time.perf_counter() - t0
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    record = {"choice": decision.choice.label, "source": decision.source, "reason": decision.reason,
+              "tuning_s": decision.tuning_s, "tuning_wall_s": wall, "preset": jobs[0].preset.name,
+              "iterations": jobs[0].preset.iterations,
+              "candidates_ms": dict(decision.ms_per_step),
+              "choice_ms_in_tuning": decision.ms_per_step.get(decision.choice.label)}
+    return decision, record
+
+
+def graph_verified(steps: Dict[str, "BenchStep"]) -> Dict[str, bool]:
+    """Per graph variant: whether its CUDA graph was captured and its first replay matched an eager step.
+
+    A graph that failed either runs eagerly from then on (no graph is kept),
+    so its row times an eager step: the tables flag it.
+    """
+    return {name: step.runner.graphed for name, step in steps.items() if step.graph}
 
 
 @contextlib.contextmanager
@@ -252,6 +309,7 @@ class BenchStep:
 
     def __init__(self, runner: StepRunner, precision: str, torch_defaults: bool = False) -> None:
         self.runner, self.precision, self.torch_defaults = runner, precision, torch_defaults
+        self.graph = runner.mode == "graph"  # built as a graph step (runner.mode turns eager if it fails)
 
     def __call__(self) -> None:
         # Precision flags are global: set them per call, since the variants take turns.
@@ -266,6 +324,7 @@ def build_steps(
     *,
     seed: int = 0,
     compile_mode: Optional[str] = None,
+    specs: Optional[Dict[str, Variant]] = None,
 ) -> Dict[str, BenchStep]:
     """A step per variant: same weights, same ``z``, same target, same noise seed.
 
@@ -274,14 +333,18 @@ def build_steps(
     random image: the step's cost does not depend on the data. A step is the
     :class:`~dip_fast.core.step.StepRunner` step that ``fit`` runs, without
     averaging, backtracking or early stopping (the same work for every variant).
+    A graph step is verified on its first replay against an eager step, as
+    ``fit`` does (:func:`graph_verified` reads the outcome). ``specs`` maps
+    names to variants (default :data:`VARIANTS`).
     """
-    nets_ = _paper_nets(variants, seed)
+    specs = VARIANTS if specs is None else specs
+    nets_ = _paper_nets(variants, seed, specs)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     z = (torch.rand(1, PAPER_NETWORK["num_input_channels"], size, size, generator=gen) * 0.1).to(device)
     target = torch.rand(1, PAPER_NETWORK["num_output_channels"], size, size, generator=gen).to(device)
     steps: Dict[str, BenchStep] = {}
     for name, net in nets_.items():
-        spec = VARIANTS[name]
+        spec = specs[name]
         net = net.to(device)
         if spec.net == "compile":
             # dynamic=False: each size gets its own static graph, as a user
@@ -294,7 +357,7 @@ def build_steps(
             return F.mse_loss(out, _t)
 
         runner = StepRunner(net, z, loss_fn, lr=0.01, reg_noise_std=REG_NOISE_STD, generator=noise_gen,
-                            mode=spec.mode, precision=spec.precision)
+                            mode=spec.mode, precision=spec.precision, verify_graph=spec.mode == "graph")
         steps[name] = BenchStep(runner, spec.precision, spec.torch_defaults)
     return steps
 
@@ -987,7 +1050,7 @@ def render_markdown(result: Dict[str, Any]) -> str:
         "",
     ]
     steps = result.get("steps", {})
-    if steps and env["device"] != "cpu":
+    if steps and (env["device"] != "cpu" or result["config"].get("variants") or result["config"].get("tuned")):
         lines += _render_device_steps(result)
     elif steps:
         lines += [
@@ -1115,19 +1178,34 @@ def _render_device_steps(result: Dict[str, Any]) -> List[str]:
     anchors = [a for a in ANCHORS if any(a in s["median_s"] for s in result["steps"].values())]
     lines += [
         "| size | variant | ms / step | " + " | ".join(f"{a} / variant" for a in anchors)
-        + " | TFLOP/s | % of bf16 peak | clean reps |",
-        "|---|---|---|" + "---|" * len(anchors) + "---|---|---|",
+        + " | TFLOP/s | % of bf16 peak | graph verified | clean reps |",
+        "|---|---|---|" + "---|" * len(anchors) + "---|---|---|---|",
     ]
+    tuned_notes = []
     for size, s in result["steps"].items():
         m, r, tf = s["median_s"], s["speedup"], s.get("tflops", {})
-        for name in [n for n in VARIANTS if n in m]:
+        verified = s.get("graph_verified", {})
+        for name in [n for n in [*VARIANTS, "tuned"] if n in m]:
             share = f"{tf[name] / bf16 * 100:.1f}%" if bf16 and name in tf else "-"
             ratios = " | ".join(_fmt_ratio(r.get(f"{a}/{name}")) for a in anchors)
+            check = "-" if name not in verified else ("yes" if verified[name] else "NO (ran eagerly)")
             lines.append(
                 f"| {size}² | {name} | {_ms(m.get(name))} | {ratios} | "
-                f"{tf.get(name, float('nan')):.1f} | {share} | {_reps(s)} |"
+                f"{tf.get(name, float('nan')):.1f} | {share} | {check} | {_reps(s)} |"
             )
+        t = s.get("tuned")
+        if t:
+            ms = t.get("choice_ms_in_tuning")
+            tuned_notes.append(f"{size}²: `tuned` = {t['choice']} ({t['source']}; {t['preset']}; tuning "
+                               f"{t['tuning_s']:.1f} s" + (f", {ms:.2f} ms per step of restore()'s own step" if ms else "")
+                               + ")")
     lines.append("")
+    if tuned_notes:
+        lines += ["The tuned default, chosen by restore()'s tuning with a fresh cache and timed above on the "
+                  "same step as the other rows: " + "; ".join(tuned_notes) + ".", ""]
+    not_run = result.get("config", {}).get("not_run") or {}
+    if not_run:
+        lines += ["Not run: " + ", ".join(f"{k} ({v})" for k, v in not_run.items()) + ".", ""]
     return lines
 
 
@@ -1198,6 +1276,12 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--no-probe", action="store_true", help="skip the forward-conv rate probes")
     p.add_argument("--no-graph", action="store_true", help="CUDA: skip the CUDA-graph step variants")
     p.add_argument("--no-steps", action="store_true", help="skip the step benchmarks")
+    p.add_argument("--variants", nargs="+", default=None, choices=sorted(VARIANTS), metavar="VARIANT",
+                   help="time exactly these step variants (the graph ones are left out on the CPU); "
+                        f"known: {', '.join(VARIANTS)}")
+    p.add_argument("--tuned", action="store_true",
+                   help="also time 'tuned': the step restore() chooses with its defaults at each size, tuned "
+                        "here with a fresh cache (the choice, its tuning time and candidates go to the JSON)")
     p.add_argument("--no-ops", action="store_true", help="skip the custom-op benchmarks")
     p.add_argument("--op-size", type=int, default=None, help="image size the op shapes come from (default cpu 128, cuda 512)")
     p.add_argument("--op-dtypes", nargs="+", choices=sorted(OP_DTYPES), default=None,
@@ -1246,6 +1330,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
     layouts = {"both": ["fast", "fast_cl"], "only": ["fast_cl"], "off": ["fast"]}[args.channels_last]
+    not_run: Dict[str, str] = {}
+    if args.variants and not is_cuda:
+        not_run = {v: "needs CUDA" for v in args.variants if VARIANTS[v].mode == "graph"}
+    if args.tuned:
+        import tempfile
+
+        # A fresh cache: the tuning measures, as on a user's first run.
+        os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="dip-fast-tuning-")
     result: Dict[str, Any] = {
         "schema": "dip_fast-bench-compare/1",
         "json_name": os.path.relpath(out, REPO_ROOT) if out.is_absolute() and REPO_ROOT in out.parents else str(out),
@@ -1264,6 +1356,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "reg_noise_std": REG_NOISE_STD,
             "optimizer": "Adam(lr=0.01), torch defaults",
             "probe": f"Conv2d({PROBE_CHANNELS}, {PROBE_CHANNELS}, 3, padding=1) forward at {PROBE_SIZE}x{PROBE_SIZE}",
+            "variants": args.variants,
+            "tuned": args.tuned,
+            "not_run": not_run,
         },
         "steps": {},
     }
@@ -1278,16 +1373,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.no_steps:
         for size in sizes:
             compiled = ["compile"] + (["compile_autotune"] if args.autotune else [])
-            variants = list(layouts) + ["reference"] + (compiled if size in compile_sizes else [])
-            if is_cuda:  # TF32 convolutions are PyTorch's CUDA default; on the CPU the flag changes nothing
-                variants.insert(variants.index("reference") + 1, "reference_default")
-            if is_cuda and not args.no_graph:
-                variants += [v for v in CUDA_STEP_VARIANTS if v.startswith("fast_graph")]
-            if args.bf16 and not is_cuda:
-                variants += list(CPU_BF16_VARIANTS)
+            if args.variants:
+                variants = [v for v in args.variants if v not in not_run]
+            else:
+                variants = list(layouts) + ["reference"] + (compiled if size in compile_sizes else [])
+                if is_cuda:  # TF32 convolutions are PyTorch's CUDA default; on the CPU the flag changes nothing
+                    variants.insert(variants.index("reference") + 1, "reference_default")
+                if is_cuda and not args.no_graph:
+                    variants += [v for v in CUDA_STEP_VARIANTS if v.startswith("fast_graph")]
+                if args.bf16 and not is_cuda:
+                    variants += list(CPU_BF16_VARIANTS)
+            specs = dict(VARIANTS)
+            tuned: Optional[Dict[str, Any]] = None
+            if args.tuned:
+                decision, tuned = tune_default(size, device, args.seed)
+                specs["tuned"] = variant_for(decision.choice, f"restore()'s tuned default: {decision.choice.label}")
+                variants.append("tuned")
+                print(f"[tuned {size}x{size}] {tuned['choice']} ({tuned['source']}, tuning {tuned['tuning_s']:.1f} s; "
+                      + ", ".join(f"{k} {v:.2f} ms" for k, v in tuned["candidates_ms"].items()) + ")", flush=True)
             print(f"[steps {size}x{size}] {', '.join(variants)}", flush=True)
             t0 = time.perf_counter()
-            steps = build_steps(variants, size, device, seed=args.seed)
+            steps = build_steps(variants, size, device, seed=args.seed, specs=specs)
             fns: Dict[str, Callable[[], Any]] = dict(steps)
             probe_flops = 0.0
             if not args.no_probe:
@@ -1301,7 +1407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             secs = kept_seconds(timing)
             med = medians(secs)
             speedup = {}
-            fast_names = [v for v in variants if VARIANTS[v].net == "fast"]
+            fast_names = [v for v in variants if specs[v].net == "fast" or v == "tuned"]
             for other in ANCHORS:
                 for fast in fast_names:
                     r = ratio_stats(secs, other, fast)
@@ -1325,16 +1431,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "speedup": speedup,
                 "flops": conv_flops(size),
                 "elapsed_s": time.perf_counter() - t0,
+                "graph_verified": graph_verified(steps),
             }
+            if tuned is not None:
+                entry["tuned"] = tuned
             entry["tflops"] = {name: entry["flops"]["step_flops"] / t / 1e12 for name, t in med.items()
-                               if name in VARIANTS}
-            if len(layouts) == 2:
+                               if name in specs}
+            if not set(layouts) <= set(variants):
+                entry["faster_layout"] = "-"
+            elif len(layouts) == 2:
                 r = ratio_stats(secs, "fast", "fast_cl")
                 entry["speedup"]["fast/fast_cl"] = r
                 entry["faster_layout"] = _faster_layout(r)
             else:
                 entry["faster_layout"] = "channels_last" if layouts == ["fast_cl"] else "NCHW"
-            if not args.no_probe:
+            if not args.no_probe and set(layouts) <= set(variants):
                 # Per repetition: the probe's rate in the faster layout, so the bound tracks the load.
                 rates = [probe_flops / min(a, b) for a, b in zip(secs["probe"], secs["probe_cl"])]
                 best_fast = [min(secs[k][i] for k in layouts) for i in range(len(secs["probe"]))]

@@ -1,213 +1,236 @@
 #!/usr/bin/env bash
-# The single command for a lent GPU machine: build, test and benchmark dip_fast on CUDA.
+# The command for a lent GPU machine: build, test and benchmark dip_fast on CUDA, and end with a verdict.
 #
-#   set -o pipefail; bash scripts/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.log"
+#   set -o pipefail; bash scripts/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.log"            # first call
+#   set -o pipefail; bash scripts/gpu_check.sh --second 2>&1 | tee "$OUT/gpu_check.log"   # second call
 #
-# Stages, in order of value, each under its own time budget (`timeout`), all
-# under one overall budget (--budget, default 570 s, inside a 10-minute call):
+# A GPU window is about 12 minutes of machine time: the first call (the default
+# run) gives a verdict within 540 s, build included; the second, right after it
+# on the same warm machine and with no carry (the build is reused), runs what
+# did not fit. The stages and their budgets are the PLAN tables below, in the
+# order they run. Each stage runs under its own budget (`timeout`), cut to
+# what is left of the call's (--budget); a stage that no longer fits is "not
+# run", one stopped at its budget is "timeout", and a failing stage does not
+# stop the next. Every stage writes its results to $OUT as soon as it ends
+# (the step JSON after every size), so a call cut off still returns what it
+# measured. The last stage writes the verdict table, verdict.json and
+# verdict.md: one row per planned stage with its status (pass, fail,
+# timeout, not run), seconds and the figure that matters. The exit status is
+# non-zero if a stage failed, timed out, or did not fit.
 #
-#   env      nvidia-smi -L, torch / CUDA / nvcc versions
-#   build    pip install --no-build-isolation --no-deps -e .   (TORCH_CUDA_ARCH_LIST unset:
-#            setup.py builds for the GPU it sees)
-#   kernels  the custom ops first (under 2 minutes, so under 3 with the build): their CUDA
-#            tests (pytest -m cuda tests/test_ops_*.py); compute-sanitizer memcheck,
-#            racecheck and initcheck on scripts/cuda_op_driver.py (every op forward and
-#            backward, small odd shapes, pads 0/1/3, NCHW / channels_last / misaligned,
-#            fp32 and bf16); the op table with bandwidth columns (cuda-ops.json, which the
-#            ops stage rewrites with its profile)
-#   tests    pytest -q -m cuda tests, failures in full
-#   steps    bench/compare.py: reference, fast (NCHW and channels_last) eager steps and
-#            the fast CUDA-graph steps in fp32, TF32 and bf16, interleaved, at 256, 512,
-#            1024, with the card's measured matmul peak (FLOP/s per variant against it)
-#   profile  bench/step_profile.py: a kernel-level profile of the CUDA-graph step (bf16 and TF32)
-#            at 512 and 256, device time grouped into convolution, bn_act, upsample_cat, loss,
-#            Adam and other by kernel name (on the CPU: the eager step's ops), added to the
-#            steps JSON under kernel_profile
-#   compile  bench/compare.py again with torch.compile(reference) in the rotation
-#            (--autotune: compile_autotune, mode max-autotune, beside it); written after each size
-#   ops      bench/compare.py --no-steps: fused BN-act, upsample_cat (and Lanczos, if built) vs PyTorch,
-#            plus a torch.profiler breakdown of fast and reference steps at the op size
-#   e2e      one paper-size restoration, 512x512 denoising, 3000 steps, fast then
-#            reference: wall time and PSNR (bench/quality.py; restore() when it exists)
-#   summary  a short table of everything above
-#
-# Not in the default set (name them with --only, e.g. in a second call):
-#
-#   parity   step-mode / precision parity with eager fp32 (bench/quality.py): denoising
-#            256x256 centre crops of three shared images (F16, snail, CBSD68 101085) x 2
-#            seeds at the preset's step count, in each of $PARITY_MODES (default fp32:eager
-#            fp32:graph tf32:graph bf16:graph), then zebra x4 super-resolution in fp32 and
-#            bf16 graph. parity.json gives, per mode, the mean paired PSNR difference to
-#            fp32 eager with its standard error (parity: |mean| <= 0.15 dB on the returned,
-#            averaged output). About 10 minutes of H200 time in all: runs are kept in
-#            .cache/parity (the machine's disk), so a second call finishes a cut-off one.
-#   packed   bench/packed.py: images per hour of K = 1, 4, 16 packed networks at 256x256 (log only)
-#   earlystop bench/early_stop.py on the F16 image at 512x512: ES-WMV's detected step
-#            against the PSNR peak, and the share of the fixed run it takes. Writes
-#            early-stop.json.
-#
-# Every stage writes its results to $OUT as soon as it ends (the JSON files are
-# rewritten after every size or run inside a stage), so a run cut off by the
-# machine's limit still returns what it measured. A failing stage does not
-# stop the next one; the exit status is non-zero if any stage failed.
-#
-# $OUT receives at most 8 files (the lending tool's limit): gpu_check.log (the
-# caller's tee), stages.tsv, build_info.json, cuda-steps.json, cuda-compile.json,
-# cuda-ops.json, e2e.json, summary.md.
+# $OUT receives at most 8 files (the lending tool's limit). First call:
+# gpu_check.log (the caller's tee), stages.tsv, build_info.json, cuda-steps.json
+# (with the kernel profile), cuda-ops.json, cuda-restore.json, verdict.json,
+# verdict.md. Test reports and sanitizer logs go to .cache/gpu_check-work
+# (read by the verdict, echoed to the log).
 #
 # Options:
-#   --cpu-only        run the CPU-capable parts on this machine (no build unless --build,
-#                     tiny sizes, --device cpu): a dry run of the script itself
+#   --second          the second call's plan (initcheck, the other CUDA tests, parity)
+#   --dry-run         print the plan (stages, budgets, their sum) and exit; runs nothing
+#   --cpu-only        walk the plan on this machine: no build (unless --build), --device cpu,
+#                     toy sizes, no tuning timings (DIP_FAST_TUNING=off); a stage that needs
+#                     CUDA reports "not run"; budgets x CPU_SCALE (default 3)
 #   --build           with --cpu-only: run the build stage too
-#   --autotune        also torch.compile(mode="max-autotune") in the compile stage
-#   --image PATH      the e2e image (default ../shared/data/dip/denoising/F16_GT.png
-#                     relative to the repository root, else scikit-image's astronaut)
-#   --budget SECONDS  overall time budget (default 570; 1200 with --cpu-only)
-#   --only LIST       comma-separated stages to run (default env,build,kernels,tests,steps,profile,compile,ops,e2e;
-#                     the others: parity, earlystop). A fresh machine needs env,build first.
+#   --only LIST       comma-separated stages of the plan to run (the others are "not run")
+#   --budget SECONDS  the call's budget (default: the plan's, 540 first / 220 second)
 #   --data DIR        the sample images (default ../shared/data relative to the repository root):
-#                     DIR/dip/denoising/F16_GT.png and DIR/dip/sr/zebra_GT.png are used. A lent
-#                     machine gets only the repository: copy those two files into an ignored
-#                     folder of it with the same layout, carry that folder, and pass it here.
+#                     DIR/dip/denoising/F16_GT.png (restore; parity with snail.jpg and
+#                     CBSD68/101085.png) and DIR/dip/sr/zebra_GT.png (parity). A lent machine
+#                     gets only the repository: copy them into an ignored folder of it with the
+#                     same layout, carry that folder, and pass it here.
+#   --image PATH      the restore stage's image (default DIR/dip/denoising/F16_GT.png, else
+#                     scikit-image's astronaut)
 #   PYTHON=...        interpreter (default python3)
 set -uo pipefail
 
+# ----------------------------------------------------------------------------------------------
+# The plans: stage, budget in seconds (on the GPU), what it does. Budgets sum to at most the
+# call's budget; `--dry-run` prints them, tests/test_gpu_check.py holds them to it.
+# ----------------------------------------------------------------------------------------------
+PLAN_DEFAULT="
+env        10  nvidia-smi -L, torch / CUDA / nvcc versions (.cache/gpu_check-work/env.json)
+build      90  pip install --no-build-isolation --no-deps -e . for the visible GPU; build_info.json
+optests    40  pytest -m cuda tests/test_ops_*.py (the custom ops' CUDA tests)
+optable    55  fused ops vs PyTorch at 512² shapes, fp32 and bf16, NCHW and channels_last (cuda-ops.json)
+steps      85  steps at 256² and 512²: reference, reference_default, tuned default, graph TF32, graph bf16
+restore    85  restore() with its defaults on F16 at 512² (the reference: its step time x 3000)
+profile    30  kernel profile of the graph steps (bf16, TF32) at 512², into cuda-steps.json
+memcheck   60  compute-sanitizer memcheck on scripts/cuda_op_driver.py
+racecheck  60  compute-sanitizer racecheck on scripts/cuda_op_driver.py
+verdict     5  the verdict table (verdict.json, verdict.md)
+"
+PLAN_SECOND="
+env        10  versions again; the build of the first call is reused
+initcheck  60  compute-sanitizer initcheck on scripts/cuda_op_driver.py
+tests      70  pytest -m cuda tests, less the op tests the first call ran
+parity     75  step-mode / precision parity with fp32 eager (parity.json; cut where the budget ends)
+verdict     5  the verdict table (verdict.json, verdict.md)
+"
+BUDGET_DEFAULT=540
+BUDGET_SECOND=220
+# Stages whose work needs CUDA and has no CPU stand-in: --cpu-only reports them "not run".
+NEEDS_CUDA=",build,"
+CPU_SCALE="${CPU_SCALE:-3}"
+
 usage() { sed -n '2,/^set -uo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 
+MODE=default
 CPU_ONLY=0
-DO_BUILD=1
-AUTOTUNE=()
-IMAGE=""
+DO_BUILD=0
+DRY_RUN=0
+ONLY=""
 BUDGET=""
-ONLY="env,build,kernels,tests,steps,profile,compile,ops,e2e"
 DATA=""
+IMAGE=""
 while [ $# -gt 0 ]; do
   case "$1" in
+    --second) MODE=second ;;
+    --dry-run) DRY_RUN=1 ;;
     --cpu-only) CPU_ONLY=1 ;;
-    --build) DO_BUILD=2 ;;
-    --autotune) AUTOTUNE=(--autotune) ;;
-    --image) IMAGE="${2:?--image needs a path}"; shift ;;
-    --budget) BUDGET="${2:?--budget needs seconds}"; shift ;;
+    --build) DO_BUILD=1 ;;
     --only) ONLY="${2:?--only needs a list of stages}"; shift ;;
+    --budget) BUDGET="${2:?--budget needs seconds}"; shift ;;
     --data) DATA="${2:?--data needs a folder}"; shift ;;
+    --image) IMAGE="${2:?--image needs a path}"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
   esac
   shift
 done
 
+if [ "$MODE" = second ]; then PLAN=$PLAN_SECOND; BUDGET="${BUDGET:-$BUDGET_SECOND}"
+else PLAN=$PLAN_DEFAULT; BUDGET="${BUDGET:-$BUDGET_DEFAULT}"; fi
+STAGES=()
+declare -A STAGE_BUDGET STAGE_WHAT
+PLANNED=0
+while read -r name secs what; do
+  [ -n "$name" ] || continue
+  STAGES+=("$name"); STAGE_BUDGET[$name]=$secs; STAGE_WHAT[$name]=$what
+  PLANNED=$(( PLANNED + secs ))
+done <<< "$PLAN"
+PLAN_ARG=$(for s in "${STAGES[@]}"; do printf '%s:%s,' "$s" "${STAGE_BUDGET[$s]}"; done)
+
+print_plan() {
+  local i=0 s
+  echo "gpu_check plan ($MODE call): ${#STAGES[@]} stages, budgets sum to $PLANNED s of $BUDGET s"
+  for s in "${STAGES[@]}"; do
+    i=$(( i + 1 ))
+    printf '%3d  %-10s %4d s  %s\n' "$i" "$s" "${STAGE_BUDGET[$s]}" "${STAGE_WHAT[$s]}"
+  done
+  if [ "$CPU_ONLY" = 1 ]; then echo "--cpu-only: each stage may take ${CPU_SCALE}x its budget on the CPU"; fi
+}
+
+if [ "$DRY_RUN" = 1 ]; then print_plan; exit 0; fi
+if [ "$PLANNED" -gt "$BUDGET" ]; then
+  echo "the $MODE plan's budgets sum to $PLANNED s, over the call's $BUDGET s" >&2
+  exit 2
+fi
+
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 1
 PYTHON="${PYTHON:-python3}"
 OUT="${OUT:-$REPO/.cache/gpu_check}"
-mkdir -p "$OUT"
+WORK="$REPO/.cache/gpu_check-work"
+rm -rf "$WORK"
+mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
-# Persistent within this machine's life only, but keeps Inductor off the
-# system temp dir and lets the compile stage reuse what the steps stage built.
 export TORCHINDUCTOR_CACHE_DIR="$REPO/.cache/inductor"
-
-if [ "$CPU_ONLY" = 1 ]; then
-  DEVICE=cpu
-  BUDGET="${BUDGET:-1200}"
-  [ "$DO_BUILD" = 2 ] || DO_BUILD=0
-  STEP_SIZES=(64)
-  PROFILE_SIZES=(64)
-  PROFILE_ROUNDS=2
-  COMPILE_SIZES=(64)
-  OP_SIZE=64
-  PACK_SIZE=64
-  E2E_CROP=64
-  E2E_ITERS=20
-  SR_LIMITS="--crop 64 --iterations 20"
-  REPEATS=3
-  WARMUP=1
-  # The dry run times two small op cases against a small copy: enough to exercise the table.
-  KERNEL_OPS_ARGS="--op-filter down1|lanczos/x4 --copy-mib 16 --min-sample-s 0.01"
-  PARITY_CROP=64
-  PARITY_ITERS="--iterations 5"
-else
-  DEVICE=cuda
-  BUDGET="${BUDGET:-570}"
-  STEP_SIZES=(256 512 1024)
-  PROFILE_SIZES=(512 256)
-  PROFILE_ROUNDS=5
-  COMPILE_SIZES=(256 512 1024)
-  OP_SIZE=512
-  PACK_SIZE=256
-  E2E_CROP=512
-  E2E_ITERS=3000
-  SR_LIMITS=""  # the whole zebra image at the preset's step count
-  REPEATS=7
-  # cudnn.benchmark autotunes on each shape's first call: keep it out of the calibration.
-  WARMUP=3
-  KERNEL_OPS_ARGS="--min-sample-s 0.05"
-  PARITY_CROP=256
-  PARITY_ITERS=""  # the preset's step count
-fi
 
 DATA="${DATA:-$REPO/../shared/data}"
 if [ -z "$IMAGE" ]; then
-  if [ -f "$DATA/dip/denoising/F16_GT.png" ]; then
-    IMAGE="$DATA/dip/denoising/F16_GT.png"
-  else
-    IMAGE=astronaut
-  fi
+  if [ -f "$DATA/dip/denoising/F16_GT.png" ]; then IMAGE="$DATA/dip/denoising/F16_GT.png"; else IMAGE=astronaut; fi
 fi
 ZEBRA="$DATA/dip/sr/zebra_GT.png"
 # Issue-17 parity set: three shared photographs of different content, 256x256 crops.
 PARITY_IMAGES="$DATA/dip/denoising/F16_GT.png $DATA/dip/denoising/snail.jpg $DATA/CBSD68/101085.png"
-PARITY_MODES="${PARITY_MODES:-fp32:eager fp32:graph tf32:graph bf16:graph}"
+
+if [ "$CPU_ONLY" = 1 ]; then
+  DEVICE=cpu
+  BUDGET=$(( BUDGET * CPU_SCALE ))
+  STEP_SIZES="64"            # the network's smallest working size
+  # One call per sample and every repetition kept: the dry run checks the plumbing, not the times.
+  STEP_ARGS="--repeats 3 --max-repeats 3 --clean-tol 1000 --warmup 1 --min-sample-s 0"
+  OP_ARGS="--op-size 64 --op-filter ^bn_act/down1.{2}channels_last.{2}bf16|^upsample_cat/level0$ --copy-mib 16"
+  OP_ARGS="$OP_ARGS --repeats 3 --clean-tol 1000 --warmup 1"
+  RESTORE_ARGS="--size 64 --iterations 3 --device cpu"
+  PROFILE_ARGS="--sizes 64 --rounds 1 --warmup 1"
+  PARITY_IMAGES="$DATA/dip/denoising/F16_GT.png"  # one image: the pairing, not the statistics
+  PARITY_CROP=64
+  PARITY_ITERS="--iterations 3"
+  PARITY_MODES="${PARITY_MODES:-fp32:eager bf16:eager}"
+  SR_MODES="fp32:eager"
+  # The dry run walks the tuned code paths without timing candidates on a shared CPU.
+  export DIP_FAST_TUNING=off
+else
+  DEVICE=cuda
+  STEP_SIZES="256 512"
+  # Warm-up 5: a graph step's 3 eager steps, its capture and first-replay check, then one replay that
+  # sets the calls per sample (cuDNN's benchmark mode also picks its algorithms in the warm-up).
+  STEP_ARGS="--repeats 7 --warmup 5 --min-sample-s 0.1"
+  # 26 op cases (bn_act and upsample_cat in two dtypes and two layouts, Lanczos x4 and x8).
+  OP_ARGS="--op-size 512 --repeats 7 --warmup 3 --min-sample-s 0.05"
+  RESTORE_ARGS="--size 512"
+  PROFILE_ARGS="--sizes 512 --rounds 5"
+  PARITY_CROP=256
+  PARITY_ITERS=""  # the preset's step count
+  PARITY_MODES="${PARITY_MODES:-fp32:eager fp32:graph tf32:graph bf16:graph}"
+  SR_MODES="fp32:graph bf16:graph"
+fi
 
 START=$(date +%s)
 FAILED=0
-printf 'stage\trc\tseconds\tbudget\n' > "$OUT/stages.tsv"
+printf 'stage\tstatus\trc\tseconds\tbudget\tnote\n' > "$OUT/stages.tsv"
 
-# Seconds a stage may take: its own budget, cut to what is left of the overall one.
-stage_budget() {
-  local want=$1 left
-  left=$(( BUDGET - ($(date +%s) - START) - 10 ))
-  if [ "$left" -lt "$want" ]; then want=$left; fi
-  echo "$want"
+record() {  # record STAGE STATUS RC SECONDS BUDGET NOTE
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >> "$OUT/stages.tsv"
 }
 
-# run_stage NAME BUDGET CMD...: run CMD under timeout, log its status to stages.tsv.
+# run_stage NAME: run stage_NAME under its budget (cut to what is left of the call's, less the
+# verdict's), and record its status.
 run_stage() {
-  local name=$1 want=$2 budget t0 rc
-  shift 2
-  case ",$ONLY," in
-    *",$name,"*) ;;
-    *) return ;;
-  esac
-  budget=$(stage_budget "$want")
+  local name=$1 want budget left t0 rc status note=""
+  want=${STAGE_BUDGET[$name]}
+  [ "$CPU_ONLY" = 1 ] && want=$(( want * CPU_SCALE ))
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then
+    echo "=== $name: not run (not in --only) ==="
+    record "$name" "not run" - 0 "$want" "not in --only"
+    return
+  fi
+  if [ "$CPU_ONLY" = 1 ] && [[ "$NEEDS_CUDA" == *",$name,"* ]] && ! { [ "$name" = build ] && [ "$DO_BUILD" = 1 ]; }; then
+    echo "=== $name: not run (needs CUDA; --cpu-only) ==="
+    record "$name" "not run" - 0 "$want" "needs CUDA (--cpu-only)"
+    return
+  fi
+  left=$(( BUDGET - ($(date +%s) - START) - ${STAGE_BUDGET[verdict]} ))
+  budget=$(( want < left ? want : left ))
   if [ "$budget" -lt 15 ]; then
-    echo "=== $name: skipped, $budget s left of the overall budget ==="
-    printf '%s\tskipped\t0\t%s\n' "$name" "$budget" >> "$OUT/stages.tsv"
+    echo "=== $name: not run, $left s left of the call's budget ==="
+    record "$name" "not run" - 0 "$want" "budget spent ($left s left)"
     FAILED=1
     return
   fi
   echo
-  echo "=== $name (budget ${budget} s, $(( $(date +%s) - START )) s elapsed) ==="
+  echo "=== $name (budget ${budget} s, $(( $(date +%s) - START )) s elapsed): ${STAGE_WHAT[$name]} ==="
   t0=$(date +%s)
-  if declare -F "$1" >/dev/null; then
-    # timeout runs programs, not shell functions: hand the (exported) function to a child bash.
-    timeout --kill-after=15 "$budget" bash -c '"$@"' "$name" "$@"
-  else
-    timeout --kill-after=15 "$budget" "$@"
-  fi
+  # timeout runs programs, not shell functions: the (exported) function runs in a child bash.
+  STAGE_LIMIT=$budget timeout --kill-after=10 "$budget" bash -c "stage_$name"
   rc=$?
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$budget" >> "$OUT/stages.tsv"
-  if [ "$rc" -ne 0 ]; then
-    FAILED=1
-    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-      echo "=== $name: stopped at its ${budget} s budget (results so far are in $OUT) ==="
-    else
-      echo "=== $name: exit status $rc ==="
-    fi
-  fi
+  case $rc in
+    0) status=pass ;;
+    124|137) status=timeout; note="stopped at its ${budget} s budget"; FAILED=1 ;;
+    *) status=fail; note="exit status $rc"; FAILED=1 ;;
+  esac
+  [ "$DEVICE" = cpu ] && [ "$status" = pass ] && note="CPU dry run"
+  record "$name" "$status" "$rc" "$(( $(date +%s) - t0 ))" "$budget" "$note"
+  echo "=== $name: $status ($(( $(date +%s) - t0 )) s) ==="
 }
 
-# shellcheck disable=SC2329  # run through run_stage (exported, in a child bash)
-env_info() {
+# ----------------------------------------------------------------------------------------------
+# The stages, one function each (run by run_stage in a child bash: everything they read is exported)
+# ----------------------------------------------------------------------------------------------
+# shellcheck disable=SC2329  # the stage_* functions run through run_stage
+
+stage_env() {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   if command -v nvidia-smi >/dev/null 2>&1; then
@@ -218,12 +241,21 @@ env_info() {
     echo "nvidia-smi: not found"
   fi
   if command -v nvcc >/dev/null 2>&1; then nvcc --version | tail -n 2; else echo "nvcc: not found"; fi
-  echo "cpu: $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores"
-  "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "gpu available", torch.cuda.is_available())'
+  "$PYTHON" - "$WORK/env.json" <<'EOF'
+import datetime, json, os, platform, subprocess, sys
+import torch
+env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+       "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+       "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+       "cudnn": torch.backends.cudnn.version(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+       "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None),
+       "cores": os.cpu_count()}
+print(json.dumps(env))
+json.dump(env, open(sys.argv[1], "w"), indent=1)
+EOF
 }
 
-# shellcheck disable=SC2329  # run through run_stage (exported, in a child bash)
-build() {
+stage_build() {
   # TORCH_CUDA_ARCH_LIST deliberately unset: setup.py then builds for the visible GPU only.
   env -u TORCH_CUDA_ARCH_LIST MAX_JOBS="$(nproc)" "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || return
   "$PYTHON" - "$OUT/build_info.json" <<'EOF'
@@ -231,57 +263,77 @@ import json, sys
 import dip_fast
 info = dip_fast.build_info()
 print(json.dumps(info, indent=1, default=str))
-with open(sys.argv[1], "w") as fh:
-    json.dump(info, fh, indent=1, default=str)
-if not info.get("extension_loaded"):
-    sys.exit("the extension did not load")
+json.dump(info, open(sys.argv[1], "w"), indent=1, default=str)
+sys.exit(0 if info.get("extension_loaded") else "the extension did not load")
 EOF
 }
 
-# The custom ops' checks, each part under its own limit so that one hang cannot eat the rest.
-# shellcheck disable=SC2329  # run through run_stage (exported, in a child bash)
-kernels() {
-  local rc=0 sanitizer="" cuda_home
-  sanitize() {
-    echo "--- compute-sanitizer $1"
-    # No caching allocator: each tensor is its own allocation (overruns leave it, new memory is uninitialised).
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 60 "$sanitizer" --tool "$1" --error-exitcode 1 --print-limit 20 \
-      "$PYTHON" scripts/cuda_op_driver.py --no-reference
-  }
-  echo "--- op tests on $DEVICE"
+stage_optests() {
   # shellcheck disable=SC2046  # the op test files, as separate arguments
-  timeout 60 "$PYTHON" -m pytest -q -m cuda $(ls tests/test_ops_*.py) --tb=short -rfE -p no:cacheprovider || rc=1
-  if [ "$DEVICE" = cuda ]; then
-    cuda_home="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /nonexistent/bin/nvcc)")")}"
-    sanitizer=$(command -v compute-sanitizer || true)
-    for candidate in "$cuda_home/bin/compute-sanitizer" "$cuda_home/compute-sanitizer/compute-sanitizer"; do
-      if [ -z "$sanitizer" ] && [ -x "$candidate" ]; then sanitizer=$candidate; fi
-    done
-    if [ -z "$sanitizer" ]; then
-      echo "compute-sanitizer: not found (PATH, $cuda_home)"
-      rc=1
-    else
-      sanitize memcheck || rc=1
-      sanitize racecheck || rc=1
-    fi
-  else
-    echo "--- op driver on the CPU (what the sanitizers run on a GPU)"
-    timeout 120 "$PYTHON" scripts/cuda_op_driver.py --device cpu || rc=1
-  fi
-  echo "--- op bandwidth table"
-  # shellcheck disable=SC2086  # KERNEL_OPS_ARGS holds separate options (arrays do not survive export)
-  timeout 120 "$PYTHON" bench/compare.py --device "$DEVICE" --no-steps --op-size "$OP_SIZE" --repeats 5 \
-    --warmup "$WARMUP" $KERNEL_OPS_ARGS --out "$OUT/$DEVICE-ops.json" --no-markdown || rc=1
-  # Last, so that a stage cut at its budget loses the check the issue did not ask for.
-  if [ -n "$sanitizer" ]; then sanitize initcheck || rc=1; fi
-  return "$rc"
+  "$PYTHON" -m pytest -q -m cuda $(ls tests/test_ops_*.py) --tb=short -rfE -p no:cacheprovider \
+    --junitxml="$WORK/optests.xml"
 }
 
-# shellcheck disable=SC2329  # run through run_stage (exported, in a child bash)
-parity() {
+stage_optable() {
+  # shellcheck disable=SC2086  # OP_ARGS holds separate options (arrays do not survive export)
+  "$PYTHON" bench/compare.py --device "$DEVICE" --no-steps --op-dtypes fp32 bf16 $OP_ARGS \
+    --out "$OUT/$DEVICE-ops.json" --no-markdown
+}
+
+stage_steps() {
+  # shellcheck disable=SC2086  # STEP_SIZES and STEP_ARGS hold separate words
+  "$PYTHON" bench/compare.py --device "$DEVICE" --sizes $STEP_SIZES $STEP_ARGS --no-ops --no-compile --no-probe \
+    --variants reference reference_default fast_graph_tf32 fast_graph_bf16 --tuned \
+    --out "$OUT/$DEVICE-steps.json" --no-markdown
+}
+
+stage_restore() {
+  # max_time is a safety net only: a run that would overrun the stage stops with what it has.
+  # shellcheck disable=SC2086  # RESTORE_ARGS holds separate options
+  "$PYTHON" bench/restore_defaults.py "$IMAGE" $RESTORE_ARGS --max-time $(( STAGE_LIMIT - 20 )) \
+    --steps-json "$OUT/$DEVICE-steps.json" --out "$OUT/$DEVICE-restore.json"
+}
+
+stage_profile() {
+  # Its own file would be a ninth in $OUT: the profile joins the steps JSON.
+  # shellcheck disable=SC2086  # PROFILE_ARGS holds separate options
+  "$PYTHON" bench/step_profile.py --device "$DEVICE" $PROFILE_ARGS --merge-into "$OUT/$DEVICE-steps.json"
+}
+
+# sanitize TOOL: compute-sanitizer TOOL on the op driver (every op forward and backward, small odd
+# shapes, pads 0/1/3, NCHW / channels_last / misaligned, fp32 and bf16). On the CPU: the driver alone.
+sanitize() {
+  local tool=$1 cuda_home sanitizer="" candidate
+  if [ "$DEVICE" = cpu ]; then
+    echo "--- the $tool workload on the CPU, without the sanitizer"
+    "$PYTHON" scripts/cuda_op_driver.py --device cpu --no-reference 2>&1 | tee "$WORK/$tool.log"
+    return
+  fi
+  cuda_home="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /nonexistent/bin/nvcc)")")}"
+  sanitizer=$(command -v compute-sanitizer || true)
+  for candidate in "$cuda_home/bin/compute-sanitizer" "$cuda_home/compute-sanitizer/compute-sanitizer"; do
+    if [ -z "$sanitizer" ] && [ -x "$candidate" ]; then sanitizer=$candidate; fi
+  done
+  if [ -z "$sanitizer" ]; then
+    echo "compute-sanitizer: not found (PATH, $cuda_home)" | tee "$WORK/$tool.log"
+    return 1
+  fi
+  # No caching allocator: each tensor is its own allocation (overruns leave it, new memory is uninitialised).
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 1 --print-limit 20 \
+    "$PYTHON" scripts/cuda_op_driver.py --no-reference 2>&1 | tee "$WORK/$tool.log"
+}
+stage_memcheck() { sanitize memcheck; }
+stage_racecheck() { sanitize racecheck; }
+stage_initcheck() { sanitize initcheck; }
+
+stage_tests() {
+  "$PYTHON" -m pytest -q -m cuda tests --ignore-glob='tests/test_ops_*.py' --tb=long -rfE -p no:cacheprovider \
+    --junitxml="$WORK/tests.xml"
+}
+
+stage_parity() {
   # Each mode's runs go to a JSON under .cache/parity, kept across calls on one machine: a mode
-  # whose file already holds every run is not run again. One folder per device and settings, so
-  # that only comparable runs are paired. parity.json is rebuilt after each mode.
+  # whose file already holds every run is not run again. parity.json is rebuilt after each mode.
   local dir pair prec mode f images=() img
   dir="$REPO/.cache/parity/$DEVICE-crop$PARITY_CROP-$(echo "${PARITY_ITERS:-preset}" | tr -dc 'a-z0-9')"
   mkdir -p "$dir"
@@ -294,20 +346,20 @@ parity() {
     prec=${pair%:*}; mode=${pair#*:}
     f="$dir/denoise-$prec-$mode.json"
     if ! parity_complete "$f" $(( ${#images[@]} * 2 )); then
-      # shellcheck disable=SC2086  # PARITY_ITERS holds separate options (arrays do not survive export)
+      # shellcheck disable=SC2086  # PARITY_ITERS holds separate options
       "$PYTHON" bench/quality.py --task denoise --crop "$PARITY_CROP" $PARITY_ITERS --seeds 2 --backends fast \
         --device "$DEVICE" --precision "$prec" --step-mode "$mode" --out "$f" --no-markdown "${images[@]}"
     fi
     merge_parity "$dir"/*.json
   done
   if [ -f "$ZEBRA" ]; then
-    for pair in fp32:graph bf16:graph; do
+    for pair in $SR_MODES; do
       prec=${pair%:*}; mode=${pair#*:}
       f="$dir/sr-$prec-$mode.json"
       if ! parity_complete "$f" 1; then
-        # shellcheck disable=SC2086  # SR_LIMITS holds separate options (arrays do not survive export)
+        # shellcheck disable=SC2086  # PARITY_ITERS holds separate options
         "$PYTHON" bench/quality.py --task sr --factor 4 --seeds 1 --backends fast --device "$DEVICE" \
-          $SR_LIMITS --precision "$prec" --step-mode "$mode" --out "$f" --no-markdown "$ZEBRA"
+          --crop "$PARITY_CROP" $PARITY_ITERS --precision "$prec" --step-mode "$mode" --out "$f" --no-markdown "$ZEBRA"
       fi
       merge_parity "$dir"/*.json
     done
@@ -315,7 +367,6 @@ parity() {
 }
 
 # parity_complete FILE N: whether FILE holds N runs made on this kind of device.
-# shellcheck disable=SC2329  # called by parity
 parity_complete() {
   [ -f "$1" ] && "$PYTHON" - "$1" "$2" "$DEVICE" <<'EOF'
 import json, sys
@@ -327,7 +378,6 @@ EOF
 }
 
 # The paired comparison: each mode's runs against fp32 eager's on the same image and seed.
-# shellcheck disable=SC2329  # called by parity
 merge_parity() {
   [ -e "$1" ] || return 0
   "$PYTHON" - "$OUT/parity.json" "$@" <<'EOF'
@@ -368,125 +418,24 @@ for e in paired:
 EOF
 }
 
-# shellcheck disable=SC2329  # run through run_stage (exported, in a child bash)
-earlystop() {
-  "$PYTHON" bench/early_stop.py --crop "$E2E_CROP" --iterations "$E2E_ITERS" --device "$DEVICE" \
-    --out "$OUT/early-stop.json" "$IMAGE"
+# The verdict always runs, whatever is left of the budget: it only reads what the stages wrote.
+verdict() {
+  timeout 60 "$PYTHON" scripts/gpu_verdict.py --out "$OUT" --work "$WORK" --plan "$PLAN_ARG" \
+    --mode "$MODE$([ "$CPU_ONLY" = 1 ] && echo ', cpu-only')" --device "$DEVICE" --budget "$BUDGET" \
+    --elapsed "$(( $(date +%s) - START ))"
 }
 
-summary() {
-  "$PYTHON" - "$OUT" <<'EOF'
-import json, sys
-from pathlib import Path
+export PYTHON OUT WORK REPO DEVICE IMAGE ZEBRA STEP_SIZES STEP_ARGS OP_ARGS RESTORE_ARGS PROFILE_ARGS
+export PARITY_IMAGES PARITY_MODES SR_MODES PARITY_CROP PARITY_ITERS
+export -f stage_env stage_build stage_optests stage_optable stage_steps stage_restore stage_profile \
+  sanitize stage_memcheck stage_racecheck stage_initcheck stage_tests stage_parity parity_complete merge_parity
 
-out = Path(sys.argv[1])
-lines = []
-
-def load(name):
-    p = out / name
-    return json.loads(p.read_text()) if p.is_file() else None
-
-def r(d, key):
-    x = d.get("speedup", {}).get(key)
-    return f"{x['median']:.2f}x" if x else "-"
-
-def ms(d, key):
-    v = d.get("median_s", {}).get(key)
-    return f"{v * 1e3:.2f}" if v else "-"
-
-for name in ("cuda-steps.json", "cuda-compile.json", "cpu-steps.json", "cpu-compile.json"):
-    res = load(name)
-    if not res or not res.get("steps"):
-        continue
-    env = res["environment"]
-    if env.get("device") != "cpu":  # the GPU table: every variant, its speed-ups and FLOP rate
-        sys.path.insert(0, "bench")
-        import compare
-        lines += [f"### {name}: {env.get('gpu')}, torch {env['torch']}, commit {env['commit']}", ""]
-        lines += compare._render_device_steps(res)
-        continue
-    lines += [f"### {name}: {env.get('gpu') or env.get('cpu_model')}, torch {env['torch']}, commit {env['commit']}", "",
-              "| size | fast ms | fast_cl ms | ref ms | compile ms | ref/fast | ref/fast_cl | compile/fast | compile/fast_cl | conv bound / best fast |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for size, d in res["steps"].items():
-        b = d.get("conv_bound")
-        eff = f"{b['efficiency'] * 100:.0f}%" if b else "-"
-        lines.append(f"| {size} | {ms(d, 'fast')} | {ms(d, 'fast_cl')} | {ms(d, 'reference')} | {ms(d, 'compile')} | "
-                     f"{r(d, 'reference/fast')} | {r(d, 'reference/fast_cl')} | {r(d, 'compile/fast')} | {r(d, 'compile/fast_cl')} | {eff} |")
-    lines.append("")
-for name in ("cuda-steps.json", "cpu-steps.json"):
-    res = load(name)
-    if res and res.get("kernel_profile", {}).get("sizes"):
-        sys.path.insert(0, "bench")
-        import step_profile  # the category table, as step_profile.py prints it
-        lines += [f"### {name}: kernel_profile", ""] + step_profile.render(res["kernel_profile"]) + [""]
-for name in ("cuda-ops.json", "cpu-ops.json"):
-    res = load(name)
-    if not res or not res.get("ops"):
-        continue
-    sys.path.insert(0, "bench")
-    import compare  # the op table with its bandwidth columns, as compare.py prints it
-    lines += [f"### {name} (shapes of a {res['ops']['image_size']}² image)", ""] + compare._render_ops(res["ops"])
-    lines += [""] + [f"Not measured: {n}" for n in res["ops"].get("notes", [])] + [""]
-res = load("e2e.json")
-if res and res.get("runs"):
-    cfg = res["config"]
-    lines += [f"### e2e: {cfg['task']} {cfg['iterations']} steps, {', '.join(cfg['images'])} crop {cfg['crop']}, via {cfg.get('via', 'solve')}", "",
-              "| backend | wall s | PSNR dB | PSNR avg dB | SSIM |", "|---|---|---|---|---|"]
-    for run in res["runs"]:
-        avg = f"{run['psnr_avg']:.2f}" if "psnr_avg" in run else "-"
-        lines.append(f"| {run['backend']} | {run['wall_s']:.1f} | {run['psnr']:.2f} | {avg} | {run['ssim']:.4f} |")
-    lines.append("")
-text = "\n".join(lines) if lines else "no results to summarise\n"
-(out / "summary.md").write_text(text + "\n")
-print(text)
-EOF
-}
-
-export PYTHON OUT
-export IMAGE ZEBRA DEVICE E2E_CROP E2E_ITERS SR_LIMITS OP_SIZE WARMUP KERNEL_OPS_ARGS
-export REPO PARITY_IMAGES PARITY_MODES PARITY_CROP PARITY_ITERS
-export -f env_info build kernels parity parity_complete merge_parity earlystop
-
-# Whether dip_fast.restore exists in this checkout (the e2e stage prefers it).
-VIA=solve
-if "$PYTHON" -c 'import dip_fast, sys; sys.exit(0 if hasattr(dip_fast, "restore") else 1)' 2>/dev/null; then
-  VIA=restore
-fi
-
-run_stage env 60 env_info
-if [ "$DO_BUILD" != 0 ]; then
-  run_stage build 200 build
-  # The first import check above ran before the build; ask again now.
-  if "$PYTHON" -c 'import dip_fast, sys; sys.exit(0 if hasattr(dip_fast, "restore") else 1)' 2>/dev/null; then VIA=restore; fi
-else
-  echo "=== build: skipped (--cpu-only without --build); would run: pip install --no-build-isolation --no-deps -e . ==="
-  printf 'build\tskipped\t0\t0\n' >> "$OUT/stages.tsv"
-fi
-run_stage kernels 130 kernels
-run_stage tests 120 "$PYTHON" -m pytest -q -m cuda tests --tb=long -rfE -p no:cacheprovider
-run_stage steps 150 "$PYTHON" bench/compare.py --device "$DEVICE" --sizes "${STEP_SIZES[@]}" --no-compile \
-  --no-ops --repeats "$REPEATS" --warmup "$WARMUP" --out "$OUT/$DEVICE-steps.json" --no-markdown
-# Its own file would be a ninth in $OUT: the profile joins the steps JSON.
-run_stage profile 90 "$PYTHON" bench/step_profile.py --device "$DEVICE" --sizes "${PROFILE_SIZES[@]}" \
-  --rounds "$PROFILE_ROUNDS" --merge-into "$OUT/$DEVICE-steps.json"
-run_stage compile 200 "$PYTHON" bench/compare.py --device "$DEVICE" --sizes "${COMPILE_SIZES[@]}" \
-  --compile-sizes "${COMPILE_SIZES[@]}" "${AUTOTUNE[@]}" --no-ops --repeats "$REPEATS" --warmup "$WARMUP" \
-  --out "$OUT/$DEVICE-compile.json" --no-markdown
-# 10 op cases (both layouts, upsample_cat, Lanczos) with up to 4 variants: 0.1 s samples keep it near 40 s.
-run_stage ops 90 "$PYTHON" bench/compare.py --device "$DEVICE" --no-steps --op-size "$OP_SIZE" \
-  --repeats "$REPEATS" --warmup "$WARMUP" --min-sample-s 0.1 --profile --profile-size "$OP_SIZE" \
-  --out "$OUT/$DEVICE-ops.json" --no-markdown
-# Packed networks (#16): images per hour against K; the table goes to the log (no file: $OUT is full).
-run_stage packed 60 "$PYTHON" bench/packed.py --device "$DEVICE" --size "$PACK_SIZE" --ks 1 4 16 --steps 20 \
-  --rounds 3
-run_stage parity 560 parity
-run_stage earlystop 300 earlystop
-run_stage e2e 200 "$PYTHON" bench/quality.py --task denoise --crop "$E2E_CROP" --iterations "$E2E_ITERS" \
-  --seeds 1 --device "$DEVICE" --via "$VIA" --out "$OUT/e2e.json" --no-markdown "$IMAGE"
+print_plan
+for stage in "${STAGES[@]}"; do
+  [ "$stage" = verdict ] && continue
+  run_stage "$stage"
+done
 echo
-echo "=== summary ($(( $(date +%s) - START )) s elapsed) ==="
-summary
-echo
-cat "$OUT/stages.tsv"
+echo "=== verdict ($(( $(date +%s) - START )) s elapsed) ==="
+verdict || FAILED=1
 exit "$FAILED"
