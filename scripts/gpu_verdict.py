@@ -58,7 +58,9 @@ class Results:
         self.out, self.work, self.device = out, work, device
 
     def env(self) -> str:
-        e = _load(self.work / "env.json") or {}
+        e = _load(self.work / "env.json")
+        if not e:
+            return ""
         device = e.get("gpu") or f"no GPU ({e.get('cpu')}, {e.get('cores')} cores)"
         return device + ", " + ", ".join(f"{k} {e[k]}" for k in ("torch", "cuda", "commit") if e.get(k))
 
@@ -194,7 +196,8 @@ def verdict(plan: List[tuple], records: Dict[str, Dict[str, str]], results: Resu
         note = rec.get("note", "") if rec else "no record: the call ended before it"
         rows.append({"stage": stage, "status": status, "seconds": int(rec["seconds"]) if rec else None,
                      "budget_s": int(rec["budget"]) if rec and rec["budget"].isdigit() else planned,
-                     "planned_s": planned, "note": note, "result": results.figure(stage) if rec else ""})
+                     "planned_s": planned, "note": note,
+                     "result": results.figure(stage) if status != "not run" else ""})
     bad = [r["stage"] for r in rows if r["status"] in ("fail", "timeout")]
     missing = [r["stage"] for r in rows if r["status"] == "not run" and not r["note"].startswith("needs")]
     outcome = "fail" if bad else ("incomplete" if missing else "pass")
