@@ -17,7 +17,10 @@ and :mod:`dip_fast.pipeline.tiles`, which run the same stages.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
+import time
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -25,6 +28,7 @@ import torch
 from . import io, tasks
 from .core.memory import estimate_memory
 from .pipeline import many
+from .pipeline.budget import plan_to_budget
 from .pipeline.info import RestoreInfo
 from .pipeline.job import build_run, choose_execution, constant_result, finish, fit_job, plan_job, run_settings
 from .pipeline.observation import prepare_observation
@@ -77,6 +81,7 @@ def restore(
     restarts: int = 1,
     pack: Union[int, str] = "auto",
     tile: Optional[int] = None,
+    time_budget: Optional[float] = None,
 ) -> Any:
     """Restore an image (or a list of images) with Deep Image Prior (Ulyanov et al., CVPR 2018).
 
@@ -247,6 +252,12 @@ def restore(
             its low-resolution input, deblurring with overlaps at least the
             kernel's size; a callable task is refused.  Tiles share one
             noise level, estimated on the whole image.
+        time_budget: seconds the call may take, all included.  Once the
+            step is chosen and its time at this size known, the run gets as
+            many of the preset's steps as fit, and stops at the budget
+            (:mod:`dip_fast.pipeline.budget`; ``info.time_plan`` says what
+            was planned and why).  Lists, restarts and tiles share it as a
+            hard stop.  ``max_time`` stays a hard stop of the fit alone.
 
     Returns:
         The restored image, of the same kind as ``image``: uint8 in gives
@@ -274,8 +285,14 @@ def restore(
         preset=preset, sigma=sigma, seed=seed, device=device, backend=backend, progress=progress, callback=callback,
         return_info=return_info, max_time=max_time, num_threads=num_threads, deterministic=deterministic,
         stop=stop, step_mode=step_mode, precision=precision, restarts=restarts, pack=pack, tile=tile,
+        time_budget=time_budget,
     )
+    started = time.perf_counter()  # time_budget counts from here
     run_seed = random.SystemRandom().randrange(2**63) if request.seed is None else request.seed
+    if request.time_budget is not None and (isinstance(image, (list, tuple)) or request.restarts > 1
+                                            or request.tile is not None):
+        # Several runs share the budget as a hard stop (planning their steps needs each one's time).
+        request = dataclasses.replace(request, max_time=min(request.max_time or math.inf, request.time_budget))
     if request.tile is not None:
         return many.restore_tiled(request, image, mask, ground_truth, run_seed, request.tile, "tile was given")
     if not isinstance(image, (list, tuple)):
@@ -292,5 +309,6 @@ def restore(
     with run_settings(request.num_threads, request.deterministic):
         execution = choose_execution(request, [job])
         run = build_run(request, observed, job.preset, run_seed, execution)
-        result = fit_job(request, observed, run, job.info, job.rule)
+        fitting = request if request.time_budget is None else plan_to_budget(request, job, execution, run, started)
+        result = fit_job(fitting, observed, run, job.info, job.rule)
     return finish(request, observed, run.term, result, job.info, job.rule)

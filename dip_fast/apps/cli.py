@@ -14,14 +14,17 @@ Outputs are written atomically (a temporary file in the same folder, then
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 from PIL import Image
 
 from .. import __version__, io
+from ..pipeline.monitor import RunTimeEstimate, format_seconds
 from ..tasks import registry
 from ..tasks.registry import CliFlag, TaskSpec
 
@@ -90,6 +93,9 @@ def _add_run_options(p: argparse.ArgumentParser, max_time_help: str) -> None:
     p.add_argument("--backend", choices=("auto", "fast", "reference"), default="auto",
                    help="network implementation (auto: the fastest on this device, timed or cached)")
     p.add_argument("--max-time", type=float, metavar="SECONDS", help=max_time_help)
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="plan the run to take about this long: as many of the preset's steps as fit at the "
+                        "step time measured on this device")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the run")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (for repeatable CUDA runs)")
     p.add_argument("--stop", choices=("auto", "never", "early"), default="auto",
@@ -111,7 +117,8 @@ def _add_run_options(p: argparse.ArgumentParser, max_time_help: str) -> None:
 def _run_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """restore() keywords of the options added by _add_run_options."""
     return dict(iterations=args.iterations, preset=args.preset, device=args.device, seed=args.seed,
-                backend=args.backend, max_time=args.max_time, num_threads=args.threads,
+                backend=args.backend, max_time=args.max_time, time_budget=args.time_budget,
+                num_threads=args.threads,
                 deterministic=args.deterministic, stop=args.stop, step_mode=args.step_mode,
                 precision=args.precision, restarts=args.restarts, tile=args.tile)
 
@@ -218,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", choices=("paper", "fast", "quick"),
                       help="default: paper on a GPU, fast with shortened step counts on the CPU")
     demo.add_argument("--full", action="store_true", help="restore the full 512x512 image on the CPU too")
-    demo.add_argument("--backend", choices=("fast", "reference"), default="fast", help="network implementation")
+    demo.add_argument("--backend", choices=("auto", "fast", "reference"), default="auto",
+                      help="network implementation (auto: the fastest on this device)")
     demo.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: 1 on a busy machine)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -307,6 +315,32 @@ def _write_plot(info: Any, path: Path) -> None:
 # --------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _run_time_in_words(prog: str, quiet: bool, stream: Optional[IO[str]] = None) -> Iterator[None]:
+    """A long run's expected time as one line of the command's own (not a Python warning with its source line).
+
+    The line goes to ``stream`` (standard error by default); other warnings show as usual.
+
+    >>> with _run_time_in_words("dip-fast denoise", quiet=False, stream=sys.stdout):
+    ...     warnings.warn(RunTimeEstimate("long", 2250, 3240.0, 1440.0))
+    dip-fast denoise: this run of 2250 steps will take about 54 min (1440 ms/step); --time-budget 300 would run about 208 steps in 5 min
+    """
+    def show(message: Any, category: Any, *rest: Any, **kwargs: Any) -> None:
+        if not isinstance(message, RunTimeEstimate):
+            shown(message, category, *rest, **kwargs)
+        elif not quiet:
+            in_5_min = min(message.steps, max(1, int(300 / (message.ms_per_step / 1e3))))
+            print(f"{prog}: this run of {message.steps} steps will take about {format_seconds(message.seconds)} "
+                  f"({message.ms_per_step:.0f} ms/step); --time-budget 300 would run about {in_5_min} steps "
+                  "in 5 min", file=stream or sys.stderr)
+
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RunTimeEstimate)
+        warnings.showwarning = show
+        yield
+
+
 def _run_restore(args: argparse.Namespace) -> int:
     from ..api import restore
 
@@ -352,7 +386,8 @@ def _run_restore(args: argparse.Namespace) -> int:
     kwargs = _run_kwargs(args)
     kwargs.update(ground_truth=args.ground_truth, progress=not args.quiet, callback=callback, return_info=True)
     kwargs.update(task_inputs)
-    result, info = restore(str(in_path), spec.name, **kwargs)
+    with _run_time_in_words(f"{PROG} {args.command}", quiet=args.quiet):
+        result, info = restore(str(in_path), spec.name, **kwargs)
     io.save_image(result, out, overwrite=args.force)
     if uncertainty_path is not None:
         _write_uncertainty(info.uncertainty, uncertainty_path, args.force)

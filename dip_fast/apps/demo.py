@@ -152,7 +152,7 @@ def run_demo(
     device: Optional[str] = None,
     preset: Optional[str] = None,
     full_size: Optional[bool] = None,
-    backend: str = "fast",
+    backend: str = "auto",
     seed: int = 0,
     num_threads: Optional[int] = None,
     progress: bool = True,
@@ -166,7 +166,7 @@ def run_demo(
         preset: default ``'paper'`` on a GPU, ``'fast'`` (with the demo's
             shortened step counts) on the CPU.
         full_size: restore the whole 512x512 image (default: on a GPU only).
-        backend: ``'fast'`` or ``'reference'``.
+        backend: ``'auto'`` (the fastest on this device), ``'fast'`` or ``'reference'``.
         seed: seed of the degradations and of the runs.
         num_threads: CPU threads (default: torch's, but 1 when the machine is
             busy: see :func:`cpu_threads`).

@@ -53,6 +53,10 @@ class RestoreInfo:
             when the rule was off.
         stop_summary: one plain sentence on why the run ended and how sure
             the rule is.
+        time_plan: with ``time_budget``, the plan
+            (:class:`dip_fast.pipeline.budget.TimePlan`): ``budget_s``,
+            ``spent_s``, ``ms_per_step``, ``iterations``, ``preset_iterations``,
+            ``reason``; None without a budget.
         execution: how the step ran and how that was chosen
             (:class:`dip_fast.core.tuning.Decision`): ``backend``, ``layout``,
             ``step_mode``, ``precision``, ``source`` (``'measured'``,
@@ -100,6 +104,7 @@ class RestoreInfo:
     step_mode: str = "eager"
     precision: str = "fp32"
     execution: Dict[str, Any] = field(default_factory=dict)
+    time_plan: Optional[Dict[str, Any]] = None
     restarts: int = 1
     uncertainty: Optional[Any] = None
     packed: int = 1

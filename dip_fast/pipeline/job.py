@@ -198,9 +198,9 @@ TIMING_SEED = 0x7153
 
 def execution_options(request: RestoreRequest) -> Tuple[List[Candidate], Candidate]:
     """The candidates open to ``request`` (the baseline first) and the choice when nothing is timed."""
-    backend = request.backend if request.backend in ("auto", "fast", "reference") else "reference"
-    if backend == "fast" and not request.fast_available:
-        backend = "reference"  # reported as the fast fallback (request.backend)
+    # 'fast' without its compiled ops stays 'fast': its builder warns once and builds the reference,
+    # and the info reports the fallback (request.backend).
+    backend = "fast" if request.backend == FAST_FALLBACK else request.backend
     fast = request.fast_available
     options = tuning.candidates(request.device, backend, request.step_mode, request.precision, fast_available=fast)
     fallback = tuning.fixed(request.device, backend, request.step_mode, request.precision, fast_available=fast)

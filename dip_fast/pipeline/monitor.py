@@ -15,7 +15,7 @@ from ..core.fit import StepInfo
 if TYPE_CHECKING:  # the api imports this module
     from .info import RestoreInfo
 
-__all__ = ["LOG_INTERVAL_S", "ProgressMonitor", "format_seconds", "progress_bar"]
+__all__ = ["LOG_INTERVAL_S", "ProgressMonitor", "RunTimeEstimate", "format_seconds", "progress_bar"]
 
 # A CPU run whose measured estimate exceeds this many seconds is announced
 # in a warning even when the caller picked the preset.
@@ -82,6 +82,20 @@ def progress_bar(total: int, desc: str, *, disable: bool = False, file: Optional
     return tqdm(total=total, desc=desc, unit="step", disable=disable, dynamic_ncols=True, file=stream, **interval)
 
 
+class RunTimeEstimate(UserWarning):
+    """The warning that a CPU run will be long: its message, plus the numbers a front end may word itself.
+
+    Attributes:
+        steps: the run's step count.
+        seconds: the expected wall time of the run.
+        ms_per_step: the measured time per step.
+    """
+
+    def __init__(self, message: str, steps: int, seconds: float, ms_per_step: float) -> None:
+        super().__init__(message)
+        self.steps, self.seconds, self.ms_per_step = steps, seconds, ms_per_step
+
+
 class ProgressMonitor:
     """Per-step bookkeeping of a run: progress bar, PSNR, user callback, CPU time estimate."""
 
@@ -117,12 +131,11 @@ class ProgressMonitor:
         if self.warn_auto or total > _LONG_RUN_S:
             why = ("preset='auto' on the CPU uses the cheaper preset "
                    f"{self.info.preset!r} (the paper's settings would take hours); " if self.warn_auto else "")
-            warnings.warn(
-                f"dip_fast: {why}this run of {self.info.iterations} steps will take about "
-                f"{format_seconds(total)} on the CPU (measured {per_step * 1000:.0f} ms/step). "
-                "Pass iterations=, max_time= or preset='quick' for a shorter run, or use a GPU.",
-                UserWarning, stacklevel=_caller.stacklevel(),  # the caller of restore()
-            )
+            message = (f"dip_fast: {why}this run of {self.info.iterations} steps will take about "
+                       f"{format_seconds(total)} on the CPU (measured {per_step * 1000:.0f} ms/step). "
+                       "Pass time_budget=, iterations= or preset='quick' for a shorter run, or use a GPU.")
+            warnings.warn(RunTimeEstimate(message, self.info.iterations, total, per_step * 1000),
+                          stacklevel=_caller.stacklevel())  # the caller of restore()
 
     def on_step(self, s: StepInfo) -> None:
         est = s.out_avg if s.out_avg is not None else s.out

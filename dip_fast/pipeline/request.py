@@ -84,6 +84,7 @@ class RestoreRequest:
             caller fixed; with ``backend='auto'``, ``'auto'`` and the reference builder (the run's
             execution is chosen by :func:`dip_fast.pipeline.job.choose_execution`).
         fast_available: whether the fused network can run (its compiled ops are loaded).
+        time_budget: seconds the whole call should take (:mod:`dip_fast.pipeline.budget`), or None.
         factor: the output's size over the observation's (``scale`` or 1).
         blur_kernel: the normalised kernel, for tasks that take one.
         output_shape: ``(C, H, W)`` of a callable task's result.
@@ -126,6 +127,7 @@ class RestoreRequest:
     pack: Union[int, str] = "auto"
     tile: Optional[int] = None
     fast_available: bool = False
+    time_budget: Optional[float] = None
 
 
 def _check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
@@ -213,7 +215,7 @@ RESTORE_DEFAULTS: Dict[str, Any] = {
     "iterations": None, "preset": "auto", "sigma": None, "seed": 0, "device": None, "backend": "auto",
     "progress": False, "callback": None, "return_info": False, "max_time": None, "num_threads": None,
     "deterministic": False, "stop": "auto", "step_mode": "auto", "precision": "auto", "restarts": 1,
-    "pack": "auto", "tile": None,
+    "pack": "auto", "tile": None, "time_budget": None,
 }
 
 
@@ -236,7 +238,7 @@ def validate_request(task: Union[str, Operator] = "denoise", **arguments: Any) -
 def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: Any, iterations: Any, preset: Any,
               sigma: Any, seed: Any, device: Any, backend: Any, progress: Any, callback: Any, return_info: Any,
               max_time: Any, num_threads: Any, deterministic: Any, stop: Any, step_mode: Any,
-              precision: Any, restarts: Any, pack: Any, tile: Any) -> RestoreRequest:
+              precision: Any, restarts: Any, pack: Any, tile: Any, time_budget: Any) -> RestoreRequest:
     """:func:`validate_request` once every argument has its value (the caller's, of any type until checked)."""
     spec, operator = resolve_task(task)
     if spec.measurement and sigma is None:
@@ -245,6 +247,8 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
         iterations = check_int(iterations, "iterations", 1)
     if max_time is not None:
         max_time = _check_positive(max_time, "max_time")
+    if time_budget is not None:
+        time_budget = _check_positive(time_budget, "time_budget")
     if num_threads is not None:
         num_threads = check_int(num_threads, "num_threads", 1)
     if seed is not None:
@@ -293,5 +297,5 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
         stop=stop, step_mode=step_mode, precision=precision,
         max_time=max_time, num_threads=num_threads, deterministic=bool(deterministic), progress=bool(progress),
         callback=callback, return_info=bool(return_info), restarts=restarts, pack=pack, tile=tile,
-        fast_available=fast_available(chosen.network.arch),
+        fast_available=fast_available(chosen.network.arch), time_budget=time_budget,
     )
