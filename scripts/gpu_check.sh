@@ -290,7 +290,7 @@ stage_steps() {
 stage_restore() {
   # max_time is a safety net only: a run that would overrun the stage stops with what it has.
   # shellcheck disable=SC2086  # RESTORE_ARGS holds separate options
-  "$PYTHON" bench/restore_defaults.py "$IMAGE" $RESTORE_ARGS --max-time $(( STAGE_LIMIT - 20 )) \
+  "$PYTHON" bench/restore_defaults.py "$IMAGE" $RESTORE_ARGS --max-time $(( STAGE_LIMIT > 40 ? STAGE_LIMIT - 20 : STAGE_LIMIT / 2 )) \
     --steps-json "$OUT/$DEVICE-steps.json" --out "$OUT/$DEVICE-restore.json"
 }
 
