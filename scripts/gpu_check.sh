@@ -304,6 +304,7 @@ stage_profile() {
 # shapes, pads 0/1/3, NCHW / channels_last / misaligned, fp32 and bf16). On the CPU: the driver alone.
 sanitize() {
   local tool=$1 cuda_home sanitizer="" candidate
+  set -o pipefail  # the tool's status, not tee's (a child bash does not inherit the option)
   if [ "$DEVICE" = cpu ]; then
     echo "--- the $tool workload on the CPU, without the sanitizer"
     "$PYTHON" scripts/cuda_op_driver.py --device cpu --no-reference 2>&1 | tee "$WORK/$tool.log"
