@@ -142,3 +142,24 @@ def _tuning_cache_in_a_temporary_folder(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = saved
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _as_a_cpu_without_bf16_units():
+    """The suite runs as on a CPU without bf16 units, whichever CPU runs it.
+
+    On a CPU with AVX512-BF16 or AMX, restore()'s 'auto' precision runs bf16
+    (dip_fast.core.auto_step.RECORDED_PARITY); tests that compare runs to
+    float32 rounding would then test bf16 on some machines and fp32 on
+    others. Tests of the bf16 path patch cpu_features.capabilities themselves.
+    """
+    from dip_fast.core import cpu_features
+
+    real = cpu_features.capabilities
+
+    def without_bf16():
+        return {k: v for k, v in real().items() if k not in ("amx_bf16", "amx_tile", "avx512_bf16")}
+
+    cpu_features.capabilities = without_bf16
+    yield
+    cpu_features.capabilities = real

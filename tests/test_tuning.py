@@ -294,3 +294,18 @@ def test_cli_tune_refuses_bad_arguments_in_one_line(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_on_a_cpu_with_bf16_units_the_fixed_choice_runs_bf16(monkeypatch):
+    # The suite runs as on a CPU without bf16 units (conftest); here the processor has them, and the CPU
+    # parity record (auto_step.RECORDED_PARITY) allows bf16: a short run's fixed choice is bf16.
+    from dip_fast.core import auto_step, cpu_features
+
+    assert any(r.device_type == "cpu" and r.precision == "bf16" and r.has_parity for r in auto_step.RECORDED_PARITY)
+    monkeypatch.setattr(cpu_features, "capabilities", lambda: {"avx512_bf16": True})
+    assert tuning.fixed(CPU).precision == "bf16"
+    assert "bf16" in {c.precision for c in tuning.candidates(CPU)}
+    _, info = restore(_image(), preset="quick", iterations=2, device="cpu", return_info=True)
+    assert (info.execution["source"], info.precision) == ("fixed", "bf16")
+    monkeypatch.setattr(cpu_features, "capabilities", lambda: {"avx2": True})
+    assert tuning.fixed(CPU).precision == "fp32"
