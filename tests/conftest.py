@@ -78,16 +78,23 @@ def pytest_unconfigure(config):
         shutil.rmtree(home, ignore_errors=True)
 
 
+#: Folders the code under test writes to, by environment variable: each goes to the session's temporary
+#: folder (torch's extension builds; restore()'s tuning cache under $XDG_CACHE_HOME, never the user's).
+_SESSION_FOLDERS = {"TORCH_EXTENSIONS_DIR": "torch-extensions", "XDG_CACHE_HOME": "xdg-cache"}
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _clean_workspace(tmp_path_factory):
-    """torch's extension builds ($TORCH_EXTENSIONS_DIR) go to the session's temporary folder."""
-    saved = os.environ.get("TORCH_EXTENSIONS_DIR")
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch-extensions"))
+    """Every folder of :data:`_SESSION_FOLDERS` in the session's temporary folder, restored afterwards."""
+    saved = {name: os.environ.get(name) for name in _SESSION_FOLDERS}
+    for name, folder in _SESSION_FOLDERS.items():
+        os.environ[name] = str(tmp_path_factory.mktemp(folder))
     yield
-    if saved is None:
-        os.environ.pop("TORCH_EXTENSIONS_DIR", None)
-    else:
-        os.environ["TORCH_EXTENSIONS_DIR"] = saved
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def pytest_collection_modifyitems(config, items):
@@ -130,18 +137,6 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip("shared sample data not present")
     return DATA_DIR
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _tuning_cache_in_a_temporary_folder(tmp_path_factory):
-    """restore() keeps its timing choices under $XDG_CACHE_HOME: a folder of the session's, never the user's."""
-    saved = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
-    yield
-    if saved is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = saved
 
 
 @pytest.fixture(autouse=True, scope="session")
