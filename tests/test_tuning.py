@@ -238,8 +238,8 @@ def test_restore_reports_its_execution():
 def test_restore_gives_the_same_image_whether_measured_or_cached(monkeypatch):
     monkeypatch.setattr(tuning, "BUDGET_SHARE", 1.0)  # let a short run pay for timing
     image = _image()
-    first, a = restore(image, preset=TINY, iterations=60, device="cpu", return_info=True, seed=5)
-    second, b = restore(image, preset=TINY, iterations=60, device="cpu", return_info=True, seed=5)
+    first, a = restore(image, preset=TINY, iterations=200, device="cpu", return_info=True, seed=5)
+    second, b = restore(image, preset=TINY, iterations=200, device="cpu", return_info=True, seed=5)
     assert a.execution["source"] == "measured" and b.execution["source"] == "cache"
     assert a.execution["backend"] == b.execution["backend"] and a.execution["layout"] == b.execution["layout"]
     np.testing.assert_array_equal(first, second)
@@ -247,7 +247,7 @@ def test_restore_gives_the_same_image_whether_measured_or_cached(monkeypatch):
     monkeypatch.setenv("DIP_FAST_TUNING", "off")
     choice = Candidate(*(a.execution[k] for k in ("backend", "layout", "step_mode", "precision")))
     monkeypatch.setattr(tuning, "fixed", lambda *args, **kwargs: choice)
-    third, c = restore(image, preset=TINY, iterations=60, device="cpu", return_info=True, seed=5)
+    third, c = restore(image, preset=TINY, iterations=200, device="cpu", return_info=True, seed=5)
     assert c.execution["source"] == "fixed"
     np.testing.assert_array_equal(first, third)
 
@@ -309,3 +309,23 @@ def test_on_a_cpu_with_bf16_units_the_fixed_choice_runs_bf16(monkeypatch):
     assert (info.execution["source"], info.precision) == ("fixed", "bf16")
     monkeypatch.setattr(cpu_features, "capabilities", lambda: {"avx2": True})
     assert tuning.fixed(CPU).precision == "fp32"
+
+
+def test_a_machine_slower_than_its_first_steps_still_keeps_the_budget(tmp_path):
+    # The baseline's first steps take 0.1 s, then every step takes 2 s: the plan thought timing would fit,
+    # the deadline stops it, and with fewer than MIN_ROUNDS times the run gets the fixed choice.
+    clock = FakeClock()
+    calls = {"n": 0}
+
+    def make_step(candidate):
+        def step():
+            calls["n"] += 1
+            clock.now += 0.1 if calls["n"] <= 2 else 2.0
+        return step
+
+    iterations = 2000
+    decision = tuning.tune([BASE, FAST_CL, REF_CL], make_step, iterations=iterations, device=CPU, key="k",
+                           fallback=FAST_CL, cache=TuningCache(tmp_path / "t.json"), clock=clock)
+    budget = tuning.BUDGET_SHARE * 0.1 * iterations
+    assert decision.tuning_s <= budget + 2.0 + 1e-9  # at most one step past the deadline
+    assert decision.source == "fixed" and decision.choice == FAST_CL and "ran out" in decision.reason

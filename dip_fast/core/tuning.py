@@ -237,48 +237,53 @@ Step = Callable[[], None]
 
 def measure(steps: Mapping[Candidate, Step], *, budget_s: float, warmup: Mapping[Candidate, int] | None = None,
             clock: Callable[[], float] = time.perf_counter, sync: Callable[[], None] = lambda: None,
-            min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS) -> Dict[Candidate, List[float]]:
+            min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS,
+            deadline_s: Optional[float] = None) -> Dict[Candidate, List[float]]:
     """Time one step of each candidate in turn, round after round; milliseconds per step.
 
     Each candidate first runs its ``warmup`` steps untimed (one by default:
     the first step allocates and builds kernels' plans; a graph needs its
     eager warm-up and capture). Rounds go on until ``max_rounds``, or until
     ``budget_s`` (from the first warm-up) is spent once ``min_rounds`` are
-    done. The order rotates each round. A candidate whose step raises is
-    dropped (its time is infinite) with a warning.
+    done. ``deadline_s`` (from the same start) is a hard stop: no step starts
+    after it, so a machine far slower than the first steps said leaves some
+    candidates with fewer than ``min_rounds`` times. The order rotates each
+    round. A candidate whose step raises is dropped (its time is infinite)
+    with a warning.
     """
     start = clock()
+    hard = math.inf if deadline_s is None else deadline_s
     times: Dict[Candidate, List[float]] = {c: [] for c in steps}
     alive = dict(steps)
-    for candidate in list(alive):
+
+    def run(candidate: Candidate, timed: bool) -> None:
+        t0 = clock()
         try:
-            for _ in range((warmup or {}).get(candidate, 1)):
-                alive[candidate]()
+            alive[candidate]()
             sync()
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is not chosen
             warnings.warn(f"dip_fast: step candidate {candidate.label} failed while timing ({exc}); skipped",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
             del alive[candidate]
             times[candidate] = [math.inf]
+            return
+        if timed:
+            times[candidate].append((clock() - t0) * 1e3)
+
+    for candidate in list(alive):
+        for _ in range((warmup or {}).get(candidate, 1)):
+            if candidate in alive and clock() - start < hard:
+                run(candidate, timed=False)
     order = list(alive)
     for round_index in range(max_rounds):
         if round_index >= min_rounds and clock() - start >= budget_s:
             break
         shift = round_index % max(1, len(order))
         for candidate in order[shift:] + order[:shift]:
-            if candidate not in alive:
-                continue
-            t0 = clock()
-            try:
-                alive[candidate]()
-                sync()
-            except Exception as exc:  # noqa: BLE001
-                warnings.warn(f"dip_fast: step candidate {candidate.label} failed while timing ({exc}); skipped",
-                              RuntimeWarning, stacklevel=2)
-                del alive[candidate]
-                times[candidate] = [math.inf]
-                continue
-            times[candidate].append((clock() - t0) * 1e3)
+            if clock() - start >= hard:
+                return times
+            if candidate in alive:
+                run(candidate, timed=True)
     return times
 
 
@@ -453,23 +458,33 @@ def tune(options: Sequence[Candidate], make_step: Callable[[Candidate], Step], *
                                    reason=f"the run (about {expected:.0f} s) is too short to pay for timing "
                                           f"{len(options)} candidates")
         return stored_or_fixed
+    # A run's budget is a hard deadline; dip-fast tune's (budget_s) times every candidate MIN_ROUNDS times.
+    deadline = start + budget if budget_s is None else math.inf
     for candidate in options[1:]:
+        if clock() >= deadline:
+            break
         try:
             steps[candidate] = make_step(candidate)
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot be built is not chosen
             warnings.warn(f"dip_fast: step candidate {candidate.label} could not be built ({exc}); skipped",
                           RuntimeWarning, stacklevel=2)
-    left = budget - (clock() - start)
-    times = measure(steps, budget_s=left, clock=clock, sync=sync,
+    left = deadline - clock()
+    times = measure(steps, budget_s=budget - (clock() - start), clock=clock, sync=sync, deadline_s=left,
                     warmup={c: (0 if c == base else _warmup(c)) for c in steps})
-    ms = medians(times)
+    # A candidate timed fewer than MIN_ROUNDS times (the budget ran out first) decides nothing.
+    ms = {c: (m if len(times[c]) >= MIN_ROUNDS else math.inf) for c, m in medians(times).items()}
     for candidate in options:
         ms.setdefault(candidate, math.inf)
+    if not math.isfinite(ms[base]):
+        return Decision(fallback, "fixed", tuning_s=clock() - start,
+                        reason=f"the timing ran out of its {budget:.1f} s budget before the baseline had "
+                               f"{MIN_ROUNDS} timed steps (a machine busier than its first steps said)")
     choice = choose(ms, base)
     labels = {c.label: t for c, t in ms.items()}
     cache.put(key, choice, labels)
+    timed = sum(1 for t in ms.values() if math.isfinite(t))
     return Decision(choice, "measured", {k: v for k, v in labels.items() if math.isfinite(v)},
-                    tuning_s=clock() - start, reason=f"timed {len(steps)} candidates interleaved")
+                    tuning_s=clock() - start, reason=f"timed {timed} of {len(options)} candidates interleaved")
 
 
 def _warmup(candidate: Candidate) -> int:
