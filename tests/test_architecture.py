@@ -214,3 +214,32 @@ def test_every_preset_names_a_registered_task():
 
     for preset in tasks.PRESETS.values():
         assert registry.check_preset(preset) is preset
+
+
+#: The most lines a function or method body (after its docstring) may have, unless a comment at its top
+#: says why it must be one piece ("# one piece:").
+MAX_BODY_LINES = 80
+
+
+def _long_bodies() -> List[str]:
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            body = node.body
+            has_doc = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                and isinstance(body[0].value.value, str)
+            if has_doc and len(body) == 1:
+                continue
+            first = body[1] if has_doc else body[0]
+            size = node.end_lineno - first.lineno + 1
+            if size > MAX_BODY_LINES and "# one piece:" not in lines[first.lineno - 1]:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({size} lines)")
+    return found
+
+
+def test_no_function_body_is_over_80_lines():
+    assert _long_bodies() == []

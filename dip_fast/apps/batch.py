@@ -407,10 +407,59 @@ def run_batch(
         ValueError: scale must be even (2, 4, 8, ...): the paper's Lanczos-2 downsampler misaligns odd factors, got 3
         >>> tmp.cleanup()
     """
+    folders = _check_folders(in_dir, out_dir, task, masks_dir, ground_truth_dir, scale, restore_kwargs)
+    out, spec = folders.out, folders.spec
+    use_dist = world_size > 1 and _dist_ready()
+    csv_path = out / (SUMMARY_NAME if world_size == 1 else f"summary.rank{rank}.csv")
+    previous = _previous_rows(out / SUMMARY_NAME)  # read before rank 0 replaces it (after the barrier)
+    mine = shard(folders.files, rank, world_size)
+    # A run killed outright (SIGKILL) leaves the hidden temporary file of the
+    # write it was in; this process is the only writer of these names.
+    own = [output_path(out, src).name for src in mine] + [csv_path.name] + ([SUMMARY_NAME] if rank == 0 else [])
+    io.remove_stale_temporaries(out, own)
+    _checkpoint("listed")
+    rows: List[BatchRow] = []
+    try:
+        _restore_files(folders, mine, previous, task, spec.name, f"rank {rank}: " if world_size > 1 else "",
+                       restore_kwargs, rows)
+    finally:
+        # Also on Ctrl-C or a crash: the files handled so far are reported.
+        _write_csv(csv_path, [r.to_csv() for r in rows])
+    counts = _count([r.status for r in rows])
+    summary_path = out / SUMMARY_NAME if world_size == 1 else None
+    if use_dist:
+        counts, summary_path = _merge_ranks(out, world_size, rank, counts)
+    return BatchSummary(rows=rows, counts=counts, csv_path=csv_path, summary_path=summary_path)
+
+
+@dataclass
+class _Folders:
+    """A batch's checked folders: the inputs, the output folder, the masks and ground truth found by stem."""
+
+    spec: Any
+    files: List[Path]
+    out: Path
+    masks: Optional[Path]
+    gts: Optional[Path]
+    mask_index: Dict[str, List[Path]]
+    gt_index: Dict[str, List[Path]]
+
+    def inputs(self, src: Path) -> Tuple[Optional[str], Optional[str]]:
+        """The mask and ground truth of ``src`` (by stem), as paths, or None."""
+        mask = _match(self.mask_index, src.stem, "mask", self.masks) if self.masks is not None else None
+        if self.masks is not None and mask is None:
+            raise FileNotFoundError(f"no mask named '{src.stem}.*' in '{self.masks}'")
+        gt = _match(self.gt_index, src.stem, "ground-truth", self.gts) if self.gts is not None else None
+        return (None if mask is None else str(mask)), (None if gt is None else str(gt))
+
+
+def _check_folders(in_dir: PathLike, out_dir: PathLike, task: str, masks_dir: Optional[PathLike],
+                   ground_truth_dir: Optional[PathLike], scale: Optional[int],
+                   restore_kwargs: Dict[str, Any]) -> _Folders:
+    """Every check of a batch's folders and arguments, before any file is restored; creates OUT_DIR."""
     src_dir = _check_dir(in_dir, "IN_DIR")
     out = Path(os.fspath(out_dir))
     spec, _ = resolve_task(task)
-    canon = spec.name
     extra = sorted(set(_MANAGED) & set(restore_kwargs))
     if extra:
         raise TypeError(f"run_batch sets {', '.join(extra)} itself, per file")
@@ -429,7 +478,6 @@ def run_batch(
             raise ValueError(f"OUT_DIR '{out}' is {label}; refusing to write results among the inputs")
     if out.exists() and not out.is_dir():
         raise ValueError(f"OUT_DIR: expected a folder, got a file: '{out}'")
-
     files = list_images(src_dir)
     if not files:
         raise ValueError(f"IN_DIR '{src_dir}' holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
@@ -446,79 +494,62 @@ def run_batch(
     # preset, a missing GPU): check them all once, before any file, running nothing.
     validate_request(task, mask=PER_FILE if masks is not None else None, **restore_kwargs)
     out.mkdir(parents=True, exist_ok=True)
+    return _Folders(spec, files, out, masks, gts, mask_index, gt_index)
 
-    use_dist = world_size > 1 and _dist_ready()
-    csv_path = out / (SUMMARY_NAME if world_size == 1 else f"summary.rank{rank}.csv")
-    previous = _previous_rows(out / SUMMARY_NAME)  # read before rank 0 replaces it (after the barrier)
-    mine = shard(files, rank, world_size)
-    # A run killed outright (SIGKILL) leaves the hidden temporary file of the
-    # write it was in; this process is the only writer of these names.
-    own = [output_path(out, src).name for src in mine] + [csv_path.name] + ([SUMMARY_NAME] if rank == 0 else [])
-    io.remove_stale_temporaries(out, own)
-    _checkpoint("listed")
-    who = f"rank {rank}: " if world_size > 1 else ""
-    rows: List[BatchRow] = []
 
-    def inputs(src: Path) -> Tuple[Optional[str], Optional[str]]:
-        mask = _match(mask_index, src.stem, "mask", masks) if masks is not None else None
-        if masks is not None and mask is None:
-            raise FileNotFoundError(f"no mask named '{src.stem}.*' in '{masks}'")
-        gt = _match(gt_index, src.stem, "ground-truth", gts) if gts is not None else None
-        return (None if mask is None else str(mask)), (None if gt is None else str(gt))
+def _restore_files(folders: _Folders, mine: List[Path], previous: Dict[str, Any], task: str, canon: str,
+                   who: str, restore_kwargs: Dict[str, Any], rows: List[BatchRow]) -> None:
+    """Restore this process's files in turn, appending a row for each (skipped, done or failed) to ``rows``."""
+    out = folders.out
 
     def restore_one(src: Path) -> Any:
-        mask, gt = inputs(src)
+        mask, gt = folders.inputs(src)
         return restore(str(src), task, mask=mask, ground_truth=gt, return_info=True, progress=False, **restore_kwargs)
 
-    packed = _Packer(restore_kwargs.get("pack", 1), restore_one, inputs, task, restore_kwargs,
+    packed = _Packer(restore_kwargs.get("pack", 1), restore_one, folders.inputs, task, restore_kwargs,
                      [src for src in mine if not output_path(out, src).exists()])
-    try:
-        for i, src in enumerate(mine, 1):
-            where = f"{who}[{i}/{len(mine)}] {src.name}"
-            dest = output_path(out, src)
-            if dest.exists():
-                rows.append(_skipped_row(src.name, canon, previous.get(src.name)))
-                log.info("%s: skipped (%s exists)", where, dest.name)
-                continue
-            t0 = time.perf_counter()
-            try:
-                result, info = packed.result(src)
-                if info.stop_reason == "keyboard_interrupt":
-                    raise KeyboardInterrupt  # restore() keeps Ctrl-C's result; a batch stops instead
-                _checkpoint("restored", src.name)
-                io.save_image(result, dest)
-            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
-                reason = " ".join(str(exc).split()) or type(exc).__name__
-                if not isinstance(exc, (ValueError, TypeError, OSError)):
-                    reason = f"{type(exc).__name__}: {reason}"
-                rows.append(BatchRow(src.name, canon, "failed", seconds=time.perf_counter() - t0, error=reason))
-                log.warning("%s: failed: %s", where, reason)
-                continue
-            seconds = time.perf_counter() - t0
-            rows.append(BatchRow(src.name, canon, "done", steps=info.steps, stop_step=info.stop_step,
-                                 seconds=seconds, psnr=info.psnr))
-            psnr = f", PSNR {info.psnr:.2f} dB" if info.psnr is not None else ""
-            stopped = f", stopped early: {info.stop_reason}" if info.interrupted else ""
-            log.info("%s -> %s: done (%d steps, %.1f s%s%s)", where, dest.name, info.steps, seconds, psnr, stopped)
-            _checkpoint("written", src.name)
-    finally:
-        # Also on Ctrl-C or a crash: the files handled so far are reported.
-        _write_csv(csv_path, [r.to_csv() for r in rows])
+    for i, src in enumerate(mine, 1):
+        where = f"{who}[{i}/{len(mine)}] {src.name}"
+        dest = output_path(out, src)
+        if dest.exists():
+            rows.append(_skipped_row(src.name, canon, previous.get(src.name)))
+            log.info("%s: skipped (%s exists)", where, dest.name)
+            continue
+        t0 = time.perf_counter()
+        try:
+            result, info = packed.result(src)
+            if info.stop_reason == "keyboard_interrupt":
+                raise KeyboardInterrupt  # restore() keeps Ctrl-C's result; a batch stops instead
+            _checkpoint("restored", src.name)
+            io.save_image(result, dest)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            if not isinstance(exc, (ValueError, TypeError, OSError)):
+                reason = f"{type(exc).__name__}: {reason}"
+            rows.append(BatchRow(src.name, canon, "failed", seconds=time.perf_counter() - t0, error=reason))
+            log.warning("%s: failed: %s", where, reason)
+            continue
+        seconds = time.perf_counter() - t0
+        rows.append(BatchRow(src.name, canon, "done", steps=info.steps, stop_step=info.stop_step,
+                             seconds=seconds, psnr=info.psnr))
+        psnr = f", PSNR {info.psnr:.2f} dB" if info.psnr is not None else ""
+        stopped = f", stopped early: {info.stop_reason}" if info.interrupted else ""
+        log.info("%s -> %s: done (%d steps, %.1f s%s%s)", where, dest.name, info.steps, seconds, psnr, stopped)
+        _checkpoint("written", src.name)
 
-    counts = _count([r.status for r in rows])
-    summary_path = out / SUMMARY_NAME if world_size == 1 else None
-    if use_dist:
-        import torch.distributed as dist
 
-        dist.barrier()  # every rank's CSV is written
-        if rank == 0:
-            merged = [row for r in range(world_size) for row in _read_csv(out / f"summary.rank{r}.csv")]
-            merged.sort(key=lambda row: row["file"])
-            _write_csv(out / SUMMARY_NAME, merged)
-            counts = _count([row["status"] for row in merged])
-        # Every rank learns the totals, and none exits (which would make
-        # torchrun stop the others) before rank 0 has written the summary.
-        shared: List[Any] = [counts]
-        dist.broadcast_object_list(shared, src=0)
-        counts, summary_path = shared[0], out / SUMMARY_NAME
-    return BatchSummary(rows=rows, counts=counts, csv_path=csv_path, summary_path=summary_path)
+def _merge_ranks(out: Path, world_size: int, rank: int, counts: Dict[str, int]) -> Tuple[Dict[str, int], Path]:
+    """After every rank wrote its CSV, rank 0 merges them into summary.csv; every rank gets the totals."""
+    import torch.distributed as dist
+
+    dist.barrier()  # every rank's CSV is written
+    if rank == 0:
+        merged = [row for r in range(world_size) for row in _read_csv(out / f"summary.rank{r}.csv")]
+        merged.sort(key=lambda row: row["file"])
+        _write_csv(out / SUMMARY_NAME, merged)
+        counts = _count([row["status"] for row in merged])
+    # Every rank learns the totals, and none exits (which would make
+    # torchrun stop the others) before rank 0 has written the summary.
+    shared: List[Any] = [counts]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0], out / SUMMARY_NAME

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -301,6 +301,41 @@ class DeviceBacktracker:
         self.frozen.logical_or_(mask)
 
 
+def _check_step_arguments(net_input: torch.Tensor, *, reg_noise_std: Union[float, Sequence[float]],
+                          generator: Any, observation: Optional[torch.Tensor],
+                          backtrack_threshold_db: Optional[float], early_stop: Optional[Tuple[int, int]],
+                          stop_bound: Any, precision: str, mode: str, networks: int
+                          ) -> Tuple[Optional[List[float]], Optional[List[torch.Generator]]]:
+    """:class:`StepRunner`'s argument checks; the per-network noise levels and generators, when given as lists."""
+    stds = [float(v) for v in reg_noise_std] if isinstance(reg_noise_std, (list, tuple)) else None
+    if stds is not None and len(stds) != networks:
+        raise ValueError(f"reg_noise_std: got {len(stds)} values for {networks} networks")
+    if min(stds) < 0 if stds is not None else reg_noise_std < 0:
+        raise ValueError(f"reg_noise_std must be >= 0, got {reg_noise_std!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if mode not in STEP_MODES:
+        raise ValueError(f"mode must be one of {STEP_MODES}, got {mode!r}")
+    if mode == "graph" and net_input.device.type != "cuda":
+        raise ValueError(f"mode='graph' needs a CUDA device, got {net_input.device}")
+    if backtrack_threshold_db is not None and observation is None:
+        raise ValueError("backtracking needs an observation to measure the PSNR against")
+    if stop_bound is not None and observation is None:
+        raise ValueError("stop_bound needs an observation to measure the residual against")
+    if stop_bound is not None and early_stop is not None:
+        raise ValueError("early_stop (ES-WMV) and stop_bound (the discrepancy rule) exclude each other")
+    if isinstance(networks, bool) or not isinstance(networks, int) or networks < 1:
+        raise ValueError(f"networks must be an integer >= 1, got {networks!r}")
+    if net_input.dim() != 4 or net_input.shape[0] != 1 or net_input.shape[1] % networks:
+        raise ValueError(
+            f"net_input must be (1, K * C, H, W) with K = networks = {networks}, got {tuple(net_input.shape)}"
+        )
+    generators = list(generator) if isinstance(generator, (list, tuple)) else None
+    if generators is not None and len(generators) != networks:
+        raise ValueError(f"generator: got {len(generators)} generators for {networks} networks")
+    return stds, generators
+
+
 class StepRunner:
     """Runs DIP steps with all bookkeeping on the device (see the module docstring).
 
@@ -374,32 +409,10 @@ class StepRunner:
         networks: int = 1,
         verify_graph: bool = False,
     ) -> None:
-        stds = [float(v) for v in reg_noise_std] if isinstance(reg_noise_std, (list, tuple)) else None
-        if stds is not None and len(stds) != networks:
-            raise ValueError(f"reg_noise_std: got {len(stds)} values for {networks} networks")
-        if min(stds) < 0 if stds is not None else reg_noise_std < 0:
-            raise ValueError(f"reg_noise_std must be >= 0, got {reg_noise_std!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if mode not in STEP_MODES:
-            raise ValueError(f"mode must be one of {STEP_MODES}, got {mode!r}")
-        if mode == "graph" and net_input.device.type != "cuda":
-            raise ValueError(f"mode='graph' needs a CUDA device, got {net_input.device}")
-        if backtrack_threshold_db is not None and observation is None:
-            raise ValueError("backtracking needs an observation to measure the PSNR against")
-        if stop_bound is not None and observation is None:
-            raise ValueError("stop_bound needs an observation to measure the residual against")
-        if stop_bound is not None and early_stop is not None:
-            raise ValueError("early_stop (ES-WMV) and stop_bound (the discrepancy rule) exclude each other")
-        if isinstance(networks, bool) or not isinstance(networks, int) or networks < 1:
-            raise ValueError(f"networks must be an integer >= 1, got {networks!r}")
-        if net_input.dim() != 4 or net_input.shape[0] != 1 or net_input.shape[1] % networks:
-            raise ValueError(
-                f"net_input must be (1, K * C, H, W) with K = networks = {networks}, got {tuple(net_input.shape)}"
-            )
-        generators = list(generator) if isinstance(generator, (list, tuple)) else None
-        if generators is not None and len(generators) != networks:
-            raise ValueError(f"generator: got {len(generators)} generators for {networks} networks")
+        stds, generators = _check_step_arguments(
+            net_input, reg_noise_std=reg_noise_std, generator=generator, observation=observation,
+            backtrack_threshold_db=backtrack_threshold_db, early_stop=early_stop, stop_bound=stop_bound,
+            precision=precision, mode=mode, networks=networks)
         # What select() needs to build the runner of some of the networks (a custom optimizer's state
         # cannot be sliced per network, so such a runner is not selected).
         self._settings = None if optimizer is not None else dict(
