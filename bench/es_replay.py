@@ -43,7 +43,8 @@ mean gap to 0.01 dB, then the fewest steps on average) and reported per
 task on the validation split beside the fixed count.
 
     python bench/es_replay.py bench/results/es-traj-*.json.gz --out bench/results/es-replay-cpu.md \
-        --reestimate ../shared/data/CBSD68 ../shared/data/Set5 ../shared/data/dip/restoration ../shared/data/dip/denoising
+        --reestimate ../shared/data/CBSD68 ../shared/data/Set5 ../shared/data/dip/restoration \
+        ../shared/data/dip/denoising
 """
 from __future__ import annotations
 

@@ -88,8 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for ref in REFERENCES:
                     e = [estimates[name][sigma][k] / (sigma if ref == "added" else present[sigma][k]) - 1.0
                          for k in idx]
-                    row = {"n": len(e), "bias": statistics.fmean(e), "rms": math.sqrt(statistics.fmean(v * v for v in e)),
-                           "max": max(e), "min": min(e)}
+                    row = {"n": len(e), "bias": statistics.fmean(e),
+                           "rms": math.sqrt(statistics.fmean(v * v for v in e)), "max": max(e), "min": min(e)}
                     summary[f"{name} | sigma {sigma:g} | {group} | vs {ref}"] = row
                     lines.append(f"| {sigma:g} | {group} | {len(e)} | {name} | {ref} | {row['bias']:+.1%} "
                                  f"| {row['rms']:.1%} | {row['max']:+.1%} | {row['min']:+.1%} |")

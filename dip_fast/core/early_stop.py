@@ -138,7 +138,7 @@ def expected_clipped_residual(x: torch.Tensor, std: Bound, low: Bound = 0.0, hig
 
 def clipped_mean_inverse(mean: torch.Tensor, std: float, low: float = 0.0, high: float = 1.0,
                          points: int = 4097) -> torch.Tensor:
-    """The true value ``x`` in ``[low, high]`` whose clipped mean ``E[clip(x + n, low, high)]`` is ``mean``, per element.
+    """The true value ``x`` in ``[low, high]`` whose clipped mean ``E[clip(x + n, low, high)]`` is ``mean``.
 
     The clipped mean rises monotonically from ``low + phi(0) std`` (at ``x = low``)
     to ``high - phi(0) std``; means outside that range give the bounds.  Read
