@@ -48,6 +48,8 @@ NOT_IN_FILE: Dict[Tuple[str, str, str], str] = {
 
 _CITE = re.compile(r"(?:bench/)?results/(?:[\w\-]+(?:\.[\w\-]+)*\.\{[\w,.]+\}|[\w.\-]*\w)")
 _LIST_ITEM = re.compile(r"\s*(?:[-*+]|\d+\.)\s")
+#: A sibling file named by its ending after a full citation: "`results/noise-level-128-cpu.md`, `-256-cpu.md`".
+_SIBLING = re.compile(r"`(-[\w.\-]+\.\w+)`")
 _FIGURE = re.compile(r"(?<![\w.])[-+\u2212]?\d+\.\d+(?![\w.]*\d)")
 _FILE_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 #: Units a table may show a file's number in: the same, or a power of ten away.
@@ -68,12 +70,18 @@ def _cells(line: str) -> List[str]:
 
 
 def _cited_paths(text: str) -> List[str]:
-    """``results/x.json`` -> ``bench/results/x.json``; ``results/x.{json,md}`` -> both files."""
+    """``results/x.json`` -> ``bench/results/x.json``; ``results/x.{json,md}`` -> both files;
+    ``results/a-128-cpu.md``, ``-256-cpu.md`` -> ``a-128-cpu.md`` and the existing ``a-256-cpu.md``."""
     paths = []
     for cite in _CITE.findall(text):
         cite = cite if cite.startswith("bench/") else f"bench/{cite}"
         brace = re.match(r"(.*)\.\{([\w,.]+)\}$", cite)
         paths += [f"{brace.group(1)}.{ext}" for ext in brace.group(2).split(",")] if brace else [cite]
+    for ending in _SIBLING.findall(text):
+        for full in list(paths):
+            parts = full.split("-")
+            siblings = ["-".join(parts[:n]) + ending for n in range(len(parts) - 1, 0, -1)]
+            paths += [name for name in siblings if (ROOT / name).is_file()][:1]
     return sorted(set(paths))
 
 
@@ -170,6 +178,8 @@ def test_the_checker_finds_citations_and_wrong_figures(tmp_path):
     assert unmatched(table, [0.000485, 0.0408, 0.0125, 1.2, 0.53]) == ["other: -0.53"]  # the sign counts
     assert unmatched(table, [0.000486, 0.0408, 0.0125, 1.2, -0.53]) == ["fast: 0.485"]  # to the digits shown
     assert unmatched(table, numbers, {("doc.md", "other", "12.5")}) == []
+    assert _cited_paths("(`results/cpu-lanczos-2026-11-26.json`, `-nonexistent.md`)") == [
+        "bench/results/cpu-lanczos-2026-11-26.json"]  # a sibling is taken only if it exists
     (tmp_path / "r.json").write_text(json.dumps({"a": [1.5e-3, {"b": "x"}], "c": 27.26}))
     assert file_numbers(tmp_path / "r.json") == [0.0015, 27.26]
     with gzip.open(tmp_path / "r.json.gz", "wt") as f:
