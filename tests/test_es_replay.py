@@ -34,17 +34,38 @@ def _run(name: str, split: str, cross: int, n: int = 300, preset: int = 200) -> 
 
 def test_scores_of_a_known_run():
     early = _run("a.png", "tuning", cross=100)
-    s = es_replay.score(early, (1.0, 1.0, "est"))
+    s = es_replay.score(early, (1.0, 1.0, "est", "flat"))
     assert s["reason"] == "discrepancy" and s["stop_step"] == 100 and s["steps"] == pytest.approx(101 / 200)
     assert s["gap"] == pytest.approx(0.0) and s["vs_fixed"] == pytest.approx(3e-4 * 99**2)
     fixed = es_replay.score(early, None)
     assert fixed["steps"] == 1.0 and fixed["vs_fixed"] == 0.0
     late = _run("b.png", "validation", cross=250)  # fits only after the preset's 200 steps
-    assert es_replay.score(late, (1.0, 1.0, "est"))["reason"] == "fallback"
-    longer = es_replay.score(late, (1.0, 1.5, "est"))
+    assert es_replay.score(late, (1.0, 1.0, "est", "flat"))["reason"] == "fallback"
+    longer = es_replay.score(late, (1.0, 1.5, "est", "flat"))
     assert longer["reason"] == "discrepancy" and longer["stop_step"] == 250 and longer["gap"] < 0  # beats the oracle
     # Within 0.5 dB of the peak from step 60 on (3e-4 * 41^2 > 0.5 >= 3e-4 * 40^2): 61 steps of 200.
     assert es_replay.oracle_steps([early]) == [pytest.approx(61 / 200)]
+
+
+def test_the_clipping_model_replays_the_logged_expectation():
+    run = _run("a.png", "tuning", cross=100)
+    s2 = (25.0 / 255) ** 2
+    n = len(run["log"]["res_avg"])
+    # Logged at sigma 20, 25, 30: the expected residual is 0.8 sigma^2 at 25 (and scales with sigma^2).
+    run["clip_sigmas"] = [20.0, 25.0, 30.0]
+    run["log"]["clip_inv_avg"] = [[0.8 * (g / 255) ** 2 for g in run["clip_sigmas"]]] * n
+    run["sigma_est_present"] = 25.0
+    flat = es_replay.score(run, (1.0, 1.0, "est", "clip"))  # no clipped values recorded: the flat rule
+    assert flat["stop_step"] == 100 and flat["expected_from"] is None
+    run["clipped_share_obs"] = 0.1
+    s = es_replay.score(run, (1.0, 1.0, "est", "clip"))
+    # Residual 2 - t / 100 (in sigma^2) reaches 0.8 only after the crossing: 1 - 0.2 (t - 100) / 300 <= 0.8 at t = 400.
+    assert s["expected_from"] == "exact" and s["reason"] == "fallback"
+    run["sigma_est"] = 27.5  # between the logged levels: linear in sigma, 0.8 * (27.5 / 255)^2 ~ 0.968 sigma_25^2
+    s = es_replay.score(run, (1.0, 1.0, "est", "clip"))
+    expected = 0.8 * (0.5 * (25.0 / 255) ** 2 + 0.5 * (30.0 / 255) ** 2)
+    assert s["stop_step"] == next(t for t, r in enumerate(run["log"]["res_avg"]) if r <= expected)
+    assert expected / s2 == pytest.approx(0.976, abs=1e-3)
 
 
 def test_the_clairvoyant_bound_on_steps():
@@ -75,7 +96,9 @@ def test_report_from_files(tmp_path):
     early_stop.write_trajectories(path, {"schema": "x", "runs": [_run("a.png", "tuning", 100),
                                                                     _run("b.png", "validation", 250)]})
     out = tmp_path / "report.md"
-    assert es_replay.main([str(path), "--out", str(out)]) == 0
+    with pytest.raises(SystemExit):  # the clipping model needs the clean crops and the estimate before clipping
+        es_replay.main([str(path), "--out", str(out)])
+    assert es_replay.main([str(path), "--out", str(out), "--model", "flat"]) == 0
     text = out.read_text()
     assert "Chosen on all 1 tuning runs" in text and "| b.png | validation |" in text
     numbers = json.loads(out.with_suffix(".json").read_text())
