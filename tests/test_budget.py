@@ -63,7 +63,9 @@ def test_plan_to_budget_sets_the_steps_and_a_hard_stop_on_a_fake_clock():
 
 def test_restore_reports_its_time_plan():
     image = np.random.default_rng(1).random((16, 16, 3)).astype(np.float32)
-    _, info = restore(image, preset="quick", device="cpu", time_budget=3600, return_info=True)
+    # A short run (20 steps): its step time comes from two probe steps, and the whole count fits.
+    _, info = restore(image, preset="quick", iterations=20, device="cpu", time_budget=3600, return_info=True)
+    assert info.time_plan["iterations"] == 20
     assert info.time_plan is not None and info.time_plan["budget_s"] == 3600
     assert info.steps <= info.time_plan["iterations"] <= info.time_plan["preset_iterations"]
     assert math.isfinite(info.time_plan["ms_per_step"]) and info.time_plan["ms_per_step"] > 0
@@ -78,5 +80,9 @@ def test_time_budget_must_be_a_positive_number(value):
 def test_cli_takes_time_budget(tmp_path, capsys):
     from dip_fast.apps.cli import main
 
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8) + 9).save(tmp_path / "in.png")
     assert main(["denoise", str(tmp_path / "in.png"), "-o", str(tmp_path / "o.png"), "--time-budget", "0"]) == 2
+    assert not (tmp_path / "o.png").exists()
     assert "time_budget must be a positive number" in capsys.readouterr().err

@@ -122,7 +122,10 @@ def test_recipe_add_a_network_architecture(tiny_cnn_arch):
     out, info = restore(image, preset=preset, device="cpu", sigma=10, stop="never", return_info=True)
     assert out.shape == image.shape and info.steps == 3
     assert info.padded_size == image.shape[:2]  # multiple 1: no padding
-    assert info.backend == "reference (fast fallback)"  # it has no fused builder
+    assert info.backend == "reference"  # backend='auto': it has no fused builder, so only the reference is a candidate
+    _, fast_info = restore(image, preset=preset, device="cpu", sigma=10, stop="never", return_info=True,
+                           backend="fast")
+    assert fast_info.backend == "reference (fast fallback)"  # asked for the fused builder it does not have
     assert info.estimated_memory > 0  # traced on the meta device from the reference builder
     assert memory.estimate_memory(preset, 3, (64, 64)) > memory.estimate_memory(preset, 3, (32, 32))
     net = tasks.build_network(preset, 3)

@@ -85,8 +85,6 @@ qualifies, the run completes as with ``stop='never'``.
 """
 from __future__ import annotations
 
-import inspect
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -104,6 +102,7 @@ __all__ = [
     "CHECK_MODES",
     "STOP_MODES",
     "FitResult",
+    "FitSettings",
     "StepInfo",
     "fit",
     "fit_packed",
@@ -224,47 +223,15 @@ def _resolve_step_mode(step_mode: str, device: torch.device, precision: str) -> 
     return step_mode
 
 
-def _fit(
-    net: nn.Module,
-    net_input: torch.Tensor,
-    loss_fn: LossFn,
-    *,
-    iterations: int,
-    lr: float = 0.01,
-    reg_noise_std: float = 0.0,
-    exp_weight: Optional[float] = 0.99,
-    observation: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
-    degrade: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    reference: Optional[torch.Tensor] = None,
-    reference_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    backtrack: bool = True,
-    check_every: int = 100,
-    check_mode: str = "periodic",
-    backtrack_threshold_db: float = 5.0,
-    psnr_target: Optional[float] = None,
-    stop: str = "never",
-    stop_window: int = 100,
-    stop_patience: int = 1000,
-    stop_bound: Optional[float] = None,
-    callback: Optional[Callable[[StepInfo], None]] = None,
-    should_stop: Optional[Callable[[], bool]] = None,
-    generator: Optional[torch.Generator] = None,
-    max_time: Optional[float] = None,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    step_mode: str = "eager",
-    precision: str = "fp32",
-    sync_every: Optional[int] = None,
-    networks: int = 1,
-    repack: bool = True,
-) -> List[FitResult]:
-    """Fit ``net`` so that ``loss_fn(net(net_input))`` is small: the DIP loop.
+@dataclass(frozen=True)
+class FitSettings:
+    """Everything :func:`fit` and :func:`fit_packed` take besides the network, its input and the data term.
 
-    Args:
-        net: generator network (put in training mode; its parameters are
-            optimised in place).
-        net_input: fixed input ``z``, shape ``(1, C, H, W)``.
-        loss_fn: data term, ``loss_fn(out) -> scalar tensor``.
+    ``fit(net, z, loss, **settings)`` builds one from its keywords, so a
+    caller passes them as before; a settings object can also be built once,
+    checked, and reused with ``dataclasses.replace``.
+
+    Attributes:
         iterations: maximum number of steps.
         lr: Adam learning rate.
         reg_noise_std: std of the fresh input perturbation each step.
@@ -310,49 +277,84 @@ def _fit(
         repack: drop the networks of a packed run that have stopped from its
             step (see :func:`fit_packed`); False keeps them in it, frozen.
 
-    Returns:
-        One :class:`FitResult` per network.  Ctrl-C (``KeyboardInterrupt``)
-        during the loop does not propagate: the result so far comes back with
-        ``interrupted=True``.
+    Raises:
+        ValueError: a setting out of its range (checked when the object is built).
+
+    Example::
+
+        >>> FitSettings(iterations=100, lr=0.02, backtrack=False).check_every
+        100
+        >>> FitSettings(iterations=-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: iterations must be >= 0, got -1
     """
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations!r}")
-    if check_every < 1:
-        raise ValueError(f"check_every must be >= 1, got {check_every!r}")
-    if check_mode not in CHECK_MODES:
-        raise ValueError(f"check_mode must be one of {CHECK_MODES}, got {check_mode!r}")
-    if exp_weight is not None and not 0.0 <= exp_weight <= 1.0:
-        raise ValueError(f"exp_weight must be in [0, 1] or None, got {exp_weight!r}")
-    if backtrack and observation is None:
-        raise ValueError("backtrack=True needs an observation to measure the PSNR against")
-    if psnr_target is not None and observation is None and reference is None:
-        raise ValueError("psnr_target needs a reference or an observation")
-    if stop not in STOP_MODES:
-        raise ValueError(f"stop must be one of {STOP_MODES}, got {stop!r}")
-    if stop == "discrepancy" and (stop_bound is None or observation is None):
-        raise ValueError("stop='discrepancy' needs stop_bound and an observation to measure the residual against")
+
+    iterations: int
+    lr: float = 0.01
+    reg_noise_std: float = 0.0
+    exp_weight: Optional[float] = 0.99
+    observation: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    degrade: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    reference: Optional[torch.Tensor] = None
+    reference_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    backtrack: bool = True
+    check_every: int = 100
+    check_mode: str = "periodic"
+    backtrack_threshold_db: float = 5.0
+    psnr_target: Optional[float] = None
+    stop: str = "never"
+    stop_window: int = 100
+    stop_patience: int = 1000
+    stop_bound: Optional[float] = None
+    callback: Optional[Callable[[StepInfo], None]] = None
+    should_stop: Optional[Callable[[], bool]] = None
+    generator: Optional[torch.Generator] = None
+    max_time: Optional[float] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
+    step_mode: str = "eager"
+    precision: str = "fp32"
+    sync_every: Optional[int] = None
+    networks: int = 1
+    repack: bool = True
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations!r}")
+        if self.check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {self.check_every!r}")
+        if self.check_mode not in CHECK_MODES:
+            raise ValueError(f"check_mode must be one of {CHECK_MODES}, got {self.check_mode!r}")
+        if self.exp_weight is not None and not 0.0 <= self.exp_weight <= 1.0:
+            raise ValueError(f"exp_weight must be in [0, 1] or None, got {self.exp_weight!r}")
+        if self.backtrack and self.observation is None:
+            raise ValueError("backtrack=True needs an observation to measure the PSNR against")
+        if self.psnr_target is not None and self.observation is None and self.reference is None:
+            raise ValueError("psnr_target needs a reference or an observation")
+        if self.stop not in STOP_MODES:
+            raise ValueError(f"stop must be one of {STOP_MODES}, got {self.stop!r}")
+        if self.stop == "discrepancy" and (self.stop_bound is None or self.observation is None):
+            raise ValueError("stop='discrepancy' needs stop_bound and an observation to measure the residual against")
+        if self.sync_every is not None and self.sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {self.sync_every!r}")
+
+
+def _fit(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, s: FitSettings) -> List[FitResult]:
+    """The DIP loop of :func:`fit` and :func:`fit_packed`: one :class:`FitResult` per network."""
     device = net_input.device
-    if sync_every is None:
-        sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else 1
-    if sync_every < 1:
-        raise ValueError(f"sync_every must be >= 1, got {sync_every!r}")
-    mode = _resolve_step_mode(step_mode, device, precision)
+    sync_every = s.sync_every if s.sync_every is not None else (CUDA_SYNC_EVERY if device.type == "cuda" else 1)
+    mode = _resolve_step_mode(s.step_mode, device, s.precision)
 
     t0 = time.perf_counter()
     net.train()
-    with precision_settings(precision):
-        loop = _Loop(StepRunner(
-            net, net_input, loss_fn, lr=lr, reg_noise_std=reg_noise_std, generator=generator, optimizer=optimizer,
-            exp_weight=exp_weight, observation=observation, degrade=degrade, mask=mask, reference=reference,
-            reference_view=reference_view, backtrack_threshold_db=backtrack_threshold_db if backtrack else None,
-            early_stop=(stop_window, stop_patience) if stop == "auto" else None,
-            stop_bound=stop_bound if stop == "discrepancy" else None, precision=precision, mode=mode,
-            networks=networks, verify_graph=True,
-        ), iterations, sync_every, t0, repack=repack)
+    with precision_settings(s.precision):
+        loop = _Loop(_step_runner(net, net_input, loss_fn, s, mode, verify_graph=True), s.iterations, sync_every,
+                     t0, repack=s.repack)
         # Not held here: a pack that drops stopped networks frees the larger runner it replaces.
         results = loop.run(
-            check=(lambda i: is_check_step(i, check_every, check_mode)) if backtrack else (lambda i: False),
-            psnr_target=psnr_target, callback=callback, should_stop=should_stop, max_time=max_time,
+            check=(lambda i: is_check_step(i, s.check_every, s.check_mode)) if s.backtrack else (lambda i: False),
+            psnr_target=s.psnr_target, callback=s.callback, should_stop=s.should_stop, max_time=s.max_time,
         )
     if results[0].output.is_cuda:
         # Asynchronous kernels must finish for the wall time to mean anything.
@@ -362,25 +364,31 @@ def _fit(
     return results
 
 
+def _step_runner(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, s: FitSettings, mode: str,
+                 verify_graph: bool) -> StepRunner:
+    """The step of a fit with settings ``s`` and step mode ``mode``."""
+    return StepRunner(
+        net, net_input, loss_fn, lr=s.lr, reg_noise_std=s.reg_noise_std, generator=s.generator,
+        optimizer=s.optimizer, exp_weight=s.exp_weight, observation=s.observation, degrade=s.degrade,
+        mask=s.mask, reference=s.reference, reference_view=s.reference_view,
+        backtrack_threshold_db=s.backtrack_threshold_db if s.backtrack else None,
+        early_stop=(s.stop_window, s.stop_patience) if s.stop == "auto" else None,
+        stop_bound=s.stop_bound if s.stop == "discrepancy" else None, precision=s.precision, mode=mode,
+        networks=s.networks, verify_graph=verify_graph,
+    )
+
+
 def timing_runner(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, *, step_mode: str = "eager",
                   precision: str = "fp32", networks: int = 1, **settings: Any) -> Callable[[], None]:
     """One step of the run :func:`fit` would make of these arguments, as a function (for timing candidates).
 
-    Takes :func:`fit`'s keyword arguments; those of the loop (``iterations``,
-    ``callback``, ``max_time``, ...) are ignored. The step mode is taken as
-    given (no fallback warning): a graph on a device without CUDA raises.
+    Takes :class:`FitSettings`' fields; those of the loop (``iterations``,
+    ``callback``, ``max_time``, ...) do not matter. The step mode is taken
+    as given (no fallback warning): a graph on a device without CUDA raises.
     """
-    stop = settings.get("stop", "never")
-    runner = StepRunner(
-        net, net_input, loss_fn, lr=settings.get("lr", 0.01), reg_noise_std=settings.get("reg_noise_std", 0.0),
-        generator=settings.get("generator"), exp_weight=settings.get("exp_weight", 0.99),
-        observation=settings.get("observation"), degrade=settings.get("degrade"), mask=settings.get("mask"),
-        reference=settings.get("reference"), reference_view=settings.get("reference_view"),
-        backtrack_threshold_db=settings.get("backtrack_threshold_db", 5.0) if settings.get("backtrack", True) else None,
-        early_stop=(settings.get("stop_window", 100), settings.get("stop_patience", 1000)) if stop == "auto" else None,
-        stop_bound=settings.get("stop_bound") if stop == "discrepancy" else None, precision=precision,
-        mode=step_mode, networks=networks,
-    )
+    s = FitSettings(**{"iterations": 0, **settings, "step_mode": step_mode, "precision": precision,
+                       "networks": networks})
+    runner = _step_runner(net, net_input, loss_fn, s, step_mode, verify_graph=False)
     net.train()
 
     def step() -> None:
@@ -391,22 +399,37 @@ def timing_runner(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, *, s
 
 
 def fit(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, **settings: Any) -> FitResult:
-    # The documentation and signature are _fit's, less the packed-only settings (set below).
+    """Fit ``net`` so that ``loss_fn(net(net_input))`` is small: the DIP loop (see the module docstring).
+
+    Args:
+        net: generator network (put in training mode; its parameters are
+            optimised in place).
+        net_input: fixed input ``z``, shape ``(1, C, H, W)``.
+        loss_fn: data term, ``loss_fn(out) -> scalar tensor``.
+        **settings: the fields of :class:`FitSettings` (``iterations`` is
+            required), less ``networks`` and ``repack``, which are
+            :func:`fit_packed`'s.
+
+    Returns:
+        A :class:`FitResult`. Ctrl-C (``KeyboardInterrupt``) during the loop
+        does not propagate: the result so far comes back with ``interrupted=True``.
+
+    Example::
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Sigmoid())
+        >>> result = fit(net, torch.rand(1, 2, 8, 8), lambda out: out.square().mean(), iterations=3, backtrack=False)
+        >>> result.steps, len(result.loss_history)
+        (3, 3)
+    """
     for name in _PACKED_ONLY:
         if name in settings:
             raise TypeError(f"fit() runs one network; {name}= is fit_packed()'s")
-    return _fit(net, net_input, loss_fn, **settings)[0]
+    return _fit(net, net_input, loss_fn, FitSettings(**settings))[0]
 
 
-#: _fit's settings that only a packed run has (fit() refuses them; its documentation leaves them out).
+#: FitSettings' fields that only a packed run uses (fit() refuses them).
 _PACKED_ONLY = ("networks", "repack")
-fit.__doc__ = (_fit.__doc__ or "").replace("One :class:`FitResult` per network.", "A :class:`FitResult`.")
-fit.__doc__ = re.sub(r"        (networks|repack): .*?\n(?=        \w+: |\n)", "", fit.__doc__, flags=re.S)
-_signature = inspect.signature(_fit)
-fit.__signature__ = _signature.replace(  # type: ignore[attr-defined]
-    parameters=[p for name, p in _signature.parameters.items() if name not in _PACKED_ONLY],
-    return_annotation=FitResult,
-)
 
 
 def fit_packed(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, *, networks: int,
@@ -431,7 +454,7 @@ def fit_packed(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, *, netw
     Returns:
         ``K`` :class:`FitResult` objects, network ``k``'s at index ``k``.
     """
-    return _fit(net, net_input, loss_fn, networks=networks, **settings)
+    return _fit(net, net_input, loss_fn, FitSettings(networks=networks, **settings))
 
 
 class _Loop:
