@@ -136,3 +136,19 @@ def test_unknown_architecture_is_a_clear_error():
     preset = tasks.get_preset("denoise_quick").with_overrides(network=NetworkSpec("no_such_net", {}))
     with pytest.raises(ValueError, match="unknown network architecture 'no_such_net'"):
         restore(_image(), preset=preset, device="cpu")
+
+
+def test_recipe_every_input_is_wired_everywhere():
+    # CONTRIBUTING.md, "Add a task", a new kind of input: the five places it names must agree.
+    import inspect
+
+    from dip_fast.pipeline import request as request_module
+    from dip_fast.tasks import inputs
+
+    names = set(registry.INPUT_NAMES)
+    assert {spec.name for spec in inputs.INPUTS} == names
+    assert names <= set(request_module.RESTORE_DEFAULTS)
+    assert names <= set(inspect.signature(request_module._validate).parameters)
+    restore_parameters = inspect.signature(restore).parameters
+    assert names <= set(restore_parameters)
+    assert all(f"        {name}:" in restore.__doc__ for name in names)  # documented in restore()'s Args
