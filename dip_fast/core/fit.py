@@ -96,7 +96,7 @@ import torch.nn as nn
 from . import auto_step
 from .early_stop import EarlyStopState
 from .packed import write_networks
-from .step import STAT_FIELDS, STEP_MODES, StepRunner, precision_settings
+from .step import STAT_FIELDS, STEP_MODES, StepRunner, StepSettings, precision_settings
 
 __all__ = [
     "CHECK_MODES",
@@ -367,15 +367,14 @@ def _fit(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, s: FitSetting
 def _step_runner(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, s: FitSettings, mode: str,
                  verify_graph: bool) -> StepRunner:
     """The step of a fit with settings ``s`` and step mode ``mode``."""
-    return StepRunner(
-        net, net_input, loss_fn, lr=s.lr, reg_noise_std=s.reg_noise_std, generator=s.generator,
-        optimizer=s.optimizer, exp_weight=s.exp_weight, observation=s.observation, degrade=s.degrade,
-        mask=s.mask, reference=s.reference, reference_view=s.reference_view,
-        backtrack_threshold_db=s.backtrack_threshold_db if s.backtrack else None,
+    return StepRunner(net, net_input, loss_fn, StepSettings(
+        lr=s.lr, reg_noise_std=s.reg_noise_std, generator=s.generator, optimizer=s.optimizer,
+        exp_weight=s.exp_weight, observation=s.observation, degrade=s.degrade, mask=s.mask, reference=s.reference,
+        reference_view=s.reference_view, backtrack_threshold_db=s.backtrack_threshold_db if s.backtrack else None,
         early_stop=(s.stop_window, s.stop_patience) if s.stop == "auto" else None,
         stop_bound=s.stop_bound if s.stop == "discrepancy" else None, precision=s.precision, mode=mode,
         networks=s.networks, verify_graph=verify_graph,
-    )
+    ))
 
 
 def timing_runner(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, *, step_mode: str = "eager",

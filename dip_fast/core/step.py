@@ -36,7 +36,9 @@ The previous global settings are restored when the run ends.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -52,6 +54,7 @@ __all__ = [
     "STEP_MODES",
     "DeviceBacktracker",
     "StepRunner",
+    "StepSettings",
     "default_adam",
     "flatten_parameters",
     "precision_settings",
@@ -336,13 +339,11 @@ def _check_step_arguments(net_input: torch.Tensor, *, reg_noise_std: Union[float
     return stds, generators
 
 
-class StepRunner:
-    """Runs DIP steps with all bookkeeping on the device (see the module docstring).
+@dataclass(frozen=True)
+class StepSettings:
+    """How a :class:`StepRunner` steps: everything besides the network, its input and the data term.
 
-    Args:
-        net: the generator, in training mode; optimised over its trainable parameters.
-        net_input: the fixed input ``z``.
-        loss_fn: the data term, ``loss_fn(out) -> scalar tensor``.
+    Attributes:
         lr: Adam learning rate (ignored when ``optimizer`` is given).
         reg_noise_std: std of the fresh input perturbation.
         generator: generator for the perturbation (on ``net_input``'s device).
@@ -362,9 +363,6 @@ class StepRunner:
             accepts none.  Needs ``observation``; excludes ``early_stop``.
         precision: one of :data:`PRECISIONS`.
         mode: one of :data:`STEP_MODES`; ``'graph'`` needs CUDA.
-        verify_graph: check the first replay of a captured graph against an
-            eager step from the same state (:meth:`_verify_replay`); on a
-            mismatch warn once and run eagerly.
         networks: ``K``, the number of networks ``net`` packs
             (:mod:`dip_fast.core.packed`).  ``net_input`` and the network's output
             are then ``(1, K * C, H, W)``, which the runner sees as ``K`` images
@@ -377,7 +375,46 @@ class StepRunner:
             Averaging, backtracking and early stopping are per network, and a
             network whose early stopping fired is frozen (weights and
             average) while the others go on.
+        verify_graph: check the first replay of a captured graph against an
+            eager step from the same state (:meth:`StepRunner._verify_replay`);
+            on a mismatch warn once and run eagerly.
 
+    Example::
+
+        >>> StepSettings(lr=0.02).mode
+        'eager'
+    """
+
+    lr: float = 0.01
+    reg_noise_std: Union[float, Sequence[float]] = 0.0
+    generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
+    exp_weight: Optional[float] = None
+    observation: Optional[torch.Tensor] = None
+    degrade: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    mask: Optional[torch.Tensor] = None
+    reference: Optional[torch.Tensor] = None
+    reference_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    backtrack_threshold_db: Optional[float] = None
+    early_stop: Optional[Tuple[int, int]] = None
+    stop_bound: Optional[Union[float, Sequence[float]]] = None
+    precision: str = "fp32"
+    mode: str = "eager"
+    networks: int = 1
+    verify_graph: bool = False
+
+
+class StepRunner:
+    """Runs DIP steps with all bookkeeping on the device (see the module docstring).
+
+    Args:
+        net: the generator, in training mode; optimised over its trainable parameters.
+        net_input: the fixed input ``z``.
+        loss_fn: the data term, ``loss_fn(out) -> scalar tensor``.
+        settings: a :class:`StepSettings` (learning rate, perturbation,
+            averaging, backtracking, stopping, precision, mode, packing);
+            keywords override its fields, or build it when it is None, so
+            ``StepRunner(net, z, loss, lr=0.02)`` works as before.
     After :meth:`step`, :attr:`out` holds the step's output (float32,
     ``(K, C, H, W)``), :attr:`average` the running average (or None) and
     :attr:`stats` the values of :data:`STAT_FIELDS`, one row per network
@@ -385,30 +422,13 @@ class StepRunner:
     step: clone what you keep.
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        net_input: torch.Tensor,
-        loss_fn: LossFn,
-        *,
-        lr: float = 0.01,
-        reg_noise_std: Union[float, Sequence[float]] = 0.0,
-        generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None,
-        optimizer: Optional[torch.optim.Optimizer] = None,
-        exp_weight: Optional[float] = None,
-        observation: Optional[torch.Tensor] = None,
-        degrade: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-        mask: Optional[torch.Tensor] = None,
-        reference: Optional[torch.Tensor] = None,
-        reference_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-        backtrack_threshold_db: Optional[float] = None,
-        early_stop: Optional[Tuple[int, int]] = None,
-        stop_bound: Optional[Union[float, Sequence[float]]] = None,
-        precision: str = "fp32",
-        mode: str = "eager",
-        networks: int = 1,
-        verify_graph: bool = False,
-    ) -> None:
+    def __init__(self, net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn,
+                 settings: Optional["StepSettings"] = None, **keywords: Any) -> None:
+        settings = StepSettings(**keywords) if settings is None else dataclasses.replace(settings, **keywords)
+        self.settings = settings
+        (lr, reg_noise_std, generator, optimizer, exp_weight, observation, degrade, mask, reference, reference_view,
+         backtrack_threshold_db, early_stop, stop_bound, precision, mode, networks,
+         verify_graph) = (getattr(settings, f.name) for f in dataclasses.fields(settings))
         stds, generators = _check_step_arguments(
             net_input, reg_noise_std=reg_noise_std, generator=generator, observation=observation,
             backtrack_threshold_db=backtrack_threshold_db, early_stop=early_stop, stop_bound=stop_bound,
