@@ -454,10 +454,9 @@ def tune(options: Sequence[Candidate], make_step: Callable[[Candidate], Step], *
     # Each further candidate costs its warm-up and build (about its steps) plus MIN_ROUNDS rounds.
     need = per_step * (len(options) * MIN_ROUNDS + sum(_warmup(c) + 1 for c in options[1:]))
     if budget_s is None and spent + need > budget:
-        stored_or_fixed = Decision(fallback, "fixed", tuning_s=clock() - start,
-                                   reason=f"the run (about {expected:.0f} s) is too short to pay for timing "
-                                          f"{len(options)} candidates")
-        return stored_or_fixed
+        return Decision(fallback, "fixed", tuning_s=clock() - start,
+                        reason=f"the run (about {expected:.0f} s) is too short to pay for timing "
+                               f"{len(options)} candidates")
     # A run's budget is a hard deadline; dip-fast tune's (budget_s) times every candidate MIN_ROUNDS times.
     deadline = start + budget if budget_s is None else math.inf
     for candidate in options[1:]:
