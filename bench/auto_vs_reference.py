@@ -26,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dip_fast.apps.tune import synthetic_image  # noqa: E402
 from dip_fast.core import cpu_features  # noqa: E402
 from dip_fast.core.tuning import Candidate, baseline  # noqa: E402
 from dip_fast.pipeline import job as stages  # noqa: E402
@@ -38,19 +38,11 @@ from dip_fast.pipeline.observation import prepare_observation  # noqa: E402
 from dip_fast.pipeline.request import validate_request  # noqa: E402
 
 
-def _image(size: int, seed: int) -> np.ndarray:
-    """A noisy synthetic photograph-like image (smooth shapes plus sigma-25 noise): timing needs no real data."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    clean = np.stack([0.5 + 0.3 * np.sin(6 * xx + c) * np.cos(4 * yy - c) for c in range(3)], axis=-1)
-    return np.clip(clean + rng.normal(0, 25 / 255, clean.shape), 0, 1).astype(np.float32)
-
-
 def _jobs(size: int, pack: int):
     request = validate_request("denoise", device="cpu", pack=pack, restarts=pack)
     jobs = []
     for k in range(pack):
-        observed = prepare_observation(request, _image(size, k), None, None)
+        observed = prepare_observation(request, synthetic_image(size, seed=k), None, None)
         jobs.append(stages.plan_job(request, observed, k))
     return request, jobs
 

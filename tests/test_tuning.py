@@ -278,9 +278,9 @@ def test_cli_tune_prints_the_table_and_fills_the_cache(capsys, tmp_path, monkeyp
 
 
 def tuning_image(size):
-    from dip_fast.apps.tune import _synthetic
+    from dip_fast.apps.tune import synthetic_image
 
-    return _synthetic(size)
+    return synthetic_image(size)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -22,10 +22,10 @@ from ..pipeline.observation import prepare_observation
 from ..pipeline.request import validate_request
 from ..tasks import registry
 
-__all__ = ["format_table", "tune_size"]
+__all__ = ["format_table", "synthetic_image", "tune_size"]
 
 
-def _synthetic(size: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+def synthetic_image(size: int, channels: int = 3, seed: int = 0) -> np.ndarray:
     """A smooth image with noise: timing depends on the shape, not on the pixels."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / max(size, 1)
@@ -62,7 +62,7 @@ def tune_size(size: int, *, task: str = "denoise", device: Optional[str] = None,
                                if "blur_kernel" in spec.required else None)
     jobs = []
     for k in range(pack):
-        observed = prepare_observation(request, _synthetic(side, seed=k), mask, None)
+        observed = prepare_observation(request, synthetic_image(side, seed=k), mask, None)
         jobs.append(stages.plan_job(request, observed, k))
     with stages.run_settings(request.num_threads, request.deterministic):
         decision = stages.choose_execution(request, jobs, packed=pack > 1, budget_s=seconds)

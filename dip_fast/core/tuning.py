@@ -52,6 +52,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from . import auto_step, cpu_features
+from .step import GRAPH_WARMUP_STEPS
 
 __all__ = [
     "BACKENDS", "BUDGET_SHARE", "LAYOUTS", "MARGIN", "Candidate", "Decision", "TuningCache", "baseline",
@@ -488,6 +489,4 @@ def tune(options: Sequence[Candidate], make_step: Callable[[Candidate], Step], *
 
 def _warmup(candidate: Candidate) -> int:
     # A graph's eager warm-up steps and its capture; one step elsewhere (first-call allocations and plans).
-    from .step import GRAPH_WARMUP_STEPS
-
     return GRAPH_WARMUP_STEPS + 1 if candidate.step_mode == "graph" else 1

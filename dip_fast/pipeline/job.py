@@ -20,12 +20,11 @@ import torch.nn as nn
 
 from .. import _caller, _ops, io, tasks
 from ..core import tuning
-from ..core.fit import timing_runner
 from ..core.networks import FAST_FALLBACK, execution_builder
 from ..core.packed import pack as pack_networks
 from ..core.tuning import Candidate, Decision
 from ..core.early_stop import ClippedBound, DiscrepancyRule
-from ..core.fit import FitResult, fit
+from ..core.fit import FitResult, fit, timing_runner
 from ..core.metrics import psnr
 from . import noise_level
 from .info import RestoreInfo
