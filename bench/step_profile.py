@@ -9,14 +9,16 @@ the CPU there is no graph, so the eager step (``fast_cl``, the layout
 exercises the same code on a machine without a GPU, it does not measure it.
 
 Each kernel (or CPU op) goes to the first category whose pattern matches its
-name (:data:`CATEGORIES`, case-insensitive). Layout conversions come first
-so that cuDNN's ``nchwToNhwc``-style transposes land in ``other`` and stay
-visible instead of hiding in ``convolution``. What no pattern claims is
-``other``: the input perturbation (``normal_``, ``add``), casts, copies,
-fills, and reductions launched by generic PyTorch kernels whose names do
-not say which layer they serve (a convolution's bias gradient, for one).
-The JSON keeps the largest kernels of every category, so a misfiled one can
-be seen and the pattern fixed.
+name (:data:`CATEGORIES`, case-insensitive). Casts and layout conversions
+come first so that cuDNN's ``nchwToNhwc``-style transposes and the CPU's
+``copy_`` and ``_to_copy`` land in ``casts_layout`` instead of hiding in
+``convolution``. What no pattern claims is ``other``: the input
+perturbation (``normal_``, ``add``), fills, and reductions launched by
+generic PyTorch kernels whose names do not say which layer they serve (a
+convolution's bias gradient, for one). The JSON keeps the largest kernels of
+every category, so a misfiled one can be seen and the pattern fixed.
+``step_ledger.py`` splits the convolutions by direction and puts every
+category beside its bound.
 
 Each size and variant is profiled for ``--rounds`` steps, one profiler
 session per step, after warm-up (which also captures the graph); the step
@@ -52,9 +54,12 @@ from dip_fast.core.step import GRAPH_WARMUP_STEPS  # noqa: E402
 
 #: Categories in the order they are tried; the first pattern that matches a kernel or op name wins.
 CATEGORIES: Tuple[Tuple[str, str], ...] = (
-    # cuDNN's and PyTorch's layout transposes: not convolution work, and a target for removal.
-    ("other", r"nchwtonhwc|nhwctonchw|transpose|permute"),
+    # Layout transposes (cuDNN's nchwToNhwc, PyTorch's contiguous copies) and dtype casts: not the
+    # step's arithmetic, and a target for removal. The CPU's aten::copy_ and _to_copy are both.
+    ("casts_layout", r"nchwtonhwc|nhwctonchw|transpose|permute|contiguous|_to_copy|aten::to\b|aten::copy_|"
+                     r"memcpy|clone"),
     ("loss", r"mse|loss"),
+    ("zero_grad", r"zero_grad|aten::zero_"),
     ("Adam", r"adam|multi_tensor_apply|foreach"),
     # BatchNorm with LeakyReLU and padding: the fused dip_fast ops (bn_stats, bn_normalize, bn_dx, ...,
     # and their autograd node BnActFunction),
@@ -67,7 +72,7 @@ CATEGORIES: Tuple[Tuple[str, str], ...] = (
     # convolution ops on the CPU (mkldnn / oneDNN).
     ("convolution", r"conv|cudnn|xmma|implicit_?gemm|[wd]grad|fprop|gemm|cutlass|winograd|mkldnn|onednn"),
 )
-CATEGORY_NAMES = ("convolution", "bn_act", "upsample_cat", "loss", "Adam", "other")
+CATEGORY_NAMES = ("convolution", "bn_act", "upsample_cat", "loss", "Adam", "zero_grad", "casts_layout", "other")
 _COMPILED = [(name, re.compile(pattern, re.I)) for name, pattern in CATEGORIES]
 #: Kernels kept per category in the JSON and the "largest" table.
 TOP = 6
