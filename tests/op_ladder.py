@@ -22,6 +22,7 @@ the way CONTRIBUTING.md ("Add a C++/CUDA op") says.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Optional, Sequence
 
 import pytest
@@ -31,6 +32,11 @@ from .conftest import FUZZ_EXAMPLES
 
 #: Memory layouts of a 4-D tensor the ops accept, each holding the same values (see :func:`as_layout`).
 LAYOUTS = ("contiguous", "channels_last", "non_contiguous", "sliced", "cropped")
+
+#: The layouts a CUDA kernel sees differently: dense NCHW and channels_last, each aligned (the vector
+#: paths) and one element off a 16-byte boundary (the scalar path). The other layouts of :data:`LAYOUTS`
+#: reach the kernels as an aligned dense copy.
+KERNEL_LAYOUTS = ("contiguous", "channels_last", "misaligned", "misaligned_channels_last")
 
 
 # ---------------------------------------------------------------------------
@@ -45,8 +51,13 @@ def as_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     memory (a transposed copy viewed back); sliced: every other element of an
     interleaved copy (W stride 2, storage offset 1, so misaligned for vector
     loads); cropped: a window of a padded tensor (a storage offset, row
-    strides larger than W).
+    strides larger than W); misaligned, misaligned_channels_last: dense NCHW
+    or NHWC in storage one element past a 16-byte boundary (:func:`misaligned`).
+    Works on any device: apply it after moving ``t`` (a copy to another device
+    is aligned again).
     """
+    if layout in ("misaligned", "misaligned_channels_last"):
+        return misaligned(as_layout(t, layout.removeprefix("misaligned").lstrip("_") or "contiguous"))
     if layout == "contiguous":
         return t.contiguous()
     if layout == "channels_last":
@@ -58,6 +69,69 @@ def as_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "cropped":
         return torch.nn.functional.pad(t, (2, 3, 1, 4))[..., 1:-4, 2:-3]
     raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t``, on its device and in its layout (NCHW or channels_last), in storage that
+    starts one element past a 16-byte boundary: the kernels' scalar path."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        n, c, h, w = t.shape
+        view = flat[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    else:
+        view = flat[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def case_id(value: Any) -> str:
+    """A readable test id part: shapes as 2x3x5, dtypes by name (float32, several joined by +), the rest
+    as str()."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, tuple):
+        return ("+" if all(isinstance(v, torch.dtype) for v in value) else "x").join(case_id(v) for v in value)
+    return str(value)
+
+
+def case(*values: Any):
+    """One test case: a pytest param of the values with a readable id."""
+    return pytest.param(*values, id="-".join(case_id(v) for v in values))
+
+
+def cases(*axes: Sequence[Any]) -> list:
+    """The product of the axes, as pytest params (one value of each axis, in order) with readable ids."""
+    return [case(*combo) for combo in itertools.product(*axes)]
+
+
+def for_each_dtype(dtypes: Sequence[torch.dtype], check: Callable[[torch.dtype], Any]) -> list:
+    """``check(dtype)`` for each dtype (one test case runs them all: cheaper than a test each); an
+    assertion names the dtype that failed. Returns the results."""
+    results = []
+    for dtype in dtypes:
+        try:
+            results.append(check(dtype))
+        except AssertionError as e:
+            raise AssertionError(f"in {case_id(dtype)}: {e}") from e
+    return results
+
+
+#: float16 and bfloat16: the ops accumulate in float32 and round once on the store.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def rounding_tolerance(dtype: torch.dtype, float64: float, float32: float) -> float:
+    """atol = rtol for an op's result in ``dtype`` against a float64 reference computed from the same
+    (already rounded) inputs: the op's own ``float64`` and ``float32`` figures, and for float16 and
+    bfloat16 the dtype's machine epsilon, twice the at most half-ulp relative error of the one rounding
+    of a float32 result (an element off by one neighbour or one tap is off by far more)."""
+    if dtype == torch.float64:
+        return float64
+    if dtype == torch.float32:
+        return float32
+    if dtype in HALF_DTYPES:
+        return torch.finfo(dtype).eps
+    raise ValueError(f"no tolerance for {dtype}")
 
 
 def _as_tuple(out: Any) -> tuple:

@@ -397,63 +397,135 @@ def test_fuzz_against_reference():
 
 
 # ---------------------------------------------------------------------------
-# CUDA: the GPU kernels against the CPU kernels on the same inputs
+# The GPU's cases, run on the CPU too. The CUDA kernels' per-thread phases run
+# over their launch grid on the CPU (the emulation ops, which also return a
+# trace [blocks, shared bytes, fewest writes, most writes]). Every case of
+# GRID_CASES runs three ways: on the GPU against the float64 reference,
+# through the emulation against the same reference, and on the GPU against
+# the emulation bit for bit; one list, so what the GPU is checked on and what
+# the CPU checks cannot drift apart.
 # ---------------------------------------------------------------------------
 
-CUDA_CASES = list(itertools.product(KERNEL_PHASES, [2, 3, 4, 8], [True, False]))
 
-
-def _cpu_and_cuda(x, g, **kwargs):
-    y_c, gx_c = op_with_grad(x, g, **kwargs)
-    y_g, gx_g = op_with_grad(x.cuda(), g.cuda(), **kwargs)
-    return (y_c, gx_c), (y_g.cpu(), gx_g.cpu())
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("kp,factor,preserve_size", CUDA_CASES)
-def test_cuda_matches_cpu(kp, factor, preserve_size):
-    kernel, phase = kp
+def odd_shape(kernel: str, phase: float, factor: int) -> tuple:
+    """Two images of 5 channels a few odd pixels past the kernel (valid without preserve_size too)."""
     k = kernel_size(factor, kernel, phase)
+    return (2, 5, k + 2 * factor + 7, k + 3 * factor + 2)
+
+
+GRID_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+#: (kernel, phase, factor, preserve_size, shape, layout, dtype).
+GRID_CASES = (
+    # Every named kernel and phase at every factor, both paddings, in every dtype.
+    [ladder.case(kernel, phase, factor, preserve, odd_shape(kernel, phase, factor), "contiguous", dtype)
+     for (kernel, phase), factor, preserve, dtype in itertools.product(KERNEL_PHASES, FACTORS, [True, False],
+                                                                       GRID_DTYPES)]
+    # Every layout in every dtype, over several forward (8 x 32) and backward (32 x 32) tiles.
+    + ladder.cases(["lanczos2"], [0.5], [4], [True], [(2, 3, 70, 141)],
+                   ladder.KERNEL_LAYOUTS + ("non_contiguous", "sliced"), GRID_DTYPES)
+    # More planes than the grid's z dimension holds (65,535): the kernels loop over planes.
+    + ladder.cases(["lanczos2"], [0.5], [2], [True], [(70000, 1, 4, 4)], ["contiguous"], [torch.float32])
+)
+
+
+def grid_case_inputs(kernel, phase, factor, preserve_size, shape, dtype):
+    """x and an output gradient of a grid case, in dtype (contiguous, on the CPU): the values every run
+    and the reference see."""
     gen = torch.Generator().manual_seed(11)
-    x = torch.rand(2, 5, k + 2 * factor + 7, k + 3 * factor + 2, generator=gen)
-    y0 = ops.downsample(x, factor, kernel, phase, preserve_size)
-    g = torch.rand(y0.shape, generator=gen)
-    (y_c, gx_c), (y_g, gx_g) = _cpu_and_cuda(x, g, factor=factor, kernel=kernel, phase=phase, preserve_size=preserve_size)
-    torch.testing.assert_close(y_g, y_c, rtol=0, atol=1e-6)
-    torch.testing.assert_close(gx_g, gx_c, rtol=0, atol=1e-6)
+    x = torch.rand(shape, generator=gen, dtype=torch.float64)
+    _, pad = ops.downsample_taps(factor, kernel, phase)
+    k = kernel_size(factor, kernel, phase)
+    pad = pad if preserve_size else 0
+    ho, wo = ((s + 2 * pad - k) // factor + 1 for s in shape[2:])
+    g = torch.rand(shape[0], shape[1], ho, wo, generator=gen, dtype=torch.float64)
+    return x.to(dtype), g.to(dtype)
+
+
+def check_grid_case(run, kernel, phase, factor, preserve_size, shape, layout, dtype, device="cpu"):
+    """``run(x, g)`` (in ``layout`` on ``device``; g in channels_last when x is) returns (y, grad_x, traces
+    or None); both against the float64 reference Downsampler on the same rounded inputs (absolute error
+    ATOL in float32, the dtype's rounding in float16 and bfloat16). Traces must show every element written
+    once. Returns the traces."""
+    x, g = grid_case_inputs(kernel, phase, factor, preserve_size, shape, dtype)
+    want_y, want_gx = reference64(x, g, factor, kernel, phase, preserve_size)
+    xd = ladder.as_layout(x.to(device), layout)
+    gd = ladder.as_layout(g.to(device), "channels_last" if layout.endswith("channels_last") else "contiguous")
+    y, gx, traces = run(xd, gd)
+    tol = ladder.rounding_tolerance(dtype, 1e-13, ATOL)
+    rtol = tol if dtype in ladder.HALF_DTYPES else 0.0
+    assert y.dtype == dtype and gx.dtype == dtype
+    torch.testing.assert_close(y.cpu().double(), want_y, rtol=rtol, atol=tol)
+    torch.testing.assert_close(gx.cpu().double(), want_gx, rtol=rtol, atol=tol)
+    if layout.endswith("channels_last") and shape[1] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    for trace in traces or ():
+        assert trace[2] == 1 and trace[3] == 1, f"outputs written {trace[2]}..{trace[3]} times, not once"
+    return traces
+
+
+def grid_taps(factor, kernel, phase, dtype, device="cpu"):
+    """The taps and pad the compiled ops take for x in dtype (float64 for float64, else float32)."""
+    taps, pad = ops.downsample_taps(factor, kernel, phase)
+    return taps.to(device, torch.float64 if dtype == torch.float64 else torch.float32), pad
+
+
+def run_emulated(kernel, phase, factor, preserve_size):
+    """The emulation ops: (y, grad_x, [forward trace, backward trace])."""
+    def run(x, g):
+        taps, pad = grid_taps(factor, kernel, phase, x.dtype)
+        pad = pad if preserve_size else 0
+        y, trace_f = torch.ops.dip_fast._downsample_emulated(x, taps, factor, pad)
+        gx, trace_b = torch.ops.dip_fast._downsample_backward_emulated(g, taps, factor, pad, x.shape[2], x.shape[3])
+        return y, gx, [trace_f.tolist(), trace_b.tolist()]
+    return run
+
+
+def run_op(kernel, phase, factor, preserve_size):
+    """The public op with autograd, on the inputs' device: (y, grad_x, None)."""
+    def run(x, g):
+        y, gx = op_with_grad(x, g, factor=factor, kernel=kernel, phase=phase, preserve_size=preserve_size)
+        return y, gx, None
+    return run
+
+
+GRID_ARGS = "kernel,phase,factor,preserve_size,shape,layout,dtype"
+
+
+@pytest.mark.parametrize(GRID_ARGS, GRID_CASES)
+def test_cuda_grid_emulation_matches_reference(kernel, phase, factor, preserve_size, shape, layout, dtype):
+    check_grid_case(run_emulated(kernel, phase, factor, preserve_size), kernel, phase, factor, preserve_size, shape,
+                    layout, dtype)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "non_contiguous", "sliced"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_layouts_and_dtypes(layout, dtype):
-    gen = torch.Generator().manual_seed(5)
-    base = torch.rand(2, 6, 300, 257, generator=gen).to(dtype)
-    g = torch.rand(2, 6, 75, 64, generator=gen).to(dtype)
-    y_c, gx_c = op_with_grad(base, g, factor=4)
-    x = ladder.as_layout(base.cuda(), layout)
-    g_in = g.cuda().contiguous(memory_format=torch.channels_last) if layout == "channels_last" else g.cuda()
-    y_g, gx_g = op_with_grad(x, g_in, factor=4)
-    tol = 1e-6 if dtype == torch.float32 else 1e-13
-    torch.testing.assert_close(y_g.cpu(), y_c, rtol=0, atol=tol)
-    torch.testing.assert_close(gx_g.cpu(), gx_c, rtol=0, atol=tol)
-    if layout == "channels_last":
-        assert y_g.is_contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize(GRID_ARGS, GRID_CASES)
+def test_cuda_matches_reference(kernel, phase, factor, preserve_size, shape, layout, dtype):
+    check_grid_case(run_op(kernel, phase, factor, preserve_size), kernel, phase, factor, preserve_size, shape,
+                    layout, dtype, device="cuda")
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_half_precision(dtype):
-    """Half on CUDA accumulates in float32: as the float32 CPU op on the same rounded input, up to output rounding."""
-    gen = torch.Generator().manual_seed(9)
-    x = torch.rand(1, 3, 128, 96, generator=gen).to(dtype)
-    g = torch.rand(1, 3, 32, 24, generator=gen).to(dtype)
-    y_c, gx_c = op_with_grad(x.float(), g.float(), factor=4)
-    y_g, gx_g = op_with_grad(x.cuda(), g.cuda(), factor=4)
-    assert y_g.dtype == dtype and gx_g.dtype == dtype
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-3
-    torch.testing.assert_close(y_g.float().cpu(), y_c, rtol=tol, atol=tol)
-    torch.testing.assert_close(gx_g.float().cpu(), gx_c, rtol=tol, atol=tol * 0.1)
+@pytest.mark.parametrize(GRID_ARGS, GRID_CASES)
+def test_cuda_equals_grid_emulation_bitwise(kernel, phase, factor, preserve_size, shape, layout, dtype):
+    """The GPU computes exactly what the emulation computes (same plan, no multiply-add contraction)."""
+    x, g = grid_case_inputs(kernel, phase, factor, preserve_size, shape, dtype)
+    _, pad = ops.downsample_taps(factor, kernel, phase)
+    pad = pad if preserve_size else 0
+    g_layout = "channels_last" if layout.endswith("channels_last") else "contiguous"
+    results = []
+    for device in ("cpu", "cuda"):
+        taps, _ = grid_taps(factor, kernel, phase, dtype, device)
+        xd, gd = ladder.as_layout(x.to(device), layout), ladder.as_layout(g.to(device), g_layout)
+        if device == "cpu":
+            y, _ = torch.ops.dip_fast._downsample_emulated(xd, taps, factor, pad)
+            gx, _ = torch.ops.dip_fast._downsample_backward_emulated(gd, taps, factor, pad, *shape[2:])
+        else:
+            y = torch.ops.dip_fast.downsample(xd, taps, factor, pad)
+            gx = torch.ops.dip_fast._downsample_backward(gd, taps, factor, pad, *shape[2:])
+        results.append((y.cpu(), gx.cpu()))
+    (want_y, want_gx), (y, gx) = results
+    assert torch.equal(y, want_y), "the output differs from the emulated grid"
+    assert torch.equal(gx, want_gx), "the input gradient differs from the emulated grid"
 
 
 @pytest.mark.cuda
@@ -471,22 +543,8 @@ def test_cuda_deterministic_and_opcheck():
                    (torch.ops.dip_fast._downsample_backward.default, (gs, taps, 2, pad, 21, 18)))
 
 
-@pytest.mark.cuda
-def test_cuda_large_batch_of_planes():
-    """More planes than one grid dimension holds (the kernels loop over planes)."""
-    x = torch.rand(70000, 1, 8, 8, device="cuda")
-    y = ops.downsample(x, 2)
-    y_c = ops.downsample(x.cpu(), 2)
-    torch.testing.assert_close(y.cpu(), y_c, rtol=0, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------
-# The CUDA kernels' per-thread phases, run over their launch grid on the CPU.
-# The emulation ops return a trace [blocks, shared bytes, fewest writes, most writes].
-# ---------------------------------------------------------------------------
 def _emulated(x, g, factor, kernel="lanczos3", phase=0.5):
-    taps, pad = ops.downsample_taps(factor, kernel, phase)
-    taps = taps.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    taps, pad = grid_taps(factor, kernel, phase, x.dtype)
     y, trace_f = torch.ops.dip_fast._downsample_emulated(x, taps, factor, pad)
     gx, trace_b = torch.ops.dip_fast._downsample_backward_emulated(g, taps, factor, pad, x.shape[2], x.shape[3])
     want_y = torch.ops.dip_fast.downsample(x, taps, factor, pad)
@@ -524,21 +582,3 @@ def test_cuda_grid_emulation_several_tiles_and_planes():
     assert trace_f[0] > 1 and trace_b[0] > 1
     torch.testing.assert_close(y, want_y, rtol=0, atol=1e-6)
     torch.testing.assert_close(gx, want_gx, rtol=0, atol=1e-6)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_equals_grid_emulation_bitwise(layout, dtype):
-    gen = torch.Generator().manual_seed(8)
-    x = torch.rand(2, 3, 67, 45, generator=gen).to(dtype)
-    g = torch.rand(2, 3, 17, 12, generator=gen).to(dtype)
-    if layout == "channels_last":
-        x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
-    taps, pad = ops.downsample_taps(4, "lanczos3", 0.5)
-    taps = taps.float()
-    want_y, _ = torch.ops.dip_fast._downsample_emulated(x, taps, 4, pad)
-    want_gx, _ = torch.ops.dip_fast._downsample_backward_emulated(g, taps, 4, pad, 67, 45)
-    y = torch.ops.dip_fast.downsample(x.cuda(), taps.cuda(), 4, pad)
-    gx = torch.ops.dip_fast._downsample_backward(g.cuda(), taps.cuda(), 4, pad, 67, 45)
-    assert torch.equal(y.cpu(), want_y) and torch.equal(gx.cpu(), want_gx)

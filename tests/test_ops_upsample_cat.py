@@ -14,7 +14,8 @@ from dip_fast.reference.skip import upsample2x
 from . import op_ladder as ladder
 from .conftest import requires_extension
 
-pytestmark = requires_extension
+# Small tensors: on a shared 2-core machine, thread hand-offs cost more than they save.
+pytestmark = [requires_extension, pytest.mark.usefixtures("one_thread")]
 
 
 def expected(skip, deep, mode, groups=1):
@@ -190,81 +191,144 @@ def test_fuzz_against_pytorch():
                 mode=["nearest", "bilinear"], groups=(1, 4))
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("shape", SHAPES + [(1, 4, 128, 64, 64)])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
-@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
-@pytest.mark.parametrize("groups", GROUPS)
-def test_cuda_matches_pytorch(shape, layout, mode, dtype, atol, groups):
-    compare(*shape, dtype, layout, mode, atol, device="cuda", groups=groups)
+# ---------------------------------------------------------------------------
+# The GPU's cases, run on the CPU too. The CUDA kernels' per-thread code runs
+# over their launch grid on the CPU (the emulation ops, which also return a
+# trace [V, fewest writes, most writes]). Every case of GRID_CASES runs three
+# ways: on the GPU against PyTorch, through the emulation against PyTorch, and
+# on the GPU against the emulation bit for bit; one list, so what the GPU is
+# checked on and what the CPU checks cannot drift apart.
+# ---------------------------------------------------------------------------
+
+#: (N, Cs, Cd, h, w) as in SHAPES, plus: 132 channels (channels_last blocks of fewer threads than 256),
+#: Cs = 8 and 16 (wider vectors), and planes larger than one tile of a block (several blocks per plane).
+GRID_SHAPES = SHAPES + [(1, 4, 128, 3, 5), (2, 8, 4, 5, 6), (1, 16, 8, 5, 6), (1, 0, 6, 3, 3), (1, 1, 2, 40, 52)]
+GRID_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+#: (shape, layout, mode, groups, dtypes): each case runs in each of its dtypes.
+GRID_CASES = (ladder.cases(GRID_SHAPES, ladder.KERNEL_LAYOUTS, UPSAMPLE_MODES, GROUPS, [GRID_DTYPES])
+              # The top level of the paper's network at 64x64 (the size the network runs at), in float32.
+              + ladder.cases([(1, 4, 128, 64, 64)], ("contiguous", "channels_last"), UPSAMPLE_MODES, [1],
+                             [(torch.float32,)]))
+GRID_ARGS = "shape,layout,mode,groups,dtypes"
+
+
+def grid_case_inputs(shape, dtype, groups):
+    """skip, deep and an output gradient of a grid case, in dtype (contiguous, on the CPU): the values every
+    run and the reference see."""
+    n, cs, cd, h, w = shape
+    skip, deep = make_inputs(*shape, torch.float64, "contiguous", groups=groups)
+    grad = torch.randn(n, groups * (cs + cd), 2 * h, 2 * w, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(1))
+    return [t.to(dtype) for t in (skip, deep, grad)]
+
+
+def check_grid_case(run, shape, layout, mode, dtype, groups, device="cpu"):
+    """``run(skip, deep, grad)`` (inputs in ``layout`` on ``device``) returns (out, grad_skip, grad_deep,
+    trace or None); all three against PyTorch in float64 on the same rounded inputs, within the dtype's
+    rounding (NaN, an unwritten element, fails). A trace must show every element written once.
+    Returns the trace."""
+    skip, deep, grad = grid_case_inputs(shape, dtype, groups)
+    sr, dr = (t.double().requires_grad_(True) for t in (skip, deep))
+    want_out = expected(sr, dr, mode, groups)
+    want = (want_out.detach(), *torch.autograd.grad(want_out, (sr, dr), grad.double(), allow_unused=True))
+    out, gs, gd, trace = run(*(ladder.as_layout(t.to(device), layout) for t in (skip, deep, grad)))
+    tol = ladder.rounding_tolerance(dtype, 1e-12, 1e-6)
+    assert out.dtype == dtype
+    for name, got, exp in zip(("out", "grad_skip", "grad_deep"), (out, gs, gd), want):
+        if exp is None or exp.numel() == 0:  # no skip channels
+            continue
+        torch.testing.assert_close(got.cpu().double(), exp, atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}")
+    if layout.endswith("channels_last") and groups * shape[2] > 1 and shape[3] * shape[4] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)  # otherwise deep is NCHW-dense too
+    if trace is not None:
+        for t in trace:
+            assert t[1] == 1 and t[2] == 1, f"outputs written {t[1]}..{t[2]} times, not once"
+    return trace
+
+
+def run_op(mode, groups):
+    """The public op with autograd, on the inputs' device: (out, grad_skip, grad_deep, None)."""
+    def run(skip, deep, grad):
+        skip, deep = skip.requires_grad_(True), deep.requires_grad_(True)
+        out = upsample_cat(skip, deep, mode, groups)
+        return (out.detach(), *torch.autograd.grad(out, (skip, deep), grad, allow_unused=True), None)
+    return run
+
+
+def run_emulated(mode, groups):
+    """The emulation ops: (out, grad_skip, grad_deep, [forward trace, backward trace])."""
+    code = UPSAMPLE_MODES[mode]
+
+    def run(skip, deep, grad):
+        out, trace_f = torch.ops.dip_fast._upsample_cat_emulated(skip, deep, code, groups)
+        gs, gd, trace_b = torch.ops.dip_fast._upsample_cat_backward_emulated(grad, skip.shape[1], code, groups)
+        return out, gs, gd, [trace_f.tolist(), trace_b.tolist()]
+    return run
+
+
+@pytest.mark.parametrize(GRID_ARGS, GRID_CASES)
+def test_cuda_grid_emulation_matches_pytorch(shape, layout, mode, groups, dtypes):
+    ladder.for_each_dtype(dtypes, lambda dtype: check_grid_case(run_emulated(mode, groups), shape, layout, mode,
+                                                                 dtype, groups))
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(GRID_ARGS, GRID_CASES)
+def test_cuda_matches_pytorch(shape, layout, mode, groups, dtypes):
+    ladder.for_each_dtype(dtypes, lambda dtype: check_grid_case(run_op(mode, groups), shape, layout, mode, dtype,
+                                                                 groups, device="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(GRID_ARGS, GRID_CASES)
+def test_cuda_equals_grid_emulation_bitwise(shape, layout, mode, groups, dtypes):
+    """The GPU computes exactly what the emulation computes (same plan, no multiply-add contraction)."""
+    ladder.for_each_dtype(dtypes, lambda dtype: check_bitwise(shape, layout, mode, dtype, groups))
+
+
+def check_bitwise(shape, layout, mode, dtype, groups):
+    """The CUDA ops and their emulation give bitwise equal results on one grid case."""
+    n, cs, cd, h, w = shape
+    inputs = grid_case_inputs(shape, dtype, groups)
+    code = UPSAMPLE_MODES[mode]
+    results = []
+    for device in ("cpu", "cuda"):
+        skip, deep, grad = (ladder.as_layout(t.to(device), layout) for t in inputs)
+        if device == "cpu":
+            out, _ = torch.ops.dip_fast._upsample_cat_emulated(skip, deep, code, groups)
+            gs, gd, _ = torch.ops.dip_fast._upsample_cat_backward_emulated(grad, groups * cs, code, groups)
+        else:
+            out = torch.ops.dip_fast.upsample_cat(skip, deep, code, groups)
+            gs, gd = torch.ops.dip_fast._upsample_cat_backward(grad, groups * cs, code, groups)
+        results.append([t.cpu() for t in (out, gs, gd)])
+    for name, want, got in zip(("out", "grad_skip", "grad_deep"), *results):
+        assert torch.equal(got, want), f"{name} differs from the emulated grid"
+
+
+#: The CUDA twin (GPU against the CPU op) runs a slice of the grid cases: one odd shape, every dtype but float64.
+TWIN_SHAPE = SHAPES[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", GRID_DTYPES[1:])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("groups", GROUPS)
 def test_cuda_matches_cpu(dtype, layout, groups):
-    skip, deep = make_inputs(2, 4, 9, 7, 11, torch.float32, layout, groups=groups)
-    grad = ladder.as_layout(torch.randn(2, 13 * groups, 14, 22), layout)
+    n, cs, cd, h, w = TWIN_SHAPE
+    skip, deep = make_inputs(*TWIN_SHAPE, torch.float32, layout, groups=groups)
+    grad = ladder.as_layout(torch.randn(n, (cs + cd) * groups, 2 * h, 2 * w), layout)
     tol = 1e-6 if dtype == torch.float32 else 0.02
     inputs = [skip.requires_grad_(True), deep.requires_grad_(True)]
     ladder.cuda_twin(lambda s, d: upsample_cat(s, d, "bilinear", groups), inputs, grad=grad, dtype=dtype, atol=tol)
-
-
-# ---------------------------------------------------------------------------
-# The CUDA kernels' per-thread code, run over their launch grid on the CPU.
-# The emulation ops return a trace [V, fewest writes, most writes].
-# ---------------------------------------------------------------------------
-def check_emulation(skip, deep, mode, atol, groups=1):
-    """Emulated forward and backward against PyTorch; every output element written once. Returns the traces."""
-    code = UPSAMPLE_MODES[mode]
-    out, trace_f = torch.ops.dip_fast._upsample_cat_emulated(skip, deep, code, groups)
-    sr, dr = (t.detach().double().clone().requires_grad_(True) for t in (skip, deep))
-    want_out = expected(sr, dr, mode, groups)
-    torch.testing.assert_close(out.double(), want_out, atol=atol, rtol=atol)
-    grad = torch.randn(want_out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    grad_in = grad.to(out.dtype)
-    if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
-        grad_in = grad_in.contiguous(memory_format=torch.channels_last)
-    gs, gd, trace_b = torch.ops.dip_fast._upsample_cat_backward_emulated(grad_in, skip.shape[1], code, groups)
-    want = torch.autograd.grad(want_out, (sr, dr), grad, allow_unused=True)
-    for name, a, e in zip(("skip", "deep"), (gs, gd), want):
-        if e is not None and e.numel():
-            torch.testing.assert_close(a.double(), e, atol=atol, rtol=atol, msg=f"gradient of {name}")
-    for trace in (trace_f.tolist(), trace_b.tolist()):
-        assert trace[1] == 1 and trace[2] == 1, f"outputs written {trace[1]}..{trace[2]} times, not once"
-    return trace_f.tolist(), trace_b.tolist()
-
-
-@pytest.mark.parametrize("shape", SHAPES + [(1, 4, 128, 3, 5), (2, 8, 4, 5, 6)])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
-@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
-@pytest.mark.parametrize("groups", GROUPS)
-def test_cuda_grid_emulation_matches_pytorch(shape, layout, mode, groups):
-    skip, deep = make_inputs(*shape, torch.float64, layout, groups=groups)
-    check_emulation(skip, deep, mode, 1e-12, groups)
 
 
 def test_cuda_grid_emulation_spans_several_channel_blocks():
     """channels_last with more channel vectors than a block's 256 threads: groups across blocks along y."""
     # out: 3 * (8 + 360) channels, grad_deep 3 * 360: over 256 vectors of 4 either way, and a block's
     # channel range ends inside a group.
-    skip, deep = make_inputs(1, 8, 360, 2, 3, torch.float32, "channels_last", groups=3)
-    trace_f, trace_b = check_emulation(skip, deep, "bilinear", 1e-6, groups=3)
+    trace_f, trace_b = check_grid_case(run_emulated("bilinear", 3), (1, 8, 360, 2, 3), "channels_last", "bilinear",
+                                       torch.float32, 3)
     assert trace_f[0] == 4 and trace_b[0] == 4
-
-
-def misaligned(t):
-    """The same values, on t's device, in storage one element past a 16-byte boundary (same layout)."""
-    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        n, c, h, w = t.shape
-        view = flat[1:].view(n, h, w, c).permute(0, 3, 1, 2)
-    else:
-        view = flat[1:].view(t.shape)
-    view.copy_(t)
-    return view
 
 
 # (shape, layout, dtype, groups) -> the vector width the plan must pick when aligned (Cs, Cd per group).
@@ -288,29 +352,9 @@ VECTOR_CASES = [
 @pytest.mark.parametrize("shape,layout,dtype,groups,vector", VECTOR_CASES)
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
 def test_cuda_grid_emulation_takes_vector_and_scalar_paths(shape, layout, dtype, groups, vector, mode):
-    skip, deep = make_inputs(*shape, torch.float64, layout, groups=groups)
-    skip, deep = skip.to(dtype), deep.to(dtype)
-    atol = 1e-6 if dtype == torch.float32 else 0.02
-    trace_f, trace_b = check_emulation(skip, deep, mode, atol, groups)
+    run = run_emulated(mode, groups)
+    trace_f, trace_b = check_grid_case(run, shape, layout, mode, dtype, groups)
     assert trace_f[0] == vector and trace_b[0] == vector
-    trace_f, _ = check_emulation(misaligned(skip), misaligned(deep), mode, atol, groups)
-    assert trace_f[0] == 1
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 4, 8, 8, 8), (2, 3, 5, 7, 9), (1, 16, 8, 5, 6), (1, 0, 6, 3, 3)])
-@pytest.mark.parametrize("offset", [False, True], ids=["aligned", "misaligned"])
-@pytest.mark.parametrize("groups", GROUPS)
-def test_cuda_equals_grid_emulation_bitwise(layout, dtype, shape, offset, groups):
-    n, cs, cd, h, w = shape
-    skip, deep = (t.to(dtype) for t in make_inputs(*shape, torch.float32, layout, groups=groups))
-    grad = ladder.as_layout(torch.randn(n, groups * (cs + cd), 2 * h, 2 * w), layout).to(dtype)
-    move = (lambda t: misaligned(t)) if offset else (lambda t: t)
-    want_out, _ = torch.ops.dip_fast._upsample_cat_emulated(move(skip), move(deep), 1, groups)
-    want_gs, want_gd, _ = torch.ops.dip_fast._upsample_cat_backward_emulated(move(grad), groups * cs, 1, groups)
-    out = torch.ops.dip_fast.upsample_cat(move(skip.cuda()), move(deep.cuda()), 1, groups)
-    gs, gd = torch.ops.dip_fast._upsample_cat_backward(move(grad.cuda()), groups * cs, 1, groups)
-    for name, got, exp in (("out", out, want_out), ("grad_skip", gs, want_gs), ("grad_deep", gd, want_gd)):
-        assert torch.equal(got.cpu(), exp), f"{name} differs from the emulated grid"
+    trace_f, trace_b = check_grid_case(run, shape, "misaligned_" + layout if layout != "contiguous" else "misaligned",
+                                       mode, dtype, groups)
+    assert trace_f[0] == 1 and trace_b[0] == 1
