@@ -12,7 +12,8 @@ from dip_fast.ops.bn_act import batch_norm_act
 from . import op_ladder as ladder
 from .conftest import requires_extension
 
-pytestmark = requires_extension
+# Small tensors: on a shared 2-core machine, thread hand-offs cost more than they save.
+pytestmark = [requires_extension, pytest.mark.usefixtures("one_thread")]
 
 
 def expected(x, weight, bias, *, eps=1e-5, slope=0.2, pad=0, pad_mode="reflect"):
@@ -51,11 +52,16 @@ def compare(shape, dtype, layout, pad, pad_mode, slope, atol, device="cpu"):
 SHAPES = [(2, 5, 7, 9), (1, 16, 8, 8), (1, 3, 2, 3), (3, 1, 5, 4)]
 
 
+def geometries(shapes, pads):
+    """``(shape, pad, pad_mode)`` without a reflection pad as large as the image (which the op refuses,
+    tested in test_bad_arguments)."""
+    return [(shape, pad, mode) for shape in shapes for pad, mode in pads
+            if not (mode == "reflect" and pad >= min(shape[2:]))]
+
+
 def shape_pads(shapes, pads):
-    """``(shape, pad, pad_mode)`` cases, without a reflection pad as large as the image (which the op refuses,
-    tested in test_bad_arguments): no case is generated only to be skipped."""
-    cases = [(shape, pad, mode) for shape in shapes for pad, mode in pads
-             if not (mode == "reflect" and pad >= min(shape[2:]))]
+    """The :func:`geometries` as a parametrize mark: no case is generated only to be skipped."""
+    cases = geometries(shapes, pads)
     ids = [f"{'x'.join(map(str, shape))}-{mode}{pad}" for shape, pad, mode in cases]
     return pytest.mark.parametrize("shape,pad,pad_mode", cases, ids=ids)
 
@@ -125,26 +131,6 @@ def test_running_stats_follow_batchnorm():
     batch_norm_act(x, w, b, running_mean=rm, running_var=rv, momentum=0.1)
     torch.testing.assert_close(rm, bn.running_mean)
     torch.testing.assert_close(rv, bn.running_var)
-
-
-@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("momentum", [0.1, 1.0, 0.0])
-def test_running_stats_op_follows_batchnorm(stats_dtype, momentum, device="cpu"):
-    """bn_act_running_stats_update on its own: the same running statistics as nn.BatchNorm2d, step after step."""
-    x, w, b = make_inputs((2, 5, 4, 3), torch.float32, "contiguous")
-    x = x.to(device)
-    bn = torch.nn.BatchNorm2d(5, momentum=momentum).to(device, stats_dtype)
-    rm = torch.zeros(5, dtype=stats_dtype, device=device)
-    rv = torch.ones(5, dtype=stats_dtype, device=device)
-    for k in range(3):
-        xk = x.to(stats_dtype) * (k + 1) + k
-        bn(xk)
-        _, mean, invstd = torch.ops.dip_fast.bn_act(xk, w.to(device, stats_dtype), b.to(device, stats_dtype),
-                                                            1e-5, 1.0, 0, 1)
-        torch.ops.dip_fast.bn_act_running_stats_update(rm, rv, mean, invstd, momentum, 1e-5, xk.numel() // 5)
-    tol = 1e-12 if stats_dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(rm, bn.running_mean, atol=tol, rtol=tol)
-    torch.testing.assert_close(rv, bn.running_var, atol=tol, rtol=tol)
 
 
 def test_running_stats_op_checks_and_opcheck():
@@ -220,81 +206,186 @@ def test_fuzz_running_stats_against_batchnorm():
                 dtype=[torch.float32, torch.float64], seed=(0, 2**31 - 1))
 
 
-@pytest.mark.cuda
-@shape_pads(SHAPES + [(1, 128, 64, 64)], [(0, "reflect"), (1, "reflect"), (1, "zeros")])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
-def test_cuda_matches_pytorch(shape, layout, pad, pad_mode, dtype, atol):
-    compare(shape, dtype, layout, pad, pad_mode, 0.2, atol, device="cuda")
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64])
-def test_cuda_running_stats_op_follows_batchnorm(stats_dtype):
-    test_running_stats_op_follows_batchnorm(stats_dtype, 0.1, device="cuda")
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_matches_cpu(dtype):
-    x, w, b = make_inputs((2, 32, 17, 23), torch.float32, "channels_last")
-    g = torch.randn(2, 32, 19, 25)
-    tol = 1e-5 if dtype == torch.float32 else 0.05
-    # x and the gradient in dtype, the affine parameters in float32.
-    inputs = [x.to(dtype).requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True)]
-    ladder.cuda_twin(lambda *a: batch_norm_act(*a, pad=1), inputs, grad=g.to(dtype), atol=tol)
-
-
 # ---------------------------------------------------------------------------
-# The CUDA kernels' per-thread code, run over their launch grid on the CPU.
-# The emulation returns a trace: [V, parts, reduce blocks, apply blocks,
-# fewest writes, most writes] (csrc/cpu/bn_act_emulated.cpp).
+# The GPU's cases, run on the CPU too. The CUDA kernels' per-thread code runs
+# over their launch grid on the CPU (the emulation ops, which also return a
+# trace: [V, parts, reduce blocks, apply blocks, fewest writes, most writes],
+# csrc/cpu/bn_act_emulated.cpp). Every case of GRID_CASES runs three ways: on
+# the GPU against PyTorch, through the emulation against PyTorch, and on the
+# GPU against the emulation bit for bit (same plan, same merge order, no
+# multiply-add contraction); one list, so what the GPU is checked on and what
+# the CPU checks cannot drift apart.
 # ---------------------------------------------------------------------------
+
+#: SHAPES, plus: C = 16 and 132 (wider vectors; channels_last blocks of fewer than 256 threads), a plane
+#: reduced in several blocks per channel (their partials merged by the finalize kernel), and N = 3.
+GRID_SHAPES = SHAPES + [(1, 16, 17, 5), (2, 132, 5, 6), (1, 4, 64, 48), (3, 3, 5, 7)]
+GRID_PADS = [(0, "reflect"), (1, "reflect"), (2, "reflect"), (1, "zeros"), (2, "zeros")]
+GRID_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+#: (shape, pad, pad_mode, layout, dtype).
+GRID_CASES = [ladder.case(*geometry, layout, dtype)
+              for geometry in geometries(GRID_SHAPES, GRID_PADS)
+              for layout in ladder.KERNEL_LAYOUTS for dtype in GRID_DTYPES]
+# The paper's 128-channel layers at 64x64 (the size the network runs at), in float32.
+GRID_CASES += [ladder.case(*geometry, layout, torch.float32)
+               for geometry in geometries([(1, 128, 64, 64)], [(0, "reflect"), (1, "reflect"), (1, "zeros")])
+               for layout in ("contiguous", "channels_last")]
+GRID_ARGS = "shape,pad,pad_mode,layout,dtype"
+PAD_MODES = {"zeros": 0, "reflect": 1}
+
+
+def grid_case_inputs(shape, pad, dtype):
+    """x, weight, bias and an output gradient of a grid case (contiguous, on the CPU): x and the gradient
+    in dtype, the affine parameters in float64 for float64 and float32 otherwise."""
+    x, w, b = make_inputs(shape, torch.float64, "contiguous")
+    n, c, h, wd = shape
+    grad = torch.randn(n, c, h + 2 * pad, wd + 2 * pad, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(3))
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    return x.to(dtype), w.to(param), b.to(param), grad.to(dtype)
+
+
+def check_grid_case(run, shape, pad, pad_mode, layout, dtype, device="cpu"):
+    """``run(x, w, b, grad)`` (x and grad in ``layout`` on ``device``) returns (y, dx, dw, db, traces or
+    None); all four against PyTorch in float64 on the same rounded inputs, within the dtype's rounding
+    (gradients 10x in float64 and float32, as a sum over the batch). Traces must show every output element
+    written once. Returns the traces."""
+    x, w, b, grad = grid_case_inputs(shape, pad, dtype)
+    xr, wr, br = (t.double().requires_grad_(True) for t in (x, w, b))
+    yr = expected(xr, wr, br, pad=pad, pad_mode=pad_mode)
+    want = (yr.detach(), *torch.autograd.grad(yr, (xr, wr, br), grad.double()))
+    xd, gd = (ladder.as_layout(t.to(device), layout) for t in (x, grad))
+    y, dx, dw, db, traces = run(xd, w.to(device), b.to(device), gd)
+    tol = ladder.rounding_tolerance(dtype, 1e-11, 2e-5)
+    grad_tol = tol if dtype in ladder.HALF_DTYPES else 10 * tol
+    assert y.dtype == dtype and dx.dtype == dtype
+    for name, got, exp, t in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), want, (tol,) + (grad_tol,) * 3):
+        torch.testing.assert_close(got.cpu().double(), exp, atol=t, rtol=t, msg=lambda m, n=name: f"{n}: {m}")
+    if layout.endswith("channels_last") and _ops.working_memory_format(xd) == torch.channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    for trace in traces or ():
+        assert trace[4] == 1 and trace[5] == 1, f"output elements written {trace[4]}..{trace[5]} times, not once"
+    return traces
+
+
 def emulate(x, w, b, pad, mode, grad, slope=0.2):
     y, mean, invstd, trace_f = torch.ops.dip_fast._bn_act_emulated(x, w, b, 1e-5, slope, pad, mode)
     dx, dw, db, trace_b = torch.ops.dip_fast._bn_act_backward_emulated(grad, x, w, b, mean, invstd, slope, pad, mode)
     return (y, mean, invstd, dx, dw, db), trace_f.tolist(), trace_b.tolist()
 
 
-def check_emulation(x, w, b, pad, pad_mode, atol):
-    """Emulated forward and backward against PyTorch; every output element written exactly once."""
-    mode = {"zeros": 0, "reflect": 1}[pad_mode]
-    xr, wr, br = (t.detach().double().clone().requires_grad_(True) for t in (x, w, b))
-    yr = expected(xr, wr, br, pad=pad, pad_mode=pad_mode)
-    grad = torch.randn(yr.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    grad_in = grad.to(x.dtype)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        grad_in = grad_in.contiguous(memory_format=torch.channels_last)
-    (y, mean, invstd, dx, dw, db), trace_f, trace_b = emulate(x, w, b, pad, mode, grad_in)
-    torch.testing.assert_close(y.double(), yr, atol=atol, rtol=atol)
-    want = torch.autograd.grad(yr, (xr, wr, br), grad)
-    for name, a, e in zip(("x", "weight", "bias"), (dx, dw, db), want):
-        torch.testing.assert_close(a.double(), e, atol=atol * 10, rtol=atol * 10, msg=f"gradient of {name}")
-    for trace in (trace_f, trace_b):
-        assert trace[4] == 1 and trace[5] == 1, f"output elements written {trace[4]}..{trace[5]} times, not once"
-    return trace_f, trace_b
+def run_emulated(pad, pad_mode):
+    """The emulation ops: (y, dx, dw, db, [forward trace, backward trace])."""
+    def run(x, w, b, grad):
+        (y, _, _, dx, dw, db), trace_f, trace_b = emulate(x, w, b, pad, PAD_MODES[pad_mode], grad)
+        return y, dx, dw, db, [trace_f, trace_b]
+    return run
 
 
-@shape_pads([(2, 5, 7, 9), (1, 3, 2, 3), (1, 16, 17, 5), (1, 4, 9, 8), (2, 132, 5, 6)],
-            [(0, "reflect"), (1, "reflect"), (2, "reflect"), (2, "zeros")])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
-def test_cuda_grid_emulation_matches_pytorch(shape, layout, pad, pad_mode):
-    x, w, b = make_inputs(shape, torch.float64, layout)
-    check_emulation(x, w, b, pad, pad_mode, 1e-11)
+def run_op(pad, pad_mode):
+    """The public op with autograd, on the inputs' device: (y, dx, dw, db, None)."""
+    def run(x, w, b, grad):
+        x, w, b = (t.requires_grad_(True) for t in (x, w, b))
+        y = batch_norm_act(x, w, b, slope=0.2, pad=pad, pad_mode=pad_mode)
+        return (y.detach(), *torch.autograd.grad(y, (x, w, b), grad), None)
+    return run
 
 
-def misaligned(x):
-    """The same values as x, on its device, in storage that starts one element past a 16-byte boundary."""
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else None
-    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
-    if fmt is None:
-        view = flat[1:].view(x.shape)
-    else:
-        n, c, h, w = x.shape
-        view = flat[1:].view(n, h, w, c).permute(0, 3, 1, 2)
-    view.copy_(x)
-    assert view.storage_offset() == 1
-    return view
+@pytest.mark.parametrize(GRID_ARGS, GRID_CASES)
+def test_cuda_grid_emulation_matches_pytorch(shape, pad, pad_mode, layout, dtype):
+    check_grid_case(run_emulated(pad, pad_mode), shape, pad, pad_mode, layout, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(GRID_ARGS, GRID_CASES)
+def test_cuda_matches_pytorch(shape, pad, pad_mode, layout, dtype):
+    check_grid_case(run_op(pad, pad_mode), shape, pad, pad_mode, layout, dtype, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(GRID_ARGS, GRID_CASES)
+def test_cuda_equals_grid_emulation_bitwise(shape, pad, pad_mode, layout, dtype):
+    inputs = grid_case_inputs(shape, pad, dtype)
+    mode = PAD_MODES[pad_mode]
+    results = []
+    for device in ("cpu", "cuda"):
+        x, w, b, g = inputs
+        x, g = (ladder.as_layout(t.to(device), layout) for t in (x, g))
+        w, b = w.to(device), b.to(device)
+        if device == "cpu":
+            out, trace_f, _ = emulate(x, w, b, pad, mode, g)
+        else:
+            y, mean, invstd = torch.ops.dip_fast.bn_act(x, w, b, 1e-5, 0.2, pad, mode)
+            out = (y, mean, invstd, *torch.ops.dip_fast._bn_act_backward(g, x, w, b, mean, invstd, 0.2, pad, mode))
+        results.append([t.cpu() for t in out])
+    for name, want, got in zip(("y", "mean", "invstd", "dx", "dw", "db"), *results):
+        assert torch.equal(got, want), f"{name} differs from the emulated grid (V={trace_f[0]})"
+
+
+#: The CUDA twin (GPU against the CPU op) runs a slice of the grid cases: one shape and pad, channels_last,
+#: every dtype but float64.
+TWIN_SHAPE, TWIN_PAD = GRID_SHAPES[5], GRID_PADS[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", GRID_DTYPES[1:])
+def test_cuda_matches_cpu(dtype):
+    x, w, b = make_inputs(TWIN_SHAPE, torch.float32, "channels_last")
+    n, c, h, wd = TWIN_SHAPE
+    pad, pad_mode = TWIN_PAD
+    g = torch.randn(n, c, h + 2 * pad, wd + 2 * pad)
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    # x and the gradient in dtype, the affine parameters in float32.
+    inputs = [x.to(dtype).requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True)]
+    ladder.cuda_twin(lambda *a: batch_norm_act(*a, pad=pad, pad_mode=pad_mode), inputs, grad=g.to(dtype), atol=tol)
+
+
+#: The running-statistics update: (statistics dtype, momentum, channels); 300 channels take two blocks.
+RUNNING_CASES = ladder.cases([torch.float32, torch.float64], [0.1, 1.0, 0.0], [5, 300])
+
+
+def check_running_stats(update, stats_dtype, momentum, channels, device="cpu"):
+    """``update(running_mean, running_var, mean, invstd, momentum, eps, count)`` updates in place (and
+    returns a trace or None): the same running statistics as nn.BatchNorm2d, step after step.
+    Returns the traces."""
+    x, w, b = make_inputs((2, channels, 4, 3), torch.float32, "contiguous")
+    x = x.to(device)
+    bn = torch.nn.BatchNorm2d(channels, momentum=momentum).to(device, stats_dtype)
+    rm = torch.zeros(channels, dtype=stats_dtype, device=device)
+    rv = torch.ones(channels, dtype=stats_dtype, device=device)
+    traces = []
+    for k in range(3):
+        xk = x.to(stats_dtype) * (k + 1) + k
+        bn(xk)
+        _, mean, invstd = torch.ops.dip_fast.bn_act(xk, w.to(device, stats_dtype), b.to(device, stats_dtype),
+                                                    1e-5, 1.0, 0, 1)
+        traces.append(update(rm, rv, mean, invstd, momentum, 1e-5, xk.numel() // channels))
+    tol = 1e-12 if stats_dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(rm, bn.running_mean, atol=tol, rtol=tol)
+    torch.testing.assert_close(rv, bn.running_var, atol=tol, rtol=tol)
+    return traces
+
+
+@pytest.mark.parametrize("stats_dtype,momentum,channels", RUNNING_CASES)
+def test_running_stats_op_follows_batchnorm(stats_dtype, momentum, channels):
+    check_running_stats(torch.ops.dip_fast.bn_act_running_stats_update, stats_dtype, momentum, channels)
+
+
+@pytest.mark.parametrize("stats_dtype,momentum,channels", RUNNING_CASES)
+def test_running_stats_grid_emulation_follows_batchnorm(stats_dtype, momentum, channels):
+    traces = check_running_stats(torch.ops.dip_fast._bn_act_running_stats_update_emulated, stats_dtype, momentum,
+                                 channels)
+    for blocks, lo, hi in (t.tolist() for t in traces):
+        assert blocks == -(-channels // 256) and lo == 1 and hi == 1, "each channel updated once"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stats_dtype,momentum,channels", RUNNING_CASES)
+def test_cuda_running_stats_op_follows_batchnorm(stats_dtype, momentum, channels):
+    check_running_stats(torch.ops.dip_fast.bn_act_running_stats_update, stats_dtype, momentum, channels,
+                        device="cuda")
 
 
 # (shape, layout, dtype) -> the vector width the plan must pick when aligned.
@@ -313,17 +404,14 @@ VECTOR_CASES = [
 
 @pytest.mark.parametrize("shape,layout,dtype,vector", VECTOR_CASES)
 def test_cuda_grid_emulation_takes_vector_and_scalar_paths(shape, layout, dtype, vector):
-    x, w, b = make_inputs(shape, torch.float64, layout)
-    x = x.to(dtype)
-    atol = 1e-11 if dtype == torch.float64 else (2e-5 if dtype == torch.float32 else 0.06)
     # pad 0 keeps the output plane equal to the input's, so the vector width is
     # decided by the input alone.
-    trace_f, trace_b = check_emulation(x, w, b, 0, "reflect", atol)
+    trace_f, trace_b = check_grid_case(run_emulated(0, "reflect"), shape, 0, "reflect", layout, dtype)
     assert trace_f[0] == vector and trace_b[0] == vector
     # The same values one element off a 16-byte boundary take the scalar path
     # and give the same result.
-    x_off = misaligned(x)
-    trace_f, trace_b = check_emulation(x_off, w, b, 0, "reflect", atol)
+    off = "misaligned_channels_last" if layout == "channels_last" else "misaligned"
+    trace_f, trace_b = check_grid_case(run_emulated(0, "reflect"), shape, 0, "reflect", off, dtype)
     assert trace_f[0] == 1 and trace_b[0] == 1
 
 
@@ -331,54 +419,17 @@ def test_cuda_grid_emulation_takes_vector_and_scalar_paths(shape, layout, dtype,
 def test_cuda_grid_emulation_merges_many_parts(layout):
     """A shape large enough that each channel is reduced in several blocks
     and the finalize kernel merges their partials (lanes and tree)."""
-    x, w, b = make_inputs((2, 4, 64, 48), torch.float64, layout)
-    trace_f, trace_b = check_emulation(x, w, b, 1, "reflect", 1e-11)
+    shape = (2, 4, 64, 48)
+    trace_f, trace_b = check_grid_case(run_emulated(1, "reflect"), shape, 1, "reflect", layout, torch.float64)
     assert trace_f[1] > 1 and trace_b[1] > 1, "one part per channel: the merge order went untested"
     assert trace_f[1] == trace_b[1]
     # Deterministic: a second run is bitwise identical.
-    mode = 1
-    g = torch.randn(2, 4, 66, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    if layout == "channels_last":
-        g = g.contiguous(memory_format=torch.channels_last)
-    first, _, _ = emulate(x, w, b, 1, mode, g)
-    second, _, _ = emulate(x, w, b, 1, mode, g)
+    x, w, b, g = grid_case_inputs(shape, 1, torch.float64)
+    x, g = ladder.as_layout(x, layout), ladder.as_layout(g, layout)
+    first, _, _ = emulate(x, w, b, 1, 1, g)
+    second, _, _ = emulate(x, w, b, 1, 1, g)
     for a, e in zip(first, second):
         assert torch.equal(a, e)
-
-
-def test_cuda_grid_emulation_half_precision_close_to_float32():
-    x, w, b = make_inputs((1, 16, 9, 12), torch.float32, "channels_last")
-    for dtype in (torch.bfloat16, torch.float16):
-        check_emulation(x.to(dtype), w, b, 1, "reflect", 0.06)
-
-
-# CUDA twins of the emulation tests: the GPU must compute exactly what the
-# emulation computes (same plan, same merge order, no multiply-add
-# contraction), on both paths, and replay identically from a CUDA graph.
-TWIN_CASES = [((1, 8, 17, 19), 1), ((2, 132, 9, 10), 1), ((1, 16, 32, 32), 0), ((1, 4, 64, 48), 3), ((3, 3, 5, 7), 2)]
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("shape,pad", TWIN_CASES)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("offset", [False, True], ids=["aligned", "misaligned"])
-def test_cuda_equals_grid_emulation_bitwise(shape, pad, layout, dtype, offset):
-    x, w, b = make_inputs(shape, torch.float32, layout)
-    x = x.to(dtype)
-    ho, wo = shape[2] + 2 * pad, shape[3] + 2 * pad
-    g = torch.randn(shape[0], shape[1], ho, wo, generator=torch.Generator().manual_seed(4)).to(dtype)
-    if layout == "channels_last":
-        g = g.contiguous(memory_format=torch.channels_last)
-    want, trace_f, _ = emulate(misaligned(x) if offset else x, w, b, pad, 1, misaligned(g) if offset else g)
-    xc, gc = x.cuda(), g.cuda()
-    if offset:
-        xc, gc = misaligned(xc), misaligned(gc)
-    wc, bc = w.cuda(), b.cuda()
-    y, mean, invstd = torch.ops.dip_fast.bn_act(xc, wc, bc, 1e-5, 0.2, pad, 1)
-    dx, dw, db = torch.ops.dip_fast._bn_act_backward(gc, xc, wc, bc, mean, invstd, 0.2, pad, 1)
-    for name, got, exp in zip(("y", "mean", "invstd", "dx", "dw", "db"), (y, mean, invstd, dx, dw, db), want):
-        assert torch.equal(got.cpu(), exp), f"{name} differs from the emulated grid (V={trace_f[0]})"
 
 
 @pytest.mark.cuda

@@ -10,7 +10,8 @@ from dip_fast import _ops, ops
 from . import op_ladder as ladder
 from .conftest import requires_extension
 
-pytestmark = requires_extension
+# Small tensors: on a shared 2-core machine, thread hand-offs cost more than they save.
+pytestmark = [requires_extension, pytest.mark.usefixtures("one_thread")]
 
 LAYOUTS = ["contiguous", "channels_last", "non_contiguous", "sliced"]
 
@@ -86,11 +87,87 @@ def test_bad_arguments_raise_clear_errors():
         torch.ops.dip_fast._leaky_relu_backward(torch.randn(3), torch.randn(4), 0.2)
 
 
+
+# ---------------------------------------------------------------------------
+# The GPU's cases, run on the CPU too. The CUDA kernels' per-thread loop runs
+# over their grid-stride launch on the CPU (the emulation ops, which also
+# return a trace [blocks, fewest writes, most writes]). Every case of
+# GRID_CASES runs on the GPU against torch and the CPU op, through the
+# emulation against torch, and on the GPU against the emulation bit for bit;
+# one list, so what the GPU is checked on and what the CPU checks cannot
+# drift apart.
+# ---------------------------------------------------------------------------
+
+#: (shape, layout, dtype): 3,366 elements (14 blocks of 256 threads, the last one partly idle) and an empty
+#: tensor (no launch).
+GRID_CASES = ladder.cases([(2, 3, 33, 17), (1, 2, 0, 5)], ladder.KERNEL_LAYOUTS + ("non_contiguous",),
+                          [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+GRID_ARGS = "shape,layout,dtype"
+
+
+def grid_case_inputs(shape, dtype):
+    """x (one element in ten exactly 0, where torch's derivative is the slope) and an output gradient,
+    in dtype (contiguous, on the CPU)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    x = torch.where(torch.rand(shape, generator=g) < 0.1, 0.0, x)
+    return x.to(dtype), torch.randn(shape, generator=g).to(dtype)
+
+
+def check_grid_case(run, shape, layout, dtype, device="cpu"):
+    """``run(x, grad)`` (in ``layout`` on ``device``) returns (y, grad_x, traces or None): both equal to
+    torch's leaky_relu on the CPU, exactly (one multiply in float32 or float64, rounded once). Traces must
+    show every element written once. Returns the traces."""
+    x, grad = grid_case_inputs(shape, dtype)
+    xr = x.clone().requires_grad_(True)
+    want_y = F.leaky_relu(xr, 0.2)
+    (want_gx,) = torch.autograd.grad(want_y, xr, grad)
+    y, gx, traces = run(*(ladder.as_layout(t.to(device), layout) for t in (x, grad)))
+    assert y.dtype == dtype and gx.dtype == dtype
+    torch.testing.assert_close(y.cpu(), want_y.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(gx.cpu(), want_gx, atol=0, rtol=0)
+    for blocks, lo, hi in traces or ():
+        assert blocks == -(-x.numel() // 256) and (lo, hi) == ((1, 1) if x.numel() else (0, 0))
+    return traces
+
+
+def run_emulated(x, grad):
+    y, trace_f = torch.ops.dip_fast._leaky_relu_emulated(x, 0.2)
+    gx, trace_b = torch.ops.dip_fast._leaky_relu_backward_emulated(grad, x, 0.2)
+    return y, gx, [trace_f.tolist(), trace_b.tolist()]
+
+
+def run_op(x, grad):
+    x = x.requires_grad_(True)
+    y = ops.leaky_relu(x, 0.2)
+    return (y.detach(), *torch.autograd.grad(y, x, grad), None)
+
+
+@pytest.mark.parametrize(GRID_ARGS, GRID_CASES)
+def test_cuda_grid_emulation_matches_torch(shape, layout, dtype):
+    check_grid_case(run_emulated, shape, layout, dtype)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "non_contiguous"])
-def test_cuda_matches_cpu(dtype, layout):
-    torch.manual_seed(0)
-    x = ladder.as_layout(torch.randn(2, 3, 33, 17, dtype=dtype), layout)
-    g = torch.randn(2, 3, 33, 17, dtype=dtype)
-    ladder.cuda_twin(lambda t: ops.leaky_relu(t, 0.2), [x.requires_grad_(True)], grad=g, compare_dtype=None)
+@pytest.mark.parametrize(GRID_ARGS, GRID_CASES)
+def test_cuda_matches_torch(shape, layout, dtype):
+    check_grid_case(run_op, shape, layout, dtype, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(GRID_ARGS, GRID_CASES)
+def test_cuda_matches_cpu(shape, layout, dtype):
+    x, grad = grid_case_inputs(shape, dtype)
+    x = ladder.as_layout(x, layout)
+    ladder.cuda_twin(lambda t: ops.leaky_relu(t, 0.2), [x.requires_grad_(True)], grad=grad, compare_dtype=None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(GRID_ARGS, GRID_CASES)
+def test_cuda_equals_grid_emulation_bitwise(shape, layout, dtype):
+    x, grad = grid_case_inputs(shape, dtype)
+    want = run_emulated(ladder.as_layout(x, layout), ladder.as_layout(grad, layout))
+    xc, gc = (ladder.as_layout(t.cuda(), layout) for t in (x, grad))
+    got = (torch.ops.dip_fast.leaky_relu(xc, 0.2), torch.ops.dip_fast._leaky_relu_backward(gc, xc, 0.2))
+    for name, a, e in zip(("y", "grad_x"), got, want):
+        assert torch.equal(a.cpu(), e), f"{name} differs from the emulated grid"

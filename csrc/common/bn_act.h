@@ -3,6 +3,8 @@
 // the per-element forward and backward formulas.
 #pragma once
 
+#include <cstdint>
+
 #include "macros.h"
 #include "leaky_relu.h"
 
@@ -74,6 +76,10 @@ template <typename acc_t>
 DIP_HD acc_t bn_dx(acc_t dz, acc_t xhat, acc_t k, acc_t mean_dz, acc_t mean_dz_xhat) {
   return k * (dz - mean_dz - xhat * mean_dz_xhat);
 }
+
+// The factor that makes the batch variance of `count` values unbiased
+// (count / (count - 1)); 1 when count is 1, where no unbiased estimate exists.
+inline double bn_running_unbias(int64_t count) { return count > 1 ? double(count) / double(count - 1) : 1.0; }
 
 // nn.BatchNorm2d's training-mode update of the running statistics for one
 // channel, from the batch mean and 1/std the forward computed: the batch

@@ -603,4 +603,18 @@ DIP_HD void bn_dx_thread_cl(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
   }
 }
 
+// The running-statistics update (bn_act_running_stats_update): thread `thread`
+// of block `block` in a grid-stride loop over the C channels on a grid of
+// `blocks` blocks of `threads` threads (csrc/common/grid_stride.h). With
+// kCount the emulation counts the channels updated (each exactly once).
+template <typename run_t, typename acc_t, bool kCount>
+DIP_HD void bn_running_stats_thread(run_t* running_mean, run_t* running_var, const acc_t* mean, const acc_t* invstd,
+                                    int64_t C, double momentum, double eps, double unbias, int64_t block,
+                                    int64_t threads, int64_t blocks, int64_t thread, int* counts) {
+  for (int64_t c = block * threads + thread; c < C; c += threads * blocks) {
+    bn_running_update<run_t, acc_t>(running_mean[c], running_var[c], mean[c], invstd[c], momentum, eps, unbias);
+    count_stores<kCount>(counts, c, 1);
+  }
+}
+
 }  // namespace dip_fast

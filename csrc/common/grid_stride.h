@@ -1,6 +1,8 @@
-// Launch geometry of the element-wise CUDA kernels: every such kernel is a
-// grid-stride loop, so any grid size is correct; the cap only bounds the
-// number of blocks for very large tensors.
+// Launch geometry of the element-wise grid-stride CUDA kernels (leaky_relu,
+// bn_act's running-statistics update), shared by the kernels' host code and
+// their CPU emulation. Every such kernel is a grid-stride loop, so any grid
+// size is correct; the cap only bounds the number of blocks for very large
+// tensors.
 #pragma once
 
 #include <algorithm>

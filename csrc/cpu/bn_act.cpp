@@ -489,7 +489,7 @@ void bn_running_stats_update_cpu(at::Tensor& running_mean, at::Tensor& running_v
   const at::Tensor* stats[] = {&running_mean, &running_var, &mean, &invstd};
   for (const at::Tensor* t : stats) DIP_CHECK_DEVICE(*t, at::kCPU, "every statistic");
   bn_running_stats_check(running_mean, running_var, mean, invstd, momentum, count);
-  const double unbias = count > 1 ? double(count) / double(count - 1) : 1.0;
+  const double unbias = bn_running_unbias(count);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "bn_running_stats_update", [&] {
     using run_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_running_stats_update_acc", [&] {

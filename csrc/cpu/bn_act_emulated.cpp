@@ -13,7 +13,9 @@
 //   [V, parts, reduce blocks, apply blocks, fewest writes, most writes]
 // where the writes are counted per output element of the apply kernel, so a
 // test can check that every element is written exactly once, and which vector
-// width (1 = the scalar path) ran.
+// width (1 = the scalar path) ran. The running-statistics update returns
+//   [blocks, fewest updates, most updates]
+// per channel, for its grid-stride launch (csrc/common/grid_stride.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,6 +29,7 @@
 #include "../common/bn_act_checks.h"
 #include "../common/bn_act_grid.h"
 #include "../common/bn_act_plan.h"
+#include "../common/grid_stride.h"
 #include "../common/vector_dispatch.h"
 
 // TEST ONLY. The schemas of the emulation ops live here, beside their only
@@ -38,6 +41,8 @@ TORCH_LIBRARY_FRAGMENT(dip_fast, m) {
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("_bn_act_backward_emulated(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean,"
         " Tensor invstd, float slope, int pad, int pad_mode) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_bn_act_running_stats_update_emulated(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean,"
+        " Tensor invstd, float momentum, float eps, int count) -> Tensor");
 }
 
 namespace dip_fast {
@@ -314,11 +319,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emulated(
   return {dx, dw.to(weight.scalar_type()), db.to(bias.scalar_type()), make_trace(p, counts)};
 }
 
+at::Tensor running_stats_update_emulated(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                                         const at::Tensor& invstd, double momentum, double eps, int64_t count) {
+  const at::Tensor* stats[] = {&running_mean, &running_var, &mean, &invstd};
+  for (const at::Tensor* t : stats) DIP_CHECK_DEVICE(*t, at::kCPU, "every statistic");
+  bn_running_stats_check(running_mean, running_var, mean, invstd, momentum, count);
+  const int64_t C = mean.numel();
+  std::vector<int> counts(static_cast<size_t>(C), 0);
+  if (C == 0) return at::tensor(std::vector<int64_t>{0, 0, 0}, at::kLong);  // the CUDA entry point launches nothing
+  const double unbias = bn_running_unbias(count);
+  const int64_t blocks = blocks_for(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "bn_running_stats_emulated", [&] {
+    using run_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_running_stats_emulated_acc", [&] {
+      run_t *rm = running_mean.data_ptr<run_t>(), *rv = running_var.data_ptr<run_t>();
+      const scalar_t *m = mean.const_data_ptr<scalar_t>(), *is = invstd.const_data_ptr<scalar_t>();
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int64_t t = kThreads - 1; t >= 0; --t) {
+          bn_running_stats_thread<run_t, scalar_t, true>(rm, rv, m, is, C, momentum, eps, unbias, b, kThreads, blocks,
+                                                         t, counts.data());
+        }
+      }
+    });
+  });
+  const auto mm = std::minmax_element(counts.begin(), counts.end());
+  return at::tensor(std::vector<int64_t>{blocks, *mm.first, *mm.second}, at::kLong);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dip_fast, CPU, m) {
   m.impl("_bn_act_emulated", &forward_emulated);
   m.impl("_bn_act_backward_emulated", &backward_emulated);
+  m.impl("_bn_act_running_stats_update_emulated", &running_stats_update_emulated);
 }
 
 }  // namespace dip_fast

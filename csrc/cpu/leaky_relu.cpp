@@ -9,9 +9,9 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include "../common/alloc.h"
 #include "../common/checks.h"
 #include "../common/leaky_relu.h"
+#include "../common/leaky_relu_checks.h"
 
 namespace dip_fast {
 namespace {
@@ -20,10 +20,8 @@ constexpr int64_t kGrain = 32768;  // elements per task: amortises the fork cost
 
 at::Tensor leaky_relu_forward_cpu(const at::Tensor& x, double slope) {
   DIP_CHECK_DEVICE(x, at::kCPU, "x");
-  DIP_CHECK_FLOATING(x, "x");
-  const auto fmt = working_memory_format(x);
-  const auto xc = x.contiguous(fmt);
-  auto y = new_output_like(xc, fmt);
+  const LeakyReluCall c = leaky_relu_forward_call(x);
+  const at::Tensor &xc = c.x, &y = c.out;
   const int64_t n = xc.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "leaky_relu_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -42,13 +40,8 @@ at::Tensor leaky_relu_forward_cpu(const at::Tensor& x, double slope) {
 at::Tensor leaky_relu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, double slope) {
   DIP_CHECK_DEVICE(x, at::kCPU, "x");
   DIP_CHECK_DEVICE(grad_out, at::kCPU, "grad_out");
-  DIP_CHECK_FLOATING(x, "x");
-  DIP_CHECK_SAME_DTYPE(grad_out, x, "grad_out", "x");
-  DIP_CHECK_SAME_SHAPE(grad_out, x, "grad_out", "x");
-  const auto fmt = working_memory_format(x);
-  const auto xc = x.contiguous(fmt);
-  const auto gc = grad_out.contiguous(fmt);
-  auto gx = new_output_like(xc, fmt);
+  const LeakyReluCall c = leaky_relu_backward_call(grad_out, x);
+  const at::Tensor &xc = c.x, &gc = c.grad, &gx = c.out;
   const int64_t n = xc.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "leaky_relu_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -21,8 +21,8 @@
 #include "../common/bn_act_checks.h"
 #include "../common/bn_act_grid.h"
 #include "../common/bn_act_plan.h"
+#include "../common/grid_stride.h"
 #include "../common/vector_dispatch.h"
-#include "launch.cuh"
 
 namespace dip_fast {
 namespace {
@@ -327,8 +327,8 @@ template <typename run_t, typename acc_t>
 __global__ void bn_running_stats_kernel(run_t* __restrict__ running_mean, run_t* __restrict__ running_var,
                                         const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd, int64_t C,
                                         double momentum, double eps, double unbias) {
-  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (c < C) bn_running_update<run_t, acc_t>(running_mean[c], running_var[c], mean[c], invstd[c], momentum, eps, unbias);
+  bn_running_stats_thread<run_t, acc_t, false>(running_mean, running_var, mean, invstd, C, momentum, eps, unbias,
+                                              blockIdx.x, blockDim.x, gridDim.x, threadIdx.x, nullptr);
 }
 
 void bn_running_stats_update_cuda(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
@@ -339,7 +339,7 @@ void bn_running_stats_update_cuda(at::Tensor& running_mean, at::Tensor& running_
   const c10::cuda::CUDAGuard guard(mean.device());
   const int64_t C = mean.numel();
   if (C == 0) return;
-  const double unbias = count > 1 ? double(count) / double(count - 1) : 1.0;
+  const double unbias = bn_running_unbias(count);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "bn_running_stats_update_cuda", [&] {
     using run_t = scalar_t;
