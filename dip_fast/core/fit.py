@@ -95,6 +95,7 @@ import torch.nn as nn
 
 from . import auto_step
 from .early_stop import EarlyStopState
+from .host_memory import reuse_on
 from .packed import write_networks
 from .step import STAT_FIELDS, STEP_MODES, StepRunner, StepSettings, precision_settings
 
@@ -348,7 +349,7 @@ def _fit(net: nn.Module, net_input: torch.Tensor, loss_fn: LossFn, s: FitSetting
 
     t0 = time.perf_counter()
     net.train()
-    with precision_settings(s.precision):
+    with precision_settings(s.precision), reuse_on(device):  # the CPU's freed buffers serve the next step
         loop = _Loop(_step_runner(net, net_input, loss_fn, s, mode, verify_graph=True), s.iterations, sync_every,
                      t0, repack=s.repack)
         # Not held here: a pack that drops stopped networks frees the larger runner it replaces.

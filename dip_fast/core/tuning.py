@@ -52,6 +52,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from . import auto_step, cpu_features
+from .host_memory import reuse_on
 from .step import GRAPH_WARMUP_STEPS
 
 __all__ = [
@@ -439,6 +440,16 @@ def tune(options: Sequence[Candidate], make_step: Callable[[Candidate], Step], *
     if budget_s is None and budget_share * iterations < steps_to_tune(options):
         return Decision(fallback, "fixed", reason=f"a run of {iterations} steps is too short to pay for timing "
                                                   f"{len(options)} candidates")
+    with reuse_on(device):  # as the run will step: freed buffers reused, not faulted in afresh
+        return _timed_choice(options, make_step, iterations=iterations, device=device, key=key, fallback=fallback,
+                             max_time=max_time, cache=cache, clock=clock, budget_share=budget_share,
+                             budget_s=budget_s)
+
+
+def _timed_choice(options: Sequence[Candidate], make_step: Callable[[Candidate], Step], *, iterations: int,
+                  device: torch.device, key: str, fallback: Candidate, max_time: Optional[float], cache: TuningCache,
+                  clock: Callable[[], float], budget_share: float, budget_s: Optional[float]) -> Decision:
+    """:func:`tune`'s timing of every candidate, once neither the cache nor a fixed choice has answered."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     start = clock()
     base = options[0]
