@@ -14,11 +14,28 @@ stride 2: input gradient     20.7 ms   13.2 ms
 stride 2: weight gradient    16.6 ms   52.4 ms
 ==========================  ========  =========
 
-channels_last wins everywhere except the weight gradient of strided
-convolutions, where oneDNN's channels_last path is 3x slower. So in
-channels_last the strided convolution's weight gradient is computed on NCHW
-copies of its two operands (two cheap copies, ~3 ms, against a 36 ms loss),
-and everything else stays channels_last.
+channels_last wins everywhere except the weight gradient of some strided
+convolutions, where oneDNN's channels_last path is slower. There, the
+weight gradient can be computed on NCHW copies of its two operands. Which
+strided convolutions gain was measured on the shapes the paper's network
+takes (2026-12-07, AMD EPYC Zen 4; time of the detour, copies included,
+over the channels_last weight gradient; under 1 means the detour wins):
+
+===================  ============  ============  ============  ============
+input (C_in @ side)  fp32, 2 thr.  fp32, 1 thr.  bf16, 2 thr.  bf16, 1 thr.
+===================  ============  ============  ============  ============
+32 @ 130             1.49          1.34          1.83          2.13
+32 @ 258             1.75          1.12          2.03          1.84
+64 @ 130             1.56          1.17          1.74          1.76
+128 @ 66             1.42          1.56          1.45          1.42
+128 @ 130            **0.86**      **0.58**      1.71          1.59
+128 @ 258            0.99          0.96          1.44          1.40
+===================  ============  ============  ============  ============
+
+So the detour is taken only in float32, for at least 128 input channels on
+at least 128x128 pixels (:func:`_nchw_weight_grad_wins`); bf16 never takes
+it. (An earlier version took it for every strided convolution: at 128² it
+cost the step about 6 ms in fp32 and 2 ms in bf16.)
 """
 from __future__ import annotations
 
@@ -62,13 +79,26 @@ class _StridedConvNCHWWeightGrad(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+#: The NCHW weight gradient of a strided float32 convolution wins from this many input channels (per group) ...
+NCHW_WEIGHT_GRAD_MIN_CHANNELS = 128
+#: ... on at least this many input pixels (measured: 128 @ 130x130 wins, 128 @ 66x66 and 64 @ 130x130 lose).
+NCHW_WEIGHT_GRAD_MIN_PIXELS = 128 * 128
+
+
+def _nchw_weight_grad_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the strided convolution's weight gradient is faster on NCHW copies (see the module docstring)."""
+    return (x.dtype == torch.float32 and weight.shape[1] >= NCHW_WEIGHT_GRAD_MIN_CHANNELS
+            and x.shape[2] * x.shape[3] >= NCHW_WEIGHT_GRAD_MIN_PIXELS)
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
            groups: int = 1) -> torch.Tensor:
     """``F.conv2d`` with the layout-aware backward described in the module docstring.
 
     The special path applies only where it was measured to win: a
-    channels_last CPU input, stride > 1, no padding (the fast network pads
-    before its convolutions), grad mode on.  ``groups`` is ``F.conv2d``'s
+    channels_last float32 CPU input of at least 128 channels (per group) on
+    at least 128x128 pixels, stride > 1, no padding (the fast network pads
+    before its convolutions), grad mode on, no autocast.  ``groups`` is ``F.conv2d``'s
     (a packed network's convolutions are grouped, one group per network).
     """
     special = (
@@ -79,13 +109,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
         and not x.is_contiguous()
         and x.is_contiguous(memory_format=torch.channels_last)
         and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")  # bf16 never gains (module docstring)
+        and _nchw_weight_grad_wins(x, weight)
     )
     if special:
-        if torch.is_autocast_enabled("cpu"):
-            # Autocast does not reach inside a custom Function's backward: cast here, so that
-            # both directions see one dtype (autograd casts the gradients back to float32).
-            dt = torch.get_autocast_dtype("cpu")
-            x, weight = x.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
         return _StridedConvNCHWWeightGrad.apply(x, weight, bias, stride, groups)
     return F.conv2d(x, weight, bias, stride, padding, 1, groups)
