@@ -115,6 +115,7 @@ def rerun_if_extension_stale(names: Sequence[str] = ("bn_act", "_bn_act_backward
 dip_fast = _import_dip_fast()
 from dip_fast import _ops, reference  # noqa: E402
 from dip_fast.core import nets
+from dip_fast.core.host_memory import reuse_freed_memory  # noqa: E402
 from dip_fast.core.networks import to_channels_last  # noqa: E402
 from dip_fast.core.step import StepRunner, precision_settings  # noqa: E402
 
@@ -1296,6 +1297,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--profile-rounds", type=int, default=5, help="profiled steps per variant (alternating); the median one is shown")
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off (the paper's code turns it on)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--host-memory", choices=("system", "reuse"), default="system",
+                   help="reuse: every variant steps with freed host memory kept for reuse, as restore() runs "
+                        "(dip_fast.core.host_memory); system: the C library's defaults, as the paper's code runs")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<device>.json; the .md goes beside it)")
     p.add_argument("--no-markdown", action="store_true", help="write only the JSON (the tables are still printed)")
     p.add_argument("--quiet", action="store_true", help="no per-repetition log")
@@ -1304,6 +1308,13 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
+    if args.host_memory == "reuse":
+        with reuse_freed_memory():
+            return _main(args, argv)
+    return _main(args, argv)
+
+
+def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1342,7 +1353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "schema": "dip_fast-bench-compare/1",
         "json_name": os.path.relpath(out, REPO_ROOT) if out.is_absolute() and REPO_ROOT in out.parents else str(out),
         "command": "bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "environment": environment(device),
+        "environment": dict(environment(device), host_memory=args.host_memory),
         "config": {
             "sizes": sizes,
             "compile_sizes": sorted(compile_sizes),

@@ -11,12 +11,12 @@ buffer arrives as new pages: the kernel faults each 4 KiB page in and
 zeroes it, one more pass over memory that the step's arithmetic never asked
 for.
 
-Counted with ``getrusage`` on the paper's denoising network (2026-12-07,
-AMD EPYC Zen 4, 2 threads, ``bench/step_ledger.py``'s steps): the fused
-channels_last step took about 1,100 page faults per step at 128² and
-93,000 (364 MiB of fresh pages) at 256², where a full-resolution
-activation (32 MiB) is above any threshold glibc will choose; the
-reference network 39,000 and 288,000.
+Measured side by side in one process (``bench/host_memory.py``,
+2026-12-07, AMD EPYC Zen 4, 2 threads, the paper's denoising network): the
+reference step took 25,000 page faults per step at 128² and 151,000 at
+256², and kept memory made it 1.16x and 1.21x faster; the fused
+channels_last step, which allocates far less, took 282 and 8,500 and
+gained 1.02x and 1.03x (bf16: 1.02x and 1.01x).
 
 While :func:`reuse_freed_memory` is active, glibc serves every buffer from
 its heap (``M_MMAP_MAX`` = 0) and never trims it (``M_TRIM_THRESHOLD`` at
