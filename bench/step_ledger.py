@@ -29,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -42,6 +43,8 @@ import step_profile  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from dip_fast.core.host_memory import reuse_freed_memory  # noqa: E402
 
 aten = torch.ops.aten
 DIRECTIONS = ("forward", "input_grad", "weight_grad")
@@ -226,9 +229,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="profiled steps per variant; the median is kept")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5, help="isolated timings per convolution call (median)")
+    p.add_argument("--host-memory", choices=("system", "reuse"), default="reuse",
+                   help="reuse (default): freed host memory kept for the next step, as restore() runs; "
+                        "system: the C library's defaults")
     p.add_argument("--out", type=Path, default=compare.RESULTS_DIR / "cpu-ledger.json")
     args = p.parse_args(argv)
-    result: Dict[str, Any] = {"schema": "dip_fast-step-ledger/1",
+    with reuse_freed_memory() if args.host_memory == "reuse" else contextlib.nullcontext():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    result: Dict[str, Any] = {"schema": "dip_fast-step-ledger/1", "host_memory": args.host_memory,
                               "environment": compare.environment(torch.device("cpu")), "sizes": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for size in args.sizes:
