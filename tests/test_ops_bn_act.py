@@ -150,6 +150,26 @@ def test_torch_compile_traces_the_op():
                     expected=expected(x, w, b, pad=1) * 2, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("pad,pad_mode", [(2, "reflect"), (1, "zeros")])
+def test_channels_last_many_pixel_blocks(pad, pad_mode):
+    """channels_last with C = 132 (not a multiple of the kernels' vector width, so pixels are grouped):
+    several fixed pixel blocks whose edges fall inside rows and inside the reflection's bands, against
+    PyTorch in float64, and bitwise the same with 1 and 2 threads (blocks merged in a fixed order)."""
+    shape = (2, 132, 11, 23)
+    compare(shape, torch.float64, "channels_last", pad, pad_mode, 0.2, 1e-11)
+    x, w, b = make_inputs(shape, torch.float32, "channels_last")
+    mode = 1 if pad_mode == "reflect" else 0
+    grad = torch.randn(2, 132, 11 + 2 * pad, 23 + 2 * pad).contiguous(memory_format=torch.channels_last)
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        y, mean, invstd = torch.ops.dip_fast.bn_act(x, w, b, 1e-5, 0.2, pad, mode)
+        outs.append((y, mean, invstd, *torch.ops.dip_fast._bn_act_backward(grad, x, w, b, mean, invstd, 0.2, pad, mode)))
+    torch.set_num_threads(1)
+    for one, two in zip(*outs):
+        assert torch.equal(one, two)
+
+
 def test_bad_arguments():
     x, w, b = make_inputs((1, 4, 6, 6), torch.float32, "contiguous")
     with pytest.raises(ValueError, match="x must be 4-D"):
