@@ -51,6 +51,7 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "default": {},  # today's defaults: preset="auto" (the CPU's "fast" level), stop="auto", backend="auto"
     "quick": {"preset": "quick"},
     "tiles128": {"tile": 128},  # the default preset on 128x128 tiles, packed into one step
+    "tiles128_400": {"tile": 128, "iterations": 400},  # the same cut at 400 steps: an early point of its curve
     "paper": {"preset": "paper"},
 }
 #: Each task: restore()'s task, and how its observation is made from the clean image.
@@ -100,7 +101,13 @@ def run(path: Path, task: str, config: str, seed: int, max_time: Optional[float]
     return {"image": path.name, "task": task, "config": config, "seed": seed, "size": list(gt.shape[2:]),
             "split": early_stop.split_of(path.name), "preset": info.preset, "steps": len(curve),
             "iterations": info.iterations, "stop": info.stop_summary, "execution": info.execution, "final_psnr": final, "wall_s": wall, "setup_s": setup,
-            "curve": curve[::max(1, len(curve) // 400)] + curve[-1:]}
+            "curve": _thinned(curve)}
+
+
+def _thinned(curve: List[List[float]], points: int = 400) -> List[List[float]]:
+    """About ``points`` points of the curve, its last one always kept."""
+    kept = curve[:: max(1, len(curve) // points)]
+    return kept + curve[-1:] if curve and kept[-1] is not curve[-1] else kept
 
 
 def retime(runs: List[Dict[str, Any]], pace: Dict[str, float]) -> None:
@@ -146,7 +153,7 @@ def plot(runs: List[Dict[str, Any]], path: Path) -> None:
         for r in (r for r in runs if r["task"] == task):
             t = [p[1] for p in r["curve"]]
             ax.plot(t, [p[2] for p in r["curve"]], color=colours[r["config"]], lw=1, alpha=0.8,
-                    marker="o" if len(t) == 1 else None,  # a tiled run is one point
+                    marker="o" if len(set(t)) == 1 else None,  # a tiled run is one point
                     label=r["config"] if r["image"] == runs[0]["image"] else None)
         ax.set(title=task, xlabel="wall seconds", ylabel="PSNR (dB)")
         ax.grid(alpha=0.3)
@@ -171,6 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     paths = [q for q in quality.list_images(args.images) if args.split == "all" or early_stop.split_of(q.name) == args.split]
     paths = paths[: args.count]
+    # "runs" holds the curves as recorded (re-timing is redone from them on every call).
     done: List[Dict[str, Any]] = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
     have = {(r["image"], r["task"], r["config"], r["seed"]) for r in done}
     for path in paths:
@@ -185,7 +193,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"command": " ".join(sys.argv), "runs": done}, indent=1))
     pace = {k: float(v) for k, v in (s.split("=", 1) for s in args.pace)}
+    raw = json.loads(json.dumps(done))  # the curves as recorded, kept beside the re-timed ones
     retime(done, pace)
+    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "pace_ms_per_step": pace,
+                                    "runs": raw, "runs_retimed": done}, indent=1))
     lines = table(done, args.baseline)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(done, args.out.with_suffix(".png"))
