@@ -52,6 +52,7 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "quick": {"preset": "quick"},
     "tiles128": {"tile": 128},  # the default preset on 128x128 tiles, packed into one step
     "tiles128_400": {"tile": 128, "iterations": 400},  # the same cut at 400 steps: an early point of its curve
+    "tiles128_800": {"tile": 128, "iterations": 800},  # ... and at 800
     "paper": {"preset": "paper"},
 }
 #: Each task: restore()'s task, and how its observation is made from the clean image.
@@ -111,9 +112,13 @@ def _thinned(curve: List[List[float]], points: int = 400) -> List[List[float]]:
 
 
 def retime(runs: List[Dict[str, Any]], pace: Dict[str, float]) -> None:
-    """Seconds of each curve point from its step and the configuration's clean pace (ms per step)."""
+    """Seconds of each curve point from its step and a clean pace (ms per step).
+
+    ``pace`` maps ``CONFIG@IMAGE`` (one run) or ``CONFIG`` (every run of it) to the pace; a run with
+    neither keeps the seconds it recorded (it ran alone).
+    """
     for r in runs:
-        ms = pace.get(r["config"])
+        ms = pace.get(f"{r['config']}@{r['image']}", pace.get(r["config"]))
         if ms is None:
             continue
         r["curve_seconds"] = "steps x pace + set-up"
@@ -149,13 +154,19 @@ def plot(runs: List[Dict[str, Any]], path: Path) -> None:
     task_names = sorted({r["task"] for r in runs})
     fig, axes = plt.subplots(1, len(task_names), figsize=(5.5 * len(task_names), 4), squeeze=False)
     colours = {c: f"C{i}" for i, c in enumerate(sorted({r["config"] for r in runs}))}
+    images = sorted({r["image"] for r in runs})
+    styles = {im: ("-", "--", ":", "-.")[i % 4] for i, im in enumerate(images)}  # line and marker per image
+    markers = {im: ("o", "s", "^", "D")[i % 4] for i, im in enumerate(images)}
     for ax, task in zip(axes[0], task_names):
+        labelled = set()
         for r in (r for r in runs if r["task"] == task):
             t = [p[1] for p in r["curve"]]
             ax.plot(t, [p[2] for p in r["curve"]], color=colours[r["config"]], lw=1, alpha=0.8,
-                    marker="o" if len(set(t)) == 1 else None,  # a tiled run is one point
-                    label=r["config"] if r["image"] == runs[0]["image"] else None)
-        ax.set(title=task, xlabel="wall seconds", ylabel="PSNR (dB)")
+                    ls=styles[r["image"]], marker=markers[r["image"]] if len(set(t)) == 1 else None,  # tiled: a point
+                    label=None if r["config"] in labelled else r["config"])
+            labelled.add(r["config"])
+        shown = ", ".join(f"{im} {styles[im]}{markers[im]}" for im in images)
+        ax.set(title=f"{task} ({shown})", xlabel="wall seconds", ylabel="PSNR (dB)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -172,8 +183,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--baseline", default="default", help="configuration the others are timed against")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-time", type=float, default=None, help="hard stop per run (s)")
-    p.add_argument("--pace", nargs="*", default=[], metavar="CONFIG=MS",
-                   help="clean ms per step per configuration, to re-time the curves (see the module docstring)")
+    p.add_argument("--pace", nargs="*", default=[], metavar="CONFIG[@IMAGE]=MS",
+                   help="clean ms per step of a configuration (or of one of its runs), to re-time the curves of "
+                        "runs that shared the machine (see the module docstring)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "time-to-quality-cpu.json")
     args = p.parse_args(argv)
     paths = [q for q in quality.list_images(args.images) if args.split == "all" or early_stop.split_of(q.name) == args.split]

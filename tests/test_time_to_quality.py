@@ -26,10 +26,13 @@ def test_time_to_reaches_the_first_point_at_or_above_the_target():
 def test_retime_uses_steps_times_pace_plus_setup_and_leaves_unpaced_configs():
     runs = [_run("quick", [[0, 50.0, 20.0], [9, 900.0, 25.0]], 25.0, 901.0, setup=2.0),
             _run("default", [[0, 5.0, 21.0]], 21.0, 6.0)]
-    ttq.retime(runs, {"quick": 100.0})
+    other = dict(_run("quick", [[0, 7.0, 20.0]], 20.0, 8.0), image="b.png")
+    runs.append(other)
+    ttq.retime(runs, {"quick@a.png": 100.0})
     assert runs[0]["curve"] == [[0, pytest.approx(2.1), 20.0], [9, pytest.approx(3.0), 25.0]]
     assert runs[0]["wall_s"] == pytest.approx(3.0) and runs[0]["curve_seconds"] == "steps x pace + set-up"
     assert runs[1]["curve"] == [[0, 5.0, 21.0]] and "curve_seconds" not in runs[1]
+    assert other["curve"] == [[0, 7.0, 20.0]]  # the same configuration on another image ran alone
 
 
 def test_table_times_each_config_to_the_baselines_final_less_a_tenth(tmp_path):
