@@ -68,7 +68,7 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple  # noqa: E402
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -392,11 +392,12 @@ def peak_probe(device: torch.device) -> Dict[str, float]:
     return out
 
 
-def conv_probe(device: torch.device, channels_last: bool, seed: int = 0) -> Tuple[Callable[[], None], float]:
-    """A forward 3x3 128->128 convolution at 128x128 and its FLOPs (2 per multiply-add)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    conv = nn.Conv2d(PROBE_CHANNELS, PROBE_CHANNELS, 3, padding=1).to(device)
-    x = torch.randn(1, PROBE_CHANNELS, PROBE_SIZE, PROBE_SIZE, generator=gen).to(device)
+def conv_probe(device: torch.device, channels_last: bool, seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> Tuple[Callable[[], None], float]:
+    """A forward 3x3 128->128 convolution at 128x128 in ``dtype`` and its FLOPs (2 per multiply-add)."""
+    gen = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(PROBE_CHANNELS, PROBE_CHANNELS, 3, padding=1).to(device, dtype)
+    x = torch.randn(1, PROBE_CHANNELS, PROBE_SIZE, PROBE_SIZE, generator=gen).to(device, dtype)
     if channels_last:
         conv = conv.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -407,6 +408,18 @@ def conv_probe(device: torch.device, channels_last: bool, seed: int = 0) -> Tupl
             conv(x)
 
     return run, flops
+
+
+def add_host_memory_option(p: argparse.ArgumentParser, default: str) -> None:
+    """``--host-memory {system,reuse}``: how the benchmark's steps get their host memory (see :func:`host_memory`)."""
+    p.add_argument("--host-memory", choices=("system", "reuse"), default=default,
+                   help="reuse: freed host memory kept for the next step, as restore() runs "
+                        "(dip_fast.core.host_memory); system: the C library's defaults, as the paper's code runs")
+
+
+def host_memory(mode: str) -> ContextManager[bool]:
+    """The block's host memory: ``'reuse'`` keeps freed buffers for the next step, ``'system'`` changes nothing."""
+    return reuse_freed_memory() if mode == "reuse" else contextlib.nullcontext(False)
 
 
 def conv_flops(size: int) -> Dict[str, Any]:
@@ -1297,9 +1310,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--profile-rounds", type=int, default=5, help="profiled steps per variant (alternating); the median one is shown")
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off (the paper's code turns it on)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--host-memory", choices=("system", "reuse"), default="system",
-                   help="reuse: every variant steps with freed host memory kept for reuse, as restore() runs "
-                        "(dip_fast.core.host_memory); system: the C library's defaults, as the paper's code runs")
+    add_host_memory_option(p, "system")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<device>.json; the .md goes beside it)")
     p.add_argument("--no-markdown", action="store_true", help="write only the JSON (the tables are still printed)")
     p.add_argument("--quiet", action="store_true", help="no per-repetition log")
@@ -1308,10 +1319,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
-    if args.host_memory == "reuse":
-        with reuse_freed_memory():
-            return _main(args, argv)
-    return _main(args, argv)
+    with host_memory(args.host_memory):
+        return _main(args, argv)
 
 
 def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:

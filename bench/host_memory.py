@@ -27,7 +27,6 @@ import compare  # noqa: E402
 
 import torch  # noqa: E402
 
-from dip_fast.core.host_memory import reuse_freed_memory  # noqa: E402
 
 
 def _timed(step: Callable[[], None]) -> Dict[str, float]:
@@ -46,11 +45,7 @@ def measure(size: int, variants: Sequence[str], repeats: int) -> Dict[str, Any]:
     samples: Dict[str, Dict[str, List[Dict[str, float]]]] = {v: {"system": [], "reuse": []} for v in variants}
     for rep in range(repeats):
         for mode in (("system", "reuse") if rep % 2 == 0 else ("reuse", "system")):
-            if mode == "reuse":
-                with reuse_freed_memory():
-                    for name, step in steps.items():
-                        samples[name][mode].append(_timed(step))
-            else:
+            with compare.host_memory(mode):
                 for name, step in steps.items():
                     samples[name][mode].append(_timed(step))
     out: Dict[str, Any] = {}

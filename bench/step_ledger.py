@@ -29,7 +29,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -44,7 +43,6 @@ import step_profile  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from dip_fast.core.host_memory import reuse_freed_memory  # noqa: E402
 
 aten = torch.ops.aten
 DIRECTIONS = ("forward", "input_grad", "weight_grad")
@@ -87,7 +85,7 @@ class StepRecorder(TorchDispatchMode):
         schema = func._schema
         is_view = any(r.alias_info is not None for r in schema.returns) and not schema.is_mutable
         if not is_view:
-            category = step_profile.categorize(str(func.name()) if hasattr(func, "name") else str(func))
+            category = step_profile.categorize(func.name())
             self.bytes[category] = self.bytes.get(category, 0) + _nbytes(list(args)) + _nbytes(out)
         return out
 
@@ -147,14 +145,9 @@ def replay_convolutions(convs: Sequence[Tuple[str, tuple]], repeats: int = 5) ->
 
 
 def probe_rate(dtype: torch.dtype, repeats: int = 7) -> float:
-    """GFLOP/s of a forward 3x3 128->128 convolution at 128², channels_last, in ``dtype``."""
-    c, n = compare.PROBE_CHANNELS, compare.PROBE_SIZE
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, c, n, n, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(c, c, 3, 3, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        ms = _median_ms(lambda: torch.nn.functional.conv2d(x, w, None, 1, 1), repeats)
-    return 2.0 * c * c * 9 * n * n / (ms * 1e-3) / 1e9
+    """GFLOP/s of ``compare.py``'s probe (a forward 3x3 128->128 convolution at 128²), channels_last, in ``dtype``."""
+    run, flops = compare.conv_probe(torch.device("cpu"), True, dtype=dtype)
+    return flops / (_median_ms(run, repeats) * 1e-3) / 1e9
 
 
 def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
@@ -168,11 +161,9 @@ def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
 def ledger(name: str, size: int, *, rounds: int, warmup: int, repeats: int) -> Dict[str, Any]:
     """Profile one compare.py variant's step and put each category beside its bound."""
     device = torch.device("cpu")
-    prof = step_profile.profile_variant(name, size, device, rounds=rounds, warmup=warmup)
     step = compare.build_steps([name], size, device)[name]
-    for _ in range(warmup):
-        step()
-    recorder = StepRecorder()
+    prof = step_profile.profile_variant(name, size, device, rounds=rounds, warmup=warmup, step=step)
+    recorder = StepRecorder()  # the profiled step, warm: what it records is what was profiled
     with recorder:
         step()
     precision = compare.VARIANTS[name].precision
@@ -229,12 +220,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="profiled steps per variant; the median is kept")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5, help="isolated timings per convolution call (median)")
-    p.add_argument("--host-memory", choices=("system", "reuse"), default="reuse",
-                   help="reuse (default): freed host memory kept for the next step, as restore() runs; "
-                        "system: the C library's defaults")
+    compare.add_host_memory_option(p, "reuse")
     p.add_argument("--out", type=Path, default=compare.RESULTS_DIR / "cpu-ledger.json")
     args = p.parse_args(argv)
-    with reuse_freed_memory() if args.host_memory == "reuse" else contextlib.nullcontext():
+    with compare.host_memory(args.host_memory):
         return _run(args)
 
 

@@ -126,9 +126,14 @@ def summarize(timed: Sequence[Tuple[str, float]], top: int = TOP) -> Dict[str, A
 
 
 def profile_variant(name: str, size: int, device: torch.device, *, rounds: int, warmup: int,
-                    seed: int = 0) -> Dict[str, Any]:
-    """Profile ``rounds`` steps of one compare.py step variant; keep the step with the median total."""
-    step = compare.build_steps([name], size, device, seed=seed)[name]
+                    seed: int = 0, step: Optional[Any] = None) -> Dict[str, Any]:
+    """Profile ``rounds`` steps of one compare.py step variant; keep the step with the median total.
+
+    ``step``: that variant's step, already built (``compare.build_steps``), for a caller that goes on
+    with it; by default one is built here.
+    """
+    if step is None:
+        step = compare.build_steps([name], size, device, seed=seed)[name]
     graph = compare.VARIANTS[name].mode == "graph"
     # A graph variant runs its warm-up steps eagerly, then captures on the next call: replay after that.
     for _ in range(max(warmup, GRAPH_WARMUP_STEPS + 2) if graph else warmup):

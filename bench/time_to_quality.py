@@ -100,9 +100,9 @@ def run(path: Path, task: str, config: str, seed: int, max_time: Optional[float]
         curve.append([info.steps - 1, wall, final])
     setup = wall - (curve[-1][1] if curve else 0.0)
     return {"image": path.name, "task": task, "config": config, "seed": seed, "size": list(gt.shape[2:]),
-            "split": early_stop.split_of(path.name), "preset": info.preset, "steps": len(curve),
-            "iterations": info.iterations, "stop": info.stop_summary, "execution": info.execution, "final_psnr": final, "wall_s": wall, "setup_s": setup,
-            "curve": _thinned(curve)}
+            "split": early_stop.split_of(path.name), "preset": info.preset, "steps": info.steps,
+            "iterations": info.iterations, "stop": info.stop_summary, "execution": info.execution,
+            "final_psnr": final, "wall_s": wall, "setup_s": setup, "curve": _thinned(curve)}
 
 
 def _thinned(curve: List[List[float]], points: int = 400) -> List[List[float]]:

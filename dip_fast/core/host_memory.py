@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 import threading
@@ -61,22 +62,24 @@ _LARGEST_INT = 2**31 - 1
 
 _lock = threading.Lock()
 _active = 0
-_libc: Optional[ctypes.CDLL] = None
 
 
+@functools.lru_cache(maxsize=None)
 def glibc() -> Optional[ctypes.CDLL]:
-    """The process's C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
-    global _libc
-    if _libc is None and sys.platform.startswith("linux"):
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            lib.gnu_get_libc_version  # only glibc has it  # noqa: B018
-            lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-            lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-            _libc = lib
-        except (OSError, AttributeError):
-            return None
-    return _libc
+    """The process's C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None.
+
+    Looked up once per process; the answer, None included, is kept.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        lib.gnu_get_libc_version  # only glibc has it  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lib
 
 
 @contextlib.contextmanager
