@@ -14,18 +14,26 @@ ELEMENTS = 64 * 2**20 // 4  # float32 elements in 64 MiB: above any mmap thresho
 PAGES = 64 * 2**20 // 4096
 
 
-def _faults_per_buffer(rounds: int = 4) -> float:
-    """Minor page faults per 64 MiB buffer allocated, written and freed, after six untimed rounds.
-
-    Six: glibc's heap takes a few rounds to settle after the setting changes (measured: faults in rounds
-    1, 2 and 4, none after), as a run's first steps do.
-    """
-    for _ in range(6):
-        torch.empty(ELEMENTS).fill_(1.0)
+def _round_faults() -> int:
+    """Minor page faults of allocating, writing and freeing one 64 MiB buffer."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(rounds):
-        torch.empty(ELEMENTS).fill_(1.0)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / rounds
+    torch.empty(ELEMENTS).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def _faults_per_buffer(rounds: int = 4, settle: int = 40) -> float:
+    """Minor page faults per 64 MiB buffer allocated, written and freed, once the heap has settled.
+
+    glibc's heap takes some rounds to settle after the setting changes, more when the process has
+    already allocated much (measured alone: faults in rounds 1, 2 and 4, none after), as a run's first
+    steps do; settled here means two rounds in a row without a fault, within ``settle`` rounds.
+    """
+    quiet = 0
+    for _ in range(settle):
+        quiet = quiet + 1 if _round_faults() == 0 else 0
+        if quiet == 2:
+            break
+    return sum(_round_faults() for _ in range(rounds)) / rounds
 
 
 def _resident_bytes() -> int:
