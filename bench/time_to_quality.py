@@ -53,7 +53,11 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "tiles128": {"tile": 128},  # the default preset on 128x128 tiles, packed into one step
     "tiles128_400": {"tile": 128, "iterations": 400},  # the same cut at 400 steps: an early point of its curve
     "tiles128_800": {"tile": 128, "iterations": 800},  # ... and at 800
+    "smoke": {"iterations": 20},  # for the benchmarks' own tests
     "paper": {"preset": "paper"},
+    # The reference network run as the paper's code runs it: its preset, fp32, NCHW, eager, the fixed count.
+    "reference_paper": {"preset": "paper", "backend": "reference", "stop": "never", "step_mode": "eager",
+                        "precision": "fp32"},
 }
 #: Each task: restore()'s task, and how its observation is made from the clean image.
 TASKS: Dict[str, Dict[str, Any]] = {
@@ -61,6 +65,7 @@ TASKS: Dict[str, Dict[str, Any]] = {
     "denoise50": {"task": "denoise", "sigma": 50.0},
     "sr4": {"task": "super_resolution", "scale": 4},
     "inpaint50": {"task": "inpaint", "keep": 0.5},
+    "inpaint_text": {"task": "inpaint", "keep": "text"},  # the demo's text overlay
 }
 
 
@@ -73,13 +78,17 @@ def observation(gt: torch.Tensor, spec: Dict[str, Any], seed: int) -> Dict[str, 
         return {"image": noisy[0].permute(1, 2, 0).numpy(), "sigma": spec["sigma"]}
     if spec["task"] == "super_resolution":
         return {"image": tasks.degradations.downscale_array(image, spec["scale"]), "scale": spec["scale"]}
-    mask = tasks.degradations.bernoulli_mask(gt.shape[2:], spec["keep"], generator=gen).numpy().astype(bool)
+    if spec["keep"] == "text":
+        mask = tasks.degradations.text_mask(*gt.shape[2:])
+    else:
+        mask = tasks.degradations.bernoulli_mask(gt.shape[2:], spec["keep"], generator=gen).numpy().astype(bool)
     return {"image": image * mask[..., None], "mask": mask}
 
 
-def run(path: Path, task: str, config: str, seed: int, max_time: Optional[float]) -> Dict[str, Any]:
-    """One restoration, with its PSNR curve (every step) and its final figures."""
-    gt = quality.to_tensor(quality.prepare_gt(quality.load_rgb(path), None))
+def run(path: Path, task: str, config: str, seed: int, max_time: Optional[float],
+        crop: Optional[int] = None) -> Dict[str, Any]:
+    """One restoration, with its PSNR curve (every step) and its final figures (of a centre ``crop``, if given)."""
+    gt = quality.to_tensor(quality.prepare_gt(quality.load_rgb(path), crop))
     inputs = observation(gt, TASKS[task], seed)
     image = inputs.pop("image")
     curve: List[List[float]] = []
