@@ -318,13 +318,15 @@ def clairvoyant_steps(runs: List[Dict[str, Any]]) -> List[Tuple[float, float]]:
     than 0.5 dB below the fixed count and not below the input, and the gap to the oracle there.
 
     A rule that knew the clean image could stop there and no earlier, so the median of these shares bounds
-    the median steps of every rule that keeps ``worst_vs_fixed``."""
+    the median steps of every rule that keeps ``worst_vs_fixed``.  A run whose average stays below its input
+    through the preset's count (an under-fitted crop) meets them at no step: its share is infinite and its gap
+    NaN."""
     out = []
     for r in runs:
         psnr, n = r["log"]["psnr_avg"], preset_steps(r)
         floor = max(fixed_psnr(r) + LIMITS["worst_vs_fixed"], r["input_psnr"] + LIMITS["worst_vs_input"])
-        t = next(t for t in range(n) if psnr[t] >= floor)
-        out.append(((t + 1) / n, max(psnr[:n]) - psnr[t]))
+        t = next((t for t in range(n) if psnr[t] >= floor), None)
+        out.append((math.inf, math.nan) if t is None else ((t + 1) / n, max(psnr[:n]) - psnr[t]))
     return out
 
 
@@ -416,9 +418,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         median = statistics.median(b[0] for b in bound)
         lines += [f"Fewest steps a rule that knew the clean image could take on the {split} runs and keep every run "
                   f"at most 0.5 dB below the fixed count and above its input: median {median:.0%} of the preset's "
-                  f"count, with a mean gap to the oracle of {statistics.fmean(b[1] for b in bound):.2f} dB there; "
+                  f"count, with a mean gap to the oracle of "
+                  f"{statistics.fmean(b[1] for b in bound if math.isfinite(b[1])):.2f} dB there; "
                   f"{sum(b[0] <= RETIRED_STEPS_TARGET for b in bound)} of {len(bound)} runs could stop within "
-                  f"{RETIRED_STEPS_TARGET:.0%}.", ""]
+                  f"{RETIRED_STEPS_TARGET:.0%}; {sum(math.isinf(b[0]) for b in bound)} never meet those limits "
+                  "within the preset's count.", ""]
         numbers[f"clairvoyant_steps_median_{split}"] = median
     lines += ["### Per run (chosen rule; before: the rule before the clipping model)", ""]
     lines += per_run_table(runs + other, chosen, before) + [""]

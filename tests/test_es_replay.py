@@ -78,6 +78,10 @@ def test_the_clairvoyant_bound_on_steps():
     assert s1 == pytest.approx(186 / 200) and g1 == pytest.approx(3e-4 * (65**2 - 51**2))
     early["input_psnr"] = 28.0  # the input is now the higher floor: PSNR >= 28 from step 19 on (81^2 * 3e-4 <= 2)
     assert es_replay.clairvoyant_steps([early])[0][0] == pytest.approx(20 / 200)
+    # An under-fitted run whose average stays below its input through the preset's count meets no step.
+    late["input_psnr"] = 31.0
+    (share, gap), = es_replay.clairvoyant_steps([late])
+    assert share == float("inf") and np.isnan(gap)
 
 
 def test_the_fixed_count_follows_the_preset_as_defined_now():
