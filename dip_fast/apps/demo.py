@@ -20,9 +20,9 @@ the step counts of :data:`CPU_ITERATIONS`, chosen so that every task clearly
 beats its degraded input and all three finish in about five minutes on two cores
 (README.md, "The demo").  Against the classical baselines (measured
 2026-12-07 on the same inputs, seed 0): non-local means gives 27.83 dB on
-the CPU crop and 29.27 dB on the full image, below DIP's 28.9 and 30.0 dB;
+the CPU crop and 29.27 dB on the full image, below DIP's 29.05 and 30.0 dB;
 biharmonic inpainting fills the thin text strokes better than DIP (38.76
-against 32.6 dB on the CPU crop, 33.28 against 32.9 dB on the full image);
+against 32.3 dB on the CPU crop, 33.28 against 32.9 dB on the full image);
 super-resolution beats bicubic by 0.4 to 0.7 dB.
 """
 from __future__ import annotations
