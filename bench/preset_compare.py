@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -24,10 +23,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import deepinv_compare  # noqa: E402  (cpu_name)
 import early_stop  # noqa: E402  (split_of)
 import quality  # noqa: E402
 import task_time  # noqa: E402
 import time_to_quality  # noqa: E402
+from deepinv_compare import mean_se  # noqa: E402  ("mean +- standard error")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -35,7 +36,6 @@ import torch  # noqa: E402
 import dip_fast  # noqa: E402
 from dip_fast.tasks import presets  # noqa: E402
 
-_FAST = presets.PRESETS["inpaint_fast"].network
 #: name: (base preset, fields changed).
 VARIANTS: Dict[str, "tuple[str, Dict[str, Any]]"] = {
     "inpaint_fast": ("inpaint_fast", {}),
@@ -59,22 +59,18 @@ def variant(name: str, iterations: Optional[int]) -> presets.Preset:
 def run(path: Path, task: str, name: str, seed: int, crop: int, iterations: Optional[int]) -> Dict[str, Any]:
     gt = quality.to_tensor(quality.prepare_gt(quality.load_rgb(path), crop))
     inputs = time_to_quality.observation(gt, time_to_quality.TASKS[task], seed)
-    image = inputs.pop("image")
+    keywords = {k: v for k, v in inputs.items() if k != "image"}
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out, info = dip_fast.restore(image, task=time_to_quality.TASKS[task]["task"], preset=variant(name, iterations),
-                                     seed=seed, return_info=True, progress=False, **inputs)
+        out, info = dip_fast.restore(inputs["image"], task=time_to_quality.TASKS[task]["task"],
+                                     preset=variant(name, iterations), seed=seed, return_info=True, progress=False,
+                                     **keywords)
     seconds = time.perf_counter() - start
     clean = gt[0].permute(1, 2, 0).numpy()
     return {"image": path.name, "seed": seed, "variant": name, "steps": info.steps, "seconds": seconds,
             "psnr": quality.psnr_np(np.clip(np.asarray(out, dtype=np.float32)[..., :3], 0, 1), clean, 1.0),
-            "baseline": task_time.classical_point(task, gt, seed)["psnr"]}
-
-
-def mean_se(values: Sequence[float]) -> str:
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return f"{statistics.fmean(values):.2f} +- {se:.2f}"
+            "baseline": task_time.classical_point(task, gt, inputs)["psnr"]}
 
 
 def table(result: Dict[str, Any]) -> List[str]:
@@ -89,9 +85,10 @@ def table(result: Dict[str, Any]) -> List[str]:
         rs = [r for r in runs if r["variant"] == name]
         if not rs:
             continue
+        paired = [r["psnr"] - ref[(r["image"], r["seed"])] for r in rs if (r["image"], r["seed"]) in ref]
         lines.append(f"| {name} | {mean_se([r['psnr'] for r in rs])} | {mean_se([r['psnr'] - r['baseline'] for r in rs])} | "
-                     f"{mean_se([r['psnr'] - ref[(r['image'], r['seed'])] for r in rs if (r['image'], r['seed']) in ref])} | "
-                     f"{statistics.fmean(r['seconds'] for r in rs):.0f} | {statistics.fmean(r['steps'] for r in rs):.0f} |")
+                     f"{mean_se(paired)} | {statistics.fmean(r['seconds'] for r in rs):.0f} | "
+                     f"{statistics.fmean(r['steps'] for r in rs):.0f} |")
     base = [r["baseline"] for r in runs if r["variant"] == first]
     lines.append(f"| {task_time.BASELINE_NAMES[result['task']]} | {mean_se(base)} | 0 | | | |")
     return lines
@@ -113,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              if args.split == "all" or early_stop.split_of(q.name) == args.split][: args.count]
     result = json.loads(args.out.read_text()) if args.out.is_file() else {
         "command": " ".join(sys.argv), "task": args.task, "crop": args.crop, "split": args.split,
-        "cpu": task_time.deepinv_compare.cpu_name(), "threads": torch.get_num_threads(), "runs": []}
+        "cpu": deepinv_compare.cpu_name(), "threads": torch.get_num_threads(), "runs": []}
     result["variants"] = list(dict.fromkeys(result.get("variants", []) + args.variants))
     have = {(r["image"], r["seed"], r["variant"]) for r in result["runs"]}
     for name in args.variants:

@@ -63,9 +63,8 @@ def _timed(fn: Callable[[], np.ndarray]) -> "tuple[np.ndarray, float]":
     return out, time.perf_counter() - start
 
 
-def classical_point(task: str, gt: torch.Tensor, seed: int) -> Dict[str, Any]:
-    """The classical baseline's PSNR and seconds on the task's observation (as ``time_to_quality`` makes it)."""
-    inputs = time_to_quality.observation(gt, time_to_quality.TASKS[task], seed)
+def classical_point(task: str, gt: torch.Tensor, inputs: Dict[str, Any]) -> Dict[str, Any]:
+    """The classical baseline's PSNR and seconds on the task's observation (``time_to_quality.observation``)."""
     image = inputs["image"]
     if "sigma" in inputs:
         out, seconds = _timed(lambda: demo.classical_denoise(image, inputs["sigma"]))
@@ -93,9 +92,9 @@ def _physics(task: str, inputs: Dict[str, Any], shape: torch.Size) -> Any:
     return deepinv.physics.LinearPhysics(A=down, img_size=tuple(shape[1:]))
 
 
-def deepinv_points(task: str, gt: torch.Tensor, seed: int, seconds: float) -> List[Dict[str, Any]]:
+def deepinv_points(task: str, gt: torch.Tensor, inputs: Dict[str, Any], seed: int,
+                   seconds: float) -> List[Dict[str, Any]]:
     """deepinv's DIP with its example's settings, and with its defaults for ``seconds`` of wall time."""
-    inputs = time_to_quality.observation(gt, time_to_quality.TASKS[task], seed)
     y = torch.from_numpy(np.ascontiguousarray(inputs["image"])).permute(2, 0, 1)[None].float()
     physics = _physics(task, inputs, gt.shape)
     points = []
@@ -114,11 +113,10 @@ def deepinv_points(task: str, gt: torch.Tensor, seed: int, seconds: float) -> Li
     return points
 
 
-def measured(gt: torch.Tensor, task: str) -> float:
-    """PSNR of the observation itself (denoising, inpainting) or of nothing (super-resolution: NaN)."""
-    if task == "sr4":
+def measured(gt: torch.Tensor, inputs: Dict[str, Any]) -> float:
+    """PSNR of the observation itself (denoising, inpainting) or NaN (super-resolution: another size)."""
+    if "scale" in inputs:
         return float("nan")
-    inputs = time_to_quality.observation(gt, time_to_quality.TASKS[task], 0)
     return quality.psnr_np(np.clip(inputs["image"], 0, 1), gt[0].permute(1, 2, 0).numpy(), 1.0)
 
 
@@ -178,9 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--replot", action="store_true", help="only redraw the table and plot from --out's JSON")
     args = p.parse_args(argv)
     if args.replot:
-        result = json.loads(args.out.read_text())
-        args.out.with_suffix(".md").write_text("\n".join(table(result)) + "\n")
-        plot(result, args.out.with_suffix(".png"))
+        write_report(json.loads(args.out.read_text()), args.out)
         return 0
     gt = quality.to_tensor(quality.prepare_gt(quality.load_rgb(args.image), args.crop))
     result: Dict[str, Any] = {"command": " ".join(sys.argv), "image": args.image.name, "crop": args.crop,
@@ -194,19 +190,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             curves.append(run)
             print(f"{task} {config}: {run['final_psnr']:.2f} dB in {run['wall_s']:.0f} s ({run['steps']} steps)",
                   flush=True)
-        points = [classical_point(task, gt, args.seed)]
+        inputs = time_to_quality.observation(gt, time_to_quality.TASKS[task], args.seed)  # the one the runs saw
+        points = [classical_point(task, gt, inputs)]
         if not args.no_deepinv:
-            points += deepinv_points(task, gt, args.seed, curves[0]["wall_s"])
+            points += deepinv_points(task, gt, inputs, args.seed, curves[0]["wall_s"])
         for point in points:
             print(f"{task} {point['method']}: {point['psnr']:.2f} dB in {point['seconds']:.1f} s", flush=True)
-        result["tasks"][task] = {"observation_psnr": measured(gt, task), "curves": curves, "points": points}
+        result["tasks"][task] = {"observation_psnr": measured(gt, inputs), "curves": curves, "points": points}
         result["load_end"] = os.getloadavg()[0]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text("\n".join(table(result)) + "\n")
-    plot(result, args.out.with_suffix(".png"))
+    write_report(result, args.out)
     print("\n".join(table(result)))
     return 0
+
+
+def write_report(result: Dict[str, Any], out: Path) -> None:
+    """The table (``.md``) and the plot (``.png``) beside the results JSON ``out``."""
+    out.with_suffix(".md").write_text("\n".join(table(result)) + "\n")
+    plot(result, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

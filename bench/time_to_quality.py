@@ -53,7 +53,6 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "tiles128": {"tile": 128},  # the default preset on 128x128 tiles, packed into one step
     "tiles128_400": {"tile": 128, "iterations": 400},  # the same cut at 400 steps: an early point of its curve
     "tiles128_800": {"tile": 128, "iterations": 800},  # ... and at 800
-    "smoke": {"iterations": 20},  # for the benchmarks' own tests
     "paper": {"preset": "paper"},
     # The reference network run as the paper's code runs it: its preset, fp32, NCHW, eager, the fixed count.
     "reference_paper": {"preset": "paper", "backend": "reference", "stop": "never", "step_mode": "eager",

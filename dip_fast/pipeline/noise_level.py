@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List
+from typing import List, Tuple
 
 import torch
 
@@ -136,11 +136,12 @@ def _distinct_varying_channels(x: torch.Tensor) -> List[int]:
     return kept
 
 
-def _patch_eigenvalues(x: torch.Tensor, d: int, stride: int) -> torch.Tensor:
-    """Ascending eigenvalues of the covariance of the ``d`` x ``d`` patches of ``(C, H, W)`` on a ``stride`` grid."""
+def _patch_eigenvalues(x: torch.Tensor, d: int, stride: int) -> Tuple[torch.Tensor, int]:
+    """Ascending eigenvalues of the covariance of the ``d`` x ``d`` patches of ``(C, H, W)`` on a ``stride``
+    grid, and the number of patches."""
     patches = torch.nn.functional.unfold(x[None], d, stride=stride)[0]  # (C d d, number of patches)
     centred = patches - patches.mean(dim=1, keepdim=True)
-    return torch.linalg.eigvalsh(centred @ centred.T / centred.shape[1])
+    return torch.linalg.eigvalsh(centred @ centred.T / centred.shape[1]), centred.shape[1]
 
 
 def _noise_tail(eigenvalues: torch.Tensor) -> int:
@@ -181,11 +182,12 @@ def _tail_variance(eigenvalues: torch.Tensor, k: int, patches: int) -> float:
     law's ``k`` smallest expected eigenvalues in that many directions; twice,
     since the edge depends on sigma.
     """
-    variance = float(eigenvalues[:k].mean())
+    tail_mean = float(eigenvalues[:k].mean())
+    variance = tail_mean
     for _ in range(2):
         edge = variance * (1 + math.sqrt(eigenvalues.numel() / patches)) ** 2
         noise_dims = max(k, int((eigenvalues <= edge).sum()))
-        variance = float(eigenvalues[:k].mean()) / float(_marchenko_pastur_quantiles(noise_dims, patches)[:k].mean())
+        variance = tail_mean / float(_marchenko_pastur_quantiles(noise_dims, patches)[:k].mean())
     return variance
 
 
@@ -228,10 +230,9 @@ def estimate_sigma(color: torch.Tensor, stacklevel: int = 2, clipped: bool = Tru
         x = x[channels]
         count = (x.shape[1] - d + 1) * (x.shape[2] - d + 1)
         stride = max(1, math.ceil(math.sqrt(count / MAX_PATCHES)))
-        eigenvalues = _patch_eigenvalues(x, d, stride)
+        eigenvalues, sampled = _patch_eigenvalues(x, d, stride)
         k = _noise_tail(eigenvalues)
         if k:
-            sampled = len(range(0, x.shape[1] - d + 1, stride)) * len(range(0, x.shape[2] - d + 1, stride))
             variance = _tail_variance(eigenvalues, k, sampled)
         if clipped and variance > 0.0 and bool(((x <= 0) | (x >= 1)).any()) and 0 <= float(x.min()) \
                 and float(x.max()) <= 1:
