@@ -133,7 +133,7 @@ class ProgressMonitor:
                    f"{self.info.preset!r} (the paper's settings would take hours); " if self.warn_auto else "")
             message = (f"dip_fast: {why}this run of {self.info.iterations} steps will take about "
                        f"{format_seconds(total)} on the CPU (measured {per_step * 1000:.0f} ms/step). "
-                       "Pass time_budget=, iterations= or preset='quick' for a shorter run, or use a GPU.")
+                       "Pass time_budget= or iterations= for a shorter run, or use a GPU.")
             warnings.warn(RunTimeEstimate(message, self.info.iterations, total, per_step * 1000),
                           stacklevel=_caller.stacklevel())  # the caller of restore()
 
