@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -526,11 +525,3 @@ def test_fast_backend_runs_channels_last_on_the_cpu():
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
     out = net(torch.rand(1, 8, 16, 16))
     assert out.is_contiguous() and out.shape == (1, 3, 16, 16)
-
-
-def test_auto_preset_on_a_large_image_runs_the_large_image_preset():
-    side = int(np.sqrt(tasks.LARGE_IMAGE_PIXELS))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the run-time estimate
-        _, info = restore(rgb8(side, side), iterations=2, device="cpu", sigma=25, return_info=True)
-    assert info.preset == "denoise_fast_large" and info.reg_noise_std == 0.0 and info.steps == 2

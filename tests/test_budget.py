@@ -66,6 +66,7 @@ def test_restore_reports_its_time_plan():
     # A short run (20 steps): its step time comes from two probe steps, and the whole count fits.
     _, info = restore(image, preset="quick", iterations=20, device="cpu", time_budget=3600, return_info=True)
     assert info.time_plan["iterations"] == 20
+    assert info.time_plan["preset"] == info.preset and info.preset in info.time_plan["reason"]
     assert info.time_plan is not None and info.time_plan["budget_s"] == 3600
     assert info.steps <= info.time_plan["iterations"] <= info.time_plan["preset_iterations"]
     assert math.isfinite(info.time_plan["ms_per_step"]) and info.time_plan["ms_per_step"] > 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dip_fast import _ops, api, tasks
+from dip_fast import _ops, api
 from dip_fast.pipeline import job
 from dip_fast.apps import batch
 from dip_fast.pipeline.request import PER_FILE, RESTORE_DEFAULTS, validate_request
@@ -59,22 +59,3 @@ def test_request_owns_restore_defaults():
     signature = inspect.signature(api.restore).parameters
     from_signature = {name: p.default for name, p in signature.items() if name not in ("image", "ground_truth")}
     assert from_signature == RESTORE_DEFAULTS
-
-
-def test_fast_level_runs_the_large_image_preset_on_whole_photographs():
-    # The 'fast' level carries the task's large-image preset, prepared as its own preset is (here the
-    # stopping rule's budget); the pixels decide which runs (dip_fast.tasks.registry.LARGE_IMAGE_PIXELS).
-    request = validate_request(device="cpu")
-    assert request.large_preset.name == "denoise_fast_large" and request.large_preset.reg_noise_std == 0.0
-    assert request.large_preset.iterations == request.preset.iterations == 2250
-    side = int(np.sqrt(tasks.LARGE_IMAGE_PIXELS))
-    noisy = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
-    chosen, sigma, _ = job.pixel_settings(request, noisy)
-    assert chosen is request.large_preset and sigma > 0  # no perturbation, whatever the noise level
-    chosen, _, _ = job.pixel_settings(request, noisy[..., : side // 2, :])
-    assert chosen.name == "denoise_fast" and chosen.reg_noise_std == pytest.approx(job.reg_noise_for_sigma(sigma), rel=0.2)
-    # The caller's step count holds for both; other levels, names and Preset objects have none.
-    assert validate_request(device="cpu", iterations=7).large_preset.iterations == 7
-    for preset in ("quick", "paper", "denoise_fast", tasks.get_preset("denoise_fast")):
-        assert validate_request(device="cpu", preset=preset).large_preset is None
-    assert validate_request("sr", scale=4, device="cpu").large_preset is None  # a task without one

@@ -39,10 +39,12 @@ def test_table_times_each_config_to_the_baselines_final_less_a_tenth(tmp_path):
     base = _run("default", [[0, 10.0, 20.0], [99, 100.0, 28.0]], 28.0, 100.0)
     fast = _run("quick", [[0, 5.0, 22.0], [49, 20.0, 27.95], [99, 40.0, 28.3]], 28.3, 40.0)
     slow = _run("other", [[0, 5.0, 22.0], [99, 40.0, 26.0]], 26.0, 40.0)
-    lines = ttq.table([fast, base, slow], "default")
+    near = _run("near", [[0, 5.0, 22.0], [99, 30.0, 27.85]], 27.85, 30.0)  # within 0.2 dB, not 0.1
+    lines = ttq.table([fast, base, slow, near], "default")
     row = {line.split("|")[3].strip(): line for line in lines[2:]}
-    assert "| 20 | 20% |" in row["quick"]  # 27.95 >= 28.0 - 0.1 at 20 s of the baseline's 100
-    assert "| never |" in row["other"]
+    assert "| 20 | 20% | 20 | 20% |" in row["quick"]  # 27.95 >= 28.0 - 0.1 (and - 0.2) at 20 s of the baseline's 100
+    assert "| never | - | never | - |" in row["other"]
+    assert "| never | - | 30 | 30% |" in row["near"]
     assert lines[2].split("|")[3].strip() == "default"  # the baseline first
     ttq.plot([base, fast, _run("tiles128", [[99, 30.0, 28.5]], 28.5, 30.0)], tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000

@@ -9,9 +9,11 @@ fit in what is left of the budget, never more than its preset's count.
 The budget also bounds the fit as ``max_time`` does, so a run whose steps
 turn out slower than timed still ends within one step of the budget.
 
-Limits: the plan scales the step count only. Choosing a smaller network or
-tiles by the time-to-quality curves is left for when those curves are
-measured at full size (bench/README.md says which are).
+Limits: the plan scales the step count of the preset the run would get
+anyway. Other networks, the input perturbation and tiles were measured on
+whole photographs (bench/README.md, "Time to quality on a whole
+photograph"); none was ahead of the default's curve at equal time on every
+image, so none is chosen.
 
 Example (pure planning, no clock)::
 
@@ -50,6 +52,7 @@ class TimePlan:
         ms_per_step: the chosen step's time at the run's size.
         iterations: the steps planned (at most the preset's count).
         preset_iterations: the preset's count.
+        preset: the preset planned.
         reason: one line on the choice.
     """
 
@@ -58,6 +61,7 @@ class TimePlan:
     ms_per_step: float
     iterations: int
     preset_iterations: int
+    preset: str
     reason: str
 
     def as_dict(self) -> Dict[str, Any]:
@@ -107,7 +111,9 @@ def plan_to_budget(request: RestoreRequest, job: "stages.Job", decision: Decisio
     steps, reason = plan_steps(budget, spent, step_s, count)
     run.fit_kwargs["iterations"] = steps
     job.info.iterations = steps
-    job.info.time_plan = TimePlan(budget, round(spent, 3), round(step_s * 1e3, 2), steps, count, reason).as_dict()
+    reason = f"preset {job.preset.name!r}: {reason}"
+    job.info.time_plan = TimePlan(budget, round(spent, 3), round(step_s * 1e3, 2), steps, count, job.preset.name,
+                                  reason).as_dict()
     left = max(budget - (clock() - started), 1e-3)
     hard = left if request.max_time is None else min(left, request.max_time)
     return dataclasses.replace(request, max_time=hard)

@@ -56,7 +56,7 @@ class RestoreInfo:
         time_plan: with ``time_budget``, the plan
             (:class:`dip_fast.pipeline.budget.TimePlan`): ``budget_s``,
             ``spent_s``, ``ms_per_step``, ``iterations``, ``preset_iterations``,
-            ``reason``; None without a budget.
+            ``preset``, ``reason``; None without a budget.
         execution: how the step ran and how that was chosen
             (:class:`dip_fast.core.tuning.Decision`): ``backend``, ``layout``,
             ``step_mode``, ``precision``, ``source`` (``'measured'``,

@@ -131,8 +131,6 @@ def pixel_settings(request: RestoreRequest, color: torch.Tensor
                     ) -> Tuple[tasks.Preset, Optional[float], Optional[DiscrepancyRule]]:
     """The settings that depend on the pixels: the noise level, the preset's perturbation, the stopping rule."""
     chosen, used_sigma = request.preset, None
-    if request.large_preset is not None and color.shape[-2] * color.shape[-1] >= tasks.LARGE_IMAGE_PIXELS:
-        chosen = request.large_preset  # a whole photograph: see dip_fast.tasks.registry.LARGE_IMAGE_PIXELS
     takes_sigma = request.task.accepts("sigma")
     # A measurement (a deepinv Physics's y) is not an image: its noise cannot be estimated from it, and
     # only a given sigma (the Physics's own) sets the perturbation and the stopping level.
@@ -144,9 +142,7 @@ def pixel_settings(request: RestoreRequest, color: torch.Tensor
     estimate = estimate_sigma(color, clipped=takes_sigma) if wanted else None
     if takes_sigma:
         used_sigma = request.sigma if request.sigma is not None else estimate
-        # An explicit Preset or registry name keeps its own setting, and so does the large-image preset,
-        # which runs without the perturbation.
-        if request.level and used_sigma is not None and chosen is request.preset:
+        if request.level and used_sigma is not None:  # an explicit Preset or registry name keeps its own setting
             chosen = chosen.with_overrides(reg_noise_std=reg_noise_for_sigma(used_sigma))
     rule: Optional[DiscrepancyRule] = None
     if request.stop == "early":

@@ -99,9 +99,6 @@ class RestoreRequest:
             fit, see :func:`dip_fast.api.restore`).
         tile: the side of the tiles to restore the image in, or None (whole,
             unless it does not fit in memory).
-        large_preset: what runs instead of ``preset`` on an image of at least
-            :data:`dip_fast.tasks.registry.LARGE_IMAGE_PIXELS` pixels (the task's
-            ``'fast_large'`` preset, at the ``'fast'`` level), prepared as ``preset`` is; else None.
     """
 
     task: TaskSpec
@@ -131,7 +128,6 @@ class RestoreRequest:
     tile: Optional[int] = None
     fast_available: bool = False
     time_budget: Optional[float] = None
-    large_preset: Optional[tasks.Preset] = None
 
 
 def _check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
@@ -207,14 +203,9 @@ def resolve_preset(preset: Any, spec: TaskSpec, scale: Optional[int], device: to
     return chosen, level
 
 
-def _step_count(preset: tasks.Preset, iterations: Optional[int], stop: str) -> tasks.Preset:
-    """The preset with the caller's step count, else with early stopping's budget (``EARLY_STOP_BUDGET``
-    times its count) when the run stops early."""
-    if iterations is not None:
-        return preset.with_overrides(iterations=iterations)
-    if stop == "early":
-        return preset.with_overrides(iterations=int(round(preset.iterations * EARLY_STOP_BUDGET)))
-    return preset
+def _early_stop_budget(preset: tasks.Preset) -> tasks.Preset:
+    """The preset with early stopping's step budget (``EARLY_STOP_BUDGET`` times its count)."""
+    return preset.with_overrides(iterations=int(round(preset.iterations * EARLY_STOP_BUDGET)))
 
 
 #: restore()'s keyword arguments other than its images, and their defaults: the one list of them
@@ -292,8 +283,10 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
         # A measurement task with a known noise level (a deepinv Physics's Gaussian sigma) stops by the
         # discrepancy principle, as denoising does; without one the rule has nothing to hold the residual to.
         stop = "early" if spec.measurement and inputs["sigma"] else spec.auto_stop
-    large = tasks.get_preset(spec.presets["fast_large"]) if level == "fast" and "fast_large" in spec.presets else None
-    chosen, large = (None if p is None else _step_count(p, iterations, stop) for p in (chosen, large))
+    if iterations is not None:
+        chosen = chosen.with_overrides(iterations=iterations)
+    elif stop == "early":
+        chosen = _early_stop_budget(chosen)
     builder, backend_name = resolve_backend("reference" if backend == "auto" else backend, dev, chosen.network.arch)
     if backend == "auto":
         backend_name = "auto"
@@ -304,5 +297,5 @@ def _validate(task: Any, mask: Any, scale: Any, blur_kernel: Any, output_shape: 
         stop=stop, step_mode=step_mode, precision=precision,
         max_time=max_time, num_threads=num_threads, deterministic=bool(deterministic), progress=bool(progress),
         callback=callback, return_info=bool(return_info), restarts=restarts, pack=pack, tile=tile,
-        fast_available=fast_available(chosen.network.arch), time_budget=time_budget, large_preset=large,
+        fast_available=fast_available(chosen.network.arch), time_budget=time_budget,
     )

@@ -26,7 +26,7 @@ from .degradations import (
     make_blur_kernel,
 )
 from .presets import DEFAULT_NETWORK, PRESETS, Preset, _net, get_preset, preset_for, restore_presets
-from .registry import LARGE_IMAGE_PIXELS, CliFlag, TaskSpec, TermContext, TileRule, get_task, register_task
+from .registry import CliFlag, TaskSpec, TermContext, TileRule, get_task, register_task
 from .run import Backend, Run, build_network, build_run, make_data_term, make_input, solve
 import torch as _torch
 from typing import Optional as _Optional
@@ -57,7 +57,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "LARGE_IMAGE_PIXELS",
     "DEFAULT_NETWORK",
     "PRESETS",
     "CliFlag",

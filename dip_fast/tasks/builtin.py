@@ -74,8 +74,7 @@ def _sr_preset(preset: Preset, level: str, scale: Optional[int]) -> Preset:
 DENOISE = register_task(TaskSpec(
     name="denoise",
     make_term=_denoise_term,
-    presets={"paper": "denoise_f16_sigma25", "fast": "denoise_fast", "quick": "denoise_quick",
-             "fast_large": "denoise_fast_large"},
+    presets={"paper": "denoise_f16_sigma25", "fast": "denoise_fast", "quick": "denoise_quick"},
     optional=("sigma",),
     early_stop=True,
     # The rule beat the fixed count on the validation photographs (bench/README.md, "Early stopping

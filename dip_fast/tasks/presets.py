@@ -323,15 +323,6 @@ _CHEAP_PRESETS = [
     Preset(name="denoise_quick", network=_QUICK_NETWORK, reg_noise_std=1.0 / 30.0,
            source="denoise_f16_sigma25 with a small network and few steps (preview)",
            **dict(_DENOISE_COMMON, iterations=800)),
-    # What the "fast" level runs on images of LARGE_IMAGE_PIXELS or more (issue 34; bench/README.md, "Time to
-    # quality on a whole photograph"): denoise_fast without the input perturbation. On whole photographs the
-    # perturbation holds the fit back: after denoise_fast's 2250 steps the perturbed average is still far
-    # from the noise level, while without it the same network passes that PSNR in about a third of the steps.
-    # On 128x128 crops the perturbation is worth 1.5 dB (the fit reaches the noise level early, and the
-    # stopping rule ends it there), so it stays on small images.
-    Preset(name="denoise_fast_large", network=_FAST_NETWORK, reg_noise_std=0.0,
-           source="denoise_fast without the input perturbation, for large images",
-           **dict(_DENOISE_COMMON, iterations=1500)),
     Preset(name="inpaint_fast", task="inpaint", network=_FAST_INPAINT_NETWORK, input_depth=32, iterations=2000,
            lr=0.01, reg_noise_std=0.03, source="inpaint_kate's settings with a channel-pyramid network"),
     Preset(name="inpaint_quick", task="inpaint", network=_FAST_INPAINT_NETWORK, input_depth=32, iterations=700,

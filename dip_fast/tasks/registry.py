@@ -32,7 +32,6 @@ if TYPE_CHECKING:  # only for annotations: presets import this module
 __all__ = [
     "CliFlag",
     "INPUT_NAMES",
-    "LARGE_IMAGE_PIXELS",
     "TaskSpec",
     "TermContext",
     "TileRule",
@@ -51,10 +50,6 @@ __all__ = [
 INPUT_NAMES = ("mask", "scale", "blur_kernel", "output_shape", "sigma")
 #: The preset levels every spec names a preset for.
 LEVELS = ("paper", "fast", "quick")
-#: A task's ``'fast_large'`` preset, where it names one, replaces its ``'fast'`` one on images of at
-#: least this many pixels (384x384: whole photographs such as CBSD68's 480x320, where it was measured to
-#: win; on 128x128 crops it loses; see ``denoise_fast_large`` in :mod:`dip_fast.tasks.presets`).
-LARGE_IMAGE_PIXELS = 384 * 384
 
 
 @dataclass(frozen=True)
@@ -161,9 +156,7 @@ class TaskSpec:
         make_term: ``make_term(ctx)``: the data term (an ``nn.Module`` whose
             ``forward(x)`` is the loss and ``fit_kwargs()`` describes the
             observation, see :mod:`dip_fast.tasks.terms`) for a :class:`TermContext`.
-        presets: preset name per level (``'paper'``, ``'fast'``, ``'quick'``), and optionally
-            ``'fast_large'``: what the ``'fast'`` level runs on images of at least
-            :data:`LARGE_IMAGE_PIXELS` pixels.
+        presets: preset name per level (``'paper'``, ``'fast'``, ``'quick'``).
         aliases: other names ``restore(task=...)`` accepts.
         required: task inputs ``restore()`` must be given (:data:`INPUT_NAMES`).
         optional: task inputs it may be given.  ``'sigma'`` here also makes
