@@ -179,31 +179,29 @@ def table(runs: List[Dict[str, Any]], baseline: str, margins: Sequence[float] = 
 
 
 def plot(runs: List[Dict[str, Any]], path: Path) -> None:
-    """PSNR against seconds, one panel per task, one colour per configuration."""
+    """PSNR against seconds, one panel per image and task, one colour per configuration (a tiled run is a point)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    task_names = sorted({r["task"] for r in runs})
-    fig, axes = plt.subplots(1, len(task_names), figsize=(5.5 * len(task_names), 4), squeeze=False)
+    panels = sorted({(r["task"], r["image"]) for r in runs})
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
     colours = {c: f"C{i}" for i, c in enumerate(sorted({r["config"] for r in runs}))}
-    images = sorted({r["image"] for r in runs})
-    styles = {im: ("-", "--", ":", "-.")[i % 4] for i, im in enumerate(images)}  # line and marker per image
-    markers = {im: ("o", "s", "^", "D")[i % 4] for i, im in enumerate(images)}
-    for ax, task in zip(axes[0], task_names):
-        labelled = set()
-        for r in (r for r in runs if r["task"] == task):
+    for ax, (task, image) in zip(axes.flat, panels):
+        for r in (r for r in runs if (r["task"], r["image"]) == (task, image)):
             t = [p[1] for p in r["curve"]]
-            ax.plot(t, [p[2] for p in r["curve"]], color=colours[r["config"]], lw=1, alpha=0.8,
-                    ls=styles[r["image"]], marker=markers[r["image"]] if len(set(t)) == 1 else None,  # tiled: a point
-                    label=None if r["config"] in labelled else r["config"])
-            labelled.add(r["config"])
-        shown = ", ".join(f"{im} {styles[im]}{markers[im]}" for im in images)
-        ax.set(title=f"{task} ({shown})", xlabel="wall seconds", ylabel="PSNR (dB)")
+            point = len(set(t)) == 1  # a tiled run: its end only
+            ax.plot(t, [p[2] for p in r["curve"]], color=colours[r["config"]], lw=1.2, marker="o" if point else None,
+                    label=r["config"])
+        ax.set(title=f"{image.rsplit('.', 1)[0]}, {task}", xlabel="wall seconds", ylabel="PSNR (dB)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
