@@ -58,6 +58,7 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "small_reg0": {"preset": presets.PRESETS["denoise_fast"].with_overrides(
         name="denoise_small_reg0", network=presets.PRESETS["denoise_quick"].network, reg_noise_std=0.0)},
     "budget300": {"time_budget": 300.0},  # today's defaults, planned into 300 s
+    "tiles128_budget300": {"tile": 128, "time_budget": 300.0},  # 128x128 tiles, the budget as their hard stop
     "quick": {"preset": "quick"},
     "tiles128": {"tile": 128},  # the default preset on 128x128 tiles, packed into one step
     "tiles128_400": {"tile": 128, "iterations": 400},  # the same cut at 400 steps: an early point of its curve
