@@ -49,9 +49,7 @@ VARIANTS: Dict[str, "tuple[str, Dict[str, Any]]"] = {
                       "exp_weight": 0.99}),
     # Denoising without the input perturbation (issue 34: it slows the fit of whole photographs).
     "denoise_fast": ("denoise_fast", {}),
-    "denoise_fast_reg0": ("denoise_fast", {"reg_noise_std": 0.0}),
-    "denoise_fast_reg100": ("denoise_fast", {"reg_noise_std": 0.01}),
-    "denoise_small_reg0": ("denoise_fast", {"network": presets.PRESETS["denoise_quick"].network, "reg_noise_std": 0.0}),
+    **{name: ("denoise_fast", changes) for name, changes in time_to_quality.DENOISE_SEARCH.items()},
 }
 
 

@@ -44,19 +44,21 @@ import torch  # noqa: E402
 
 import dip_fast  # noqa: E402
 from dip_fast import tasks  # noqa: E402
-from dip_fast.pipeline import job  # noqa: E402
 from dip_fast.tasks import presets  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Issue 34's search (bench/README.md): denoise_fast's fields changed, by name (``preset_compare`` runs the
+#: same at 128x128). Without the input perturbation, and the same with denoise_quick's smaller network:
+#: fast to fit, but worse than the default on smooth photographs.
+DENOISE_SEARCH: Dict[str, Dict[str, Any]] = {
+    "denoise_fast_reg0": {"reg_noise_std": 0.0},
+    "denoise_small_reg0": {"network": presets.PRESETS["denoise_quick"].network, "reg_noise_std": 0.0},
+}
 #: restore() keywords of each configuration compared.
 CONFIGS: Dict[str, Dict[str, Any]] = {
     "default": {},  # today's defaults: preset="auto" (the CPU's "fast" level), stop="auto", backend="auto"
-    # Issue 34's search (bench/README.md): denoise_fast without the input perturbation, and the same with
-    # denoise_quick's smaller network. Fast to fit, but worse than the default on smooth photographs.
-    "fast_reg0": {"preset": presets.PRESETS["denoise_fast"].with_overrides(name="denoise_fast_reg0",
-                                                                           reg_noise_std=0.0)},
-    "small_reg0": {"preset": presets.PRESETS["denoise_fast"].with_overrides(
-        name="denoise_small_reg0", network=presets.PRESETS["denoise_quick"].network, reg_noise_std=0.0)},
+    **{config: {"preset": presets.PRESETS["denoise_fast"].with_overrides(name=name, **DENOISE_SEARCH[name])}
+       for config, name in (("fast_reg0", "denoise_fast_reg0"), ("small_reg0", "denoise_small_reg0"))},
     "budget300": {"time_budget": 300.0},  # today's defaults, planned into 300 s
     "tiles128_budget300": {"tile": 128, "time_budget": 300.0},  # 128x128 tiles, the budget as their hard stop
     "quick": {"preset": "quick"},
@@ -94,18 +96,6 @@ def observation(gt: torch.Tensor, spec: Dict[str, Any], seed: int) -> Dict[str, 
     return {"image": image * mask[..., None], "mask": mask}
 
 
-def perturbed(keywords: Dict[str, Any], sigma: Optional[float]) -> Dict[str, Any]:
-    """``keywords`` with a perturbed preset object's perturbation set by ``sigma``, as a preset level's is.
-
-    A Preset object keeps its own perturbation in ``restore()``; a level's follows the noise level
-    (``job.reg_noise_for_sigma``: 1/30 at sigma 25, 1/20 at 50). Presets without one keep none.
-    """
-    preset = keywords.get("preset")
-    if sigma is None or not isinstance(preset, tasks.Preset) or preset.reg_noise_std == 0:
-        return keywords
-    return dict(keywords, preset=preset.with_overrides(reg_noise_std=job.reg_noise_for_sigma(sigma)))
-
-
 def run(path: Path, task: str, config: str, seed: int, max_time: Optional[float],
         crop: Optional[int] = None) -> Dict[str, Any]:
     """One restoration, with its PSNR curve (every step) and its final figures (of a centre ``crop``, if given)."""
@@ -122,7 +112,7 @@ def run(path: Path, task: str, config: str, seed: int, max_time: Optional[float]
     t0 = time.perf_counter()
     out, info = dip_fast.restore(image, task=TASKS[task]["task"], ground_truth=gt[0].permute(1, 2, 0).numpy(),
                                  seed=seed, callback=None if tiled else record, return_info=True, progress=False,
-                                 max_time=max_time, **inputs, **perturbed(CONFIGS[config], inputs.get("sigma")))
+                                 max_time=max_time, **inputs, **CONFIGS[config])
     wall = time.perf_counter() - t0
     result = torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.float32)[..., :3])).permute(2, 0, 1)[None]
     final = quality.psnr_np(quality.to_numpy(result), quality.to_numpy(gt), 1.0)
